@@ -1,0 +1,232 @@
+"""Dual Path Networks (Chen et al. 2017), computing exactly what timm's `dpn.py` computes.
+
+Submodule names follow timm's state dict (`features/conv3_1/c3x3_b/conv/kernel` is
+`features.conv3_1.c3x3_b.conv.weight`), so weight conversion is a mechanical rename. Each block
+carries the residual and the dense path as one concatenated tensor: channels [:bw] are the
+residual path, the rest the densely growing path.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dpn_jax.layers import BnAct, BnActConv2d, Conv2d, ConvBnAct, kernel_init
+
+Dtype = Any
+
+# Variants are data: each row is the keyword arguments of `DPN`, as timm's `model_args`.
+MODEL_ARGS: dict[str, dict[str, Any]] = {
+    "dpn48b": dict(small=True, num_init_features=10, k_r=128, groups=32, b=True,
+                   k_sec=(3, 4, 6, 3), inc_sec=(16, 32, 32, 64), act="silu"),
+    "dpn68": dict(small=True, num_init_features=10, k_r=128, groups=32,
+                  k_sec=(3, 4, 12, 3), inc_sec=(16, 32, 32, 64)),
+    "dpn68b": dict(small=True, num_init_features=10, k_r=128, groups=32, b=True,
+                   k_sec=(3, 4, 12, 3), inc_sec=(16, 32, 32, 64)),
+    "dpn92": dict(num_init_features=64, k_r=96, groups=32,
+                  k_sec=(3, 4, 20, 3), inc_sec=(16, 32, 24, 128)),
+    "dpn98": dict(num_init_features=96, k_r=160, groups=40,
+                  k_sec=(3, 6, 20, 3), inc_sec=(16, 32, 32, 128)),
+    "dpn131": dict(num_init_features=128, k_r=160, groups=40,
+                   k_sec=(4, 8, 28, 3), inc_sec=(16, 32, 32, 128)),
+    "dpn107": dict(num_init_features=128, k_r=200, groups=50,
+                   k_sec=(4, 8, 20, 3), inc_sec=(20, 64, 64, 128)),
+}
+
+IMAGENET_DPN_MEAN = (124 / 255, 117 / 255, 104 / 255)
+IMAGENET_DPN_STD = (1 / (0.0167 * 255),) * 3
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+
+
+def _cfg(tag: str, **overrides: Any) -> dict[str, Any]:
+    cfg = dict(num_classes=1000, input_size=(224, 224), crop_pct=0.875, interpolation="bicubic",
+               mean=IMAGENET_DPN_MEAN, std=IMAGENET_DPN_STD, hf_hub_id=f"timm/{tag}",
+               test_input_size=None, test_crop_pct=None)
+    cfg.update(overrides)
+    return cfg
+
+
+# timm's `default_cfgs`, keyed by `arch.tag`. `hf_hub_id` None: no published weights.
+PRETRAINED_CFGS: dict[str, dict[str, Any]] = {
+    "dpn48b.untrained": _cfg("dpn48b.untrained", hf_hub_id=None,
+                             mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD),
+    "dpn68.mx_in1k": _cfg("dpn68.mx_in1k"),
+    "dpn68b.ra_in1k": _cfg("dpn68b.ra_in1k", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                           crop_pct=0.95, test_input_size=(288, 288), test_crop_pct=1.0),
+    "dpn68b.mx_in1k": _cfg("dpn68b.mx_in1k"),
+    "dpn92.mx_in1k": _cfg("dpn92.mx_in1k"),
+    "dpn98.mx_in1k": _cfg("dpn98.mx_in1k"),
+    "dpn131.mx_in1k": _cfg("dpn131.mx_in1k"),
+    "dpn107.mx_in1k": _cfg("dpn107.mx_in1k"),
+}
+
+
+class DualPathBlock(nn.Module):
+    """One DPN block: a ResNeXt-style bottleneck whose output feeds both paths."""
+    num_1x1_a: int
+    num_3x3_b: int
+    num_1x1_c: int  # residual width `bw`
+    inc: int  # dense growth per block
+    groups: int
+    block_type: str = "normal"  # 'proj' (stage 1 entry), 'down' (stride-2 entry) or 'normal'
+    b: bool = False
+    act: str = "relu"
+    dtype: Dtype = jnp.float32
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        unit = dict(act=self.act, dtype=self.dtype, axis_name=self.axis_name)
+        stride = 2 if self.block_type == "down" else 1
+        bw = self.num_1x1_c
+        if self.block_type == "normal":
+            x_s = x
+        else:
+            name = "c1x1_w_s2" if stride == 2 else "c1x1_w_s1"
+            x_s = BnActConv2d(bw + 2 * self.inc, 1, stride, **unit, name=name)(x, train)
+        resid, dense = x_s[..., :bw], x_s[..., bw:]
+
+        x = BnActConv2d(self.num_1x1_a, 1, **unit, name="c1x1_a")(x, train)
+        x = BnActConv2d(self.num_3x3_b, 3, stride, self.groups, **unit, name="c3x3_b")(x, train)
+        if self.b:
+            x = BnAct(**unit, name="c1x1_c")(x, train)
+            out_resid = Conv2d(bw, dtype=self.dtype, name="c1x1_c1")(x)
+            out_dense = Conv2d(self.inc, dtype=self.dtype, name="c1x1_c2")(x)
+        else:
+            x = BnActConv2d(bw + self.inc, 1, **unit, name="c1x1_c")(x, train)
+            out_resid, out_dense = x[..., :bw], x[..., bw:]
+        return jnp.concatenate([resid + out_resid, dense, out_dense], axis=-1)
+
+
+def stage_widths(small: bool, k_r: int, stage: int) -> tuple[int, int]:
+    """Residual width `bw` and bottleneck width `r` of stage 0..3."""
+    bw_base = 64 << stage
+    return bw_base * (1 if small else 4), k_r * bw_base // 64
+
+
+class DPNFeatures(nn.Module):
+    """timm's `model.features`: stem, four stages and the final BN-act.
+
+    Returns the final map and the five feature taps (strides 2, 4, 8, 16, 32): the stem
+    conv's output and each stage's last block, as timm's `feature_info`.
+    """
+    k_sec: Sequence[int]
+    inc_sec: Sequence[int]
+    k_r: int
+    groups: int
+    small: bool = False
+    num_init_features: int = 64
+    b: bool = False
+    act: str = "relu"
+    head_act: str | None = None
+    dtype: Dtype = jnp.float32
+    axis_name: str | None = None
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, final_norm: bool = True
+                 ) -> tuple[jax.Array, list[jax.Array]]:
+        unit = dict(act=self.act, dtype=self.dtype, axis_name=self.axis_name)
+        block_cls = nn.remat(DualPathBlock, static_argnums=(2,)) if self.remat else DualPathBlock
+
+        # Stem: conv -> BN -> act (post-activation), then a 3x3/2 max pool padded with -inf.
+        x = ConvBnAct(self.num_init_features, 3 if self.small else 7, 2, **unit, name="conv1_1")(x, train)
+        taps = [x]
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+        for i, (depth, inc) in enumerate(zip(self.k_sec, self.inc_sec)):
+            bw, r = stage_widths(self.small, self.k_r, i)
+            for j in range(1, depth + 1):
+                block_type = "normal" if j > 1 else ("proj" if i == 0 else "down")
+                x = block_cls(r, r, bw, inc, self.groups, block_type, self.b, **unit,
+                              name=f"conv{i + 2}_{j}")(x, train)
+            taps.append(x)
+
+        if final_norm:
+            head_act = self.head_act or self.act
+            x = BnAct(head_act, self.dtype, self.axis_name, name="conv5_bn_ac")(x, train)
+        return x, taps
+
+
+POOL_TYPES = ("avg", "max", "avgmax", "catavgmax", "")
+
+
+def global_pool(x: jax.Array, pool_type: str) -> jax.Array:
+    """timm's `SelectAdaptivePool2d` over NHWC; '' keeps the spatial map (the head is a 1x1 conv)."""
+    if pool_type == "":
+        return x
+    x32 = x.astype(jnp.float32)
+    avg, mx = jnp.mean(x32, axis=(1, 2)), jnp.max(x32, axis=(1, 2))
+    pooled = {"avg": avg, "max": mx, "avgmax": 0.5 * (avg + mx),
+              "catavgmax": jnp.concatenate([avg, mx], axis=-1)}[pool_type]
+    return pooled.astype(x.dtype)
+
+
+class DPN(nn.Module):
+    """A Dual Path Network classifier; `features_only=True` returns the five feature maps instead.
+
+    Input is NHWC, normalised with the pretrained config's mean/std. Logits are float32 whatever
+    the compute `dtype`; parameters and BatchNorm statistics are always float32.
+    """
+    k_sec: Sequence[int] = (3, 4, 20, 3)
+    inc_sec: Sequence[int] = (16, 32, 24, 128)
+    k_r: int = 96
+    groups: int = 32
+    small: bool = False
+    num_init_features: int = 64
+    b: bool = False
+    act: str = "relu"
+    head_act: str | None = None  # None: same as `act` (timm today); 'elu': timm <= 0.6 head
+    num_classes: int = 1000
+    drop_rate: float = 0.0
+    global_pool: str = "avg"
+    features_only: bool = False
+    out_indices: Sequence[int] = (0, 1, 2, 3, 4)
+    dtype: Dtype = jnp.float32
+    axis_name: str | None = None  # set to the pmap/shard_map axis for cross-replica BatchNorm
+    remat: bool = False  # rematerialise each block in the backward pass (less memory, more FLOPs)
+
+    def setup(self) -> None:
+        if self.global_pool not in POOL_TYPES:
+            raise ValueError(f"global_pool={self.global_pool!r}; choose from {POOL_TYPES}")
+        self.features = DPNFeatures(
+            self.k_sec, self.inc_sec, self.k_r, self.groups, self.small, self.num_init_features,
+            self.b, self.act, self.head_act, self.dtype, self.axis_name, self.remat)
+        if self.num_classes and not self.features_only:
+            self.classifier = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=kernel_init)
+        self.head_drop = nn.Dropout(self.drop_rate)
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | list[jax.Array]:
+        if self.features_only:
+            return self.forward_intermediates(x, train)
+        return self.forward_head(self.forward_features(x, train), train)
+
+    def forward_features(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """The unpooled final map, after `conv5_bn_ac`."""
+        return self.features(x, train)[0]
+
+    def forward_intermediates(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
+        """The feature maps at `out_indices` (0: stem at stride 2, ..., 4: last stage at stride 32)."""
+        _, taps = self.features(x, train, final_norm=False)
+        return [taps[i] for i in self.out_indices]
+
+    def forward_head(self, x: jax.Array, train: bool = False, pre_logits: bool = False) -> jax.Array:
+        x = global_pool(x, self.global_pool)
+        x = self.head_drop(x, deterministic=not train)
+        if pre_logits or not self.num_classes:
+            return x
+        return self.classifier(x).astype(jnp.float32)
+
+
+def feature_info(arch: str) -> list[dict[str, Any]]:
+    """timm's `feature_info` for an architecture: channels and reduction of each feature tap."""
+    args = MODEL_ARGS[arch]
+    info = [dict(num_chs=args["num_init_features"], reduction=2, module="features.conv1_1")]
+    for i, (depth, inc) in enumerate(zip(args["k_sec"], args["inc_sec"])):
+        bw, _ = stage_widths(args.get("small", False), args["k_r"], i)
+        info.append(dict(num_chs=bw + (depth + 2) * inc, reduction=4 << i,
+                         module=f"features.conv{i + 2}_{depth}"))
+    return info
