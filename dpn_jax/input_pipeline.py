@@ -1,0 +1,260 @@
+"""Train and eval iterators for a dataset spec, batched for pmap: [local_devices, per_device, ...].
+
+Dataset specs (see `dpn_jax.datasets`): `digits` (offline, bundled with scikit-learn),
+`imagenet2012`, `tfds:NAME` (e.g. `tfds:imagenette/320px`) and `folder:PATH`.
+
+Training: each process reads its own shard, reshuffled every epoch from (seed, epoch), with
+random-resized crop (fused decode-and-crop for JPEG) and a horizontal flip drawn from
+(seed, process, example number) - so batch k is the same whether or not the run restarted at k.
+Evaluation: timm's eval transform (Pillow, `dpn_jax.transforms`), one pass over this process's
+shard, the last batches padded and masked so every example counts exactly once and every
+process runs the same number of batches.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+from typing import Any, Iterator, Sequence
+
+import flax.jax_utils
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from dpn_jax.datasets import DatasetInfo, Reader, Shard, open_reader
+from dpn_jax.transforms import decode_and_eval_transform, size_pair
+
+__all__ = ["DatasetInfo", "dataset_info", "create_train_iterator", "create_eval_iterator",
+           "prefetch_to_device", "train_dataset", "eval_dataset"]
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, np.ndarray]
+_WHOLE_IMAGE = tf.constant([[[0.0, 0.0, 1.0, 1.0]]])
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def dataset_info(spec: str, *, data_dir: str | None = None, eval_split: str | None = None,
+                 train_split: str = "train", manual_dir: str | None = None) -> DatasetInfo:
+    """Classes and split sizes of a dataset spec (prepares a TFDS dataset if needed)."""
+    reader = _reader(spec, data_dir, manual_dir)
+    return DatasetInfo(num_classes=len(reader.class_names), class_names=reader.class_names,
+                       num_train_examples=reader.num_examples(train_split),
+                       num_eval_examples=reader.num_examples(eval_split or reader.default_eval_split))
+
+
+def create_train_iterator(
+        spec: str, *, per_process_batch_size: int, image_size: int | Sequence[int],
+        mean: Sequence[float], std: Sequence[float], dtype: Any = np.float32, seed: int = 0,
+        start_step: int = 0, data_dir: str | None = None, num_local_devices: int | None = None,
+        train_split: str = "train", manual_dir: str | None = None,
+        shuffle_buffer_size: int = 16_384, process_index: int | None = None,
+        process_count: int | None = None) -> Iterator[Batch]:
+    """Endless augmented batches {"image": [D, B/D, H, W, 3], "label": [D, B/D] int32}."""
+    num_devices, process_index, process_count = _topology(
+        per_process_batch_size, num_local_devices, process_index, process_count)
+    shard = _reader(spec, data_dir, manual_dir).shard(train_split, process_index, process_count)
+    dataset = train_dataset(
+        shard, batch_size=per_process_batch_size, image_size=image_size, mean=mean, std=std,
+        dtype=dtype, seed=seed, process_index=process_index, start_step=start_step,
+        shuffle_buffer_size=shuffle_buffer_size)
+    return (_split_for_devices(batch, num_devices) for batch in tfds.as_numpy(dataset))
+
+
+def create_eval_iterator(
+        spec: str, *, per_process_batch_size: int, image_size: int | Sequence[int],
+        crop_pct: float, interpolation: str, mean: Sequence[float], std: Sequence[float],
+        dtype: Any = np.float32, data_dir: str | None = None, eval_split: str | None = None,
+        num_local_devices: int | None = None, manual_dir: str | None = None,
+        process_index: int | None = None, process_count: int | None = None) -> Iterator[Batch]:
+    """One pass over this process's shard: {"image", "label", "mask"}, mask False on padding.
+
+    Every process yields ceil(largest shard / batch) batches, so pmap collectives stay in step.
+    Undecodable images are skipped, counted and reported in a warning at the end.
+    """
+    num_devices, process_index, process_count = _topology(
+        per_process_batch_size, num_local_devices, process_index, process_count)
+    reader = _reader(spec, data_dir, manual_dir)
+    split = eval_split or reader.default_eval_split
+    shard = reader.shard(split, process_index, process_count)
+    dataset = eval_dataset(shard, batch_size=per_process_batch_size, image_size=image_size,
+                           crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std,
+                           dtype=dtype)
+    batches = _padded_eval_batches(
+        iter(tfds.as_numpy(dataset)), num_batches=math.ceil(shard.largest_shard_size / per_process_batch_size),
+        batch_size=per_process_batch_size, expected=shard.num_examples, what=f"{spec} {split}")
+    return (_split_for_devices(batch, num_devices) for batch in batches)
+
+
+def prefetch_to_device(iterator: Iterator[Batch], size: int = 2,
+                       devices: Sequence[Any] | None = None) -> Iterator[Any]:
+    """Keep `size` batches on the local devices ahead of the consumer, sharded in pmap order."""
+    return flax.jax_utils.prefetch_to_device(iterator, size, devices)
+
+
+def train_dataset(shard: Shard, *, batch_size: int, image_size: int | Sequence[int],
+                  mean: Sequence[float], std: Sequence[float], dtype: Any = np.float32,
+                  seed: int = 0, process_index: int = 0, start_step: int = 0,
+                  shuffle_buffer_size: int = 16_384) -> tf.data.Dataset:
+    """Endless per-process batches of randomly cropped, flipped, normalised images.
+
+    Exact resume: example number i of the stream depends only on (seed, process, i), and
+    `start_step` starts at example start_step * batch_size by reading (not decoding) at most
+    one epoch of records. Corrupt images are skipped with a TF warning, which shifts later
+    batches (deterministically) relative to a resume.
+    """
+    num_examples = shard.num_examples
+    if num_examples == 0:
+        raise ValueError("this process's training shard is empty")
+    start_epoch, offset = divmod(start_step * batch_size, num_examples)
+    base_seed = tf.constant([seed, process_index], tf.int64)
+
+    def epoch(index: tf.Tensor) -> tf.data.Dataset:
+        order_seed = tf.random.experimental.stateless_fold_in(base_seed, index)[0]
+        shuffled = shard.examples.shuffle(min(num_examples, shuffle_buffer_size), seed=order_seed,
+                                          reshuffle_each_iteration=False)
+        return shuffled.enumerate(start=index * num_examples)
+
+    height, width = size_pair(image_size)
+
+    def augment(number: tf.Tensor, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        example_seed = tf.random.experimental.stateless_fold_in(base_seed, number)
+        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(example_seed, 2))
+        image = _decode_random_crop(example["image"], crop_seed)
+        image = tf.image.resize(image, (height, width), method="bicubic")
+        image = tf.image.stateless_random_flip_left_right(tf.clip_by_value(image, 0.0, 255.0),
+                                                          flip_seed)
+        return {"image": _normalize(image, mean, std, dtype), "label": example["label"]}
+
+    dataset = (tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max)
+               .flat_map(epoch)
+               .skip(offset)
+               .map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+               .ignore_errors(log_warning=True)
+               .batch(batch_size, drop_remainder=True)
+               .prefetch(tf.data.AUTOTUNE))
+    return dataset.with_options(_data_options())
+
+
+def eval_dataset(shard: Shard, *, batch_size: int, image_size: int | Sequence[int],
+                 crop_pct: float, interpolation: str, mean: Sequence[float],
+                 std: Sequence[float], dtype: Any = np.float32) -> tf.data.Dataset:
+    """This shard, transformed exactly like timm at evaluation, in batches (last one short)."""
+    transform = functools.partial(decode_and_eval_transform, image_size=image_size,
+                                  crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
+    height, width = size_pair(image_size)
+
+    def preprocess(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        image = tf.numpy_function(lambda encoded, name: transform(encoded, name.decode()),
+                                  [example["image"], example["id"]], tf.float32, stateful=False)
+        image = tf.ensure_shape(image, (height, width, 3))
+        return {"image": tf.cast(image, _tf_dtype(dtype)), "label": example["label"]}
+
+    dataset = (shard.examples.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+               .ignore_errors(log_warning=True)
+               .batch(batch_size)
+               .prefetch(tf.data.AUTOTUNE))
+    return dataset.with_options(_data_options())
+
+
+def _decode_random_crop(encoded: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """timm's RandomResizedCrop window (scale 0.08-1, ratio 3/4-4/3), decoding only the window
+    for JPEG; other formats are decoded whole and sliced."""
+    def window(shape: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+            shape, _WHOLE_IMAGE, seed=seed, min_object_covered=0.0,
+            aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
+            use_image_if_no_bounding_boxes=True)
+        return begin, size
+
+    def jpeg() -> tf.Tensor:
+        begin, size = window(tf.io.extract_jpeg_shape(encoded))
+        return tf.io.decode_and_crop_jpeg(encoded, tf.stack([begin[0], begin[1], size[0], size[1]]),
+                                          channels=3)
+
+    def other() -> tf.Tensor:
+        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+        begin, size = window(tf.shape(image))
+        return tf.slice(image, begin, size)
+
+    return tf.cond(tf.strings.substr(encoded, 0, 3) == _JPEG_MAGIC, jpeg, other)
+
+
+def _normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float],
+               dtype: Any) -> tf.Tensor:
+    normalized = (image / 255.0 - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+    return tf.cast(normalized, _tf_dtype(dtype))
+
+
+def _padded_eval_batches(batches: Iterator[Batch], *, num_batches: int, batch_size: int,
+                         expected: int, what: str) -> Iterator[Batch]:
+    """Pad every batch to `batch_size` with mask False, up to `num_batches` batches."""
+    seen = 0
+    template = None
+    for _ in range(num_batches):
+        batch = next(batches, None)
+        if batch is not None:
+            template = batch
+            batch["mask"] = np.ones(len(batch["label"]), bool)
+            seen += len(batch["label"])
+        if batch is None or len(batch["label"]) < batch_size:
+            batch = _pad(batch, template, batch_size)
+        yield batch
+    if seen < expected:
+        log.warning("%s: skipped %d of %d images that could not be decoded (see the errors "
+                    "logged above)", what, expected - seen, expected)
+
+
+def _pad(batch: Batch | None, template: Batch | None, batch_size: int) -> Batch:
+    if template is None:  # this process got no (decodable) example at all
+        raise ValueError("this process's evaluation shard has no decodable example; "
+                         "use fewer processes or a larger split")
+    padded = {key: np.zeros((batch_size, *value.shape[1:]), value.dtype)
+              for key, value in template.items()}
+    if batch is not None:
+        for key, value in batch.items():
+            padded[key][:len(value)] = value
+    return padded
+
+
+def _split_for_devices(batch: Batch, num_devices: int) -> Batch:
+    return {key: value.reshape(num_devices, -1, *value.shape[1:]) for key, value in batch.items()}
+
+
+def _topology(per_process_batch_size: int, num_local_devices: int | None,
+              process_index: int | None, process_count: int | None) -> tuple[int, int, int]:
+    import jax  # imported late: TensorFlow must be configured before JAX claims accelerators
+    num_devices = num_local_devices or jax.local_device_count()
+    if per_process_batch_size <= 0 or per_process_batch_size % num_devices:
+        raise ValueError(f"per-process batch size {per_process_batch_size} must be a positive "
+                         f"multiple of the {num_devices} local devices")
+    return (num_devices,
+            jax.process_index() if process_index is None else process_index,
+            jax.process_count() if process_count is None else process_count)
+
+
+def _reader(spec: str, data_dir: str | None, manual_dir: str | None) -> Reader:
+    _configure_tensorflow()
+    return open_reader(spec, data_dir=data_dir, manual_dir=manual_dir)
+
+
+@functools.cache
+def _configure_tensorflow() -> None:
+    """TensorFlow is only the input pipeline: it must never allocate accelerator memory."""
+    tf.config.set_visible_devices([], "GPU")
+
+
+def _data_options() -> tf.data.Options:
+    """Deterministic order; one private pool sized to the CPUs this process may use."""
+    options = tf.data.Options()
+    options.deterministic = True
+    options.threading.private_threadpool_size = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    options.threading.max_intra_op_parallelism = 1
+    return options
+
+
+def _tf_dtype(dtype: Any) -> tf.DType:
+    return tf.as_dtype(np.dtype(dtype))
