@@ -6,6 +6,8 @@ layout changes: conv kernels OIHW <-> HWIO, the 1x1-conv classifier (N, C, 1, 1)
 """
 from __future__ import annotations
 
+import re
+from collections import Counter
 from typing import Any, Mapping
 
 import jax
@@ -14,6 +16,7 @@ import numpy as np
 from dpn_jax.dpn import DPN, MODEL_ARGS
 
 Variables = dict[str, Any]
+Shape = tuple[int, ...]
 
 _LEAF_TO_TIMM = {"kernel": "weight", "scale": "weight", "bias": "bias",
                  "mean": "running_mean", "var": "running_var"}
@@ -35,6 +38,10 @@ def _to_timm_layout(value: np.ndarray) -> np.ndarray:
     if value.ndim == 2:  # Dense (C, N) -> 1x1 conv (N, C, 1, 1)
         return value.T[:, :, None, None]
     return value
+
+
+def _timm_shape(flax_shape: Shape) -> Shape:
+    return tuple(_to_timm_layout(np.zeros(flax_shape, np.uint8)).shape)
 
 
 def _to_flax_layout(value: np.ndarray, target_ndim: int) -> np.ndarray:
@@ -81,12 +88,11 @@ def timm_to_flax(state_dict: Mapping[str, np.ndarray], name: str, **model_kwargs
         key = timm_key(tuple(path))
         if key not in state_dict:
             raise ConversionError(f"missing tensor {key} (expected for {arch}, shape "
-                                  f"{_to_timm_layout(np.zeros(leaf.shape, np.uint8)).shape})")
+                                  f"{_timm_shape(leaf.shape)})")
         value = _to_flax_layout(np.asarray(state_dict[key]), len(leaf.shape))
         if value.shape != leaf.shape:
-            expected = _to_timm_layout(np.zeros(leaf.shape, np.uint8)).shape
             raise ConversionError(f"tensor {key} has shape {tuple(np.shape(state_dict[key]))}, "
-                                  f"{arch} expects {tuple(expected)}")
+                                  f"{arch} expects {_timm_shape(leaf.shape)}")
         consumed.add(key)
         node = converted.setdefault(collection, {})
         for part in path[:-1]:
@@ -115,3 +121,62 @@ def flax_to_timm(variables: Variables, name: str, **model_kwargs: Any) -> dict[s
             state_dict[key.removesuffix("running_mean") + "num_batches_tracked"] = np.zeros((), np.int64)
     timm_to_flax(state_dict, name, **model_kwargs)  # raises if the variables are not `name`'s
     return state_dict
+
+
+def check_variables(variables: Variables, expected: Variables, what: str) -> None:
+    """Raise a ConversionError naming the first tensor (timm name, timm layout) that `variables`
+    lacks, has extra or has in another shape than `expected` (e.g. `abstract_variables(model)`)."""
+    have = {timm_key(tuple(path)): tuple(np.shape(v)) for (_, *path), v in _leaf_paths(variables)}
+    want = {timm_key(tuple(path)): tuple(leaf.shape) for (_, *path), leaf in _leaf_paths(expected)}
+    for key, shape in want.items():
+        if key not in have:
+            raise ConversionError(f"{what}: missing tensor {key} (model expects {_timm_shape(shape)})")
+        if have[key] != shape:
+            raise ConversionError(f"{what}: tensor {key} has shape {_timm_shape(have[key])}, "
+                                  f"model expects {_timm_shape(shape)}")
+    extra = sorted(set(have) - set(want))
+    if extra:
+        raise ConversionError(f"{what}: unexpected tensor {extra[0]} with shape "
+                              f"{_timm_shape(have[extra[0]])} for this model")
+
+
+STEM_KEY = "features.conv1_1.conv.weight"
+_BLOCK_KEY = re.compile(r"features\.conv([2-5])_(\d+)\.c1x1_a\.conv\.weight")
+
+
+def detect_variant(state_dict: Mapping[str, Any]) -> str:
+    """The architecture in `MODEL_ARGS` whose structure the tensor shapes show.
+
+    Read from shapes only (works on numpy, torch and meta tensors): the stem kernel gives `small`
+    and `num_init_features`, stage 1's bottleneck `k_r` and `groups`, the projections `inc_sec`,
+    the block names `k_sec`, `c1x1_c1` the `b` layout. Activations leave no trace, but dpn48b
+    (SiLU) is the only variant with its block counts.
+    """
+    def shape(key: str) -> Shape | None:
+        return tuple(state_dict[key].shape) if key in state_dict else None
+
+    stem = shape(STEM_KEY)
+    if stem is None or len(stem) != 4:
+        first = ", ".join(list(state_dict)[:3]) or "none"
+        raise ConversionError(f"not a DPN state dict: no 4-d {STEM_KEY} (first keys: {first})")
+    small = stem[2] == 3
+    depths = Counter(int(m[1]) for key in state_dict if (m := _BLOCK_KEY.fullmatch(key)))
+    bottleneck, grouped = shape("features.conv2_1.c1x1_a.conv.weight"), shape("features.conv2_1.c3x3_b.conv.weight")
+
+    def growth(stage: int) -> int | None:
+        proj = shape(f"features.conv{stage + 2}_1.c1x1_w_s{1 if stage == 0 else 2}.conv.weight")
+        bw = (64 << stage) * (1 if small else 4)
+        return None if proj is None else (proj[0] - bw) // 2
+
+    found = dict(small=small, num_init_features=stem[0],
+                 k_r=bottleneck and bottleneck[0],
+                 groups=grouped and grouped[0] // grouped[1],
+                 b="features.conv2_1.c1x1_c1.weight" in state_dict,
+                 k_sec=tuple(depths[s] for s in (2, 3, 4, 5)),
+                 inc_sec=tuple(growth(i) for i in range(4)))
+    for arch, args in MODEL_ARGS.items():
+        defaults = {"small": False, "b": False}
+        if all({**defaults, **args}[field] == value for field, value in found.items()):
+            return arch
+    raise ConversionError("DPN state dict of no known variant: " +
+                          ", ".join(f"{k}={v}" for k, v in found.items()))
