@@ -1,0 +1,231 @@
+"""Input pipeline on data the tests make: digits, a tiny image folder, a tiny ILSVRC2012 manual dir."""
+import io
+import logging
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dpn_jax import input_pipeline
+from dpn_jax.datasets import even_shard_bounds, open_reader
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+EVAL_KWARGS = dict(crop_pct=1.0, interpolation="bicubic", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+
+def image_bytes(pixels: np.ndarray, format: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def numbered_image(number: int, size: int = 32) -> np.ndarray:
+    """A flat image whose red and green values spell `number` (survives PNG, and an eval
+    transform without resize when image_size == size and crop_pct == 1)."""
+    pixels = np.zeros((size, size, 3), np.uint8)
+    pixels[..., 0], pixels[..., 1] = number // 256, number % 256
+    return pixels
+
+
+def numbers_in(batches) -> list[int]:
+    """The numbered images an eval iterator yielded, padding left out by the mask."""
+    found = []
+    for batch in batches:
+        pixels = np.rint(batch["image"][batch["mask"]] * 255).astype(int)
+        found += list(pixels[:, 0, 0, 0] * 256 + pixels[:, 0, 0, 1])
+    return found
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """train: 3 classes x 4 PNGs; val: 13 numbered PNGs; one corrupt file in each split."""
+    root = tmp_path_factory.mktemp("folder")
+    classes = ["cat", "dog", "zebra"]
+    for number in range(12):
+        path = root / "train" / classes[number % 3] / f"{number:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(image_bytes(numbered_image(number, size=40), "PNG"))
+    for number in range(13):
+        path = root / "val" / classes[number % 3] / f"{number:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(image_bytes(numbered_image(number), "PNG"))
+    (root / "train" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    (root / "val" / "cat" / "broken.png").write_bytes(b"\x89PNG truncated")
+    (root / "val" / "cat" / "notes.txt").write_text("not an image, not listed")
+    return root
+
+
+SYNSETS = ["n01440764", "n01443537"]  # the first two ImageNet classes (labels 0 and 1)
+# Labels TFDS assigns to the first three validation images (its validation_labels.txt).
+VALIDATION_SYNSETS = ["n01751748", "n09193705", "n02105855"]
+
+
+def add_to_tar(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def imagenet_dirs(tmp_path_factory):
+    """ILSVRC2012_img_train.tar (a tar of per-synset tars of JPEGs) and ILSVRC2012_img_val.tar,
+    in a manual dir; returns (data_dir, manual_dir)."""
+    root = tmp_path_factory.mktemp("imagenet")
+    manual = root / "manual"
+    manual.mkdir()
+    rng = np.random.default_rng(0)
+    with tarfile.open(manual / "ILSVRC2012_img_train.tar", "w") as train:
+        for synset in SYNSETS:
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as synset_tar:
+                for i in range(3):
+                    pixels = rng.integers(0, 256, (36 + 4 * i, 48, 3), dtype=np.uint8)
+                    add_to_tar(synset_tar, f"{synset}_{i}.JPEG", image_bytes(pixels, "JPEG"))
+            add_to_tar(train, f"{synset}.tar", inner.getvalue())
+    with tarfile.open(manual / "ILSVRC2012_img_val.tar", "w") as val:
+        for i in range(3):
+            add_to_tar(val, f"ILSVRC2012_val_{i + 1:08d}.JPEG",
+                       image_bytes(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8), "JPEG"))
+    return str(root / "tfds"), str(manual)
+
+
+def test_digits_info_and_batches():
+    info = input_pipeline.dataset_info("digits")
+    assert info == input_pipeline.DatasetInfo(10, tuple("0123456789"), 1437, 360)
+    train = input_pipeline.create_train_iterator(
+        "digits", per_process_batch_size=16, image_size=32, mean=MEAN, std=STD,
+        num_local_devices=2)
+    batch = next(train)
+    assert batch["image"].shape == (2, 8, 32, 32, 3) and batch["image"].dtype == np.float32
+    assert batch["label"].shape == (2, 8) and batch["label"].dtype == np.int32
+    assert set(batch["label"].ravel()) <= set(range(10)) and len(set(batch["label"].ravel())) > 1
+    # normalised pixels: background (0) -> -2, ink (255) -> 2
+    assert batch["image"].min() >= -2.0 - 1e-6 and batch["image"].max() <= 2.0 + 1e-6
+    assert batch["image"].min() < -1.9 and batch["image"].max() > 1.0
+
+
+def test_train_iterator_is_deterministic_and_resumes_exactly():
+    kwargs = dict(per_process_batch_size=64, image_size=32, mean=MEAN, std=STD,
+                  num_local_devices=1, dtype="bfloat16")
+    fresh = input_pipeline.create_train_iterator("digits", seed=3, **kwargs)
+    batches = [next(fresh) for _ in range(26)]  # 1437 / 64: step 25 is in the second epoch
+    resumed = input_pipeline.create_train_iterator("digits", seed=3, start_step=24, **kwargs)
+    for expected in batches[24:]:
+        got = next(resumed)
+        assert got["image"].dtype == expected["image"].dtype and str(got["image"].dtype) == "bfloat16"
+        np.testing.assert_array_equal(got["image"], expected["image"])
+        np.testing.assert_array_equal(got["label"], expected["label"])
+    other_seed = next(input_pipeline.create_train_iterator("digits", seed=4, **kwargs))
+    assert not np.array_equal(other_seed["label"], batches[0]["label"])
+    # epochs are reshuffled: the second epoch does not start like the first
+    second_epoch = input_pipeline.create_train_iterator("digits", seed=3, start_step=22, **kwargs)
+    assert not np.array_equal(next(second_epoch)["label"], batches[0]["label"])
+
+
+@pytest.mark.parametrize("spec", ["digits", "folder"])
+def test_shards_are_disjoint_and_cover_the_split(spec, image_folder):
+    reader = open_reader(f"folder:{image_folder}" if spec == "folder" else spec)
+    for split in ("train", reader.default_eval_split):
+        everything = [ex["id"] for ex in reader.shard(split, 0, 1).examples.as_numpy_iterator()]
+        for process_count in (2, 3, 5):
+            shards = [[ex["id"] for ex in reader.shard(split, i, process_count)
+                       .examples.as_numpy_iterator()] for i in range(process_count)]
+            assert sorted(sum(shards, [])) == sorted(everything)
+            assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_tfds_shards_are_the_even_split_slices(imagenet_dirs):
+    """TFDS shards (`split_for_jax_process`) are contiguous slices with the same bounds the
+    in-memory readers use, so all specs shard alike."""
+    data_dir, manual_dir = imagenet_dirs
+    reader = open_reader("imagenet2012", data_dir=data_dir, manual_dir=manual_dir)
+    for split, process_counts in [("train", (2, 4, 5)), ("validation", (2, 3))]:
+        everything = [ex["id"] for ex in reader.shard(split, 0, 1).examples.as_numpy_iterator()]
+        for count in process_counts:
+            for index in range(count):
+                start, end = even_shard_bounds(len(everything), index, count)
+                shard = reader.shard(split, index, count)
+                ids = [ex["id"] for ex in shard.examples.as_numpy_iterator()]
+                assert ids == everything[start:end] and shard.num_examples == end - start
+                assert shard.largest_shard_size == -(-len(everything) // count)
+
+
+@pytest.mark.parametrize("batch_size, num_devices, process_count",
+                         [(4, 1, 1), (4, 2, 1), (6, 2, 2), (8, 4, 3), (1, 1, 5), (32, 2, 2)])
+def test_eval_covers_every_example_once(image_folder, batch_size, num_devices, process_count):
+    found = []
+    num_batches = set()
+    for process in range(process_count):
+        batches = list(input_pipeline.create_eval_iterator(
+            f"folder:{image_folder}", per_process_batch_size=batch_size, image_size=32,
+            num_local_devices=num_devices, process_index=process, process_count=process_count,
+            **EVAL_KWARGS))
+        for batch in batches:
+            assert batch["image"].shape == (num_devices, batch_size // num_devices, 32, 32, 3)
+            assert batch["mask"].shape == batch["label"].shape == batch["image"].shape[:2]
+        num_batches.add(len(batches))
+        found += numbers_in(batches)
+    assert sorted(found) == list(range(13))  # the corrupt file is skipped, nothing else
+    assert len(num_batches) == 1  # processes stay in step
+
+
+def test_folder_labels_classes_and_corrupt_files(image_folder, caplog):
+    spec = f"folder:{image_folder}"
+    info = input_pipeline.dataset_info(spec)
+    assert info.class_names == ("cat", "dog", "zebra")
+    assert (info.num_train_examples, info.num_eval_examples) == (13, 14)  # incl. corrupt ones
+    with caplog.at_level(logging.WARNING):
+        batches = list(input_pipeline.create_eval_iterator(
+            spec, per_process_batch_size=8, image_size=32, num_local_devices=1, **EVAL_KWARGS))
+    assert "skipped 1 of 14" in caplog.text
+    labels = np.concatenate([batch["label"][batch["mask"]] for batch in batches])
+    numbers = numbers_in(batches)
+    assert list(labels) == [number % 3 for number in numbers]
+    train = input_pipeline.create_train_iterator(
+        spec, per_process_batch_size=8, image_size=24, mean=MEAN, std=STD, num_local_devices=1)
+    for _ in range(4):  # several epochs past the corrupt file
+        batch = next(train)
+        assert batch["image"].shape == (1, 8, 24, 24, 3) and np.isfinite(batch["image"]).all()
+
+
+def test_imagenet2012_from_manual_dir(imagenet_dirs):
+    data_dir, manual_dir = imagenet_dirs
+    info = input_pipeline.dataset_info("imagenet2012", data_dir=data_dir, manual_dir=manual_dir)
+    assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (1000, 6, 3)
+    assert info.class_names[:2] == tuple(SYNSETS)
+    train = input_pipeline.create_train_iterator(
+        "imagenet2012", data_dir=data_dir, manual_dir=manual_dir, per_process_batch_size=4,
+        image_size=32, mean=MEAN, std=STD, num_local_devices=2)
+    for _ in range(3):
+        batch = next(train)
+        assert batch["image"].shape == (2, 2, 32, 32, 3)
+        assert set(batch["label"].ravel()) <= {0, 1}
+    batches = list(input_pipeline.create_eval_iterator(
+        "tfds:imagenet2012", data_dir=data_dir, per_process_batch_size=2, image_size=32,
+        num_local_devices=1, **EVAL_KWARGS))
+    labels = sorted(np.concatenate([b["label"][b["mask"]] for b in batches]))
+    assert labels == sorted(info.class_names.index(s) for s in VALIDATION_SYNSETS)
+
+
+def test_prefetch_to_device_puts_batches_on_devices():
+    jax = pytest.importorskip("jax")
+    devices = jax.local_device_count()
+    batches = input_pipeline.create_train_iterator(
+        "digits", per_process_batch_size=4 * devices, image_size=32, mean=MEAN, std=STD)
+    batch = next(input_pipeline.prefetch_to_device(batches, size=2))
+    assert isinstance(batch["image"], jax.Array)
+    assert batch["image"].shape == (devices, 4, 32, 32, 3)
+    assert len(batch["image"].sharding.device_set) == devices
+
+
+def test_bad_specs_and_arguments_fail_clearly(tmp_path):
+    with pytest.raises(ValueError, match="unknown dataset spec 'mnist'"):
+        input_pipeline.dataset_info("mnist")
+    with pytest.raises(ValueError, match="no such directory"):
+        input_pipeline.dataset_info(f"folder:{tmp_path / 'nope'}")
+    with pytest.raises(ValueError, match="splits"):
+        input_pipeline.dataset_info("digits", eval_split="test")
+    with pytest.raises(ValueError, match="multiple of the 4 local devices"):
+        input_pipeline.create_train_iterator("digits", per_process_batch_size=6, image_size=32,
+                                             mean=MEAN, std=STD, num_local_devices=4)
