@@ -1,0 +1,57 @@
+"""The README demo: a small DPN trained on the offline `digits` dataset in a few CPU minutes.
+
+Every key of the trainer is defined here; the other configs start from this one.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    # Model: an architecture of `dpn_jax.list_models()` plus DPN field overrides.
+    config.model = "dpn68"
+    config.model_kwargs = ml_collections.ConfigDict(dict(
+        k_sec=(1, 1, 1, 1), k_r=32, groups=4, num_init_features=16, inc_sec=(8, 8, 8, 8)))
+    config.init_from = config_dict.placeholder(str)  # a model directory to fine-tune from
+    config.dtype = "float32"  # compute dtype; parameters stay float32 ("bfloat16" on GPU/TPU)
+    config.drop_rate = 0.0
+
+    # Data (see dpn_jax.input_pipeline): mean/std/crop_pct/interpolation default to the model's
+    # pretrained cfg (or the fine-tuning source's).
+    config.dataset = "digits"
+    config.data_dir = config_dict.placeholder(str)
+    config.eval_split = config_dict.placeholder(str)
+    config.image_size = 32
+    config.mean = config_dict.placeholder(tuple)
+    config.std = config_dict.placeholder(tuple)
+    config.crop_pct = config_dict.placeholder(float)
+    config.interpolation = config_dict.placeholder(str)
+
+    # Optimisation: `learning_rate` is for `base_batch_size` and scales linearly with the
+    # effective batch (batch_size * grad_accum_steps).
+    config.num_epochs = 8.0
+    config.num_train_steps = -1  # > 0 overrides num_epochs
+    config.batch_size = 64  # global, over all devices and processes
+    config.eval_batch_size = 128
+    config.grad_accum_steps = 1  # optax.MultiSteps
+    config.learning_rate = 0.1
+    config.base_batch_size = 64
+    config.schedule = "cosine"  # "cosine" (after linear warmup), "step" or "constant"
+    config.warmup_epochs = 1.0
+    config.step_decay_epochs = (30, 60, 90)  # "step": multiply by step_decay_factor at each
+    config.step_decay_factor = 0.1
+    config.momentum = 0.9
+    config.nesterov = False
+    config.weight_decay = 1e-4
+    config.weight_decay_pattern = r".*/kernel"  # conv and dense kernels: not BatchNorm, not biases
+    config.label_smoothing = 0.0
+    config.ema_decay = 0.0  # > 0: keep an EMA of the weights, evaluate and export it
+    config.skip_nonfinite_updates = False  # False: stop with an error at the first NaN/Inf step
+
+    # Running.
+    config.parallelism = "pmap"  # or "shard_map" (same step, same numbers)
+    config.seed = 0
+    config.log_every_steps = 10
+    config.checkpoint_every_steps = 500
+    config.keep_checkpoints = 3
+    return config
