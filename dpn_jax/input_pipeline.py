@@ -32,7 +32,6 @@ __all__ = ["DatasetInfo", "dataset_info", "create_train_iterator", "create_eval_
 log = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
-_WHOLE_IMAGE = tf.constant([[[0.0, 0.0, 1.0, 1.0]]])
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
@@ -160,26 +159,46 @@ def eval_dataset(shard: Shard, *, batch_size: int, image_size: int | Sequence[in
 
 
 def _decode_random_crop(encoded: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """timm's RandomResizedCrop window (scale 0.08-1, ratio 3/4-4/3), decoding only the window
-    for JPEG; other formats are decoded whole and sliced."""
-    def window(shape: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-            shape, _WHOLE_IMAGE, seed=seed, min_object_covered=0.0,
-            aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
-            use_image_if_no_bounding_boxes=True)
-        return begin, size
-
+    """Decode a random-resized-crop window: only the window for JPEG, the whole image (then
+    sliced) for other formats."""
     def jpeg() -> tf.Tensor:
-        begin, size = window(tf.io.extract_jpeg_shape(encoded))
-        return tf.io.decode_and_crop_jpeg(encoded, tf.stack([begin[0], begin[1], size[0], size[1]]),
-                                          channels=3)
+        return tf.io.decode_and_crop_jpeg(
+            encoded, _random_crop_window(tf.io.extract_jpeg_shape(encoded), seed), channels=3)
 
     def other() -> tf.Tensor:
         image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-        begin, size = window(tf.shape(image))
-        return tf.slice(image, begin, size)
+        top, left, height, width = tf.unstack(_random_crop_window(tf.shape(image), seed))
+        return image[top:top + height, left:left + width]
 
     return tf.cond(tf.strings.substr(encoded, 0, 3) == _JPEG_MAGIC, jpeg, other)
+
+
+def _random_crop_window(shape: tf.Tensor, seed: tf.Tensor, scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3), attempts: int = 10) -> tf.Tensor:
+    """timm's `RandomResizedCropAndInterpolation.get_params` as TF ops: [top, left, h, w].
+
+    Up to 10 draws of (area uniform in `scale`, log-uniform aspect `ratio`); the first that fits
+    is placed uniformly, else the center crop clamped to `ratio`.
+    """
+    height, width = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+    area_seed, ratio_seed, place_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    area = tf.random.stateless_uniform([attempts], area_seed, *scale) * height * width
+    aspect = tf.exp(tf.random.stateless_uniform([attempts], ratio_seed, math.log(ratio[0]),
+                                                math.log(ratio[1])))
+    crop_w, crop_h = tf.round(tf.sqrt(area * aspect)), tf.round(tf.sqrt(area / aspect))
+    fits = (crop_w <= width) & (crop_h <= height)
+    first = tf.argmax(tf.cast(fits, tf.int32))
+    found = tf.reduce_any(fits)
+    in_ratio = width / height
+    crop_w = tf.where(found, crop_w[first],
+                      tf.where(in_ratio > ratio[1], tf.round(height * ratio[1]), width))
+    crop_h = tf.where(found, crop_h[first],
+                      tf.where(in_ratio < ratio[0], tf.round(width / ratio[0]), height))
+    crop_w, crop_h = tf.maximum(crop_w, 1.0), tf.maximum(crop_h, 1.0)
+    place = tf.random.stateless_uniform([2], place_seed)
+    top = tf.where(found, tf.floor(place[0] * (height - crop_h + 1)), tf.floor((height - crop_h) / 2))
+    left = tf.where(found, tf.floor(place[1] * (width - crop_w + 1)), tf.floor((width - crop_w) / 2))
+    return tf.cast(tf.stack([top, left, crop_h, crop_w]), tf.int32)
 
 
 def _normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float],
@@ -243,7 +262,12 @@ def _reader(spec: str, data_dir: str | None, manual_dir: str | None) -> Reader:
 @functools.cache
 def _configure_tensorflow() -> None:
     """TensorFlow is only the input pipeline: it must never allocate accelerator memory."""
-    tf.config.set_visible_devices([], "GPU")
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TensorFlow's runtime was started before the input pipeline
+        if tf.config.list_logical_devices("GPU"):
+            log.warning("TensorFlow was initialised before dpn_jax.input_pipeline and sees a GPU; "
+                        "it may take GPU memory that JAX needs")
 
 
 def _data_options() -> tf.data.Options:

@@ -229,3 +229,26 @@ def test_bad_specs_and_arguments_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match="multiple of the 4 local devices"):
         input_pipeline.create_train_iterator("digits", per_process_batch_size=6, image_size=32,
                                              mean=MEAN, std=STD, num_local_devices=4)
+
+
+@pytest.mark.parametrize("height, width", [(375, 500), (500, 100), (8, 8)])
+def test_random_crop_windows_follow_timm(height, width):
+    """Windows lie inside the image and their area/aspect distribution is timm's
+    (RandomResizedCropAndInterpolation.get_params, sampled with a fixed seed)."""
+    import random
+    tf = pytest.importorskip("tensorflow")
+    transforms = pytest.importorskip("timm.data.transforms")
+    window = tf.function(input_pipeline._random_crop_window)
+    ours = np.array([window(tf.constant([height, width, 3]), tf.constant([seed, 1], tf.int64))
+                     .numpy() for seed in range(300)])
+    top, left, crop_h, crop_w = ours.T
+    assert (top >= 0).all() and (left >= 0).all() and (crop_h >= 1).all() and (crop_w >= 1).all()
+    assert (top + crop_h <= height).all() and (left + crop_w <= width).all()
+    random.seed(0)
+    image = Image.new("RGB", (width, height))
+    theirs = np.array([transforms.RandomResizedCropAndInterpolation.get_params(
+        image, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(2000)])
+    for q in (10, 50, 90):
+        ours_q, theirs_q = (np.percentile(w[:, 2] * w[:, 3] / (height * width), q)
+                            for w in (ours, theirs))
+        assert abs(ours_q - theirs_q) < 0.05, (q, ours_q, theirs_q)
