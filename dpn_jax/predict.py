@@ -1,0 +1,263 @@
+"""Classify images with a converted or fine-tuned DPN: the `Predictor` API and `dpn-predict`.
+
+Preprocessing is the checkpoint's pretrained config run through timm's eval transform, so a
+converted timm checkpoint gives the classes and probabilities timm gives. As in timm's
+`inference.py` / `validate.py`, a config's test-time size (dpn68b.ra_in1k: 288, crop 1.0) is used
+unless `--use-train-size` is given; `--img-size` / `--crop-pct` override both.
+
+    dpn-predict --model dpn68b.ra_in1k --pretrained photos/ cat.jpg --top-k 5 --json
+    dpn-predict --checkpoint runs/finetune/export photos/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import jax
+import numpy as np
+from PIL import Image
+
+from dpn_jax.dpn import DPN
+from dpn_jax.labels import class_names as resolve_class_names
+from dpn_jax.pretrained import cached_pretrained, load_model_dir, model_from_metadata
+from dpn_jax.registry import split_model_name
+from dpn_jax.transforms import eval_transform, load_image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm",
+                    ".pgm", ".pbm")
+ImageInput = str | os.PathLike | Image.Image
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The eval transform's settings, resolved from a pretrained config as timm does."""
+    image_size: int
+    crop_pct: float
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def resolve_data_config(cfg: dict[str, Any], *, img_size: int | None = None,
+                        crop_pct: float | None = None, use_test_size: bool = True) -> DataConfig:
+    """timm's `resolve_data_config`: explicit overrides, then the test size/crop if asked, then cfg."""
+    size = cfg["input_size"]
+    if use_test_size and cfg.get("test_input_size"):
+        size = cfg["test_input_size"]
+    size = tuple(size[-2:]) if not isinstance(size, int) else (size, size)
+    if img_size is None and size[0] != size[1]:
+        raise ValueError(f"non-square input_size {size} in the pretrained config; pass --img-size")
+    if crop_pct is None:
+        crop_pct = (cfg.get("test_crop_pct") if use_test_size else None) or cfg["crop_pct"]
+    return DataConfig(image_size=img_size or size[0], crop_pct=float(crop_pct),
+                      interpolation=cfg.get("interpolation", "bicubic"),
+                      mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model with its weights and everything needed to feed it and name its outputs."""
+    model: DPN
+    variables: dict[str, Any]
+    pretrained_cfg: dict[str, Any]
+    class_names: list[str] | None
+    name: str
+
+
+def load_checkpoint(path: str | os.PathLike, model_name: str | None = None) -> LoadedModel:
+    """A model directory (`dpn-convert` output or a trainer export); `model_name` is checked."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{path}: checkpoint directory not found")
+    variables, metadata = load_model_dir(path)
+    arch = metadata["architecture"]
+    if model_name is not None and split_model_name(model_name)[0] != arch:
+        raise ValueError(f"--model {model_name} does not match the checkpoint's architecture {arch} "
+                         f"({path})")
+    model = model_from_metadata(metadata)
+    return LoadedModel(model, variables, metadata["pretrained_cfg"],
+                       resolve_class_names(model.num_classes, metadata.get("class_names")), name=str(path))
+
+
+def load_pretrained_tag(name: str) -> LoadedModel:
+    """timm's published weights for a tag (`dpn92.mx_in1k`) or an architecture's default tag,
+    downloaded and converted once into the cache."""
+    _, tag = split_model_name(name)
+    return replace(load_checkpoint(cached_pretrained(tag)), name=tag)
+
+
+class Predictor:
+    """Runs a DPN on images: timm's eval preprocessing, batching, one compile per batch shape.
+
+    Batches are padded up to a power of two (at most `batch_size`), so a stream of inputs of
+    any length compiles only a handful of shapes.
+    """
+
+    def __init__(self, model: DPN, variables: dict[str, Any], data_config: DataConfig,
+                 class_names: Sequence[str] | None = None, batch_size: int = 32):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.variables = jax.device_put(variables)
+        self.data_config = data_config
+        self.class_names = resolve_class_names(model.num_classes, class_names)
+        self.batch_size = batch_size
+        self._probabilities = jax.jit(
+            lambda v, x: jax.nn.softmax(model.apply(v, x, train=False), axis=-1))
+
+    @classmethod
+    def from_loaded(cls, loaded: LoadedModel, *, img_size: int | None = None,
+                    crop_pct: float | None = None, use_test_size: bool = True,
+                    batch_size: int = 32) -> "Predictor":
+        config = resolve_data_config(loaded.pretrained_cfg, img_size=img_size, crop_pct=crop_pct,
+                                     use_test_size=use_test_size)
+        return cls(loaded.model, loaded.variables, config, loaded.class_names, batch_size)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, **kwargs: Any) -> "Predictor":
+        """Predictor for a `save_model_dir` directory; kwargs as `from_loaded`."""
+        return cls.from_loaded(load_checkpoint(path), **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, name: str, **kwargs: Any) -> "Predictor":
+        """Predictor for timm's published weights of `name`; kwargs as `from_loaded`."""
+        return cls.from_loaded(load_pretrained_tag(name), **kwargs)
+
+    def preprocess(self, image: ImageInput) -> np.ndarray:
+        """A path or PIL image -> normalised HWC float32 pixels (timm's eval transform)."""
+        if not isinstance(image, Image.Image):
+            image = load_image(image)
+        c = self.data_config
+        return eval_transform(image, image_size=c.image_size, crop_pct=c.crop_pct,
+                              interpolation=c.interpolation, mean=c.mean, std=c.std)
+
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        """Softmax over classes for preprocessed images [N, H, W, 3] -> [N, num_classes]."""
+        if len(pixels) == 0:
+            return np.zeros((0, self.model.num_classes), np.float32)
+        return np.concatenate([self._padded_batch(pixels[start:start + self.batch_size])
+                               for start in range(0, len(pixels), self.batch_size)])
+
+    def _padded_batch(self, batch: np.ndarray) -> np.ndarray:
+        size = min(self.batch_size, 1 << (len(batch) - 1).bit_length())
+        padded = np.pad(batch, [(0, size - len(batch))] + [(0, 0)] * (batch.ndim - 1))
+        return np.asarray(self._probabilities(self.variables, padded))[:len(batch)]
+
+    def top_k(self, probabilities: np.ndarray, k: int = 5) -> list[list[dict[str, Any]]]:
+        """[{"index", "label", "prob"}, ...] per image, most probable first."""
+        k = min(k, probabilities.shape[-1])
+        order = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
+        return [[{"index": int(i), "label": self.class_names[i] if self.class_names else None,
+                  "prob": float(p[i])} for i in row] for p, row in zip(probabilities, order)]
+
+    def predict(self, images: Sequence[ImageInput], top_k: int = 5) -> list[list[dict[str, Any]]]:
+        """Top-k classes of each image (paths or PIL images)."""
+        if not images:
+            return []
+        pixels = np.stack([self.preprocess(image) for image in images])
+        return self.top_k(self.probabilities(pixels), top_k)
+
+
+def expand_inputs(paths: Iterable[str]) -> Iterator[Path]:
+    """Files as given, folders walked recursively (image extensions only, sorted)."""
+    for arg in paths:
+        path = Path(arg)
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*")
+                              if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        else:
+            yield path
+
+
+def _error_line(path: Path, error: Exception) -> str:
+    message = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    return message if str(path) in message else f"{path}: {message}"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by `dpn-predict` and `dpn-evaluate`: which weights, which preprocessing."""
+    parser.add_argument("--model", help="architecture or pretrained tag, e.g. dpn92.mx_in1k "
+                                        "(with --checkpoint: optional, checked against it)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", metavar="DIR", help="converted or fine-tuned model directory")
+    source.add_argument("--pretrained", action="store_true",
+                        help="timm's published weights for --model (downloaded once, cached)")
+    parser.add_argument("--img-size", type=int, help="input size (default: the checkpoint's)")
+    parser.add_argument("--crop-pct", type=float, help="center-crop fraction (default: the checkpoint's)")
+    parser.add_argument("--use-train-size", action="store_true",
+                        help="ignore the config's test-time size/crop (as timm's scripts)")
+
+
+def load_from_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> LoadedModel:
+    if args.pretrained and not args.model:
+        parser.error("--pretrained needs --model NAME_OR_TAG")
+    if args.img_size is not None and args.img_size < 32:
+        parser.error(f"--img-size must be >= 32, got {args.img_size}")
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        parser.error(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+    if args.pretrained:
+        return load_pretrained_tag(args.model)
+    return load_checkpoint(args.checkpoint, args.model)
+
+
+def format_table(file: str, top_k: list[dict[str, Any]]) -> str:
+    rows = [f"{p['prob']:8.4f}  {p['index']:>5}  {p['label'] or ''}".rstrip() for p in top_k]
+    return "\n".join([file, *rows])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dpn-predict", description=__doc__.split("\n\n")[0])
+    add_model_arguments(parser)
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    parser.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDERS")
+    args = parser.parse_args(argv)
+    if args.top_k < 1 or args.batch_size < 1:
+        parser.error("--top-k and --batch-size must be >= 1")
+    try:
+        loaded = load_from_arguments(parser, args)
+    except (OSError, ValueError) as error:
+        print(f"dpn-predict: error: {error}", file=sys.stderr)
+        return 1
+    predictor = Predictor.from_loaded(loaded, img_size=args.img_size, crop_pct=args.crop_pct,
+                                      use_test_size=not args.use_train_size,
+                                      batch_size=args.batch_size)
+
+    results, failures = [], 0
+    pending: list[tuple[str, np.ndarray]] = []
+
+    def flush() -> None:
+        if pending:
+            top = predictor.top_k(predictor.probabilities(np.stack([x for _, x in pending])), args.top_k)
+            for (file, _), top_k in zip(pending, top):
+                results.append({"file": file, "top_k": top_k})
+                if not args.json:
+                    print(format_table(file, top_k), flush=True)
+            pending.clear()
+
+    for path in expand_inputs(args.inputs):
+        try:
+            pending.append((str(path), predictor.preprocess(path)))
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            print(f"dpn-predict: error: {_error_line(path, error)}", file=sys.stderr, flush=True)
+            failures += 1
+        if len(pending) == args.batch_size:
+            flush()
+    flush()
+
+    if args.json:
+        print(json.dumps(results, indent=2))
+    if not results and not failures:
+        print("dpn-predict: error: no images found in the given folders", file=sys.stderr)
+        return 1
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
