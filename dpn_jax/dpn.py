@@ -122,6 +122,7 @@ class DPNFeatures(nn.Module):
     b: bool = False
     act: str = "relu"
     head_act: str | None = None
+    block_act: str = "relu"
     dtype: Dtype = jnp.float32
     axis_name: str | None = None
     remat: bool = False
@@ -129,11 +130,12 @@ class DPNFeatures(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, final_norm: bool = True
                  ) -> tuple[jax.Array, list[jax.Array]]:
-        unit = dict(act=self.act, dtype=self.dtype, axis_name=self.axis_name)
+        unit = dict(act=self.block_act, dtype=self.dtype, axis_name=self.axis_name)
         block_cls = nn.remat(DualPathBlock, static_argnums=(2,)) if self.remat else DualPathBlock
 
         # Stem: conv -> BN -> act (post-activation), then a 3x3/2 max pool padded with -inf.
-        x = ConvBnAct(self.num_init_features, 3 if self.small else 7, 2, **unit, name="conv1_1")(x, train)
+        x = ConvBnAct(self.num_init_features, 3 if self.small else 7, 2, self.act, self.dtype,
+                      self.axis_name, name="conv1_1")(x, train)
         taps = [x]
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
@@ -178,8 +180,9 @@ class DPN(nn.Module):
     small: bool = False
     num_init_features: int = 64
     b: bool = False
-    act: str = "relu"
-    head_act: str | None = None  # None: same as `act` (timm today); 'elu': timm <= 0.6 head
+    act: str = "relu"  # stem and final BN-act (timm's `act_layer` reaches only these two)
+    head_act: str | None = None  # final BN-act; None: same as `act` (timm today), 'elu': timm <= 0.6
+    block_act: str = "relu"  # inside the dual path blocks (timm: always ReLU)
     num_classes: int = 1000
     drop_rate: float = 0.0
     global_pool: str = "avg"
@@ -194,7 +197,7 @@ class DPN(nn.Module):
             raise ValueError(f"global_pool={self.global_pool!r}; choose from {POOL_TYPES}")
         self.features = DPNFeatures(
             self.k_sec, self.inc_sec, self.k_r, self.groups, self.small, self.num_init_features,
-            self.b, self.act, self.head_act, self.dtype, self.axis_name, self.remat)
+            self.b, self.act, self.head_act, self.block_act, self.dtype, self.axis_name, self.remat)
         if self.num_classes and not self.features_only:
             self.classifier = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=kernel_init)
         self.head_drop = nn.Dropout(self.drop_rate)

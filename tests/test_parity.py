@@ -53,3 +53,134 @@ def test_logits_match_timm(name):
     for shape in [(2, 224, 224, 3), (2, 193, 161, 3)]:
         x = image_batch(shape)
         assert relative_error(forward(variables, x), run_timm(reference, x)) <= 1e-4, shape
+
+
+@pytest.mark.parametrize("name", ALL_VARIANTS)
+def test_feature_info_matches_timm(name):
+    import timm
+    timm_info = timm.create_model(name, features_only=True).feature_info
+    assert [i["num_chs"] for i in dpn_jax.feature_info(name)] == timm_info.channels()
+    assert [i["reduction"] for i in dpn_jax.feature_info(name)] == timm_info.reduction()
+
+
+@pytest.mark.parametrize("name", ["dpn68"])
+def test_feature_maps_and_pooled_features_match_timm(name):
+    """The five taps (jax-resnet style intermediate checks) and `num_classes=0` pooled features."""
+    reference = random_timm_dpn(name, num_classes=0)
+    variables = timm_to_flax(numpy_state_dict(reference), name)
+    x = image_batch((2, 96, 80, 3))
+
+    pooled_model, _ = dpn_jax.create_model(name, num_classes=0)
+    assert relative_error(pooled_model.apply(variables, x), run_timm(reference, x)) <= 1e-4
+
+    features_model, _ = dpn_jax.create_model(name, num_classes=0, features_only=True)
+    maps = features_model.apply(variables, x)
+    timm_features = random_timm_dpn(name, features_only=True)
+    renamed = {k.replace("features.", "features_", 1): v for k, v in reference.state_dict().items()}
+    wanted_keys = timm_features.state_dict().keys()
+    timm_features.load_state_dict({k: v for k, v in renamed.items() if k in wanted_keys}, strict=True)
+    expected = run_timm(timm_features, x)
+    assert [m.shape[-1] for m in maps] == [info["num_chs"] for info in dpn_jax.feature_info(name)]
+    for i, (actual, wanted) in enumerate(zip(maps, expected)):
+        assert actual.shape == wanted.shape, i
+        assert relative_error(actual, wanted) <= 1e-4, i
+
+    final_map = pooled_model.apply(variables, x, method=pooled_model.forward_features)
+    assert relative_error(final_map, run_timm_forward_features(reference, x)) <= 1e-4
+
+
+def run_timm_forward_features(model, x_nhwc):
+    with torch.no_grad():
+        out = model.forward_features(torch.from_numpy(x_nhwc.transpose(0, 3, 1, 2).copy()))
+    return out.numpy().transpose(0, 2, 3, 1)
+
+
+SHALLOW = dict(k_sec=(1, 2, 1, 1))  # every block type, a fraction of the compile time
+
+
+@pytest.mark.parametrize("name", ["dpn68b", "dpn48b", "dpn92"])
+def test_train_mode_matches_timm_outputs_and_running_stats(name):
+    """Batch statistics in the forward, PyTorch's momentum-0.1 unbiased running-stat update."""
+    reference = random_timm_dpn(name, num_classes=10, **SHALLOW)
+    variables = timm_to_flax(numpy_state_dict(reference), name, **SHALLOW)
+    model, _ = dpn_jax.create_model(name, num_classes=10, **SHALLOW)
+    x = image_batch((4, 64, 64, 3))
+
+    logits, updated = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    reference.train()
+    expected_logits = run_timm(reference, x)
+    assert relative_error(logits, expected_logits) <= 1e-4
+
+    expected_stats = timm_to_flax(numpy_state_dict(reference), name, **SHALLOW)["batch_stats"]
+    for (path, actual), wanted in zip(jax.tree_util.tree_flatten_with_path(updated["batch_stats"])[0],
+                                      jax.tree_util.tree_leaves(expected_stats)):
+        np.testing.assert_allclose(actual, wanted, rtol=1e-4, atol=1e-5, err_msg=str(path))
+
+
+def test_bfloat16_forward_is_close_to_float32():
+    """bf16 compute with float32 params/statistics; measured: ~1e-2 of the logit range."""
+    reference = random_timm_dpn("dpn68", num_classes=100, **SHALLOW)
+    variables = timm_to_flax(numpy_state_dict(reference), "dpn68", **SHALLOW)
+    x = image_batch((4, 96, 96, 3))
+    fp32_model, _ = dpn_jax.create_model("dpn68", num_classes=100, **SHALLOW)
+    bf16_model, _ = dpn_jax.create_model("dpn68", num_classes=100, dtype=jnp.bfloat16, **SHALLOW)
+    fp32 = fp32_model.apply(variables, x)
+    bf16 = bf16_model.apply(variables, x)
+    assert bf16.dtype == jnp.float32  # logits are returned in float32
+    assert relative_error(bf16, fp32) <= 5e-2
+    assert np.mean(np.argmax(bf16, -1) == np.argmax(fp32, -1)) >= 0.5
+    _, stats = bf16_model.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(stats))
+
+
+def test_elu_head_matches_timm_with_elu_final_activation():
+    """`head_act='elu'` reproduces timm <= 0.6.13's head, which dpn68b.ra_in1k was trained with."""
+    reference = random_timm_dpn("dpn68b", num_classes=10, **SHALLOW)
+    reference.features.conv5_bn_ac.bn.act = torch.nn.ELU()
+    variables = timm_to_flax(numpy_state_dict(reference), "dpn68b", **SHALLOW)
+    model, _ = dpn_jax.create_model("dpn68b", num_classes=10, head_act="elu", **SHALLOW)
+    x = image_batch((2, 64, 64, 3))
+    assert relative_error(model.apply(variables, x), run_timm(reference, x)) <= 1e-4
+    default_model, _ = dpn_jax.create_model("dpn68b", num_classes=10, **SHALLOW)
+    assert relative_error(default_model.apply(variables, x), run_timm(reference, x)) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["dpn68b", "dpn92"])
+def test_state_dict_round_trip_is_bit_identical(name):
+    reference = random_timm_dpn(name)
+    original = numpy_state_dict(reference)
+    back = flax_to_timm(timm_to_flax(original, name), name)
+    assert back.keys() == original.keys()
+    for key, value in original.items():
+        if not key.endswith("num_batches_tracked"):
+            assert back[key].dtype == value.dtype and np.array_equal(back[key], value), key
+    import timm
+    timm.create_model(name).load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
+
+
+def test_conversion_errors_name_the_tensor_and_shapes():
+    state_dict = numpy_state_dict(random_timm_dpn("dpn68", num_classes=10))
+    missing = dict(state_dict)
+    del missing["features.conv3_1.c3x3_b.conv.weight"]
+    with pytest.raises(ConversionError, match=r"missing tensor features\.conv3_1\.c3x3_b\.conv\.weight"):
+        timm_to_flax(missing, "dpn68")
+    with pytest.raises(ConversionError, match=r"unexpected tensor features\.extra\.weight"):
+        timm_to_flax({**state_dict, "features.extra.weight": np.zeros(3)}, "dpn68")
+    with pytest.raises(ConversionError, match=r"tensor features\.conv1_1\.\S+ has shape \(10, ?\S*\), "
+                                              r"dpn92 expects \(64,"):
+        timm_to_flax(state_dict, "dpn92")
+    without_counters = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+    timm_to_flax(without_counters, "dpn68")  # num_batches_tracked is optional
+
+
+def test_fast_init_has_the_declared_distributions():
+    """create_model's one-draw init equals model.init in distribution (He fan-out, identity BN)."""
+    model, fast = dpn_jax.create_model("dpn68", num_classes=10, k_sec=(1, 1, 1, 1))
+    slow = jax.jit(lambda r: model.init(r, jnp.zeros((1, 64, 64, 3))))(jax.random.PRNGKey(1))
+    assert jax.tree_util.tree_structure(fast) == jax.tree_util.tree_structure(slow)
+    kernel = ("params", "features", "conv3_1", "c1x1_c", "conv", "kernel")
+    a, b = fast, slow
+    for k in kernel:
+        a, b = a[k], b[k]
+    assert a.shape == b.shape and 0.8 < float(np.std(a) / np.std(b)) < 1.25
+    assert np.all(fast["batch_stats"]["features"]["conv2_1"]["c1x1_a"]["bn"]["var"] == 1)
