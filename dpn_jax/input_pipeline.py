@@ -81,9 +81,10 @@ def create_eval_iterator(
     dataset = eval_dataset(shard, batch_size=per_process_batch_size, image_size=image_size,
                            crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std,
                            dtype=dtype)
+    num_batches = math.ceil(shard.largest_shard_size / per_process_batch_size)
     batches = _padded_eval_batches(
-        iter(tfds.as_numpy(dataset)), num_batches=math.ceil(shard.largest_shard_size / per_process_batch_size),
-        batch_size=per_process_batch_size, expected=shard.num_examples, what=f"{spec} {split}")
+        iter(tfds.as_numpy(dataset)), num_batches=num_batches, batch_size=per_process_batch_size,
+        expected=shard.num_examples, what=f"{spec} {split}")
     return (_split_for_devices(batch, num_devices) for batch in batches)
 
 

@@ -194,6 +194,9 @@ def test_imagenet2012_from_manual_dir(imagenet_dirs):
     info = input_pipeline.dataset_info("imagenet2012", data_dir=data_dir, manual_dir=manual_dir)
     assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (1000, 6, 3)
     assert info.class_names[:2] == tuple(SYNSETS)
+    halves = input_pipeline.dataset_info("tfds:imagenet2012", data_dir=data_dir,
+                                         train_split="train[:50%]", eval_split="train[50%:]")
+    assert (halves.num_train_examples, halves.num_eval_examples) == (3, 3)
     train = input_pipeline.create_train_iterator(
         "imagenet2012", data_dir=data_dir, manual_dir=manual_dir, per_process_batch_size=4,
         image_size=32, mean=MEAN, std=STD, num_local_devices=2)
