@@ -1,0 +1,143 @@
+"""Top-1 / top-5 / loss of a DPN over a dataset, on all devices: `evaluate()` and `dpn-evaluate`.
+
+Datasets are the input pipeline's specs (`imagenet2012`, `tfds:NAME`, `folder:PATH`, `digits`);
+each validation example is counted exactly once (the pipeline pads the last batch and masks it).
+
+    dpn-evaluate --model dpn92.mx_in1k --pretrained --dataset imagenet2012 --data-dir ~/tensorflow_datasets
+    dpn-evaluate --checkpoint runs/finetune/export --dataset folder:data/flowers --json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from dpn_jax import input_pipeline
+from dpn_jax.dpn import DPN
+from dpn_jax.predict import DataConfig, add_model_arguments, load_from_arguments, resolve_data_config
+
+
+def _batch_metrics(model: DPN, variables: dict[str, Any], images: jax.Array, labels: jax.Array,
+                   mask: jax.Array) -> dict[str, jax.Array]:
+    """Sums over the unmasked examples of a batch: correct top-1, correct top-5, loss, count."""
+    logits = model.apply(variables, images, train=False)
+    k = min(5, logits.shape[-1])
+    top_k = jax.lax.top_k(logits, k)[1]
+    hits = top_k == labels[:, None]
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return {"correct_top1": jnp.sum(hits[:, 0] & mask, dtype=jnp.int32),
+            "correct_top5": jnp.sum(jnp.any(hits, axis=-1) & mask, dtype=jnp.int32),
+            "loss": jnp.sum(jnp.where(mask, loss, 0.0)),
+            "count": jnp.sum(mask, dtype=jnp.int32)}
+
+
+def evaluate(model: DPN, variables: dict[str, Any], dataset: str, data_config: DataConfig, *,
+             batch_size: int = 256, data_dir: str | None = None, manual_dir: str | None = None,
+             split: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Accuracy (percent, as timm's `validate.py`) and mean cross-entropy of `model` on `dataset`.
+
+    `batch_size` is global: split over processes, then over each process's devices. The batch
+    is sharded over all devices of all processes with `jit`; sums come back replicated.
+    `skipped` counts the images the pipeline could not decode (left out of every metric).
+    """
+    devices = jax.devices()
+    if batch_size % len(devices):
+        raise ValueError(f"--batch-size {batch_size} is not divisible by the {len(devices)} devices")
+    info = input_pipeline.dataset_info(dataset, data_dir=data_dir, eval_split=split,
+                                       manual_dir=manual_dir)
+    if info.num_classes != model.num_classes:
+        raise ValueError(f"dataset {dataset} has {info.num_classes} classes, the model "
+                         f"{model.num_classes}")
+
+    mesh = Mesh(np.asarray(devices), ("batch",))
+    batch_sharding, replicated = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
+    step = jax.jit(lambda v, x, y, m: _batch_metrics(model, v, x, y, m), out_shardings=replicated)
+    variables = jax.device_put(variables, replicated)
+
+    def to_global(local: np.ndarray) -> jax.Array:  # [local devices, per device, ...] -> [global batch, ...]
+        return jax.make_array_from_process_local_data(batch_sharding, local.reshape(-1, *local.shape[2:]))
+
+    batches = input_pipeline.create_eval_iterator(
+        dataset, per_process_batch_size=batch_size // jax.process_count(),
+        image_size=data_config.image_size, crop_pct=data_config.crop_pct,
+        interpolation=data_config.interpolation, mean=data_config.mean, std=data_config.std,
+        data_dir=data_dir, manual_dir=manual_dir, eval_split=split,
+        num_local_devices=jax.local_device_count())
+    num_steps = -(-info.num_eval_examples // batch_size)
+    totals = dict.fromkeys(("correct_top1", "correct_top5", "loss", "count"), 0)
+    bar = tqdm(batches, total=num_steps, unit="batch", disable=not progress or jax.process_index() != 0)
+    start = time.perf_counter()
+    first_step_end = None
+    for batch in bar:
+        metrics = step(variables, to_global(batch["image"]), to_global(batch["label"]),
+                       to_global(batch["mask"]))
+        for key, value in metrics.items():
+            totals[key] += value.addressable_data(0).item()
+        if first_step_end is None:
+            first_step_end, first_count = time.perf_counter(), totals["count"]
+        bar.set_postfix(top1=f"{100 * totals['correct_top1'] / max(totals['count'], 1):.2f}")
+    end = time.perf_counter()
+
+    count = totals["count"]
+    if count == 0:
+        raise ValueError(f"dataset {dataset} has no evaluation examples")
+    timed = count - first_count  # throughput after the first step, which includes compilation
+    top1, top5 = 100 * totals["correct_top1"] / count, 100 * totals["correct_top5"] / count
+    return {"top1": top1, "top1_err": 100 - top1, "top5": top5, "top5_err": 100 - top5,
+            "loss": totals["loss"] / count, "count": count, "skipped": info.num_eval_examples - count,
+            "img_per_sec": (timed / (end - first_step_end)) if timed else count / (end - start),
+            "seconds": end - start}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dpn-evaluate", description=__doc__.split("\n\n")[0])
+    add_model_arguments(parser)
+    parser.add_argument("--dataset", default="imagenet2012",
+                        help="imagenet2012, tfds:NAME, folder:PATH or digits")
+    parser.add_argument("--data-dir", help="TFDS data directory")
+    parser.add_argument("--manual-dir", help="where the ILSVRC2012 tars are (imagenet2012 is prepared from them once)")
+    parser.add_argument("--split", help="evaluation split (default: the dataset's validation split)")
+    parser.add_argument("--batch-size", type=int, default=256, help="global batch size")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
+    try:
+        loaded = load_from_arguments(parser, args)
+        data_config = resolve_data_config(loaded.pretrained_cfg, img_size=args.img_size,
+                                          crop_pct=args.crop_pct, use_test_size=not args.use_train_size)
+        results = evaluate(loaded.model, loaded.variables, args.dataset, data_config,
+                           batch_size=args.batch_size, data_dir=args.data_dir,
+                           manual_dir=args.manual_dir, split=args.split, progress=not args.no_progress)
+    except (OSError, ValueError) as error:
+        print(f"dpn-evaluate: error: {error}", file=sys.stderr)
+        return 1
+    results = {"model": loaded.name, "dataset": args.dataset, **results,
+               "img_size": data_config.image_size, "crop_pct": data_config.crop_pct,
+               "interpolation": data_config.interpolation}
+    if jax.process_index() == 0:
+        if args.json:
+            print(json.dumps(results, indent=2))
+        else:
+            print(f"{results['model']} on {args.dataset}: top-1 {results['top1']:.3f}  "
+                  f"top-5 {results['top5']:.3f}  loss {results['loss']:.4f}  "
+                  f"({results['count']} images, {results['img_per_sec']:.1f} img/s, "
+                  f"{data_config.image_size}px crop {data_config.crop_pct})")
+        if results["skipped"]:
+            print(f"dpn-evaluate: warning: {results['skipped']} undecodable images were skipped",
+                  file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
