@@ -146,14 +146,23 @@ def eval_dataset(shard: Shard, *, batch_size: int, image_size: int | Sequence[in
                                   crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
     height, width = size_pair(image_size)
 
+    def transform_or_flag(encoded: bytes, name: bytes) -> tuple[np.ndarray, bool]:
+        try:
+            return transform(encoded, name.decode()), True
+        except ValueError as error:  # names the file and what is wrong with it
+            log.warning("skipping undecodable image %s", error)
+            return np.zeros((height, width, 3), np.float32), False
+
     def preprocess(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        image = tf.numpy_function(lambda encoded, name: transform(encoded, name.decode()),
-                                  [example["image"], example["id"]], tf.float32, stateful=False)
+        image, decoded = tf.numpy_function(transform_or_flag, [example["image"], example["id"]],
+                                           (tf.float32, tf.bool), stateful=False)
         image = tf.ensure_shape(image, (height, width, 3))
-        return {"image": tf.cast(image, _tf_dtype(dtype)), "label": example["label"]}
+        return {"image": tf.cast(image, _tf_dtype(dtype)), "label": example["label"],
+                "decoded": decoded}
 
     dataset = (shard.examples.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-               .ignore_errors(log_warning=True)
+               .filter(lambda example: example["decoded"])
+               .map(lambda example: {"image": example["image"], "label": example["label"]})
                .batch(batch_size)
                .prefetch(tf.data.AUTOTUNE))
     return dataset.with_options(_data_options())
@@ -223,8 +232,8 @@ def _padded_eval_batches(batches: Iterator[Batch], *, num_batches: int, batch_si
             batch = _pad(batch, template, batch_size)
         yield batch
     if seen < expected:
-        log.warning("%s: skipped %d of %d images that could not be decoded (see the errors "
-                    "logged above)", what, expected - seen, expected)
+        log.warning("%s: skipped %d of %d images that could not be decoded (named above)",
+                    what, expected - seen, expected)
 
 
 def _pad(batch: Batch | None, template: Batch | None, batch_size: int) -> Batch:

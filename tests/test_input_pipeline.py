@@ -162,6 +162,7 @@ def test_eval_covers_every_example_once(image_folder, batch_size, num_devices, p
             num_local_devices=num_devices, process_index=process, process_count=process_count,
             **EVAL_KWARGS))
         for batch in batches:
+            assert set(batch) == {"image", "label", "mask"}
             assert batch["image"].shape == (num_devices, batch_size // num_devices, 32, 32, 3)
             assert batch["mask"].shape == batch["label"].shape == batch["image"].shape[:2]
         num_batches.add(len(batches))
@@ -178,7 +179,7 @@ def test_folder_labels_classes_and_corrupt_files(image_folder, caplog):
     with caplog.at_level(logging.WARNING):
         batches = list(input_pipeline.create_eval_iterator(
             spec, per_process_batch_size=8, image_size=32, num_local_devices=1, **EVAL_KWARGS))
-    assert "skipped 1 of 14" in caplog.text
+    assert "skipped 1 of 14" in caplog.text and "broken.png" in caplog.text
     labels = np.concatenate([batch["label"][batch["mask"]] for batch in batches])
     numbers = numbers_in(batches)
     assert list(labels) == [number % 3 for number in numbers]
