@@ -102,35 +102,36 @@ def train_dataset(shard: Shard, *, batch_size: int, image_size: int | Sequence[i
 
     Exact resume: example number i of the stream depends only on (seed, process, i), and
     `start_step` starts at example start_step * batch_size by reading (not decoding) at most
-    one epoch of records. Corrupt images are skipped with a TF warning, which shifts later
+    one epoch of TFDS records (folder images are not even read). Corrupt images are skipped with a TF warning, which shifts later
     batches (deterministically) relative to a resume.
     """
     num_examples = shard.num_examples
     if num_examples == 0:
         raise ValueError("this process's training shard is empty")
     start_epoch, offset = divmod(start_step * batch_size, num_examples)
+    buffer_size = num_examples if shard.in_memory else min(num_examples, shuffle_buffer_size)
     base_seed = tf.constant([seed, process_index], tf.int64)
 
     def epoch(index: tf.Tensor) -> tf.data.Dataset:
         order_seed = tf.random.experimental.stateless_fold_in(base_seed, index)[0]
-        shuffled = shard.examples.shuffle(min(num_examples, shuffle_buffer_size), seed=order_seed,
+        shuffled = shard.examples.shuffle(buffer_size, seed=order_seed,
                                           reshuffle_each_iteration=False)
-        return shuffled.enumerate(start=index * num_examples)
+        numbered = shuffled.enumerate(start=index * num_examples)
+        return numbered.map(lambda number, example: {**example, "number": number})
 
     height, width = size_pair(image_size)
 
-    def augment(number: tf.Tensor, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        example_seed = tf.random.experimental.stateless_fold_in(base_seed, number)
+    def augment(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        example_seed = tf.random.experimental.stateless_fold_in(base_seed, example["number"])
         crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(example_seed, 2))
         image = _decode_random_crop(example["image"], crop_seed)
-        image = tf.image.resize(image, (height, width), method="bicubic")
+        image = tf.image.resize(image, (height, width), method="bicubic", antialias=True)
         image = tf.image.stateless_random_flip_left_right(tf.clip_by_value(image, 0.0, 255.0),
                                                           flip_seed)
         return {"image": _normalize(image, mean, std, dtype), "label": example["label"]}
 
-    dataset = (tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max)
-               .flat_map(epoch)
-               .skip(offset)
+    stream = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch)
+    dataset = (shard.load(stream.skip(offset))
                .map(augment, num_parallel_calls=tf.data.AUTOTUNE)
                .ignore_errors(log_warning=True)
                .batch(batch_size, drop_remainder=True)
@@ -160,7 +161,7 @@ def eval_dataset(shard: Shard, *, batch_size: int, image_size: int | Sequence[in
         return {"image": tf.cast(image, _tf_dtype(dtype)), "label": example["label"],
                 "decoded": decoded}
 
-    dataset = (shard.examples.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = (shard.load(shard.examples).map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
                .filter(lambda example: example["decoded"])
                .map(lambda example: {"image": example["image"], "label": example["label"]})
                .batch(batch_size)

@@ -183,6 +183,10 @@ def test_folder_labels_classes_and_corrupt_files(image_folder, caplog):
     labels = np.concatenate([batch["label"][batch["mask"]] for batch in batches])
     numbers = numbers_in(batches)
     assert list(labels) == [number % 3 for number in numbers]
+    first_epoch = next(input_pipeline.create_train_iterator(
+        spec, per_process_batch_size=12, image_size=24, mean=MEAN, std=STD, num_local_devices=1,
+        shuffle_buffer_size=1))["label"].ravel()
+    assert list(first_epoch) != sorted(first_epoch)  # the whole listing is shuffled, not a window
     train = input_pipeline.create_train_iterator(
         spec, per_process_batch_size=8, image_size=24, mean=MEAN, std=STD, num_local_devices=1)
     for _ in range(4):  # several epochs past the corrupt file

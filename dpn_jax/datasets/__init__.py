@@ -1,13 +1,14 @@
 """Readers behind the dataset specs: `digits`, `folder:PATH`, `imagenet2012`, `tfds:NAME`.
 
 A reader knows a dataset's classes and split sizes and yields one process's shard of a split
-as a fixed-order `tf.data.Dataset` of {"image": encoded bytes, "label": int32, "id": str};
+as a fixed-order `tf.data.Dataset` of {"image": encoded bytes, "label": int32, "id": str}
+(for folders "image" holds the path until `Shard.load`, so shuffling moves only paths);
 decoding and augmentation are the input pipeline's business.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
+from typing import Callable, Protocol
 
 import tensorflow as tf
 
@@ -26,6 +27,15 @@ class Shard:
     examples: tf.data.Dataset
     num_examples: int
     largest_shard_size: int  # over all processes: every process runs this many eval examples
+    in_memory: bool = False  # elements are small: shuffle the whole shard, not a window
+    read_image: Callable[[tf.Tensor], tf.Tensor] | None = None  # "image" reference -> bytes
+
+    def load(self, examples: tf.data.Dataset) -> tf.data.Dataset:
+        """`examples` (this shard's, possibly shuffled or skipped) with encoded images."""
+        if self.read_image is None:
+            return examples
+        return examples.map(lambda ex: {**ex, "image": self.read_image(ex["image"])},
+                            num_parallel_calls=tf.data.AUTOTUNE)
 
 
 class Reader(Protocol):
@@ -65,9 +75,10 @@ def even_shard_bounds(num_examples: int, process_index: int, process_count: int)
     return start, start + base + (process_index < extra)
 
 
-def in_memory_shard(images: list[bytes], labels: list[int], ids: list[str],
-                    process_index: int, process_count: int) -> Shard:
-    """Shard of a split held as lists (digits, folder listings)."""
+def in_memory_shard(images: list[bytes] | list[str], labels: list[int], ids: list[str],
+                    process_index: int, process_count: int,
+                    read_image: Callable[[tf.Tensor], tf.Tensor] | None = None) -> Shard:
+    """Shard of a split held as lists (digits' PNGs, folder paths)."""
     start, end = even_shard_bounds(len(images), process_index, process_count)
     examples = tf.data.Dataset.from_tensor_slices({
         "image": tf.constant(images[start:end], tf.string),
@@ -75,4 +86,4 @@ def in_memory_shard(images: list[bytes], labels: list[int], ids: list[str],
         "id": tf.constant(ids[start:end], tf.string),
     })
     largest = -(-len(images) // process_count)
-    return Shard(examples, end - start, largest)
+    return Shard(examples, end - start, largest, in_memory=True, read_image=read_image)

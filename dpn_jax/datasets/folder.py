@@ -5,7 +5,6 @@ splits. Files are listed in sorted order; corrupt files are found (and skipped) 
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import tensorflow as tf
@@ -67,6 +66,5 @@ class FolderReader:
 
     def shard(self, split: str, process_index: int, process_count: int) -> Shard:
         paths, labels = self._list(split)
-        shard = in_memory_shard(paths, labels, paths, process_index, process_count)
-        read = shard.examples.map(lambda ex: {**ex, "image": tf.io.read_file(ex["image"])})
-        return dataclasses.replace(shard, examples=read)
+        return in_memory_shard(paths, labels, paths, process_index, process_count,
+                               read_image=tf.io.read_file)
