@@ -115,23 +115,18 @@ def _read_torch(path: Path) -> Any:
     except pickle.UnpicklingError as error:
         if "weights_only" not in str(error):
             raise SourceError(f"{path}: not a readable PyTorch checkpoint ({_first_line(error)})") from None
-        raise SourceError(f"{path}: refused: its pickle asks for {_unsafe_globals(path)}, which is not a "
-                          "tensor type; nothing from it was run (convert trusted files to .safetensors)"
-                          ) from None
+        raise SourceError(f"{path}: refused by torch's weights-only unpickler ({_refusal_reason(error)}); "
+                          "nothing in it was run (prefer .safetensors)") from None
     except Exception as error:  # torch raises RuntimeError, EOFError, ... for damaged files
         raise SourceError(f"{path}: not a readable PyTorch checkpoint ({_first_line(error)})") from None
     return _tensors_to_numpy(checkpoint)
 
 
-def _unsafe_globals(path: Path) -> str:
-    """The non-tensor globals a torch checkpoint's pickle references (read, never executed)."""
-    import torch
-
-    try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:
-        names = []
-    return ", ".join(names) or "a non-allowlisted global"
+def _refusal_reason(error: pickle.UnpicklingError) -> str:
+    """The line of torch's long message that says what was refused (e.g. `GLOBAL posix.system`)."""
+    reasons = [line.rpartition("error:")[2].strip() for line in str(error).splitlines()
+               if "GLOBAL" in line or "Unsupported" in line]
+    return reasons[0].split(". ")[0].rstrip(".") if reasons else "a non-tensor object"
 
 
 def _tensors_to_numpy(value: Any) -> Any:

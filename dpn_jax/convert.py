@@ -141,16 +141,18 @@ def check_variables(variables: Variables, expected: Variables, what: str) -> Non
 
 
 STEM_KEY = "features.conv1_1.conv.weight"
-_BLOCK_KEY = re.compile(r"features\.conv([2-5])_(\d+)\.c1x1_a\.conv\.weight")
+_BLOCK_KEY = re.compile(r"features\.conv([2-5])_(\d+)\.")
+# Depth and growth may differ from a variant's (custom timm DPNs, tiny test models); the rest
+# of the structure must match for the shapes to identify a variant.
+OVERRIDABLE_FIELDS = ("k_sec", "inc_sec")
 
 
-def detect_variant(state_dict: Mapping[str, Any]) -> str:
-    """The architecture in `MODEL_ARGS` whose structure the tensor shapes show.
+def dpn_structure(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The `DPN` fields that tensor shapes show (numpy, torch or meta tensors alike).
 
-    Read from shapes only (works on numpy, torch and meta tensors): the stem kernel gives `small`
-    and `num_init_features`, stage 1's bottleneck `k_r` and `groups`, the projections `inc_sec`,
-    the block names `k_sec`, `c1x1_c1` the `b` layout. Activations leave no trace, but dpn48b
-    (SiLU) is the only variant with its block counts.
+    The stem kernel gives `small` and `num_init_features`, stage 1's bottleneck `k_r` and
+    `groups`, the projections `inc_sec`, the highest block numbers `k_sec`, `c1x1_c1` the
+    `b` layout. Activations leave no trace.
     """
     def shape(key: str) -> Shape | None:
         return tuple(state_dict[key].shape) if key in state_dict else None
@@ -160,23 +162,63 @@ def detect_variant(state_dict: Mapping[str, Any]) -> str:
         first = ", ".join(list(state_dict)[:3]) or "none"
         raise ConversionError(f"not a DPN state dict: no 4-d {STEM_KEY} (first keys: {first})")
     small = stem[2] == 3
-    depths = Counter(int(m[1]) for key in state_dict if (m := _BLOCK_KEY.fullmatch(key)))
-    bottleneck, grouped = shape("features.conv2_1.c1x1_a.conv.weight"), shape("features.conv2_1.c3x3_b.conv.weight")
+    depths: dict[int, int] = {}
+    for key in state_dict:
+        if m := _BLOCK_KEY.match(key):
+            depths[int(m[1])] = max(depths.get(int(m[1]), 0), int(m[2]))
+    bottleneck = shape("features.conv2_1.c1x1_a.conv.weight")
+    grouped = shape("features.conv2_1.c3x3_b.conv.weight")
 
     def growth(stage: int) -> int | None:
         proj = shape(f"features.conv{stage + 2}_1.c1x1_w_s{1 if stage == 0 else 2}.conv.weight")
         bw = (64 << stage) * (1 if small else 4)
         return None if proj is None else (proj[0] - bw) // 2
 
-    found = dict(small=small, num_init_features=stem[0],
-                 k_r=bottleneck and bottleneck[0],
-                 groups=grouped and grouped[0] // grouped[1],
-                 b="features.conv2_1.c1x1_c1.weight" in state_dict,
-                 k_sec=tuple(depths[s] for s in (2, 3, 4, 5)),
-                 inc_sec=tuple(growth(i) for i in range(4)))
-    for arch, args in MODEL_ARGS.items():
-        defaults = {"small": False, "b": False}
-        if all({**defaults, **args}[field] == value for field, value in found.items()):
-            return arch
-    raise ConversionError("DPN state dict of no known variant: " +
-                          ", ".join(f"{k}={v}" for k, v in found.items()))
+    return dict(small=small, num_init_features=stem[0],
+                k_r=bottleneck and bottleneck[0],
+                groups=grouped and grouped[0] // grouped[1],
+                b="features.conv2_1.c1x1_c1.weight" in state_dict,
+                k_sec=tuple(depths.get(s, 0) for s in (2, 3, 4, 5)),
+                inc_sec=tuple(growth(i) for i in range(4)))
+
+
+def detect_architecture(state_dict: Mapping[str, Any], arch: str | None = None
+                        ) -> tuple[str, dict[str, Any]]:
+    """(architecture, `DPN` overrides) that fit the tensor shapes.
+
+    A variant whose structure matches exactly gives no overrides; one that differs only in
+    `k_sec` / `inc_sec` gives them as overrides, if it is the only such variant (dpn48b and
+    dpn68b differ only in depth and activation: pass `arch` then). With `arch` given and no
+    fit, returns (arch, {}) so that the strict conversion names the offending tensor.
+    """
+    found = dpn_structure(state_dict)
+    candidates = [arch] if arch else list(MODEL_ARGS)
+
+    def matches(name: str, fields) -> bool:
+        args = {"small": False, "b": False, **MODEL_ARGS[name]}
+        return all(args[f] == found[f] for f in fields)
+
+    exact = [name for name in candidates if matches(name, found)]
+    if exact:
+        return exact[0], {}
+    fixed = [f for f in found if f not in OVERRIDABLE_FIELDS]
+    plausible = all(found["k_sec"]) and None not in found["inc_sec"]
+    near = [name for name in candidates if plausible and matches(name, fixed)]
+    if len(near) == 1:
+        return near[0], {f: found[f] for f in OVERRIDABLE_FIELDS if MODEL_ARGS[near[0]][f] != found[f]}
+    if arch:
+        return arch, {}
+    described = ", ".join(f"{k}={v}" for k, v in found.items())
+    if near:
+        raise ConversionError(f"DPN state dict ({described}) could be {' or '.join(near)} "
+                              "(activations are not visible in shapes): pass --model")
+    raise ConversionError(f"DPN state dict of no known variant: {described}")
+
+
+def detect_variant(state_dict: Mapping[str, Any]) -> str:
+    """The `MODEL_ARGS` architecture whose structure the shapes show exactly (dpn48b, the only
+    variant with SiLU, is also the only one with its block counts)."""
+    arch, overrides = detect_architecture(state_dict)
+    if overrides:
+        raise ConversionError(f"not a standard variant: a {arch} with {overrides}")
+    return arch

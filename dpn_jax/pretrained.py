@@ -20,8 +20,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from dpn_jax.checkpoint_sources import Source, read_state_dict, resolve_source, sha256_of
-from dpn_jax.convert import ConversionError, Variables, abstract_variables, check_variables, detect_variant, timm_to_flax
+from dpn_jax.checkpoint_sources import Source, StateDict, read_state_dict, resolve_source, sha256_of
+from dpn_jax.convert import (ConversionError, Variables, abstract_variables, check_variables,
+                             detect_architecture, timm_to_flax)
 from dpn_jax.dpn import DPN, MODEL_ARGS, PRETRAINED_CFGS
 from dpn_jax.layers import kernel_init
 
@@ -83,6 +84,9 @@ def _sibling(path: Path, kind: str) -> Path:
 def _make_parents(directory: Path) -> Path | None:
     """mkdir -p `directory`; returns the topmost directory it created (to undo on failure)."""
     missing = [d for d in (directory, *directory.parents) if not d.exists()]
+    existing = directory.parents[len(missing) - 1] if missing else directory
+    if not existing.is_dir():
+        raise NotADirectoryError(f"cannot write there: {existing} is not a directory")
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -117,9 +121,10 @@ def load_model_dir(path: str | os.PathLike) -> tuple[Variables, dict[str, Any]]:
         raise FileNotFoundError(f"{path} is not a dpn_jax model directory "
                                 f"(needs {METADATA_FILE} and {VARIABLES_DIR}/)")
     metadata = json.loads(metadata_file.read_text())
-    # JSON has no tuples; DPN fields such as k_sec are tuples (hashable modules).
-    metadata["model_kwargs"] = {k: tuple(v) if isinstance(v, list) else v
-                                for k, v in metadata.get("model_kwargs", {}).items()}
+    # JSON has no tuples; DPN fields (k_sec: hashable modules) and cfgs (input_size) use them.
+    for section in ("model_kwargs", "pretrained_cfg"):
+        metadata[section] = {k: tuple(v) if isinstance(v, list) else v
+                             for k, v in (metadata.get(section) or {}).items()}
     with ocp.StandardCheckpointer() as checkpointer:
         variables = checkpointer.restore(path / VARIABLES_DIR)
     variables = jax.tree_util.tree_map(np.asarray, variables)
@@ -140,7 +145,7 @@ class Converted:
     variables: Variables
     metadata: dict[str, Any]
     source: Source
-    num_tensors: int
+    state_dict: StateDict  # as read from the source (timm names)
     head_note: str | None  # set when the classifier was replaced or dropped
 
 
@@ -153,11 +158,13 @@ def convert_source(src: str, *, model: str | None = None, num_classes: int | Non
 
     source = resolve_source(src)
     state_dict = read_state_dict(source.path, ema=ema)
-    arch, tag = split_model_name(model or _hub_tag(source) or detect_variant(state_dict))
+    name = model or _hub_tag(source)
+    arch, overrides = detect_architecture(state_dict, split_model_name(name)[0] if name else None)
+    tag = split_model_name(name or arch)[1]
     try:
-        variables = timm_to_flax(state_dict, arch)
+        variables = timm_to_flax(state_dict, arch, **overrides)
     except ConversionError as error:
-        raise ConversionError(f"{source.name} does not fit {arch}{_looks_like(state_dict)}: {error}") from None
+        raise ConversionError(f"{source.name} does not fit {arch}{_looks_like(state_dict, (arch, overrides))}: {error}") from None
     checkpoint_classes = num_classes_in(variables)
     head_note = None
     if num_classes is not None and num_classes != checkpoint_classes:
@@ -165,17 +172,21 @@ def convert_source(src: str, *, model: str | None = None, num_classes: int | Non
         head_note = (f"classifier replaced: checkpoint has {checkpoint_classes} classes, "
                      + (f"new head for {num_classes} classes, freshly initialised for fine-tuning"
                         if num_classes else "dropped (num_classes=0: pooled features)"))
-    metadata = dict(architecture=arch, num_classes=num_classes_in(variables), model_kwargs={},
+    metadata = dict(architecture=arch, num_classes=num_classes_in(variables), model_kwargs=overrides,
                     pretrained_cfg=pretrained_cfg_record(tag), class_names=None,
                     source=source.name, sha256=sha256_of(source.path), dpn_jax_version=_version())
-    return Converted(variables, metadata, source, len(state_dict), head_note)
+    return Converted(variables, metadata, source, state_dict, head_note)
 
 
-def _looks_like(state_dict: dict[str, np.ndarray]) -> str:
+def _looks_like(state_dict: StateDict, tried: tuple[str, dict[str, Any]]) -> str:
+    """' (its shapes are those of dpn68b)' when the shapes point elsewhere than `tried`."""
     try:
-        return f" (its shapes are those of {detect_variant(state_dict)})"
+        arch, overrides = detected = detect_architecture(state_dict)
     except ConversionError:
         return ""
+    if detected == tried:
+        return ""
+    return f" (its shapes are those of {arch}{' with ' + str(overrides) if overrides else ''})"
 
 
 def _hub_tag(source: Source) -> str | None:
