@@ -91,6 +91,13 @@ def load_pretrained_tag(name: str) -> LoadedModel:
     return replace(load_checkpoint(cached_pretrained(tag)), name=tag)
 
 
+@dataclass(frozen=True)
+class FileResult:
+    file: str
+    top_k: list[dict[str, Any]] | None = None
+    error: str | None = None  # one line naming the file, when it could not be classified
+
+
 class Predictor:
     """Runs a DPN on images: timm's eval preprocessing, batching, one compile per batch shape.
 
@@ -162,6 +169,26 @@ class Predictor:
         pixels = np.stack([self.preprocess(image) for image in images])
         return self.top_k(self.probabilities(pixels), top_k)
 
+    def predict_files(self, paths: Iterable[Path], top_k: int = 5) -> Iterator[FileResult]:
+        """Top-k of each file, `batch_size` files in memory at a time; a file that cannot be read
+        gives a result with `error` set instead of stopping the others."""
+        batch: list[tuple[Path, np.ndarray]] = []
+        for path in paths:
+            try:
+                batch.append((path, self.preprocess(path)))
+            except (OSError, ValueError) as error:
+                yield FileResult(str(path), error=_error_line(path, error))
+            if len(batch) == self.batch_size:
+                yield from self._predict_batch(batch, top_k)
+                batch = []
+        yield from self._predict_batch(batch, top_k)
+
+    def _predict_batch(self, batch: list[tuple[Path, np.ndarray]], top_k: int) -> Iterator[FileResult]:
+        if batch:
+            top = self.top_k(self.probabilities(np.stack([pixels for _, pixels in batch])), top_k)
+            for (path, _), classes in zip(batch, top):
+                yield FileResult(str(path), top_k=classes)
+
 
 def expand_inputs(paths: Iterable[str]) -> Iterator[Path]:
     """Files as given, folders walked recursively (image extensions only, sorted)."""
@@ -175,7 +202,9 @@ def expand_inputs(paths: Iterable[str]) -> Iterator[Path]:
 
 
 def _error_line(path: Path, error: Exception) -> str:
-    message = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    if not path.exists():
+        return f"{path}: no such file or directory"
+    message = str(error)
     return message if str(path) in message else f"{path}: {message}"
 
 
@@ -221,36 +250,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be >= 1")
     try:
-        loaded = load_from_arguments(parser, args)
+        predictor = Predictor.from_loaded(
+            load_from_arguments(parser, args), img_size=args.img_size, crop_pct=args.crop_pct,
+            use_test_size=not args.use_train_size, batch_size=args.batch_size)
     except (OSError, ValueError) as error:
         print(f"dpn-predict: error: {error}", file=sys.stderr)
         return 1
-    predictor = Predictor.from_loaded(loaded, img_size=args.img_size, crop_pct=args.crop_pct,
-                                      use_test_size=not args.use_train_size,
-                                      batch_size=args.batch_size)
 
     results, failures = [], 0
-    pending: list[tuple[str, np.ndarray]] = []
-
-    def flush() -> None:
-        if pending:
-            top = predictor.top_k(predictor.probabilities(np.stack([x for _, x in pending])), args.top_k)
-            for (file, _), top_k in zip(pending, top):
-                results.append({"file": file, "top_k": top_k})
-                if not args.json:
-                    print(format_table(file, top_k), flush=True)
-            pending.clear()
-
-    for path in expand_inputs(args.inputs):
-        try:
-            pending.append((str(path), predictor.preprocess(path)))
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
-            print(f"dpn-predict: error: {_error_line(path, error)}", file=sys.stderr, flush=True)
+    for result in predictor.predict_files(expand_inputs(args.inputs), args.top_k):
+        if result.error:
+            print(f"dpn-predict: error: {result.error}", file=sys.stderr, flush=True)
             failures += 1
-        if len(pending) == args.batch_size:
-            flush()
-    flush()
-
+        else:
+            results.append({"file": result.file, "top_k": result.top_k})
+            if not args.json:
+                print(format_table(result.file, result.top_k), flush=True)
     if args.json:
         print(json.dumps(results, indent=2))
     if not results and not failures:

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -125,3 +129,38 @@ def test_bad_arguments_give_one_error_line(argv, message, model_and_variables, d
     out, err = capsys.readouterr()
     assert code == 1 and out == ""
     assert err.count("\n") == 1 and message in err
+
+
+MULTI_PROCESS_SCRIPT = """
+import sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
+from dpn_jax import evaluate
+sys.exit(evaluate.main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_count_every_example_once(model_and_variables, dataset, tmp_path):
+    """2 processes x 2 devices, global batch 4: each process reads its half, sums are global."""
+    root, logits, labels = dataset
+    save_tiny_model(tmp_path / "model", model_and_variables[1])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    argv = ["--checkpoint", str(tmp_path / "model"), "--dataset", f"folder:{root}",
+            "--batch-size", "4", "--json", "--no-progress"]
+    procs = [subprocess.Popen([sys.executable, "-c", MULTI_PROCESS_SCRIPT, str(port), str(i), *argv],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for i in range(2)]
+    outputs = [proc.communicate(timeout=400) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    assert "top1" not in outputs[1][0]  # only process 0 reports (gloo logs to stdout too)
+    results = json.loads(outputs[0][0][outputs[0][0].index("{"):])
+    expected = hand_metrics(logits, labels)
+    assert results["count"] == len(RANKS)
+    assert results["top1"] == pytest.approx(expected["top1"], abs=1e-9)
+    assert results["top5"] == pytest.approx(expected["top5"], abs=1e-9)
+    assert results["loss"] == pytest.approx(expected["loss"], rel=1e-5)
