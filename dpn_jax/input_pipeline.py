@@ -82,8 +82,11 @@ def create_eval_iterator(
                            crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std,
                            dtype=dtype)
     num_batches = math.ceil(shard.largest_shard_size / per_process_batch_size)
+    padding = {"image": np.zeros((per_process_batch_size, *size_pair(image_size), 3), dtype),
+               "label": np.zeros(per_process_batch_size, np.int32),
+               "mask": np.zeros(per_process_batch_size, bool)}
     batches = _padded_eval_batches(
-        iter(tfds.as_numpy(dataset)), num_batches=num_batches, batch_size=per_process_batch_size,
+        iter(tfds.as_numpy(dataset)), num_batches=num_batches, padding=padding,
         expected=shard.num_examples, what=f"{spec} {split}")
     return (_split_for_devices(batch, num_devices) for batch in batches)
 
@@ -218,34 +221,29 @@ def _normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float],
     return tf.cast(normalized, _tf_dtype(dtype))
 
 
-def _padded_eval_batches(batches: Iterator[Batch], *, num_batches: int, batch_size: int,
+def _padded_eval_batches(batches: Iterator[Batch], *, num_batches: int, padding: Batch,
                          expected: int, what: str) -> Iterator[Batch]:
-    """Pad every batch to `batch_size` with mask False, up to `num_batches` batches."""
+    """`num_batches` batches the size of `padding` (an all-masked batch), real examples first."""
     seen = 0
-    template = None
     for _ in range(num_batches):
         batch = next(batches, None)
-        if batch is not None:
-            template = batch
-            batch["mask"] = np.ones(len(batch["label"]), bool)
-            seen += len(batch["label"])
-        if batch is None or len(batch["label"]) < batch_size:
-            batch = _pad(batch, template, batch_size)
+        count = 0 if batch is None else len(batch["label"])
+        if count == len(padding["mask"]):
+            batch["mask"] = np.ones(count, bool)
+        else:
+            batch = _pad(batch, padding, count)
+        seen += count
         yield batch
     if seen < expected:
         log.warning("%s: skipped %d of %d images that could not be decoded (named above)",
                     what, expected - seen, expected)
 
 
-def _pad(batch: Batch | None, template: Batch | None, batch_size: int) -> Batch:
-    if template is None:  # this process got no (decodable) example at all
-        raise ValueError("this process's evaluation shard has no decodable example; "
-                         "use fewer processes or a larger split")
-    padded = {key: np.zeros((batch_size, *value.shape[1:]), value.dtype)
-              for key, value in template.items()}
-    if batch is not None:
-        for key, value in batch.items():
-            padded[key][:len(value)] = value
+def _pad(batch: Batch | None, padding: Batch, count: int) -> Batch:
+    padded = {key: value.copy() for key, value in padding.items()}
+    if count:
+        padded["image"][:count], padded["label"][:count] = batch["image"], batch["label"]
+        padded["mask"][:count] = True
     return padded
 
 

@@ -152,7 +152,7 @@ def test_tfds_shards_are_the_even_split_slices(imagenet_dirs):
 
 
 @pytest.mark.parametrize("batch_size, num_devices, process_count",
-                         [(4, 1, 1), (4, 2, 1), (6, 2, 2), (8, 4, 3), (1, 1, 5), (32, 2, 2)])
+                         [(4, 1, 1), (4, 2, 1), (6, 2, 2), (8, 4, 3), (1, 1, 5), (32, 2, 2), (4, 2, 16)])
 def test_eval_covers_every_example_once(image_folder, batch_size, num_devices, process_count):
     found = []
     num_batches = set()
