@@ -94,7 +94,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         write_jpeg_folder(root, args.num_images)
         spec = f"folder:{root}"
-        print(f"{args.num_images} JPEGs 500x375, {size}px, batch {batch}, {CPUS} CPUs")
+        print(f"{args.num_images} JPEGs 500x375, {size}px, batch {batch}, {CPUS} CPUs, "
+              f"load average {os.getloadavg()[0]:.1f} at start")
         results = {}
         train = input_pipeline.create_train_iterator(
             spec, per_process_batch_size=batch, image_size=size, mean=MEAN, std=STD,
