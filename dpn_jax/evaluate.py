@@ -21,7 +21,6 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from dpn_jax import input_pipeline
 from dpn_jax.dpn import DPN
 from dpn_jax.predict import DataConfig, add_model_arguments, load_from_arguments, resolve_data_config
 
@@ -49,6 +48,8 @@ def evaluate(model: DPN, variables: dict[str, Any], dataset: str, data_config: D
     is sharded over all devices of all processes with `jit`; sums come back replicated.
     `skipped` counts the images the pipeline could not decode (left out of every metric).
     """
+    from dpn_jax import input_pipeline  # TensorFlow: imported only when there is data to read
+
     devices = jax.devices()
     if batch_size % len(devices):
         raise ValueError(f"--batch-size {batch_size} is not divisible by the {len(devices)} devices")
@@ -99,7 +100,8 @@ def evaluate(model: DPN, variables: dict[str, Any], dataset: str, data_config: D
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dpn-evaluate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="dpn-evaluate", description="Top-1 / top-5 accuracy and loss of a DPN checkpoint on a dataset.")
     add_model_arguments(parser)
     parser.add_argument("--dataset", default="imagenet2012",
                         help="imagenet2012, tfds:NAME, folder:PATH or digits")

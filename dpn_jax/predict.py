@@ -240,7 +240,8 @@ def format_table(file: str, top_k: list[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dpn-predict", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="dpn-predict", description="Top-k ImageNet (or fine-tuned) classes of images with a DPN.")
     add_model_arguments(parser)
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
