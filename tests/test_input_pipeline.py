@@ -9,6 +9,7 @@ from PIL import Image
 
 from dpn_jax import input_pipeline
 from dpn_jax.datasets import even_shard_bounds, open_reader
+from dpn_jax.transforms import eval_transform, load_image
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 EVAL_KWARGS = dict(crop_pct=1.0, interpolation="bicubic", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
@@ -70,7 +71,7 @@ def add_to_tar(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 @pytest.fixture(scope="module")
 def imagenet_dirs(tmp_path_factory):
     """ILSVRC2012_img_train.tar (a tar of per-synset tars of JPEGs) and ILSVRC2012_img_val.tar,
-    in a manual dir; returns (data_dir, manual_dir)."""
+    in a manual dir; returns (data_dir, manual_dir, the validation JPEGs in name order)."""
     root = tmp_path_factory.mktemp("imagenet")
     manual = root / "manual"
     manual.mkdir()
@@ -83,11 +84,12 @@ def imagenet_dirs(tmp_path_factory):
                     pixels = rng.integers(0, 256, (36 + 4 * i, 48, 3), dtype=np.uint8)
                     add_to_tar(synset_tar, f"{synset}_{i}.JPEG", image_bytes(pixels, "JPEG"))
             add_to_tar(train, f"{synset}.tar", inner.getvalue())
+    validation = [image_bytes(rng.integers(0, 256, (40 + 9 * i, 50, 3), dtype=np.uint8), "JPEG")
+                  for i in range(3)]
     with tarfile.open(manual / "ILSVRC2012_img_val.tar", "w") as val:
-        for i in range(3):
-            add_to_tar(val, f"ILSVRC2012_val_{i + 1:08d}.JPEG",
-                       image_bytes(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8), "JPEG"))
-    return str(root / "tfds"), str(manual)
+        for i, jpeg in enumerate(validation):
+            add_to_tar(val, f"ILSVRC2012_val_{i + 1:08d}.JPEG", jpeg)
+    return str(root / "tfds"), str(manual), validation
 
 
 def test_digits_info_and_batches():
@@ -138,7 +140,7 @@ def test_shards_are_disjoint_and_cover_the_split(spec, image_folder):
 def test_tfds_shards_are_the_even_split_slices(imagenet_dirs):
     """TFDS shards (`split_for_jax_process`) are contiguous slices with the same bounds the
     in-memory readers use, so all specs shard alike."""
-    data_dir, manual_dir = imagenet_dirs
+    data_dir, manual_dir, _ = imagenet_dirs
     reader = open_reader("imagenet2012", data_dir=data_dir, manual_dir=manual_dir)
     for split, process_counts in [("train", (2, 4, 5)), ("validation", (2, 3))]:
         everything = [ex["id"] for ex in reader.shard(split, 0, 1).examples.as_numpy_iterator()]
@@ -195,7 +197,7 @@ def test_folder_labels_classes_and_corrupt_files(image_folder, caplog):
 
 
 def test_imagenet2012_from_manual_dir(imagenet_dirs):
-    data_dir, manual_dir = imagenet_dirs
+    data_dir, manual_dir, validation = imagenet_dirs
     info = input_pipeline.dataset_info("imagenet2012", data_dir=data_dir, manual_dir=manual_dir)
     assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (1000, 6, 3)
     assert info.class_names[:2] == tuple(SYNSETS)
@@ -209,11 +211,17 @@ def test_imagenet2012_from_manual_dir(imagenet_dirs):
         batch = next(train)
         assert batch["image"].shape == (2, 2, 32, 32, 3)
         assert set(batch["label"].ravel()) <= {0, 1}
+    eval_config = dict(image_size=32, crop_pct=0.875, interpolation="bicubic", mean=MEAN, std=STD)
     batches = list(input_pipeline.create_eval_iterator(
-        "tfds:imagenet2012", data_dir=data_dir, per_process_batch_size=2, image_size=32,
-        num_local_devices=1, **EVAL_KWARGS))
-    labels = sorted(np.concatenate([b["label"][b["mask"]] for b in batches]))
-    assert labels == sorted(info.class_names.index(s) for s in VALIDATION_SYNSETS)
+        "tfds:imagenet2012", data_dir=data_dir, per_process_batch_size=2, num_local_devices=1,
+        dtype="bfloat16", **eval_config))
+    images = np.concatenate([b["image"][b["mask"]] for b in batches])
+    labels = np.concatenate([b["label"][b["mask"]] for b in batches])
+    assert sorted(labels) == sorted(info.class_names.index(s) for s in VALIDATION_SYNSETS)
+    for image, label in zip(images, labels):  # the very transform inference uses
+        jpeg = validation[VALIDATION_SYNSETS.index(info.class_names[label])]
+        expected = eval_transform(load_image(io.BytesIO(jpeg)), **eval_config)
+        np.testing.assert_array_equal(image, expected.astype(image.dtype))
 
 
 def test_prefetch_to_device_puts_batches_on_devices():
