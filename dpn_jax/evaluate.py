@@ -3,7 +3,8 @@
 Datasets are the input pipeline's specs (`imagenet2012`, `tfds:NAME`, `folder:PATH`, `digits`);
 each validation example is counted exactly once (the pipeline pads the last batch and masks it).
 
-    dpn-evaluate --model dpn92.mx_in1k --pretrained --dataset imagenet2012 --data-dir ~/tensorflow_datasets
+    dpn-evaluate --model dpn92.mx_in1k --pretrained --dataset imagenet2012 \
+        --data-dir ~/tensorflow_datasets --manual-dir ~/imagenet_tars
     dpn-evaluate --checkpoint runs/finetune/export --dataset folder:data/flowers --json
 """
 from __future__ import annotations
@@ -52,7 +53,7 @@ def evaluate(model: DPN, variables: dict[str, Any], dataset: str, data_config: D
 
     devices = jax.devices()
     if batch_size % len(devices):
-        raise ValueError(f"--batch-size {batch_size} is not divisible by the {len(devices)} devices")
+        raise ValueError(f"batch size {batch_size} is not divisible by the {len(devices)} devices")
     info = input_pipeline.dataset_info(dataset, data_dir=data_dir, eval_split=split,
                                        manual_dir=manual_dir)
     if info.num_classes != model.num_classes:
@@ -64,8 +65,10 @@ def evaluate(model: DPN, variables: dict[str, Any], dataset: str, data_config: D
     step = jax.jit(lambda v, x, y, m: _batch_metrics(model, v, x, y, m), out_shardings=replicated)
     variables = jax.device_put(variables, replicated)
 
-    def to_global(local: np.ndarray) -> jax.Array:  # [local devices, per device, ...] -> [global batch, ...]
-        return jax.make_array_from_process_local_data(batch_sharding, local.reshape(-1, *local.shape[2:]))
+    def to_global(local: np.ndarray) -> jax.Array:
+        """[local devices, per device, ...] on each process -> one [global batch, ...] array."""
+        return jax.make_array_from_process_local_data(batch_sharding,
+                                                      local.reshape(-1, *local.shape[2:]))
 
     batches = input_pipeline.create_eval_iterator(
         dataset, per_process_batch_size=batch_size // jax.process_count(),
@@ -77,25 +80,25 @@ def evaluate(model: DPN, variables: dict[str, Any], dataset: str, data_config: D
     totals = dict.fromkeys(("correct_top1", "correct_top5", "loss", "count"), 0)
     bar = tqdm(batches, total=num_steps, unit="batch", disable=not progress or jax.process_index() != 0)
     start = time.perf_counter()
-    first_step_end = None
+    compiled_at = compiled_count = None  # throughput is timed after the first step (compilation)
     for batch in bar:
         metrics = step(variables, to_global(batch["image"]), to_global(batch["label"]),
                        to_global(batch["mask"]))
         for key, value in metrics.items():
             totals[key] += value.addressable_data(0).item()
-        if first_step_end is None:
-            first_step_end, first_count = time.perf_counter(), totals["count"]
+        if compiled_at is None:
+            compiled_at, compiled_count = time.perf_counter(), totals["count"]
         bar.set_postfix(top1=f"{100 * totals['correct_top1'] / max(totals['count'], 1):.2f}")
     end = time.perf_counter()
 
     count = totals["count"]
     if count == 0:
         raise ValueError(f"dataset {dataset} has no evaluation examples")
-    timed = count - first_count  # throughput after the first step, which includes compilation
+    timed = count - compiled_count
     top1, top5 = 100 * totals["correct_top1"] / count, 100 * totals["correct_top5"] / count
     return {"top1": top1, "top1_err": 100 - top1, "top5": top5, "top5_err": 100 - top5,
             "loss": totals["loss"] / count, "count": count, "skipped": info.num_eval_examples - count,
-            "img_per_sec": (timed / (end - first_step_end)) if timed else count / (end - start),
+            "img_per_sec": timed / (end - compiled_at) if timed else count / (end - start),
             "seconds": end - start}
 
 
@@ -106,7 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dataset", default="imagenet2012",
                         help="imagenet2012, tfds:NAME, folder:PATH or digits")
     parser.add_argument("--data-dir", help="TFDS data directory")
-    parser.add_argument("--manual-dir", help="where the ILSVRC2012 tars are (imagenet2012 is prepared from them once)")
+    parser.add_argument("--manual-dir",
+                        help="where the ILSVRC2012 tars are (imagenet2012 is prepared from them once)")
     parser.add_argument("--split", help="evaluation split (default: the dataset's validation split)")
     parser.add_argument("--batch-size", type=int, default=256, help="global batch size")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")

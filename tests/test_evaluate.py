@@ -117,7 +117,7 @@ def test_undecodable_image_is_skipped_and_reported(model_and_variables, dataset,
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--batch-size", "6"], "--batch-size 6 is not divisible by the 4 devices"),
+    (["--batch-size", "6"], "batch size 6 is not divisible by the 4 devices"),
     (["--dataset", "digits"], "dataset digits has 10 classes, the model 8"),
     (["--dataset", "folder:/nonexistent/data"], "no such directory"),
 ])

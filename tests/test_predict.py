@@ -179,7 +179,7 @@ def test_bad_files_are_reported_one_line_each_and_the_rest_is_processed(checkpoi
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "text.png").write_text("not an image")
     (tmp_path / "truncated.jpg").write_bytes(good.read_bytes()[:2000])
-    bad = [tmp_path / "missing.jpg", tmp_path / "empty.jpg", tmp_path / "text.png", tmp_path / "truncated.jpg"]
+    bad = [tmp_path / name for name in ("missing.jpg", "empty.jpg", "text.png", "truncated.jpg")]
     proc = subprocess.run([sys.executable, "-m", "dpn_jax.predict", "--checkpoint", str(checkpoint),
                            "--json", "--img-size", "32", *map(str, [bad[0], good, *bad[1:]])],
                           capture_output=True, text=True, timeout=300)
