@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -143,6 +144,19 @@ def test_predictor_batches_compile_once_per_shape(predictor, photos):
     top = predictor.predict([Image.open(files[0]), files[1]], top_k=2)
     assert [len(t) for t in top] == [2, 2]
     assert top[1][0]["prob"] == pytest.approx(float(batched[1].max()), rel=1e-5)
+
+
+def test_pretrained_reads_the_converted_weights_cache(checkpoint, predictor, photos, tmp_path,
+                                                     monkeypatch, capsys):
+    """--pretrained resolves an architecture to its default tag in $DPN_JAX_CACHE (no network)."""
+    shutil.copytree(checkpoint, tmp_path / "dpn68b.ra_in1k")
+    monkeypatch.setenv("DPN_JAX_CACHE", str(tmp_path))
+    code, out, err = run_main(capsys, "--model", "dpn68b", "--pretrained", "--json", "--img-size", 64,
+                              "--top-k", 1, photos / "china.jpg")
+    assert code == 0, err
+    expected = predictor.predict([photos / "china.jpg"], top_k=1)[0]
+    assert json.loads(out)[0]["top_k"][0]["index"] == expected[0]["index"]
+    assert json.loads(out)[0]["top_k"][0]["prob"] == pytest.approx(expected[0]["prob"], rel=1e-5)
 
 
 def test_fine_tuned_checkpoint_uses_its_class_names(tmp_path, photos, capsys):
