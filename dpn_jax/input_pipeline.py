@@ -19,6 +19,7 @@ import os
 from typing import Any, Iterator, Sequence
 
 import flax.jax_utils
+import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -191,7 +192,7 @@ def _random_crop_window(shape: tf.Tensor, seed: tf.Tensor, scale: tuple[float, f
                         ratio: tuple[float, float] = (3 / 4, 4 / 3), attempts: int = 10) -> tf.Tensor:
     """timm's `RandomResizedCropAndInterpolation.get_params` as TF ops: [top, left, h, w].
 
-    Up to 10 draws of (area uniform in `scale`, log-uniform aspect `ratio`); the first that fits
+    Up to `attempts` draws of (area uniform in `scale`, log-uniform aspect `ratio`); the first fit
     is placed uniformly, else the center crop clamped to `ratio`.
     """
     height, width = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
@@ -253,7 +254,6 @@ def _split_for_devices(batch: Batch, num_devices: int) -> Batch:
 
 def _topology(per_process_batch_size: int, num_local_devices: int | None,
               process_index: int | None, process_count: int | None) -> tuple[int, int, int]:
-    import jax  # imported late: TensorFlow must be configured before JAX claims accelerators
     num_devices = num_local_devices or jax.local_device_count()
     if per_process_batch_size <= 0 or per_process_batch_size % num_devices:
         raise ValueError(f"per-process batch size {per_process_batch_size} must be a positive "
