@@ -1,9 +1,12 @@
 """The one place where DPN's convolutions are lowered.
 
 XLA's CPU backend runs `feature_group_count` convolutions tens of times slower than oneDNN (and
-its weight gradient about a hundred times slower), while cuDNN and TPUs run them natively. Every
-convolution of the model goes through `conv2d`, and grouped ones pick their lowering per backend
-at lowering time via `lax.platform_dependent`, so one jitted function is right everywhere.
+its weight gradient about a hundred times slower), and even a dense 1x1 convolution's weight
+gradient is ~7x slower than the same contraction written as a `dot_general`. cuDNN and TPUs run
+all of them natively. Every convolution of the model goes through `conv2d`, which picks the
+lowering per backend at lowering time via `lax.platform_dependent`, so one jitted function is
+right everywhere. BENCHMARKS.md ("Grouped convolution lowerings") has the measurements behind
+the CPU choices.
 """
 from __future__ import annotations
 
@@ -12,6 +15,11 @@ import jax.numpy as jnp
 from jax import lax
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+# On CPU, a dense convolution narrower than this many input channels wastes most of its time on
+# overhead; merging neighbouring groups into one block-diagonal convolution of at least this width
+# (extra zero FLOPs included) measured 2-4x faster forward and backward for 3-4 channels/group.
+MIN_CPU_CONV_CHANNELS = 16
 
 
 def symmetric_padding(kernel_size: int, stride: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -26,24 +34,64 @@ def _native(x: jax.Array, kernel: jax.Array, stride: int, padding, groups: int) 
         feature_group_count=groups)
 
 
+def _pointwise_dot(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """An unpadded 1x1 convolution as a matmul over channels (its gradients are matmuls too)."""
+    if stride > 1:
+        x = x[:, ::stride, ::stride, :]
+    return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
+
+
+def groups_per_cpu_conv(channels_per_group: int, groups: int) -> int:
+    """How many groups `_split_groups` merges into one dense convolution on CPU.
+
+    The smallest divisor `m` of `groups` with `m * channels_per_group >= MIN_CPU_CONV_CHANNELS`
+    (1 when a group is already that wide): dpn68's 4 channels/group -> 4, dpn92's 3 -> 8.
+    """
+    for m in range(1, groups + 1):
+        if groups % m == 0 and m * channels_per_group >= MIN_CPU_CONV_CHANNELS:
+            return m
+    return groups
+
+
+def block_diagonal_kernels(kernel: jax.Array, groups: int, merge: int) -> jax.Array:
+    """(kh, kw, cg, G*og) grouped kernel -> (G/merge, kh, kw, merge*cg, merge*og) dense kernels.
+
+    Super-group s is the dense kernel of groups s*merge .. (s+1)*merge-1 with zeros off the
+    diagonal blocks, so a dense conv on its input channels equals those groups' grouped conv.
+    """
+    kh, kw, cg, out_channels = kernel.shape
+    og = out_channels // groups
+    blocks = kernel.reshape(kh, kw, cg, groups // merge, merge, og)
+    eye = jnp.eye(merge, dtype=kernel.dtype)
+    dense = jnp.einsum("hwcsmo,nm->shwncmo", blocks, eye)
+    return dense.reshape(groups // merge, kh, kw, merge * cg, merge * og)
+
+
 def _split_groups(x: jax.Array, kernel: jax.Array, stride: int, padding, groups: int) -> jax.Array:
-    """One dense convolution per group, concatenated: XLA CPU's dense conv kernels are fast."""
-    xs = jnp.split(x, groups, axis=-1)
-    ks = jnp.split(kernel, groups, axis=-1)
-    return jnp.concatenate([_native(xg, kg, stride, padding, 1) for xg, kg in zip(xs, ks)], axis=-1)
+    """One dense convolution per (super-)group, concatenated: XLA CPU's dense convs are fast."""
+    merge = groups_per_cpu_conv(kernel.shape[2], groups)
+    kernels = (block_diagonal_kernels(kernel, groups, merge) if merge > 1
+               else jnp.moveaxis(kernel.reshape(*kernel.shape[:3], groups, -1), 3, 0))
+    xs = jnp.split(x, groups // merge, axis=-1)
+    return jnp.concatenate([_native(xg, kg, stride, padding, 1) for xg, kg in zip(xs, kernels)],
+                           axis=-1)
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, groups: int = 1,
            padding=None) -> jax.Array:
-    """NHWC x HWIO convolution with timm's symmetric padding; grouped lowering chosen per backend.
+    """NHWC x HWIO convolution with timm's symmetric padding; lowering chosen per backend.
 
     `kernel` has shape (kh, kw, in_channels // groups, out_channels), like Flax's `nn.Conv`.
+    On CPU, unpadded 1x1 convs become `dot_general` and grouped convs `_split_groups`; every
+    other backend, and dense kxk convs on CPU, use `lax.conv_general_dilated` as is.
     """
     if padding is None:
         padding = symmetric_padding(kernel.shape[0], stride)
-    if groups == 1:
+    if groups == 1 and kernel.shape[:2] == (1, 1) and all(tuple(p) == (0, 0) for p in padding):
+        cpu = lambda x, k: _pointwise_dot(x, k, stride)
+    elif groups > 1:
+        cpu = lambda x, k: _split_groups(x, k, stride, padding, groups)
+    else:
         return _native(x, kernel, stride, padding, 1)
     return lax.platform_dependent(
-        x, kernel,
-        cpu=lambda x, k: _split_groups(x, k, stride, padding, groups),
-        default=lambda x, k: _native(x, k, stride, padding, groups))
+        x, kernel, cpu=cpu, default=lambda x, k: _native(x, k, stride, padding, groups))
