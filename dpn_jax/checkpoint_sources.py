@@ -113,9 +113,10 @@ def _read_torch(path: Path) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "weights_only" not in str(error):
-            raise SourceError(f"{path}: not a readable PyTorch checkpoint ({_first_line(error)})") from None
-        raise SourceError(f"{path}: refused by torch's weights-only unpickler ({_refusal_reason(error)}); "
+        reason = _refusal_reason(error)
+        if "GLOBAL" not in reason:  # damaged or not a pickle at all
+            raise SourceError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
+        raise SourceError(f"{path}: refused by torch's weights-only unpickler ({reason}); "
                           "nothing in it was run (prefer .safetensors)") from None
     except Exception as error:  # torch raises RuntimeError, EOFError, ... for damaged files
         raise SourceError(f"{path}: not a readable PyTorch checkpoint ({_first_line(error)})") from None
@@ -123,10 +124,11 @@ def _read_torch(path: Path) -> Any:
 
 
 def _refusal_reason(error: pickle.UnpicklingError) -> str:
-    """The line of torch's long message that says what was refused (e.g. `GLOBAL posix.system`)."""
+    """The line of torch's long message that says what it refused (`GLOBAL posix.system`, or
+    `Unsupported operand 102` for bytes that are no pickle)."""
     reasons = [line.rpartition("error:")[2].strip() for line in str(error).splitlines()
                if "GLOBAL" in line or "Unsupported" in line]
-    return reasons[0].split(". ")[0].rstrip(".") if reasons else "a non-tensor object"
+    return reasons[0].split(". ")[0].rstrip(".") if reasons else _first_line(error)
 
 
 def _tensors_to_numpy(value: Any) -> Any:

@@ -12,6 +12,7 @@ DDP `module.` prefixes), Cadene `pretrainedmodels` names, and hub repos (`timm/d
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -117,6 +118,11 @@ def export_to_torch(args: argparse.Namespace) -> int:
     return 0
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(model, variables: Variables, x: np.ndarray) -> jax.Array:
+    return model.apply(variables, x)
+
+
 def verify_against_timm(converted: Converted) -> tuple[float, float]:
     """(max abs, relative) difference between dpn_jax and timm on the same random batch.
 
@@ -143,7 +149,7 @@ def verify_against_timm(converted: Converted) -> tuple[float, float]:
     x = np.random.default_rng(0).standard_normal((VERIFY_BATCH, height, width, 3)).astype(np.float32)
     with torch.no_grad():
         expected = reference(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().astype(np.float64)
-    actual = np.asarray(jax.jit(model.apply)(variables, x), np.float64)
+    actual = np.asarray(_forward(model, variables, x), np.float64)
     max_abs = float(np.max(np.abs(actual - expected)))
     return max_abs, max_abs / float(np.max(np.abs(expected)))
 

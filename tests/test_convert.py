@@ -23,7 +23,7 @@ from safetensors.torch import load_file as load_torch_safetensors
 
 import dpn_jax
 from dpn_jax import convert_cli
-from dpn_jax.convert import detect_architecture, detect_variant
+from dpn_jax.convert import detect_architecture, detect_variant, timm_to_flax
 from dpn_jax.pretrained import load_model_dir
 from timm_reference import numpy_state_dict, random_timm_dpn, relative_error, run_timm
 
@@ -151,7 +151,7 @@ def test_hub_reference_from_offline_cache(arch, tmp_path):
     if arch == "dpn68":
         write_safetensors(arch, tmp_path)
         files = {"model.safetensors": (tmp_path / "model.safetensors").read_bytes(),
-                 "pytorch_model.bin": os.urandom(256)}
+                 "pytorch_model.bin": RANDOM_BYTES}
         src, expected_file = f"timm/{tag}", "model.safetensors"
     else:
         files = {"pytorch_model.bin": pth.read_bytes()}
@@ -219,25 +219,25 @@ def test_to_torch_export_loads_strictly_into_timm(arch, tmp_path, capsys):
 
 def test_num_classes_gives_a_fresh_head_that_exports_to_timm(tmp_path, capsys):
     write_pth("dpn68", tmp_path)
-    assert run_cli(tmp_path / "model.pth", "--num-classes", "3", "--output", tmp_path / "ft") == 0
-    assert "classifier replaced: checkpoint has 12 classes, new head for 3 classes" in capsys.readouterr().out
+    assert run_cli(tmp_path / "model.pth", "--num-classes", "5", "--output", tmp_path / "ft") == 0
+    assert "classifier replaced: checkpoint has 12 classes, new head for 5 classes" in capsys.readouterr().out
     variables, metadata = load_model_dir(tmp_path / "ft")
-    assert metadata["num_classes"] == 3 and variables["params"]["classifier"]["kernel"].shape == (704, 3)
-    np.testing.assert_array_equal(variables["params"]["classifier"]["bias"], np.zeros(3))
+    head = variables["params"].pop("classifier")
+    assert metadata["num_classes"] == 5 and head["kernel"].shape == (704, 5)
+    np.testing.assert_array_equal(head["bias"], np.zeros(5))
+    assert 0.01 < np.std(head["kernel"]) < 0.1  # LeCun normal: 1 / sqrt(704) = 0.038
 
-    # The backbone is still timm's: pooled features agree.
-    x = image_batch()
-    features_only = timm.create_model("dpn68", num_classes=0, **TINY).eval()
-    features_only.load_state_dict({k: v for k, v in torch_state_dict("dpn68").items()
-                                   if not k.startswith("classifier.")}, strict=True)
-    model, pooled = dpn_jax.create_model("dpn68", num_classes=0, pretrained=tmp_path / "ft", **TINY)
-    assert relative_error(forward(model, pooled, x), run_timm(features_only, x)) <= 1e-4
+    # The backbone is timm's, bit for bit.
+    backbone = timm_to_flax(numpy_state_dict(reference("dpn68")), "dpn68", **TINY)
+    del backbone["params"]["classifier"]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, variables, backbone)
 
     # The fine-tuning model goes back to PyTorch with the same logits.
-    model, variables = dpn_jax.create_model("dpn68", num_classes=3, pretrained=tmp_path / "ft", **TINY)
+    model, variables = dpn_jax.create_model("dpn68", num_classes=5, pretrained=tmp_path / "ft", **TINY)
     assert run_cli(tmp_path / "ft", "--to-torch", tmp_path / "ft.safetensors") == 0
-    rebuilt = timm.create_model("dpn68", num_classes=3, **TINY).eval()
+    rebuilt = timm.create_model("dpn68", num_classes=5, **TINY).eval()
     rebuilt.load_state_dict(load_torch_safetensors(tmp_path / "ft.safetensors"), strict=True)
+    x = image_batch()
     assert relative_error(forward(model, variables, x), run_timm(rebuilt, x)) <= 1e-4
 
 
@@ -326,10 +326,11 @@ def _directory(folder: Path) -> Path:
     return folder / "weights"
 
 
+RANDOM_BYTES = np.random.default_rng(0).bytes(4096)
 BAD_SOURCES = {
     "empty": (_file("model.pth", b""), [], "file is empty"),
-    "random bytes pth": (_file("model.pth", os.urandom(4096)), [], "not a readable PyTorch checkpoint"),
-    "random bytes safetensors": (_file("model.safetensors", os.urandom(4096)), [],
+    "random bytes pth": (_file("model.pth", RANDOM_BYTES), [], "not a readable PyTorch checkpoint"),
+    "random bytes safetensors": (_file("model.safetensors", RANDOM_BYTES), [],
                                  "not a valid safetensors file"),
     "truncated safetensors": (_truncated_safetensors, [], "not a valid safetensors file"),
     "unknown suffix": (_file("model.h5", b"HDF"), [], "unknown checkpoint type"),
