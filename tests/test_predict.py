@@ -18,7 +18,7 @@ from sklearn.datasets import load_sample_images
 import dpn_jax
 from dpn_jax import predict
 from dpn_jax.convert import timm_to_flax
-from dpn_jax.labels import imagenet_classes
+from dpn_jax.labels import class_names, imagenet_classes
 from dpn_jax.pretrained import save_model_dir
 from timm_reference import numpy_state_dict, random_timm_dpn
 
@@ -188,36 +188,30 @@ def test_exif_orientation_and_16_bit(predictor, photos, tmp_path):
     assert np.abs(probs["untagged"] - probs["upright"]).max() > 1e-4  # the orientation matters
 
 
-def test_bad_files_are_reported_one_line_each_and_the_rest_is_processed(checkpoint, photos, tmp_path):
+def test_bad_and_huge_files_are_reported_one_line_each_and_the_rest_is_processed(checkpoint, photos,
+                                                                                 tmp_path):
+    """Missing, empty, non-image and truncated files each get one error line naming them; a
+    30000x30000 PNG (112 MB as 1-bit, 2.7 GB as RGB) is refused without being decoded."""
     good = photos / "flower.jpg"
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "text.png").write_text("not an image")
     (tmp_path / "truncated.jpg").write_bytes(good.read_bytes()[:2000])
-    bad = [tmp_path / name for name in ("missing.jpg", "empty.jpg", "text.png", "truncated.jpg")]
-    proc = subprocess.run([sys.executable, "-m", "dpn_jax.predict", "--checkpoint", str(checkpoint),
-                           "--json", "--img-size", "32", *map(str, [bad[0], good, *bad[1:]])],
+    Image.new("1", (30000, 30000)).save(tmp_path / "huge.png")
+    bad = [tmp_path / name for name in ("missing.jpg", "empty.jpg", "text.png", "truncated.jpg", "huge.png")]
+    measure = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+               "print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    proc = subprocess.run([sys.executable, "-c", measure, sys.executable, "-m", "dpn_jax.predict",
+                           "--checkpoint", str(checkpoint), "--json", "--img-size", "32",
+                           *map(str, [bad[0], good, *bad[1:]])],
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1
-    assert [r["file"] for r in json.loads(proc.stdout)] == [str(good)]
+    *json_lines, last_line = proc.stdout.splitlines()
+    returncode, max_rss_kib = map(int, last_line.split())
+    assert returncode == 1
+    assert [r["file"] for r in json.loads("\n".join(json_lines))] == [str(good)]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("dpn-predict: error:")]
     assert len(errors) == len(bad), proc.stderr
     for line, path in zip(errors, bad):
         assert str(path) in line
-
-
-def test_huge_image_fails_cleanly_without_decoding(checkpoint, photos, tmp_path):
-    """A 30000x30000 PNG (112 MB as 1-bit, 2.7 GB as RGB) is refused before decoding."""
-    Image.new("1", (30000, 30000)).save(tmp_path / "huge.png")
-    measure = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
-               "print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    proc = subprocess.run([sys.executable, "-c", measure, sys.executable, "-m", "dpn_jax.predict",
-                           "--checkpoint", str(checkpoint), "--img-size", "32",
-                           str(tmp_path / "huge.png"), str(photos / "china.jpg")],
-                          capture_output=True, text=True, timeout=300)
-    returncode, max_rss_kib = map(int, proc.stdout.splitlines()[-1].split())
-    assert returncode == 1
-    assert str(photos / "china.jpg") in proc.stdout  # the other file is still classified
-    assert [line for line in proc.stderr.splitlines() if "huge.png" in line] != []
     assert max_rss_kib < 2 * 1024 * 1024, f"peak RSS {max_rss_kib / 1024:.0f} MiB"
 
 
@@ -245,3 +239,14 @@ def test_folder_without_images(checkpoint, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("no images here")
     code, out, err = run_main(capsys, "--checkpoint", checkpoint, tmp_path)
     assert code == 1 and "no images found" in err
+
+
+def test_shipped_imagenet_labels_equal_timms():
+    info = timm.data.ImageNetInfo()
+    classes = imagenet_classes()
+    assert [c.index for c in classes] == list(range(1000))
+    assert [c.synset for c in classes] == info.label_names()
+    assert [c.name for c in classes] == info.label_descriptions()
+    assert class_names(1000)[0] == "tench, Tinca tinca" and class_names(10) is None
+    with pytest.raises(ValueError, match="2 class names for a 3-class head"):
+        class_names(3, ["a", "b"])
