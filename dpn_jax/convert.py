@@ -7,7 +7,6 @@ layout changes: conv kernels OIHW <-> HWIO, the 1x1-conv classifier (N, C, 1, 1)
 from __future__ import annotations
 
 import re
-from collections import Counter
 from typing import Any, Mapping
 
 import jax

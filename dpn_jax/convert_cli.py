@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.to_torch and (args.output or args.model or args.num_classes is not None or args.ema or args.verify):
+    conversion_flags = args.output or args.model or args.num_classes is not None or args.ema or args.verify
+    if args.to_torch and conversion_flags:
         parser.error("--to-torch takes only SRC (a model directory) and --overwrite")
     if not args.to_torch and not args.output:
         parser.error("--output DIR is required (or --to-torch OUT.safetensors to export)")
@@ -85,7 +86,8 @@ def convert(args: argparse.Namespace) -> int:
                   f"nothing written", file=sys.stderr)
             return 1
     save_model_dir(output, converted.variables, metadata, overwrite=args.overwrite)
-    print(f"wrote {output} in {time.perf_counter() - start:.1f} s (sha256 of source {metadata['sha256'][:12]}...)")
+    print(f"wrote {output} in {time.perf_counter() - start:.1f} s "
+          f"(source sha256 {metadata['sha256'][:12]}...)")
     return 0
 
 

@@ -64,7 +64,7 @@ def save_model_dir(path: str | os.PathLike, variables: Variables, metadata: dict
         _remove_created(created)
         raise OSError(f"cannot write to {path.parent}: {error.strerror or error}") from None
     try:
-        host_variables = {k: jax.tree_util.tree_map(np.asarray, variables[k]) for k in ("params", "batch_stats")}
+        host_variables = {k: jax.device_get(variables[k]) for k in ("params", "batch_stats")}
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(staging / VARIABLES_DIR, host_variables)
             checkpointer.wait_until_finished()
@@ -164,7 +164,8 @@ def convert_source(src: str, *, model: str | None = None, num_classes: int | Non
     try:
         variables = timm_to_flax(state_dict, arch, **overrides)
     except ConversionError as error:
-        raise ConversionError(f"{source.name} does not fit {arch}{_looks_like(state_dict, (arch, overrides))}: {error}") from None
+        hint = _looks_like(state_dict, (arch, overrides))
+        raise ConversionError(f"{source.name} does not fit {arch}{hint}: {error}") from None
     checkpoint_classes = num_classes_in(variables)
     head_note = None
     if num_classes is not None and num_classes != checkpoint_classes:
@@ -237,12 +238,13 @@ def load_pretrained(model: DPN, tag: str, pretrained: bool | str | os.PathLike,
     expected = abstract_variables(model)
     want = expected["params"].get("classifier")
     have = variables["params"].get("classifier")
-    if (want and want["kernel"].shape) != (have and np.shape(have["kernel"])):
-        if want:
+    want_shape = tuple(want["kernel"].shape) if want else None  # (in_features, num_classes)
+    if want_shape != (np.shape(have["kernel"]) if have else None):
+        if want_shape:
             warnings.warn(f"{path}: checkpoint has {num_classes_in(variables)} classes, the model "
-                          f"{want['bias'].shape[0]}: the classifier is freshly initialised", stacklevel=3)
-        variables = replace_head(variables, want["bias"].shape[0] if want else 0, rng,
-                                 in_features=want and want["kernel"].shape[0])
+                          f"{want_shape[1]}: the classifier is freshly initialised", stacklevel=3)
+        variables = replace_head(variables, want_shape[1] if want_shape else 0, rng,
+                                 in_features=want_shape and want_shape[0])
     check_variables(variables, expected, str(path))
     return jax.device_put(variables)
 

@@ -334,7 +334,8 @@ BAD_SOURCES = {
                                  "not a valid safetensors file"),
     "truncated safetensors": (_truncated_safetensors, [], "not a valid safetensors file"),
     "unknown suffix": (_file("model.h5", b"HDF"), [], "unknown checkpoint type"),
-    "non-DPN": (_non_dpn, [], "not a DPN state dict: no 4-d features.conv1_1.conv.weight (first keys: conv1.weight"),
+    "non-DPN": (_non_dpn, [],
+                "not a DPN state dict: no 4-d features.conv1_1.conv.weight (first keys: conv1.weight"),
     "wrong --model": (_dpn_with(lambda sd: None), ["--model", "dpn92"],
                       "does not fit dpn92 (its shapes are those of dpn68 with {'k_sec': (1, 1, 1, 1)}): "
                       "tensor features.conv1_1.bn.running_mean has shape (10,), dpn92 expects (64,)"),
@@ -426,3 +427,11 @@ def test_verify_prints_the_difference_and_fails_above_tolerance(tmp_path, capsys
     assert run_cli(tmp_path / "model.safetensors", "--output", tmp_path / "strict", "--verify") == 1
     assert "above" in capsys.readouterr().err
     assert not (tmp_path / "strict").exists()
+
+
+@pytest.mark.parametrize("argv", [["model.pth"], ["jax_dir", "--to-torch", "out.safetensors", "--output", "x"],
+                                  ["model.pth", "--output", "x", "--num-classes", "-1"]])
+def test_usage_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        convert_cli.main(argv)
+    assert exit_info.value.code == 2 and "dpn-convert: error:" in capsys.readouterr().err
