@@ -136,9 +136,12 @@ class Predictor:
         return cls.from_loaded(load_pretrained_tag(name), **kwargs)
 
     def preprocess(self, image: ImageInput) -> np.ndarray:
-        """A path or PIL image -> normalised HWC float32 pixels (timm's eval transform)."""
-        if not isinstance(image, Image.Image):
-            image = load_image(image)
+        """A path or PIL image -> normalised HWC float32 pixels (timm's eval transform).
+
+        Files go through `load_image` (EXIF, 16-bit, bounded memory); a PIL image is taken as
+        it is and converted to RGB first, as timm does.
+        """
+        image = load_image(image) if not isinstance(image, Image.Image) else image.convert("RGB")
         c = self.data_config
         return eval_transform(image, image_size=c.image_size, crop_pct=c.crop_pct,
                               interpolation=c.interpolation, mean=c.mean, std=c.std)

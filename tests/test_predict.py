@@ -141,9 +141,11 @@ def test_predictor_batches_compile_once_per_shape(predictor, photos):
     one_by_one = np.concatenate([predictor.probabilities(pixels[i:i + 1]) for i in range(7)])
     np.testing.assert_allclose(batched, one_by_one, rtol=1e-5, atol=1e-7)
     assert predictor._probabilities._cache_size() == 2  # batch shapes 4 and 1
-    top = predictor.predict([Image.open(files[0]), files[1]], top_k=2)
-    assert [len(t) for t in top] == [2, 2]
-    assert top[1][0]["prob"] == pytest.approx(float(batched[1].max()), rel=1e-5)
+    # PIL images in modes L, LA, P, RGBA are converted to RGB before resizing, as files are
+    top = predictor.predict([Image.open(f) for f in files], top_k=2)
+    assert [Image.open(f).mode for f in files] == ["L", "LA", "P", "RGBA"]
+    assert [len(t) for t in top] == [2] * 4
+    np.testing.assert_allclose([t[0]["prob"] for t in top], batched[:4].max(-1), rtol=1e-5)
 
 
 def test_pretrained_reads_the_converted_weights_cache(checkpoint, predictor, photos, tmp_path,
