@@ -65,7 +65,11 @@ def save_model_dir(path: str | os.PathLike, variables: Variables, metadata: dict
         raise OSError(f"cannot write to {path.parent}: {error.strerror or error}") from None
     try:
         host_variables = {k: jax.device_get(variables[k]) for k in ("params", "batch_stats")}
-        with ocp.StandardCheckpointer() as checkpointer:
+        # Only the calling process writes (e.g. process 0 of a multi-host training run), so
+        # orbax must not wait for the other processes at its barriers.
+        this_process = ocp.options.MultiprocessingOptions(
+            primary_host=jax.process_index(), active_processes={jax.process_index()})
+        with ocp.StandardCheckpointer(multiprocessing_options=this_process) as checkpointer:
             checkpointer.save(staging / VARIABLES_DIR, host_variables)
             checkpointer.wait_until_finished()
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
