@@ -40,8 +40,12 @@ def dataset_info(spec: str, *, data_dir: str | None = None, eval_split: str | No
                  train_split: str = "train", manual_dir: str | None = None) -> DatasetInfo:
     """Classes and split sizes of a dataset spec (prepares a TFDS dataset if needed)."""
     reader = _reader(spec, data_dir, manual_dir)
+    try:
+        num_train = reader.num_examples(train_split)
+    except (KeyError, ValueError):  # an evaluation-only dataset, e.g. a folder with just val/
+        num_train = 0
     return DatasetInfo(num_classes=len(reader.class_names), class_names=reader.class_names,
-                       num_train_examples=reader.num_examples(train_split),
+                       num_train_examples=num_train,
                        num_eval_examples=reader.num_examples(eval_split or reader.default_eval_split))
 
 

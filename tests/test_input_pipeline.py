@@ -268,3 +268,12 @@ def test_random_crop_windows_follow_timm(height, width):
         ours_q, theirs_q = (np.percentile(w[:, 2] * w[:, 3] / (height * width), q)
                             for w in (ours, theirs))
         assert abs(ours_q - theirs_q) < 0.05, (q, ours_q, theirs_q)
+
+
+def test_evaluation_only_folder_has_no_train_examples(tmp_path):
+    for number in range(3):
+        path = tmp_path / "val" / f"class{number}" / f"{number}.png"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(image_bytes(numbered_image(number), "PNG"))
+    info = input_pipeline.dataset_info(f"folder:{tmp_path}")
+    assert (info.num_train_examples, info.num_eval_examples, info.num_classes) == (0, 3, 3)
