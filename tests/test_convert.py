@@ -118,6 +118,16 @@ def test_ema_flag_picks_the_ema_weights(tmp_path):
     assert logits_error(tmp_path / "ema", "dpn68", seed=0) > 1e-2  # not the plain weights
 
 
+def test_model_key_and_torch_compile_prefixes_are_unwrapped(tmp_path):
+    """Other trainers save {"model": ...}; torch.compile adds `_orig_mod.` (also inside DDP)."""
+    state_dict = {f"module._orig_mod.{k}": v for k, v in torch_state_dict("dpn68").items()}
+    torch.save({"model": state_dict, "epoch": 3}, tmp_path / "checkpoint.pt")
+    assert run_cli(tmp_path / "checkpoint.pt", "--output", tmp_path / "out") == 0
+    variables, _ = load_model_dir(tmp_path / "out")
+    expected = timm_to_flax(numpy_state_dict(reference("dpn68")), "dpn68", **TINY)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, variables, expected)
+
+
 def populate_hub_cache(hf_home: Path, repo: str, files: dict[str, bytes]) -> None:
     """The layout huggingface_hub's downloads leave: blobs, a snapshot of symlinks, refs/main."""
     import hashlib
