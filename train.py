@@ -39,7 +39,10 @@ def main(argv) -> int:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.getLogger("absl").setLevel(logging.WARNING)
     initialize_distributed()
+    from dpn_jax.compilation_cache import enable_compilation_cache
     from dpn_jax.trainer import train_and_evaluate
+
+    enable_compilation_cache()
 
     metrics = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if metrics:

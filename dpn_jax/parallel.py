@@ -4,7 +4,7 @@ Steps are written for one device and communicate through collectives over `AXIS`
 `pmean`, BatchNorm statistics). Both runners feed them the same layout: every array carries a
 leading device axis (the input pipeline's [devices, per_device, ...] batches; the state stacked
 once per device), so switching `config.parallelism` changes nothing else and gives the same
-numbers. pmap maps over local devices; the shard_map Mesh spans every process's devices.
+numbers. Each process feeds its own devices; the collectives span every process.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ class Runner:
         if parallelism not in PARALLELISMS:
             raise ValueError(f"parallelism={parallelism!r}; choose from {PARALLELISMS}")
         self.parallelism = parallelism
+        self._pmap_devices = devices  # None: pmap's default, every process's devices
         if devices is None:
             devices = jax.local_devices() if parallelism == "pmap" else jax.devices()
         self.mesh = Mesh(np.asarray(devices), (AXIS,))
@@ -39,7 +40,7 @@ class Runner:
         donate = (0,) if donate_first else ()
         if self.parallelism == "pmap":
             return jax.pmap(step, axis_name=AXIS, donate_argnums=donate,
-                            devices=self.mesh.devices.tolist())
+                            devices=self._pmap_devices)
 
         def per_shard(*args):  # each shard is one device's slice with a leading axis of 1
             out = step(*jax.tree.map(lambda x: x[0], args))

@@ -320,15 +320,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
 def export_model(path: str, variables: dict, *, arch: str, model_kwargs: dict, num_classes: int,
                  data_cfg: dict, class_names, workdir: str) -> None:
-    """The trained weights as a model directory `dpn-predict --checkpoint` and `create_model` read."""
-    if jax.process_index() != 0:
-        return
-    from dpn_jax import __version__
-    from dpn_jax.pretrained import save_model_dir
-    pretrained = {k: data_cfg[k] for k in ("input_size", "crop_pct", "interpolation", "mean", "std",
-                                           "test_input_size", "test_crop_pct")}
-    metadata = {"architecture": arch, "num_classes": num_classes, "model_kwargs": model_kwargs,
-                "pretrained_cfg": pretrained, "class_names": list(class_names),
-                "source": f"dpn_jax train.py, workdir {workdir}", "sha256": None,
-                "dpn_jax_version": __version__}
-    save_model_dir(path, variables, metadata, overwrite=True)
+    """The trained weights as a model directory `dpn-predict --checkpoint` and `create_model` read.
+
+    Process 0 writes it; the others wait, so none exits while it is being written.
+    """
+    if jax.process_index() == 0:
+        from dpn_jax import __version__
+        from dpn_jax.pretrained import save_model_dir
+        pretrained = {k: data_cfg[k] for k in ("input_size", "crop_pct", "interpolation", "mean",
+                                               "std", "test_input_size", "test_crop_pct")}
+        metadata = {"architecture": arch, "num_classes": num_classes, "model_kwargs": model_kwargs,
+                    "pretrained_cfg": pretrained, "class_names": list(class_names),
+                    "source": f"dpn_jax train.py, workdir {workdir}", "sha256": None,
+                    "dpn_jax_version": __version__}
+        save_model_dir(path, variables, metadata, overwrite=True)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("dpn_jax export_model")

@@ -1,0 +1,135 @@
+"""The per-device steps on 4 simulated CPU devices (tests/conftest.py), a tiny DPN, tiny data.
+
+Compiling even a tiny DPN's train step takes tens of seconds on CPU, so the parity runs are
+computed once per module and several tests read them. Whole runs: test_train_distributed.py.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from configs import default
+from dpn_jax import create_model
+from dpn_jax.optim import create_learning_rate_schedule, create_optimizer, path_mask
+from dpn_jax.parallel import Runner
+from dpn_jax.train_state import create_train_state
+from dpn_jax.trainer import make_eval_step, make_train_step
+
+TINY = dict(k_sec=(1, 1, 1, 1), k_r=16, groups=2, num_init_features=8, inc_sec=(4, 4, 4, 4))
+NUM_STEPS = 3
+GLOBAL_BATCH = 8
+
+
+def tiny_config(**overrides):
+    config = default.get_config()
+    config.model_kwargs = TINY
+    config.image_size = 32
+    config.batch_size = 32
+    config.base_batch_size = 32
+    config.eval_batch_size = 40
+    config.warmup_epochs = 0.0
+    config.update(overrides)
+    return config
+
+
+def synthetic_batches(num_steps: int, batch: int, seed: int = 0) -> list[dict]:
+    """Random images shifted by their class."""
+    rng = np.random.RandomState(seed)
+    out = []
+    for _ in range(num_steps):
+        labels = rng.randint(0, 10, batch).astype(np.int32)
+        images = rng.normal(0, 1, (batch, 32, 32, 3)).astype(np.float32)
+        images += (labels[:, None, None, None] - 4.5).astype(np.float32) * 0.3
+        out.append({"image": images, "label": labels})
+    return out
+
+
+def run_steps(parallelism: str, devices) -> tuple[dict, list[float], dict]:
+    """NUM_STEPS updates on the same global batches; returns host state, losses, eval sums."""
+    config = tiny_config(learning_rate=0.01, ema_decay=0.9, parallelism=parallelism)
+    model, variables = create_model("dpn68", num_classes=10, axis_name="batch",
+                                    rng=jax.random.key(0), **TINY)
+    tx, schedule = create_optimizer(config, updates_per_epoch=10)
+    runner = Runner(parallelism, devices)
+    n = len(devices)
+    state = runner.replicate(create_train_state(variables, tx, seed=0, use_ema=True))
+    step = runner.compile(make_train_step(model, tx, schedule, config), donate_first=True)
+    losses = []
+    batches = synthetic_batches(1, GLOBAL_BATCH) * NUM_STEPS  # the same batch: loss must fall
+    for batch in batches:
+        stacked = {k: v.reshape(n, -1, *v.shape[1:]) for k, v in batch.items()}
+        state, metrics = step(state, runner.put(stacked))
+        losses.append(float(Runner.first(metrics["loss"])))
+    eval_batch = dict(batches[0], mask=np.arange(GLOBAL_BATCH) < GLOBAL_BATCH - 1)
+    eval_batch = {k: v.reshape(n, -1, *v.shape[1:]) for k, v in eval_batch.items()}
+    sums = Runner.first(runner.compile(make_eval_step(model))(state.variables(),
+                                                              runner.put(eval_batch)))
+    return Runner.first(state), losses, sums
+
+
+@pytest.fixture(scope="module")
+def parity_runs():
+    assert jax.device_count() == 4, "tests/conftest.py must simulate 4 CPU devices"
+    return {"pmap4": run_steps("pmap", jax.devices()),
+            "pmap1": run_steps("pmap", jax.devices()[:1]),
+            "shard_map4": run_steps("shard_map", jax.devices())}
+
+
+def assert_trees_close(a, b, atol):
+    flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
+    flat_b = jax.tree.leaves(b)
+    assert len(flat_a) == len(flat_b)
+    for (path, x), y in zip(flat_a, flat_b):
+        np.testing.assert_allclose(x, y, atol=atol, rtol=0, err_msg=jax.tree_util.keystr(path))
+
+
+def test_loss_decreases(parity_runs):
+    _, losses, _ = parity_runs["pmap4"]
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.05, losses
+
+
+def test_pmap_over_4_devices_equals_1_device(parity_runs):
+    state4, losses4, sums4 = parity_runs["pmap4"]
+    state1, losses1, sums1 = parity_runs["pmap1"]
+    np.testing.assert_allclose(losses4, losses1, atol=1e-5)
+    assert_trees_close(state4.params, state1.params, 1e-5)
+    assert_trees_close(state4.batch_stats, state1.batch_stats, 1e-5)
+    assert_trees_close(state4.ema, state1.ema, 1e-5)
+    assert sums4["count"] == sums1["count"] == GLOBAL_BATCH - 1  # the masked example is left out
+    np.testing.assert_allclose(sums4["loss"], sums1["loss"], rtol=1e-5)
+    # Updates happened: params moved away from their initial values.
+    _, init = create_model("dpn68", num_classes=10, rng=jax.random.key(0), **TINY)
+    assert not np.allclose(state4.params["classifier"]["kernel"],
+                           init["params"]["classifier"]["kernel"])
+
+
+def test_shard_map_equals_pmap(parity_runs):
+    state_p, losses_p, sums_p = parity_runs["pmap4"]
+    state_s, losses_s, sums_s = parity_runs["shard_map4"]
+    np.testing.assert_allclose(losses_s, losses_p, atol=1e-6)
+    assert_trees_close(state_s, state_p, 1e-6)
+    assert_trees_close(sums_s, sums_p, 1e-5)
+
+
+def test_weight_decay_mask_only_kernels():
+    _, variables = create_model("dpn68", num_classes=10, rng=jax.random.key(0), **TINY)
+    mask = path_mask(variables["params"], default.get_config().weight_decay_pattern)
+    flat = dict(jax.tree_util.tree_flatten_with_path(mask)[0])
+    names = {jax.tree_util.keystr(k): v for k, v in flat.items()}
+    assert names["['classifier']['kernel']"] and not names["['classifier']['bias']"]
+    assert names["['features']['conv2_1']['c3x3_b']['conv']['kernel']"]
+    assert not names["['features']['conv2_1']['c3x3_b']['bn']['scale']"]
+    assert not names["['features']['conv2_1']['c3x3_b']['bn']['bias']"]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step", "constant"])
+def test_schedules_warm_up_then_follow_their_shape(schedule):
+    config = tiny_config(schedule=schedule, warmup_epochs=1.0, num_epochs=10.0, learning_rate=0.4,
+                         batch_size=64, base_batch_size=32, step_decay_epochs=(5,))
+    lr = create_learning_rate_schedule(config, updates_per_epoch=10)
+    peak = 0.8  # linear scaling: 0.4 at batch 32 -> 0.8 at batch 64
+    assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(peak / 2)
+    assert float(lr(10)) == pytest.approx(peak)
+    expected_late = {"cosine": 0.0, "step": peak * 0.1, "constant": peak}[schedule]
+    assert float(lr(99)) == pytest.approx(expected_late, abs=0.01)

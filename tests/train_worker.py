@@ -1,0 +1,101 @@
+"""Runs `train_and_evaluate` in a subprocess for tests/test_train_distributed.py.
+
+    python tests/train_worker.py WORKDIR '{"num_train_steps": 8}' [--kill-after-checkpoint N]
+        [--synthetic-data] [--poison-step K] [--coordinator HOST:PORT --num-processes P --process-id I]
+
+`--synthetic-data` replaces the training stream by global batches that depend only on the step,
+each process taking its slice, so runs with different process counts see the same global batch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+TINY = dict(k_sec=(1, 1, 1, 1), k_r=16, groups=2, num_init_features=8, inc_sec=(4, 4, 4, 4))
+
+
+def tiny_config(overrides: dict):
+    from configs import default
+    config = default.get_config()
+    config.model_kwargs = TINY
+    config.image_size = 32
+    config.batch_size = 32
+    config.base_batch_size = 32
+    config.eval_batch_size = 40
+    config.schedule = "constant"  # keeps the step's program independent of the run length
+    config.warmup_epochs = 0.0
+    config.log_every_steps = 1
+    config.update(overrides)
+    return config
+
+
+def synthetic_train_iterator(spec, *, per_process_batch_size, start_step=0, **_):
+    import jax
+    count, index = jax.process_count(), jax.process_index()
+    devices = jax.local_device_count()
+    step = start_step
+    while True:
+        rng = np.random.RandomState(step)
+        labels = rng.randint(0, 10, per_process_batch_size * count).astype(np.int32)
+        images = rng.normal(0, 1, (len(labels), 32, 32, 3)).astype(np.float32)
+        images += (labels[:, None, None, None] - 4.5).astype(np.float32) * 0.3
+        part = slice(index * per_process_batch_size, (index + 1) * per_process_batch_size)
+        yield {"image": images[part].reshape(devices, -1, 32, 32, 3),
+               "label": labels[part].reshape(devices, -1)}
+        step += 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("workdir")
+    parser.add_argument("overrides", type=json.loads)
+    parser.add_argument("--kill-after-checkpoint", type=int)
+    parser.add_argument("--poison-step", type=int)
+    parser.add_argument("--synthetic-data", action="store_true")
+    parser.add_argument("--coordinator")
+    parser.add_argument("--num-processes", type=int)
+    parser.add_argument("--process-id", type=int)
+    args = parser.parse_args()
+
+    import jax
+    if args.coordinator:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    from dpn_jax import input_pipeline, trainer
+
+    if args.synthetic_data:
+        input_pipeline.create_train_iterator = synthetic_train_iterator
+    if args.poison_step is not None:
+        real = input_pipeline.create_train_iterator
+
+        def poisoned(*a, start_step=0, **kw):
+            for i, batch in enumerate(real(*a, start_step=start_step, **kw), start=start_step):
+                if i == args.poison_step:
+                    batch["image"][0, 0, 0, 0, 0] = np.nan
+                yield batch
+
+        input_pipeline.create_train_iterator = poisoned
+    if args.kill_after_checkpoint is not None:
+        save = trainer.save_checkpoint
+
+        def save_then_die(manager, state, meta):
+            save(manager, state, meta)
+            if int(state.step) == args.kill_after_checkpoint:
+                manager.wait_until_finished()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        trainer.save_checkpoint = save_then_die
+
+    metrics = trainer.train_and_evaluate(tiny_config(args.overrides), args.workdir)
+    print("METRICS " + json.dumps(metrics), flush=True)
+
+
+if __name__ == "__main__":
+    main()
