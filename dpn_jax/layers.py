@@ -104,16 +104,22 @@ class BatchNorm(nn.Module):
         return x * mul.astype(self.dtype) + shift.astype(self.dtype)
 
 
+def batch_norm_act(x: jax.Array, train: bool, act: str, dtype: Dtype, axis_name: str | None
+                   ) -> jax.Array:
+    """timm's `BatchNormAct2d`: a BatchNorm named `bn` in the calling module, then `act`."""
+    x = BatchNorm(dtype=dtype, axis_name=axis_name, name="bn")(x, train)
+    return get_act(act)(x)
+
+
 class BnAct(nn.Module):
-    """BatchNorm followed by an activation (timm `BatchNormAct2d`; params under `bn`)."""
+    """BatchNorm followed by an activation (timm `BnAct`; params under `bn`)."""
     act: str = "relu"
     dtype: Dtype = jnp.float32
     axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = BatchNorm(dtype=self.dtype, axis_name=self.axis_name, name="bn")(x, train)
-        return get_act(self.act)(x)
+        return batch_norm_act(x, train, self.act, self.dtype, self.axis_name)
 
 
 class BnActConv2d(nn.Module):
@@ -128,8 +134,7 @@ class BnActConv2d(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = BatchNorm(dtype=self.dtype, axis_name=self.axis_name, name="bn")(x, train)
-        x = get_act(self.act)(x)
+        x = batch_norm_act(x, train, self.act, self.dtype, self.axis_name)
         return Conv2d(self.features, self.kernel_size, self.stride, self.groups, dtype=self.dtype,
                       name="conv")(x)
 
@@ -146,5 +151,4 @@ class ConvBnAct(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = Conv2d(self.features, self.kernel_size, self.stride, dtype=self.dtype, name="conv")(x)
-        x = BatchNorm(dtype=self.dtype, axis_name=self.axis_name, name="bn")(x, train)
-        return get_act(self.act)(x)
+        return batch_norm_act(x, train, self.act, self.dtype, self.axis_name)
