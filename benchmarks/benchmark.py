@@ -1,0 +1,366 @@
+"""dpn_jax against timm in the same run: throughput, compile time, creation time, peak memory.
+
+    python benchmarks/benchmark.py --models dpn68 --batch-sizes 16 --resolutions 224
+
+For every (model, batch, resolution) one worker process builds all engines (dpn_jax, timm eager
+NCHW, timm eager channels_last, timm torch.compile) on the same threads and times them in
+interleaved rounds, so load from other processes hits every engine alike. Peak memory is
+measured in one fresh worker per engine and mode. Prints a table with dpn_jax / timm ratios and
+writes every number to JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+ENGINES = ("dpn_jax", "timm", "timm_cl", "timm_compile")
+MODES = ("infer", "train")
+# Large buffers come from mmap and go back to the OS when freed, so resident memory tracks what
+# each framework really holds (set for the memory workers only: it costs page faults).
+MEMORY_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
+
+
+@dataclass
+class Result:
+    engine: str
+    mode: str
+    model: str
+    batch: int
+    resolution: int
+    backend: str = ""
+    create_s: float | None = None
+    compile_s: float | None = None
+    step_ms: list[float] = field(default_factory=list)
+    img_per_s: float | None = None
+    peak_rss_mib: float | None = None
+    step_rss_increase_mib: float | None = None
+    device_peak_mib: float | None = None
+    xla_temp_mib: float | None = None
+    error: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines: each builds a model and returns `step()`, a callable that runs one batch to completion.
+
+class Engine:
+    def __init__(self, name: str, mode: str, model: str, batch: int, resolution: int,
+                 remat: bool = False):
+        self.result = Result(name, mode, model, batch, resolution)
+        self.mode, self.model, self.batch, self.resolution, self.remat = (
+            mode, model, batch, resolution, remat)
+        self.step: Callable[[], None] | None = None
+
+    def build(self) -> None:
+        raise NotImplementedError
+
+
+class JaxEngine(Engine):
+    def build(self) -> None:
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+        import optax
+
+        import dpn_jax
+
+        jnp.zeros(()).block_until_ready()  # backend start-up is not model creation
+        self.result.backend = jax.default_backend()
+        t0 = time.perf_counter()
+        model, variables = dpn_jax.create_model(self.model, remat=self.remat)
+        jax.block_until_ready(variables)
+        self.result.create_s = time.perf_counter() - t0
+
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.standard_normal((self.batch, self.resolution, self.resolution, 3),
+                                            dtype=np.float32))
+        if self.mode == "infer":
+            fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
+            args = (variables, x)
+        else:
+            y = jnp.asarray(rng.integers(0, 1000, self.batch), jnp.int32)
+            tx = optax.sgd(0.1, momentum=0.9)
+
+            def train_step(params, batch_stats, opt_state, x, y):
+                def loss_fn(p):
+                    logits, new = model.apply({"params": p, "batch_stats": batch_stats}, x,
+                                              train=True, mutable=["batch_stats"])
+                    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+                    return loss, new["batch_stats"]
+                (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+                updates, opt_state = tx.update(grads, opt_state, params)
+                return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+            fn = jax.jit(train_step, donate_argnums=(0, 1, 2))
+            args = (variables["params"], variables["batch_stats"], tx.init(variables["params"]), x, y)
+
+        t0 = time.perf_counter()
+        compiled = fn.lower(*args).compile()
+        self.result.compile_s = time.perf_counter() - t0
+        memory = compiled.memory_analysis()
+        if memory is not None:
+            self.result.xla_temp_mib = memory.temp_size_in_bytes / 2**20
+        state = list(args)
+
+        def step() -> None:
+            if self.mode == "infer":
+                compiled(*state).block_until_ready()
+            else:
+                out = compiled(*state)
+                state[:3] = out[:3]
+                out[3].block_until_ready()
+
+        self.step = step
+
+
+class TimmEngine(Engine):
+    def build(self) -> None:
+        import timm
+        import torch
+
+        channels_last = self.result.engine in ("timm_cl", "timm_compile")
+        self.result.backend = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(self.result.backend)
+        t0 = time.perf_counter()
+        model = timm.create_model(self.model).to(device)
+        self.result.create_s = time.perf_counter() - t0
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        model = model.to(memory_format=memory_format)
+        x = torch.randn(self.batch, 3, self.resolution, self.resolution, device=device
+                        ).contiguous(memory_format=memory_format)
+        y = torch.randint(0, 1000, (self.batch,), device=device)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+        if self.mode == "infer":
+            model.eval()
+
+            def run() -> None:
+                with torch.inference_mode():
+                    net(x)
+                sync()
+        else:
+            model.train()
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+            def run() -> None:
+                optimizer.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(net(x), y).backward()
+                optimizer.step()
+                sync()
+
+        net = model
+        if self.result.engine == "timm_compile":
+            net = torch.compile(model)
+            t0 = time.perf_counter()
+            run()  # compiles
+            self.result.compile_s = time.perf_counter() - t0
+        self.step = run
+
+
+def make_engine(name: str, mode: str, model: str, batch: int, resolution: int,
+                remat: bool) -> Engine:
+    cls = JaxEngine if name == "dpn_jax" else TimmEngine
+    return cls(name, mode, model, batch, resolution, remat)
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers (run in a subprocess each so every measurement starts from a clean process).
+
+def _rss_mib(field_name: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field_name} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident size (Linux >= 4.0)
+
+
+def timing_worker(args: argparse.Namespace) -> list[Result]:
+    """Build every engine, warm each up, then time them in interleaved rounds."""
+    engines, failed = [], []
+    for mode in args.modes:
+        for name in args.engines:
+            engine = make_engine(name, mode, args.models[0], args.batch_sizes[0],
+                                 args.resolutions[0], args.remat)
+            try:
+                engine.build()
+                for _ in range(args.warmup):
+                    engine.step()
+                engines.append(engine)
+            except Exception as e:  # an engine that cannot run here is reported, not fatal
+                engine.result.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                failed.append(engine)
+            print(f"built {name}/{mode}: {engine.result.error or 'ok'}", file=sys.stderr, flush=True)
+    for round_ in range(args.iters):
+        order = engines[round_ % max(len(engines), 1):] + engines[:round_ % max(len(engines), 1)]
+        for engine in order:
+            t0 = time.perf_counter()
+            engine.step()
+            engine.result.step_ms.append((time.perf_counter() - t0) * 1e3)
+    for engine in engines:
+        engine.result.img_per_s = engine.batch / (statistics.median(engine.result.step_ms) / 1e3)
+    return [engine.result for engine in engines + failed]
+
+
+def memory_worker(args: argparse.Namespace) -> list[Result]:
+    """One engine and mode: peak resident (or device) memory while it runs steps."""
+    engine = make_engine(args.engines[0], args.modes[0], args.models[0], args.batch_sizes[0],
+                         args.resolutions[0], args.remat)
+    r = engine.result
+    try:
+        engine.build()
+        engine.step()
+        rss_before = _rss_mib("VmRSS")
+        _reset_peak_rss()
+        for _ in range(2):
+            engine.step()
+        r.peak_rss_mib = _rss_mib("VmHWM")
+        r.step_rss_increase_mib = r.peak_rss_mib - rss_before
+        r.device_peak_mib = _device_peak_mib(engine)
+    except Exception as e:
+        r.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return [r]
+
+
+def _device_peak_mib(engine: Engine) -> float | None:
+    if engine.result.backend in ("gpu", "cuda", "tpu"):
+        if engine.result.engine == "dpn_jax":
+            import jax
+            stats = jax.local_devices()[0].memory_stats() or {}
+            return stats.get("peak_bytes_in_use", 0) / 2**20 or None
+        import torch
+        return torch.cuda.max_memory_allocated() / 2**20
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver.
+
+def _run_worker(kind: str, args: argparse.Namespace, model: str, batch: int, resolution: int,
+                engines: list[str], modes: list[str]) -> list[Result]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--models", model,
+           "--batch-sizes", str(batch), "--resolutions", str(resolution), "--engines", *engines,
+           "--modes", *modes, "--iters", str(args.iters), "--warmup", str(args.warmup)]
+    if args.remat:
+        cmd.append("--remat")
+    if args.cache_dir:
+        cmd += ["--cache-dir", args.cache_dir]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    env = dict(os.environ, **(MEMORY_WORKER_ENV if kind == "memory" else {}))
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, env=env, text=True)
+    if proc.returncode != 0:
+        return [Result(e, m, model, batch, resolution, error=f"{kind} worker exited {proc.returncode}")
+                for e in engines for m in modes]
+    return [Result(**r) for r in json.loads(proc.stdout)]
+
+
+def _merge(timing: list[Result], memory: list[Result]) -> list[Result]:
+    for r in timing:
+        for m in memory:
+            if (m.engine, m.mode) == (r.engine, r.mode):
+                r.peak_rss_mib, r.step_rss_increase_mib = m.peak_rss_mib, m.step_rss_increase_mib
+                r.device_peak_mib = m.device_peak_mib
+                r.error = r.error or m.error
+    return timing
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(results: list[Result]) -> None:
+    header = (f"{'model':8} {'batch':>5} {'res':>4} {'mode':5} {'engine':13} {'img/s':>7} "
+              f"{'jax/this':>8} {'create s':>8} {'compile s':>9} {'peak RSS MiB':>12} "
+              f"{'step +MiB':>9} {'dev MiB':>8}")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        ours = next((o for o in results if o.engine == "dpn_jax" and
+                     (o.model, o.batch, o.resolution, o.mode) == (r.model, r.batch, r.resolution, r.mode)), None)
+        ratio = (ours.img_per_s / r.img_per_s if ours and ours.img_per_s and r.img_per_s else None)
+        print(f"{r.model:8} {r.batch:5d} {r.resolution:4d} {r.mode:5} {r.engine:13} "
+              f"{_fmt(r.img_per_s, '7.2f')} {_fmt(ratio, '8.2f')} {_fmt(r.create_s, '8.2f')} "
+              f"{_fmt(r.compile_s, '9.1f')} {_fmt(r.peak_rss_mib, '12.0f')} "
+              f"{_fmt(r.step_rss_increase_mib, '9.0f')} {_fmt(r.device_peak_mib, '8.0f')}"
+              + (f"  ({r.error})" if r.error else ""))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["dpn68"])
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[16])
+    p.add_argument("--resolutions", nargs="+", type=int, default=[224])
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    p.add_argument("--iters", type=int, default=5, help="timed rounds (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per engine after compile")
+    p.add_argument("--threads", type=int, default=0,
+                   help="pin every worker to this many cores (0: all the process may use)")
+    p.add_argument("--remat", action="store_true", help="dpn_jax with per-block rematerialisation")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory workers")
+    p.add_argument("--json", default="benchmark_results.json", help="where to write the results")
+    p.add_argument("--cache-dir", default=None,
+                   help="JAX compilation cache shared by the workers (default: a fresh temporary "
+                        "one, so the timing worker compiles cold and the memory workers reuse it)")
+    p.add_argument("--worker", choices=("timing", "memory"), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _setup_threads(threads: int) -> None:
+    """Same cores for both frameworks: pin the process, size torch's pool to match."""
+    if threads:
+        os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:threads]))
+    import torch
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        _setup_threads(args.threads)
+        if args.cache_dir:
+            from dpn_jax.compilation_cache import enable_compilation_cache
+            enable_compilation_cache(args.cache_dir)
+        worker = timing_worker if args.worker == "timing" else memory_worker
+        json.dump([asdict(r) for r in worker(args)], sys.stdout)
+        return
+
+    if args.cache_dir is None:
+        args.cache_dir = tempfile.mkdtemp(prefix="dpn_jax_benchmark_cache_")
+    results = []
+    for model in args.models:
+        for batch in args.batch_sizes:
+            for res in args.resolutions:
+                timing = _run_worker("timing", args, model, batch, res, args.engines, args.modes)
+                memory = [] if args.no_memory else [
+                    r for e in args.engines if e != "timm_compile" for m in args.modes
+                    for r in _run_worker("memory", args, model, batch, res, [e], [m])]
+                results += _merge(timing, memory)
+    print_table(results)
+    record = dict(
+        command=" ".join([os.path.basename(sys.executable), *sys.argv]),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        machine=dict(platform=platform.platform(), processor=platform.processor(),
+                     cpus=len(os.sched_getaffinity(0)), load_average=os.getloadavg()),
+        remat=args.remat, results=[asdict(r) for r in results])
+    with open(args.json, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
