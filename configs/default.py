@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Optimisation: `learning_rate` is for `base_batch_size` and scales linearly with the
     # effective batch (batch_size * grad_accum_steps).
-    config.num_epochs = 8.0
+    config.num_epochs = 30.0
     config.num_train_steps = -1  # > 0 overrides num_epochs
     config.batch_size = 64  # global, over all devices and processes
     config.eval_batch_size = 128

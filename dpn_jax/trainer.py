@@ -296,7 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 logger.write(step, eval_metrics, epoch=epoch)
                 progress.write(f"epoch {epoch} (step {step}): train_loss {train['loss']:.4f}, "
                                f"train_top1 {train['top1']:.4f}, " + ", ".join(
-                                   f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+                                   f"{k} {v:.4g}" for k, v in eval_metrics.items()))
                 last_log = (time.perf_counter(), step)  # keep eval time out of img/s
             # Multi-process runs agree on stopping at log steps only (a collective each time).
             stopping = ((jax.process_count() == 1 or step % config.log_every_steps == 0)

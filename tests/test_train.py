@@ -107,8 +107,8 @@ def test_pmap_over_4_devices_equals_1_device(parity_runs):
 def test_shard_map_equals_pmap(parity_runs):
     state_p, losses_p, sums_p = parity_runs["pmap4"]
     state_s, losses_s, sums_s = parity_runs["shard_map4"]
-    np.testing.assert_allclose(losses_s, losses_p, atol=1e-6)
-    assert_trees_close(state_s, state_p, 1e-6)
+    np.testing.assert_allclose(losses_s, losses_p, atol=1e-5)
+    assert_trees_close(state_s, state_p, 1e-5)  # another XLA program: float32 rounding differs
     assert_trees_close(sums_s, sums_p, 1e-5)
 
 
