@@ -34,12 +34,12 @@ class MetricsLogger:
         """One JSON line {"step", **context, **scalars} and one TensorBoard scalar per entry."""
         if not self.enabled:
             return
-        scalars = {k: float(v) for k, v in scalars.items()}
+        scalars = {k: v if isinstance(v, int) else float(v) for k, v in scalars.items()}
         with open(self.jsonl_path, "a") as f:
             f.write(json.dumps({"step": int(step), **context, **scalars}) + "\n")
         with self._writer.as_default(step=int(step)):
             for name, value in scalars.items():
-                self._tf.summary.write(name, self._tf.constant(value, self._tf.float32),
+                self._tf.summary.write(name, self._tf.constant(float(value), self._tf.float32),
                                        metadata=self._scalar_metadata)
         self._writer.flush()
 

@@ -291,7 +291,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 eval_metrics = evaluate(p_eval_step, state.variables(), eval_batches())
                 if state.ema is not None:
                     ema_metrics = evaluate(p_eval_step, state.variables(ema=True), eval_batches())
-                    eval_metrics.update({f"{k}_ema": v for k, v in ema_metrics.items()})
+                    eval_metrics.update({f"{k}_ema": v for k, v in ema_metrics.items()
+                                         if k != "eval_examples"})
                 epoch = int(np.ceil(step / steps_per_epoch))
                 logger.write(step, eval_metrics, epoch=epoch)
                 progress.write(f"epoch {epoch} (step {step}): train_loss {train['loss']:.4f}, "

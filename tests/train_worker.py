@@ -30,6 +30,7 @@ def tiny_config(overrides: dict):
     config.base_batch_size = 32
     config.eval_batch_size = 40
     config.schedule = "constant"  # keeps the step's program independent of the run length
+    config.learning_rate = 0.05
     config.warmup_epochs = 0.0
     config.log_every_steps = 1
     config.update(overrides)
