@@ -6,13 +6,15 @@ Multi-host: run the same command on every host; `jax.distributed` initialises it
 and Cloud TPU, or pass --coordinator_address / --num_processes / --process_id.
 """
 import logging
+import os
 
 from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/default.py", "Training config file.",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
+    "Training config file (default: the digits demo).", lock_config=True)
 flags.DEFINE_string("workdir", "runs/digits", "Checkpoints, logs and the exported model go here.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
@@ -44,7 +46,10 @@ def main(argv) -> int:
 
     enable_compilation_cache()
 
-    metrics = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        metrics = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (ValueError, OSError, FloatingPointError) as error:  # bad config, data or divergence
+        raise SystemExit(f"train.py: error: {error}") from None
     if metrics:
         print(f"final validation top-1: {100 * metrics['eval_top1']:.2f}% "
               f"(top-5 {100 * metrics['eval_top5']:.2f}%, {metrics['eval_examples']} images)")
