@@ -21,6 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from dpn_jax.compilation_cache import enable_compilation_cache
 from dpn_jax.checkpoint_sources import SAFETENSORS_SUFFIX, SourceError
 from dpn_jax.convert import ConversionError, Variables, flax_to_timm
 from dpn_jax.pretrained import (Converted, convert_source, load_model_dir, model_from_metadata, replace_head,
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    enable_compilation_cache()  # $DPN_JAX_CACHE_DIR=off disables it
     conversion_flags = args.output or args.model or args.num_classes is not None or args.ema or args.verify
     if args.to_torch and conversion_flags:
         parser.error("--to-torch takes only SRC (a model directory) and --overwrite")

@@ -22,6 +22,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
+from dpn_jax.compilation_cache import enable_compilation_cache
 from dpn_jax.dpn import DPN
 from dpn_jax.predict import DataConfig, add_model_arguments, load_from_arguments, resolve_data_config
 
@@ -116,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    enable_compilation_cache()  # $DPN_JAX_CACHE_DIR=off disables it
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
     try:

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from dpn_jax.compilation_cache import enable_compilation_cache
 from dpn_jax.dpn import DPN
 from dpn_jax.labels import class_names as resolve_class_names
 from dpn_jax.pretrained import cached_pretrained, load_model_dir, model_from_metadata
@@ -251,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     parser.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDERS")
     args = parser.parse_args(argv)
+    enable_compilation_cache()  # $DPN_JAX_CACHE_DIR=off disables it
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be >= 1")
     try:
