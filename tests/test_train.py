@@ -16,21 +16,10 @@ from dpn_jax.parallel import Runner
 from dpn_jax.train_state import create_train_state
 from dpn_jax.trainer import make_eval_step, make_train_step
 
-TINY = dict(k_sec=(1, 1, 1, 1), k_r=16, groups=2, num_init_features=8, inc_sec=(4, 4, 4, 4))
+from train_worker import TINY, tiny_config
+
 NUM_STEPS = 3
 GLOBAL_BATCH = 8
-
-
-def tiny_config(**overrides):
-    config = default.get_config()
-    config.model_kwargs = TINY
-    config.image_size = 32
-    config.batch_size = 32
-    config.base_batch_size = 32
-    config.eval_batch_size = 40
-    config.warmup_epochs = 0.0
-    config.update(overrides)
-    return config
 
 
 def synthetic_batches(num_steps: int, batch: int, seed: int = 0) -> list[dict]:

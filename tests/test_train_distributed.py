@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "train_worker.py"
-TINY = dict(k_sec=(1, 1, 1, 1), k_r=16, groups=2, num_init_features=8, inc_sec=(4, 4, 4, 4))
+from train_worker import TINY
 DIGITS_RUN = {"num_train_steps": 66, "checkpoint_every_steps": 33}
 
 pytestmark = pytest.mark.slow

@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = dict(k_sec=(1, 1, 1, 1), k_r=16, groups=2, num_init_features=8, inc_sec=(4, 4, 4, 4))
 
 
-def tiny_config(overrides: dict):
+def tiny_config(**overrides):
+    """The demo config shrunk to a tiny DPN on 32 px images (shared by the trainer tests)."""
     from configs import default
     config = default.get_config()
     config.model_kwargs = TINY
@@ -29,12 +30,13 @@ def tiny_config(overrides: dict):
     config.batch_size = 32
     config.base_batch_size = 32
     config.eval_batch_size = 40
-    config.schedule = "constant"  # keeps the step's program independent of the run length
-    config.learning_rate = 0.05
     config.warmup_epochs = 0.0
-    config.log_every_steps = 1
     config.update(overrides)
     return config
+
+
+# A constant schedule keeps the step's program independent of the run length.
+WORKER_SETTINGS = dict(schedule="constant", learning_rate=0.05, log_every_steps=1)
 
 
 def synthetic_train_iterator(spec, *, per_process_batch_size, start_step=0, **_):
@@ -94,7 +96,7 @@ def main() -> None:
 
         trainer.save_checkpoint = save_then_die
 
-    metrics = trainer.train_and_evaluate(tiny_config(args.overrides), args.workdir)
+    metrics = trainer.train_and_evaluate(tiny_config(**{**WORKER_SETTINGS, **args.overrides}), args.workdir)
     print("METRICS " + json.dumps(metrics), flush=True)
 
 
