@@ -2,10 +2,10 @@
 
     python benchmarks/benchmark.py --models dpn68 --batch-sizes 16 --resolutions 224
 
-For every (model, batch, resolution) one worker process builds all engines (dpn_jax, timm eager
-NCHW, timm eager channels_last, timm torch.compile) on the same threads and times them in
-interleaved rounds, so load from other processes hits every engine alike. Peak memory is
-measured in one fresh worker per engine and mode. Prints a table with dpn_jax / timm ratios and
+For every (model, batch, resolution) each engine (dpn_jax, timm eager NCHW, timm eager
+channels_last, timm torch.compile) and mode runs in its own worker process on the same threads;
+the driver times them in interleaved rounds, so load from other processes hits every engine
+alike. Peak memory is measured in one fresh worker per engine and mode. Prints a table with dpn_jax / timm ratios and
 writes every number to JSON.
 """
 from __future__ import annotations
@@ -189,30 +189,68 @@ def _reset_peak_rss() -> None:
 
 
 def timing_worker(args: argparse.Namespace) -> list[Result]:
-    """Build every engine, warm each up, then time them in interleaved rounds."""
-    engines, failed = [], []
+    """One engine and mode: build, warm up, then time one step per `step` line on stdin.
+
+    Each engine runs in its own process, as a user runs either framework: sharing one process
+    let PyTorch's allocations and thread pool slow XLA's training step by up to 1.5x.
+    """
+    engine = make_engine(args.engines[0], args.modes[0], args.models[0], args.batch_sizes[0],
+                         args.resolutions[0], args.remat)
+    try:
+        engine.build()
+        for _ in range(args.warmup):
+            engine.step()
+    except Exception as e:  # an engine that cannot run here is reported, not fatal
+        engine.result.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step" or engine.result.error:
+            break
+        for _ in range(args.settle_steps):
+            engine.step()
+        t0 = time.perf_counter()
+        engine.step()
+        print((time.perf_counter() - t0) * 1e3, flush=True)
+    return [engine.result]
+
+
+def run_interleaved(args: argparse.Namespace, model: str, batch: int, resolution: int
+                    ) -> list[Result]:
+    """Start one timing worker per engine and mode (one at a time, so compiles do not overlap),
+    then time them in interleaved rounds: load from other processes hits every engine alike."""
+    workers = []
     for mode in args.modes:
         for name in args.engines:
-            engine = make_engine(name, mode, args.models[0], args.batch_sizes[0],
-                                 args.resolutions[0], args.remat)
-            try:
-                engine.build()
-                for _ in range(args.warmup):
-                    engine.step()
-                engines.append(engine)
-            except Exception as e:  # an engine that cannot run here is reported, not fatal
-                engine.result.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                failed.append(engine)
-            print(f"built {name}/{mode}: {engine.result.error or 'ok'}", file=sys.stderr, flush=True)
+            proc = subprocess.Popen(_worker_command("timing", args, model, batch, resolution,
+                                                    [name], [mode]),
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            ready = proc.stdout.readline().strip() == "ready"
+            print(f"built {name}/{mode}: {'ok' if ready else 'worker failed'}", file=sys.stderr,
+                  flush=True)
+            workers.append((name, mode, proc, []))
     for round_ in range(args.iters):
-        order = engines[round_ % max(len(engines), 1):] + engines[:round_ % max(len(engines), 1)]
-        for engine in order:
-            t0 = time.perf_counter()
-            engine.step()
-            engine.result.step_ms.append((time.perf_counter() - t0) * 1e3)
-    for engine in engines:
-        engine.result.img_per_s = engine.batch / (statistics.median(engine.result.step_ms) / 1e3)
-    return [engine.result for engine in engines + failed]
+        shift = round_ % len(workers)
+        for name, mode, proc, times in workers[shift:] + workers[:shift]:
+            try:
+                proc.stdin.write("step\n")
+                proc.stdin.flush()
+                times.append(float(proc.stdout.readline()))
+            except (BrokenPipeError, ValueError):
+                pass  # the worker stopped: its error comes with its result below
+    results = []
+    for name, mode, proc, times in workers:
+        out, _ = proc.communicate("done\n")
+        lines = out.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            results.append(Result(name, mode, model, batch, resolution,
+                                  error=f"timing worker exited {proc.returncode}"))
+            continue
+        result = Result(**json.loads(lines[-1])[0])
+        result.step_ms = times
+        if times:
+            result.img_per_s = batch / (statistics.median(times) / 1e3)
+        results.append(result)
+    return results
 
 
 def memory_worker(args: argparse.Namespace) -> list[Result]:
@@ -249,22 +287,29 @@ def _device_peak_mib(engine: Engine) -> float | None:
 # ---------------------------------------------------------------------------------------------
 # Driver.
 
-def _run_worker(kind: str, args: argparse.Namespace, model: str, batch: int, resolution: int,
-                engines: list[str], modes: list[str]) -> list[Result]:
+def _worker_command(kind: str, args: argparse.Namespace, model: str, batch: int,
+                    resolution: int, engines: list[str], modes: list[str]) -> list[str]:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--models", model,
            "--batch-sizes", str(batch), "--resolutions", str(resolution), "--engines", *engines,
-           "--modes", *modes, "--iters", str(args.iters), "--warmup", str(args.warmup)]
+           "--modes", *modes, "--iters", str(args.iters), "--warmup", str(args.warmup),
+           "--settle-steps", str(args.settle_steps)]
     if args.remat:
         cmd.append("--remat")
     if args.cache_dir:
         cmd += ["--cache-dir", args.cache_dir]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    env = dict(os.environ, **(MEMORY_WORKER_ENV if kind == "memory" else {}))
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, env=env, text=True)
+    return cmd
+
+
+def _run_memory_worker(args: argparse.Namespace, model: str, batch: int, resolution: int,
+                       engine: str, mode: str) -> list[Result]:
+    cmd = _worker_command("memory", args, model, batch, resolution, [engine], [mode])
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, env=dict(os.environ, **MEMORY_WORKER_ENV),
+                          text=True)
     if proc.returncode != 0:
-        return [Result(e, m, model, batch, resolution, error=f"{kind} worker exited {proc.returncode}")
-                for e in engines for m in modes]
+        return [Result(engine, mode, model, batch, resolution,
+                       error=f"memory worker exited {proc.returncode}")]
     return [Result(**r) for r in json.loads(proc.stdout)]
 
 
@@ -308,6 +353,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     p.add_argument("--iters", type=int, default=5, help="timed rounds (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per engine after compile")
+    p.add_argument("--settle-steps", type=int, default=1,
+                   help="untimed steps before each timed one, so every timed step follows a step "
+                        "of the same engine (XLA's first step after PyTorch ran measured up to "
+                        "1.7x slower here; a user runs one framework at a time)")
     p.add_argument("--threads", type=int, default=0,
                    help="pin every worker to this many cores (0: all the process may use)")
     p.add_argument("--remat", action="store_true", help="dpn_jax with per-block rematerialisation")
@@ -320,23 +369,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _setup_threads(threads: int) -> None:
+def _setup_threads(threads: int, uses_torch: bool) -> None:
     """Same cores for both frameworks: pin the process, size torch's pool to match."""
     if threads:
         os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:threads]))
-    import torch
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    if uses_torch:
+        import torch
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
-        _setup_threads(args.threads)
+        _setup_threads(args.threads, uses_torch=args.engines != ["dpn_jax"])
         if args.cache_dir:
             from dpn_jax.compilation_cache import enable_compilation_cache
             enable_compilation_cache(args.cache_dir)
         worker = timing_worker if args.worker == "timing" else memory_worker
-        json.dump([asdict(r) for r in worker(args)], sys.stdout)
+        results = worker(args)
+        print(json.dumps([asdict(r) for r in results]))
         return
 
     if args.cache_dir is None:
@@ -345,10 +396,10 @@ def main(argv: list[str] | None = None) -> None:
     for model in args.models:
         for batch in args.batch_sizes:
             for res in args.resolutions:
-                timing = _run_worker("timing", args, model, batch, res, args.engines, args.modes)
+                timing = run_interleaved(args, model, batch, res)
                 memory = [] if args.no_memory else [
                     r for e in args.engines if e != "timm_compile" for m in args.modes
-                    for r in _run_worker("memory", args, model, batch, res, [e], [m])]
+                    for r in _run_memory_worker(args, model, batch, res, e, m)]
                 results += _merge(timing, memory)
     print_table(results)
     record = dict(
