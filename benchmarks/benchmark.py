@@ -5,8 +5,9 @@
 For every (model, batch, resolution) each engine (dpn_jax, timm eager NCHW, timm eager
 channels_last, timm torch.compile) and mode runs in its own worker process on the same threads;
 the driver times them in interleaved rounds, so load from other processes hits every engine
-alike. Peak memory is measured in one fresh worker per engine and mode. Prints a table with dpn_jax / timm ratios and
-writes every number to JSON.
+alike. Peak host memory is measured in one fresh worker per engine and mode; on a GPU the timing
+workers also report the device's peak. Prints a table with dpn_jax / timm ratios and writes
+every number to JSON.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import select
 import statistics
 import subprocess
 import sys
@@ -37,6 +39,7 @@ class Result:
     model: str
     batch: int
     resolution: int
+    dtype: str = "float32"
     backend: str = ""
     create_s: float | None = None
     compile_s: float | None = None
@@ -53,11 +56,14 @@ class Result:
 # Engines: each builds a model and returns `step()`, a callable that runs one batch to completion.
 
 class Engine:
+    """`dtype` is the compute dtype: bfloat16 means dpn_jax's `dtype=bfloat16` (float32
+    parameters) against timm under `torch.autocast(dtype=torch.bfloat16)`, i.e. AMP."""
+
     def __init__(self, name: str, mode: str, model: str, batch: int, resolution: int,
-                 remat: bool = False):
-        self.result = Result(name, mode, model, batch, resolution)
-        self.mode, self.model, self.batch, self.resolution, self.remat = (
-            mode, model, batch, resolution, remat)
+                 dtype: str = "float32", remat: bool = False):
+        self.result = Result(name, mode, model, batch, resolution, dtype)
+        self.mode, self.model, self.batch, self.resolution, self.dtype, self.remat = (
+            mode, model, batch, resolution, dtype, remat)
         self.step: Callable[[], None] | None = None
 
     def build(self) -> None:
@@ -76,7 +82,8 @@ class JaxEngine(Engine):
         jnp.zeros(()).block_until_ready()  # backend start-up is not model creation
         self.result.backend = jax.default_backend()
         t0 = time.perf_counter()
-        model, variables = dpn_jax.create_model(self.model, remat=self.remat)
+        model, variables = dpn_jax.create_model(self.model, dtype=jnp.dtype(self.dtype),
+                                                remat=self.remat)
         jax.block_until_ready(variables)
         self.result.create_s = time.perf_counter() - t0
 
@@ -130,6 +137,9 @@ class TimmEngine(Engine):
         channels_last = self.result.engine in ("timm_cl", "timm_compile")
         self.result.backend = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(self.result.backend)
+        torch.backends.cudnn.benchmark = True  # as timm's train.py
+        autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16,
+                                          enabled=self.dtype == "bfloat16")
         t0 = time.perf_counter()
         model = timm.create_model(self.model).to(device)
         self.result.create_s = time.perf_counter() - t0
@@ -144,7 +154,7 @@ class TimmEngine(Engine):
             model.eval()
 
             def run() -> None:
-                with torch.inference_mode():
+                with torch.inference_mode(), autocast():
                     net(x)
                 sync()
         else:
@@ -153,7 +163,9 @@ class TimmEngine(Engine):
 
             def run() -> None:
                 optimizer.zero_grad(set_to_none=True)
-                torch.nn.functional.cross_entropy(net(x), y).backward()
+                with autocast():
+                    loss = torch.nn.functional.cross_entropy(net(x), y)
+                loss.backward()
                 optimizer.step()
                 sync()
 
@@ -166,10 +178,12 @@ class TimmEngine(Engine):
         self.step = run
 
 
-def make_engine(name: str, mode: str, model: str, batch: int, resolution: int,
-                remat: bool) -> Engine:
+def make_engine(args: argparse.Namespace) -> Engine:
+    """The one engine and mode a worker's command line names."""
+    name = args.engines[0]
     cls = JaxEngine if name == "dpn_jax" else TimmEngine
-    return cls(name, mode, model, batch, resolution, remat)
+    return cls(name, args.modes[0], args.models[0], args.batch_sizes[0], args.resolutions[0],
+               args.dtype, args.remat)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,8 +208,7 @@ def timing_worker(args: argparse.Namespace) -> list[Result]:
     Each engine runs in its own process, as a user runs either framework: sharing one process
     let PyTorch's allocations and thread pool slow XLA's training step by up to 1.5x.
     """
-    engine = make_engine(args.engines[0], args.modes[0], args.models[0], args.batch_sizes[0],
-                         args.resolutions[0], args.remat)
+    engine = make_engine(args)
     try:
         engine.build()
         for _ in range(args.warmup):
@@ -211,24 +224,39 @@ def timing_worker(args: argparse.Namespace) -> list[Result]:
         t0 = time.perf_counter()
         engine.step()
         print((time.perf_counter() - t0) * 1e3, flush=True)
+    if not engine.result.error:  # a GPU's peak needs no separate worker: RSS is not involved
+        engine.result.device_peak_mib = _device_peak_mib(engine)
     return [engine.result]
 
 
 def run_interleaved(args: argparse.Namespace, model: str, batch: int, resolution: int
                     ) -> list[Result]:
     """Start one timing worker per engine and mode (one at a time, so compiles do not overlap),
-    then time them in interleaved rounds: load from other processes hits every engine alike."""
-    workers = []
+    then time them in interleaved rounds: load from other processes hits every engine alike.
+
+    A worker not ready within `--build-timeout` seconds (a `torch.compile` that runs for ever,
+    say) is stopped and reported as an error.
+    """
+    workers, failed = [], []
     for mode in args.modes:
         for name in args.engines:
             proc = subprocess.Popen(_worker_command("timing", args, model, batch, resolution,
                                                     [name], [mode]),
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            ready = proc.stdout.readline().strip() == "ready"
-            print(f"built {name}/{mode}: {'ok' if ready else 'worker failed'}", file=sys.stderr,
-                  flush=True)
+            started = time.perf_counter()
+            in_time = select.select([proc.stdout], [], [], args.build_timeout)[0]
+            ready = bool(in_time) and proc.stdout.readline().strip() == "ready"
+            print(f"built {name}/{mode} in {time.perf_counter() - started:.0f} s: "
+                  f"{'ok' if ready else 'worker failed' if in_time else 'timed out'}",
+                  file=sys.stderr, flush=True)
+            if not in_time:
+                proc.kill()
+                proc.wait()
+                failed.append(Result(name, mode, model, batch, resolution, args.dtype,
+                                     error=f"not built within --build-timeout {args.build_timeout} s"))
+                continue
             workers.append((name, mode, proc, []))
-    for round_ in range(args.iters):
+    for round_ in range(args.iters if workers else 0):
         shift = round_ % len(workers)
         for name, mode, proc, times in workers[shift:] + workers[:shift]:
             try:
@@ -237,12 +265,12 @@ def run_interleaved(args: argparse.Namespace, model: str, batch: int, resolution
                 times.append(float(proc.stdout.readline()))
             except (BrokenPipeError, ValueError):
                 pass  # the worker stopped: its error comes with its result below
-    results = []
+    results = failed
     for name, mode, proc, times in workers:
         out, _ = proc.communicate("done\n")
         lines = out.strip().splitlines()
         if proc.returncode != 0 or not lines:
-            results.append(Result(name, mode, model, batch, resolution,
+            results.append(Result(name, mode, model, batch, resolution, args.dtype,
                                   error=f"timing worker exited {proc.returncode}"))
             continue
         result = Result(**json.loads(lines[-1])[0])
@@ -255,8 +283,7 @@ def run_interleaved(args: argparse.Namespace, model: str, batch: int, resolution
 
 def memory_worker(args: argparse.Namespace) -> list[Result]:
     """One engine and mode: peak resident (or device) memory while it runs steps."""
-    engine = make_engine(args.engines[0], args.modes[0], args.models[0], args.batch_sizes[0],
-                         args.resolutions[0], args.remat)
+    engine = make_engine(args)
     r = engine.result
     try:
         engine.build()
@@ -291,8 +318,8 @@ def _worker_command(kind: str, args: argparse.Namespace, model: str, batch: int,
                     resolution: int, engines: list[str], modes: list[str]) -> list[str]:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--models", model,
            "--batch-sizes", str(batch), "--resolutions", str(resolution), "--engines", *engines,
-           "--modes", *modes, "--iters", str(args.iters), "--warmup", str(args.warmup),
-           "--settle-steps", str(args.settle_steps)]
+           "--modes", *modes, "--dtype", args.dtype, "--iters", str(args.iters),
+           "--warmup", str(args.warmup), "--settle-steps", str(args.settle_steps)]
     if args.remat:
         cmd.append("--remat")
     if args.cache_dir:
@@ -308,7 +335,7 @@ def _run_memory_worker(args: argparse.Namespace, model: str, batch: int, resolut
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, env=dict(os.environ, **MEMORY_WORKER_ENV),
                           text=True)
     if proc.returncode != 0:
-        return [Result(engine, mode, model, batch, resolution,
+        return [Result(engine, mode, model, batch, resolution, args.dtype,
                        error=f"memory worker exited {proc.returncode}")]
     return [Result(**r) for r in json.loads(proc.stdout)]
 
@@ -318,7 +345,7 @@ def _merge(timing: list[Result], memory: list[Result]) -> list[Result]:
         for m in memory:
             if (m.engine, m.mode) == (r.engine, r.mode):
                 r.peak_rss_mib, r.step_rss_increase_mib = m.peak_rss_mib, m.step_rss_increase_mib
-                r.device_peak_mib = m.device_peak_mib
+                r.device_peak_mib = r.device_peak_mib or m.device_peak_mib
                 r.error = r.error or m.error
     return timing
 
@@ -328,16 +355,16 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def print_table(results: list[Result]) -> None:
-    header = (f"{'model':8} {'batch':>5} {'res':>4} {'mode':5} {'engine':13} {'img/s':>7} "
+    header = (f"{'model':8} {'batch':>5} {'res':>4} {'dtype':8} {'mode':5} {'engine':13} {'img/s':>7} "
               f"{'jax/this':>8} {'create s':>8} {'compile s':>9} {'peak RSS MiB':>12} "
               f"{'step +MiB':>9} {'dev MiB':>8}")
     print(header)
     print("-" * len(header))
     for r in results:
-        ours = next((o for o in results if o.engine == "dpn_jax" and
-                     (o.model, o.batch, o.resolution, o.mode) == (r.model, r.batch, r.resolution, r.mode)), None)
+        ours = next((o for o in results if o.engine == "dpn_jax" and (o.model, o.batch, o.resolution, o.mode)
+                     == (r.model, r.batch, r.resolution, r.mode)), None)
         ratio = (ours.img_per_s / r.img_per_s if ours and ours.img_per_s and r.img_per_s else None)
-        print(f"{r.model:8} {r.batch:5d} {r.resolution:4d} {r.mode:5} {r.engine:13} "
+        print(f"{r.model:8} {r.batch:5d} {r.resolution:4d} {r.dtype:8} {r.mode:5} {r.engine:13} "
               f"{_fmt(r.img_per_s, '7.2f')} {_fmt(ratio, '8.2f')} {_fmt(r.create_s, '8.2f')} "
               f"{_fmt(r.compile_s, '9.1f')} {_fmt(r.peak_rss_mib, '12.0f')} "
               f"{_fmt(r.step_rss_increase_mib, '9.0f')} {_fmt(r.device_peak_mib, '8.0f')}"
@@ -351,6 +378,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resolutions", nargs="+", type=int, default=[224])
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype; bfloat16 = float32 parameters, bfloat16 compute "
+                        "(timm under torch.autocast)")
     p.add_argument("--iters", type=int, default=5, help="timed rounds (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per engine after compile")
     p.add_argument("--settle-steps", type=int, default=1,
@@ -359,6 +389,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "1.7x slower here; a user runs one framework at a time)")
     p.add_argument("--threads", type=int, default=0,
                    help="pin every worker to this many cores (0: all the process may use)")
+    p.add_argument("--build-timeout", type=float, default=1800,
+                   help="seconds an engine may take to build, compile and warm up")
     p.add_argument("--remat", action="store_true", help="dpn_jax with per-block rematerialisation")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory workers")
     p.add_argument("--json", default="benchmark_results.json", help="where to write the results")
@@ -407,7 +439,7 @@ def main(argv: list[str] | None = None) -> None:
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         machine=dict(platform=platform.platform(), processor=platform.processor(),
                      cpus=len(os.sched_getaffinity(0)), load_average=os.getloadavg()),
-        remat=args.remat, results=[asdict(r) for r in results])
+        dtype=args.dtype, remat=args.remat, results=[asdict(r) for r in results])
     with open(args.json, "w") as f:
         json.dump(record, f, indent=1)
     print(f"wrote {args.json}")
