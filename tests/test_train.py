@@ -34,8 +34,13 @@ def synthetic_batches(num_steps: int, batch: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def run_steps(parallelism: str, devices) -> tuple[dict, list[float], dict]:
-    """NUM_STEPS updates on the same global batches; returns host state, losses, eval sums."""
+def run_steps(parallelism: str, devices) -> tuple[dict, list[float], dict, list[bool]]:
+    """NUM_STEPS updates on the same global batches.
+
+    Returns host state, losses, eval sums, and per step whether the step consumed (donated) the
+    state it was given. Each step runs under `jax.transfer_guard("disallow")`: a host round-trip
+    inside the step (a Python scalar argument, a value read back) fails the run.
+    """
     config = tiny_config(learning_rate=0.01, ema_decay=0.9, parallelism=parallelism)
     model, variables = create_model("dpn68", num_classes=10, axis_name="batch",
                                     rng=jax.random.key(0), **TINY)
@@ -44,17 +49,20 @@ def run_steps(parallelism: str, devices) -> tuple[dict, list[float], dict]:
     n = len(devices)
     state = runner.replicate(create_train_state(variables, tx, seed=0, use_ema=True))
     step = runner.compile(make_train_step(model, tx, schedule, config), donate_first=True)
-    losses = []
+    losses, donated = [], []
     batches = synthetic_batches(1, GLOBAL_BATCH) * NUM_STEPS  # the same batch: loss must fall
     for batch in batches:
         stacked = {k: v.reshape(n, -1, *v.shape[1:]) for k, v in batch.items()}
-        state, metrics = step(state, runner.put(stacked))
+        device_batch, previous = runner.put(stacked), state
+        with jax.transfer_guard("disallow"):
+            state, metrics = step(state, device_batch)
+        donated.append(all(leaf.is_deleted() for leaf in jax.tree.leaves(previous)))
         losses.append(float(Runner.first(metrics["loss"])))
     eval_batch = dict(batches[0], mask=np.arange(GLOBAL_BATCH) < GLOBAL_BATCH - 1)
     eval_batch = {k: v.reshape(n, -1, *v.shape[1:]) for k, v in eval_batch.items()}
     sums = Runner.first(runner.compile(make_eval_step(model))(state.variables(),
                                                               runner.put(eval_batch)))
-    return Runner.first(state), losses, sums
+    return Runner.first(state), losses, sums, donated
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +82,13 @@ def assert_trees_close(a, b, atol):
 
 
 def test_loss_decreases(parity_runs):
-    _, losses, _ = parity_runs["pmap4"]
+    _, losses, _, _ = parity_runs["pmap4"]
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.05, losses
 
 
 def test_pmap_over_4_devices_equals_1_device(parity_runs):
-    state4, losses4, sums4 = parity_runs["pmap4"]
-    state1, losses1, sums1 = parity_runs["pmap1"]
+    state4, losses4, sums4, _ = parity_runs["pmap4"]
+    state1, losses1, sums1, _ = parity_runs["pmap1"]
     np.testing.assert_allclose(losses4, losses1, atol=1e-5)
     assert_trees_close(state4.params, state1.params, 1e-5)
     assert_trees_close(state4.batch_stats, state1.batch_stats, 1e-5)
@@ -94,11 +102,18 @@ def test_pmap_over_4_devices_equals_1_device(parity_runs):
 
 
 def test_shard_map_equals_pmap(parity_runs):
-    state_p, losses_p, sums_p = parity_runs["pmap4"]
-    state_s, losses_s, sums_s = parity_runs["shard_map4"]
+    state_p, losses_p, sums_p, _ = parity_runs["pmap4"]
+    state_s, losses_s, sums_s, _ = parity_runs["shard_map4"]
     np.testing.assert_allclose(losses_s, losses_p, atol=1e-5)
     assert_trees_close(state_s, state_p, 1e-5)  # another XLA program: float32 rounding differs
     assert_trees_close(sums_s, sums_p, 1e-5)
+
+
+@pytest.mark.parametrize("run", ["pmap4", "shard_map4"])
+def test_train_step_donates_its_state(parity_runs, run):
+    """The step updates the train state in place (no second copy of params and optimizer state
+    on the device); the transfer guard in `run_steps` already kept host copies out of it."""
+    assert parity_runs[run][3] == [True] * NUM_STEPS
 
 
 def test_weight_decay_mask_only_kernels():
