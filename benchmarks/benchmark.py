@@ -202,22 +202,29 @@ def _reset_peak_rss() -> None:
         f.write("5")  # resets VmHWM to the current resident size (Linux >= 4.0)
 
 
+def _error_text(e: Exception) -> str:
+    """An engine that cannot run here is reported in one line of the table, not fatal."""
+    lines = str(e).splitlines()
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
+
+
 def timing_worker(args: argparse.Namespace) -> list[Result]:
     """One engine and mode: build, warm up, then time one step per `step` line on stdin.
 
-    Each engine runs in its own process, as a user runs either framework: sharing one process
-    let PyTorch's allocations and thread pool slow XLA's training step by up to 1.5x.
+    Each engine runs in its own process, as a user runs one framework at a time: XLA's step
+    right after a PyTorch step measured up to 1.7x slower (BENCHMARKS.md, "Why one process per
+    engine").
     """
     engine = make_engine(args)
     try:
         engine.build()
         for _ in range(args.warmup):
             engine.step()
-    except Exception as e:  # an engine that cannot run here is reported, not fatal
-        engine.result.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    print("ready", flush=True)
+    except Exception as e:
+        engine.result.error = _error_text(e)
+    print("failed" if engine.result.error else "ready", flush=True)
     for line in sys.stdin:
-        if line.strip() != "step" or engine.result.error:
+        if line.strip() != "step":
             break
         for _ in range(args.settle_steps):
             engine.step()
@@ -235,9 +242,9 @@ def run_interleaved(args: argparse.Namespace, model: str, batch: int, resolution
     then time them in interleaved rounds: load from other processes hits every engine alike.
 
     A worker not ready within `--build-timeout` seconds (a `torch.compile` that runs for ever,
-    say) is stopped and reported as an error.
+    say) is stopped and reported as an error; one whose build failed reports its own error.
     """
-    workers, failed = [], []
+    workers, failed = [], []  # workers: (engine, mode, process, step times, ready)
     for mode in args.modes:
         for name in args.engines:
             proc = subprocess.Popen(_worker_command("timing", args, model, batch, resolution,
@@ -255,10 +262,11 @@ def run_interleaved(args: argparse.Namespace, model: str, batch: int, resolution
                 failed.append(Result(name, mode, model, batch, resolution, args.dtype,
                                      error=f"not built within --build-timeout {args.build_timeout} s"))
                 continue
-            workers.append((name, mode, proc, []))
-    for round_ in range(args.iters if workers else 0):
-        shift = round_ % len(workers)
-        for name, mode, proc, times in workers[shift:] + workers[:shift]:
+            workers.append((name, mode, proc, [], ready))
+    timed = [w for w in workers if w[4]]
+    for round_ in range(args.iters if timed else 0):
+        shift = round_ % len(timed)
+        for name, mode, proc, times, _ in timed[shift:] + timed[:shift]:
             try:
                 proc.stdin.write("step\n")
                 proc.stdin.flush()
@@ -266,7 +274,7 @@ def run_interleaved(args: argparse.Namespace, model: str, batch: int, resolution
             except (BrokenPipeError, ValueError):
                 pass  # the worker stopped: its error comes with its result below
     results = failed
-    for name, mode, proc, times in workers:
+    for name, mode, proc, times, _ in workers:
         out, _ = proc.communicate("done\n")
         lines = out.strip().splitlines()
         if proc.returncode != 0 or not lines:
@@ -296,7 +304,7 @@ def memory_worker(args: argparse.Namespace) -> list[Result]:
         r.step_rss_increase_mib = r.peak_rss_mib - rss_before
         r.device_peak_mib = _device_peak_mib(engine)
     except Exception as e:
-        r.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        r.error = _error_text(e)
     return [r]
 
 
