@@ -62,6 +62,19 @@ class Conv2d(nn.Module):
         return y
 
 
+@jax.checkpoint
+def _moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-channel float32 mean and mean square of `x`.
+
+    Under `jax.checkpoint` the backward pass keeps `x` itself (bfloat16 under mixed precision)
+    and recomputes the float32 upcast: autodiff alone kept `2 * float32(x)` for every BatchNorm,
+    and dpn92's bfloat16 train step (batch 256, H100) peaked at 24.3 GiB instead of 21.0 GiB.
+    """
+    x32 = x.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    return jnp.mean(x32, axes), jnp.mean(lax.square(x32), axes)
+
+
 class BatchNorm(nn.Module):
     """BatchNorm whose running statistics follow PyTorch exactly.
 
@@ -83,10 +96,7 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
 
         if train:
-            x32 = x.astype(jnp.float32)
-            axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(x32, axes)
-            mean_sq = jnp.mean(lax.square(x32), axes)
+            mean, mean_sq = _moments(x)
             count = x.size // c
             if self.axis_name is not None:
                 mean, mean_sq = lax.pmean((mean, mean_sq), self.axis_name)
