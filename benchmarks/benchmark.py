@@ -111,7 +111,7 @@ class JaxEngine(Engine):
             args = (variables["params"], variables["batch_stats"], tx.init(variables["params"]), x, y)
 
         t0 = time.perf_counter()
-        compiled = fn.lower(*args).compile()
+        compiled = self.compiled = fn.lower(*args).compile()
         self.result.compile_s = time.perf_counter() - t0
         memory = compiled.memory_analysis()
         if memory is not None:
