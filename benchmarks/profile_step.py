@@ -6,9 +6,9 @@ Builds the step exactly as `benchmark.py` times it, runs two warm-up steps, prof
 with `jax.profiler`, and prints the thread time and count per op kind (the XLA op name without
 its number: `ynn_fusion`, `transpose_copy_fusion`, ...), then the matmuls' FLOPs and rate (read
 from the optimised HLO) and the slowest matmuls with their layer and shape. On the CPU ops run
-concurrently on the thread pool,
-so thread times add up to more than the step's wall time. Ops whose work runs in thread-pool
-tasks that the profiler does not annotate (Eigen convolutions) show only their dispatch.
+concurrently on the thread pool, so thread times add up to more than the step's wall time. Ops
+whose work runs in thread-pool tasks that the profiler does not annotate (Eigen convolutions)
+show only their dispatch.
 """
 from __future__ import annotations
 
