@@ -236,6 +236,16 @@ def timing_worker(args: argparse.Namespace) -> list[Result]:
     return [engine.result]
 
 
+@dataclass
+class _TimingWorker:
+    """A timing worker that finished building; `ready` False: its build failed (not timed)."""
+    engine: str
+    mode: str
+    proc: subprocess.Popen
+    ready: bool
+    step_ms: list[float] = field(default_factory=list)
+
+
 def run_interleaved(args: argparse.Namespace, model: str, batch: int, resolution: int
                     ) -> list[Result]:
     """Start one timing worker per engine and mode (one at a time, so compiles do not overlap),
@@ -244,7 +254,7 @@ def run_interleaved(args: argparse.Namespace, model: str, batch: int, resolution
     A worker not ready within `--build-timeout` seconds (a `torch.compile` that runs for ever,
     say) is stopped and reported as an error; one whose build failed reports its own error.
     """
-    workers, failed = [], []  # workers: (engine, mode, process, step times, ready)
+    workers, failed = [], []
     for mode in args.modes:
         for name in args.engines:
             proc = subprocess.Popen(_worker_command("timing", args, model, batch, resolution,
@@ -262,29 +272,29 @@ def run_interleaved(args: argparse.Namespace, model: str, batch: int, resolution
                 failed.append(Result(name, mode, model, batch, resolution, args.dtype,
                                      error=f"not built within --build-timeout {args.build_timeout} s"))
                 continue
-            workers.append((name, mode, proc, [], ready))
-    timed = [w for w in workers if w[4]]
+            workers.append(_TimingWorker(name, mode, proc, ready))
+    timed = [w for w in workers if w.ready]
     for round_ in range(args.iters if timed else 0):
         shift = round_ % len(timed)
-        for name, mode, proc, times, _ in timed[shift:] + timed[:shift]:
+        for w in timed[shift:] + timed[:shift]:
             try:
-                proc.stdin.write("step\n")
-                proc.stdin.flush()
-                times.append(float(proc.stdout.readline()))
+                w.proc.stdin.write("step\n")
+                w.proc.stdin.flush()
+                w.step_ms.append(float(w.proc.stdout.readline()))
             except (BrokenPipeError, ValueError):
                 pass  # the worker stopped: its error comes with its result below
     results = failed
-    for name, mode, proc, times, _ in workers:
-        out, _ = proc.communicate("done\n")
+    for w in workers:
+        out, _ = w.proc.communicate("done\n")
         lines = out.strip().splitlines()
-        if proc.returncode != 0 or not lines:
-            results.append(Result(name, mode, model, batch, resolution, args.dtype,
-                                  error=f"timing worker exited {proc.returncode}"))
+        if w.proc.returncode != 0 or not lines:
+            results.append(Result(w.engine, w.mode, model, batch, resolution, args.dtype,
+                                  error=f"timing worker exited {w.proc.returncode}"))
             continue
         result = Result(**json.loads(lines[-1])[0])
-        result.step_ms = times
-        if times:
-            result.img_per_s = batch / (statistics.median(times) / 1e3)
+        result.step_ms = w.step_ms
+        if w.step_ms:
+            result.img_per_s = batch / (statistics.median(w.step_ms) / 1e3)
         results.append(result)
     return results
 

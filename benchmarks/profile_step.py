@@ -41,7 +41,7 @@ def op_thread_times(trace_dir: str) -> dict[str, float]:
 
 
 def matmul_flops(hlo: str) -> dict[str, tuple[float, str]]:
-    """Op name -> (FLOPs of the dot it computes, layer) for every fusion that wraps a dot."""
+    """Op name -> (FLOPs of its dot, "layer [output shape] K=...") for every fusion with a dot."""
     computations = {m[1]: (m[2], m[3]) for m in re.finditer(
         r"^%([\w.\-]+) \(([^)]*)\) -> [^\n]*\{\n(.*?)\n\}", hlo, re.M | re.S)}
     found = {}

@@ -5,6 +5,8 @@ computed once per module and several tests read them. Whole runs: test_train_dis
 """
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import numpy as np
 import pytest
@@ -34,12 +36,18 @@ def synthetic_batches(num_steps: int, batch: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def run_steps(parallelism: str, devices) -> tuple[dict, list[float], dict, list[bool]]:
-    """NUM_STEPS updates on the same global batches.
+class Run(NamedTuple):
+    state: Any  # host copy of the final train state
+    losses: list[float]
+    eval_sums: dict
+    donated: list[bool]  # per step: did the step consume (donate) the state it was given
 
-    Returns host state, losses, eval sums, and per step whether the step consumed (donated) the
-    state it was given. Each step runs under `jax.transfer_guard("disallow")`: a host round-trip
-    inside the step (a Python scalar argument, a value read back) fails the run.
+
+def run_steps(parallelism: str, devices) -> Run:
+    """NUM_STEPS updates on the same global batches, then one eval step.
+
+    Each step runs under `jax.transfer_guard("disallow")`: a host round-trip inside the step (a
+    Python scalar argument, a value read back) fails the run.
     """
     config = tiny_config(learning_rate=0.01, ema_decay=0.9, parallelism=parallelism)
     model, variables = create_model("dpn68", num_classes=10, axis_name="batch",
@@ -62,7 +70,7 @@ def run_steps(parallelism: str, devices) -> tuple[dict, list[float], dict, list[
     eval_batch = {k: v.reshape(n, -1, *v.shape[1:]) for k, v in eval_batch.items()}
     sums = Runner.first(runner.compile(make_eval_step(model))(state.variables(),
                                                               runner.put(eval_batch)))
-    return Runner.first(state), losses, sums, donated
+    return Run(Runner.first(state), losses, sums, donated)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +90,7 @@ def assert_trees_close(a, b, atol):
 
 
 def test_loss_decreases(parity_runs):
-    _, losses, _, _ = parity_runs["pmap4"]
+    losses = parity_runs["pmap4"].losses
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.05, losses
 
 
@@ -113,7 +121,7 @@ def test_shard_map_equals_pmap(parity_runs):
 def test_train_step_donates_its_state(parity_runs, run):
     """The step updates the train state in place (no second copy of params and optimizer state
     on the device); the transfer guard in `run_steps` already kept host copies out of it."""
-    assert parity_runs[run][3] == [True] * NUM_STEPS
+    assert parity_runs[run].donated == [True] * NUM_STEPS
 
 
 def test_weight_decay_mask_only_kernels():
