@@ -5,15 +5,20 @@ its weight gradient about a hundred times slower), and even a dense 1x1 convolut
 gradient is ~7x slower than the same contraction written as a `dot_general`. cuDNN and TPUs run
 all of them natively. Every convolution of the model goes through `conv2d`, which picks the
 lowering per backend at lowering time via `lax.platform_dependent`, so one jitted function is
-right everywhere. BENCHMARKS.md ("Grouped convolution lowerings") has the measurements behind
-the CPU choices.
+right everywhere. On CPU the 3x3 grouped convolutions run dpn_jax's own kernels
+(`csrc/grouped_conv_cpu.cc`, XLA FFI custom calls) where they support the shape, else one dense
+convolution per super-group. BENCHMARKS.md ("Grouped convolution lowerings") has the
+measurements behind the CPU choices.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
+import importlib.util
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
@@ -110,12 +115,85 @@ def _split_groups(x: jax.Array, kernel: jax.Array, stride: int, padding, groups:
                            axis=-1)
 
 
+_KERNEL_LIBRARY = "dpn_jax._grouped_conv_cpu"
+_KERNEL_TARGETS = {"forward": "DpnGroupedConvForward", "input_grad": "DpnGroupedConvInputGrad",
+                   "kernel_grad": "DpnGroupedConvKernelGrad"}
+
+
+@functools.cache
+def cpu_kernels_available() -> bool:
+    """Registers the CPU kernels with XLA once; False where the library was not built."""
+    spec = importlib.util.find_spec(_KERNEL_LIBRARY)
+    if spec is None or spec.origin is None:
+        return False
+    library = ctypes.CDLL(spec.origin)
+    for name, symbol in _KERNEL_TARGETS.items():
+        jax.ffi.register_ffi_target(f"dpn_grouped_conv_{name}",
+                                    jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    return True
+
+
+def cpu_kernel_supports(x: jax.Array, kernel: jax.Array, groups: int) -> bool:
+    """The shapes `csrc/grouped_conv_cpu.cc` vectorises (its `ChooseLayout`), in float32.
+
+    Groups of 8, 16, 24 or 32 output channels, or of 1, 2 or 4 channels in and out filling
+    8-lane vectors: dpn68/98/107/131's 4, 8, 16 and 32 and dpn92's 24 channels per group.
+    """
+    in_per_group, out_per_group = kernel.shape[2], kernel.shape[3] // groups
+    shape_ok = (out_per_group % 8 == 0 and out_per_group <= 32) or (
+        in_per_group == out_per_group and 8 % out_per_group == 0 and kernel.shape[3] % 8 == 0)
+    return (kernel.shape[:2] == (3, 3) and shape_ok and x.dtype == jnp.float32
+            and kernel.dtype == jnp.float32)
+
+
+def _kernel_call(target: str, result_shape, a: jax.Array, b: jax.Array, groups: int,
+                 stride: int, pad: int) -> jax.Array:
+    """`a` is the activation: the result varies over shard_map's axes as it does."""
+    result = jax.typeof(a).update(shape=tuple(result_shape))
+    return jax.ffi.ffi_call(f"dpn_grouped_conv_{target}", result, vmap_method="sequential")(
+        a, b, groups=np.int64(groups), stride=np.int64(stride), pad=np.int64(pad))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _cpu_kernel_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int,
+                     groups: int) -> jax.Array:
+    n, h, w, _ = x.shape
+    out = (n, (h + 2 * pad - 3) // stride + 1, (w + 2 * pad - 3) // stride + 1, kernel.shape[3])
+    return _kernel_call("forward", out, x, kernel, groups, stride, pad)
+
+
+def _cpu_kernel_conv_fwd(x, kernel, stride, pad, groups):
+    return _cpu_kernel_conv(x, kernel, stride, pad, groups), (x, kernel)
+
+
+def _cpu_kernel_conv_bwd(stride, pad, groups, residuals, dy):
+    x, kernel = residuals
+    kh, kw, in_per_group, out_channels = kernel.shape
+    # The input gradient reads each group's kernel transposed (in <-> out).
+    per_group = kernel.reshape(kh, kw, in_per_group, groups, out_channels // groups)
+    kernel_t = per_group.transpose(0, 1, 4, 3, 2).reshape(kh, kw, -1, groups * in_per_group)
+    dx = _kernel_call("input_grad", x.shape, dy, kernel_t, groups, stride, pad)
+    dkernel = _kernel_call("kernel_grad", kernel.shape, x, dy, groups, stride, pad)
+    return dx, dkernel
+
+
+_cpu_kernel_conv.defvjp(_cpu_kernel_conv_fwd, _cpu_kernel_conv_bwd)
+
+
+def _cpu_grouped(x: jax.Array, kernel: jax.Array, stride: int, padding, groups: int) -> jax.Array:
+    (top, bottom), (left, right) = padding
+    if (cpu_kernel_supports(x, kernel, groups) and top == bottom == left == right
+            and cpu_kernels_available()):
+        return _cpu_kernel_conv(x, kernel, stride, top, groups)
+    return _split_groups(x, kernel, stride, padding, groups)
+
+
 def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, groups: int = 1,
            padding=None) -> jax.Array:
     """NHWC x HWIO convolution with timm's symmetric padding; lowering chosen per backend.
 
     `kernel` has shape (kh, kw, in_channels // groups, out_channels), like Flax's `nn.Conv`.
-    On CPU, unpadded 1x1 convs become `dot_general` and grouped convs `_split_groups`; every
+    On CPU, unpadded 1x1 convs become `dot_general` and grouped convs `_cpu_grouped`; every
     other backend, and dense kxk convs on CPU, use `lax.conv_general_dilated` as is.
     """
     padding = (symmetric_padding(kernel.shape[0], stride) if padding is None
@@ -134,7 +212,7 @@ def _conv2d(x: jax.Array, kernel: jax.Array, stride: int, groups: int, padding) 
     if groups == 1 and kernel.shape[:2] == (1, 1) and all(p == (0, 0) for p in padding):
         cpu = lambda x, k: _pointwise_dot(x, k, stride)
     elif groups > 1:
-        cpu = lambda x, k: _split_groups(x, k, stride, padding, groups)
+        cpu = lambda x, k: _cpu_grouped(x, k, stride, padding, groups)
     else:
         return _native(x, kernel, stride, padding, 1)
     return lax.platform_dependent(

@@ -1,4 +1,9 @@
-"""CPU lowerings of `conv2d` equal XLA's native convolution, forward and backward."""
+"""CPU lowerings of `conv2d` equal XLA's native convolution, forward and backward.
+
+Both CPU lowerings of the grouped 3x3 convolution are checked on their own (dpn_jax's FFI
+kernels, and one dense convolution per super-group) as well as through `conv2d`, which routes
+each shape to one of them.
+"""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +11,9 @@ import pytest
 from jax import lax
 
 from dpn_jax.dpn import MODEL_ARGS, stage_widths
-from dpn_jax.grouped_conv import conv2d, groups_per_cpu_conv, symmetric_padding
+from dpn_jax import grouped_conv
+from dpn_jax.grouped_conv import (conv2d, cpu_kernel_supports, cpu_kernels_available,
+                                  groups_per_cpu_conv, symmetric_padding)
 
 
 def _variant_group_shapes() -> list[tuple[int, int]]:
@@ -40,11 +47,13 @@ def _value_and_vjp(fn, x, kernel, cotangent):
     return (y, *vjp(cotangent))
 
 
-def _assert_matches_reference(x, kernel, stride, groups):
-    ours = jax.jit(lambda x, k: conv2d(x, k, stride=stride, groups=groups))
+def _assert_matches_reference(x, kernel, stride, groups, conv=None):
+    """`conv(x, kernel)` (default: `conv2d`) against `feature_group_count`, with its VJP."""
+    ours = conv or (lambda x, k: conv2d(x, k, stride=stride, groups=groups))
     ref = lambda x, k: _reference(x, k, stride, groups)
     cotangent = jax.random.normal(jax.random.PRNGKey(2), jax.eval_shape(ref, x, kernel).shape)
     got = jax.jit(lambda x, k, c: _value_and_vjp(ours, x, k, c))(x, kernel, cotangent)
+    assert got[0].shape == cotangent.shape
     want = jax.jit(lambda x, k, c: _value_and_vjp(ref, x, k, c))(x, kernel, cotangent)
     for name, g, w in zip(("output", "input gradient", "kernel gradient"), got, want):
         scale = float(jnp.max(jnp.abs(w)))
@@ -65,6 +74,50 @@ def test_grouped_3x3_matches_feature_group_count(channels_per_group, groups, str
     x = jax.random.normal(kx, (2, 7, 7, channels))
     kernel = jax.random.normal(kk, (3, 3, channels_per_group, channels)) * 0.1
     _assert_matches_reference(x, kernel, stride, groups)
+
+
+def _kernel_test_shapes() -> list[tuple[int, int]]:
+    """Each variant pair the FFI kernels take, shrunk to two of their channel blocks."""
+    shapes = set()
+    for cg, groups in _variant_group_shapes():
+        per_block = max(1, 8 // cg)  # groups sharing one 8-lane vector (shuffle layout)
+        if cpu_kernel_supports(jnp.zeros((1, 1, 1, cg * groups)), jnp.zeros((3, 3, cg, cg * groups)), groups):
+            shapes.add((cg, 2 * per_block))
+    return sorted(shapes)
+
+
+def test_cpu_kernels_take_the_dpn68_family_widths():
+    """Built in this install, and used for 4, 8, 16 and 32 channels per group (and dpn92's 24)."""
+    assert cpu_kernels_available()
+    assert {cg for cg, _ in _kernel_test_shapes()} == {4, 8, 16, 24, 32}
+    x, kernel = jnp.zeros((1, 8, 8, 64)), jnp.zeros((3, 3, 4, 64))
+    assert not cpu_kernel_supports(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), 16)
+    hlo = jax.jit(lambda x, k: conv2d(x, k, groups=16)).lower(x, kernel).as_text()
+    assert "dpn_grouped_conv_forward" in hlo
+
+
+@pytest.mark.parametrize("size", [1, 6, 7])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("channels_per_group,groups", _kernel_test_shapes())
+def test_cpu_kernel_matches_feature_group_count(channels_per_group, groups, stride, size):
+    """Odd and even sizes (stride 2's phases), and a 1x1 image (every tap but one is padding)."""
+    channels = channels_per_group * groups
+    kx, kk = jax.random.split(jax.random.PRNGKey(channels_per_group * 10 + size))
+    x = jax.random.normal(kx, (2, size, size + 1, channels))
+    kernel = jax.random.normal(kk, (3, 3, channels_per_group, channels)) * 0.1
+    conv = lambda x, k: grouped_conv._cpu_kernel_conv(x, k, stride, 1, groups)
+    _assert_matches_reference(x, kernel, stride, groups, conv)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("channels_per_group,groups", _test_shapes())
+def test_split_groups_matches_feature_group_count(channels_per_group, groups, stride):
+    channels = channels_per_group * groups
+    kx, kk = jax.random.split(jax.random.PRNGKey(channels_per_group * 100 + groups + 1))
+    x = jax.random.normal(kx, (2, 7, 7, channels))
+    kernel = jax.random.normal(kk, (3, 3, channels_per_group, channels)) * 0.1
+    conv = lambda x, k: grouped_conv._split_groups(x, k, stride, symmetric_padding(3, stride), groups)
+    _assert_matches_reference(x, kernel, stride, groups, conv)
 
 
 @pytest.mark.parametrize("stride", [1, 2])

@@ -1,0 +1,510 @@
+// Grouped 3x3 convolution for XLA's CPU backend, NHWC x HWIO, float32, as XLA FFI handlers.
+//
+// XLA CPU runs `feature_group_count` convolutions tens of times slower than oneDNN, and splitting
+// them into dense convolutions costs a transpose and a copy per group and direction
+// (BENCHMARKS.md). Here each work item (image, block of rows, block of groups) copies the input
+// window it reads into a small zero-padded buffer, then accumulates 8-lane vectors of output
+// channels in registers over taps and input channels:
+//   - groups of 8, 16, 24 or 32 channels ("broadcast"): each input channel is broadcast and
+//     multiplied with the 8-lane rows of the kernel;
+//   - groups of 1, 2 or 4 channels, as many in as out ("shuffle"): 8 / group-width groups fill
+//     the 8 lanes, and the input channel each lane needs is shuffled into place.
+// `SupportsShape` is the rule; the Python side sends other shapes to its split lowering.
+//
+// The three products of a layer:
+//   forward:     y[n, oy, ox, g*O + o]  = sum_{ky,kx,i} x[n, oy*s+ky-p, ox*s+kx-p, g*I + i] w[ky, kx, i, g*O + o]
+//   input grad:  the forward product of dy, dilated by s and padded by k-1-p, with the kernel
+//                flipped and transposed per group (w_t[ky, kx, o, g*I + i] = w[2-ky, 2-kx, i, g*O + o]).
+//   kernel grad: dw[ky, kx, i, g*O + o] = sum_{n,oy,ox} x[n, oy*s+ky-p, ox*s+kx-p, g*I + i] dy[n, oy, ox, g*O + o]
+// Work items run on XLA's intra-op thread pool.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kLanes = 8;
+constexpr int64_t kKernel = 3;
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t Lanes __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline Vec Load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+inline Vec Broadcast(float s) { return Vec{} + s; }
+
+// Lane l of group width `width` reads input channel r of its own group: (l / width) * width + r.
+inline Lanes ShuffleMask(int64_t width, int64_t r) {
+  Lanes mask;
+  for (int l = 0; l < kLanes; ++l) mask[l] = static_cast<int32_t>(l / width * width + r);
+  return mask;
+}
+
+enum class Layout { kBroadcast, kShuffle };
+
+// in/out channels per group -> how the kernels vectorise them (false: not supported).
+bool ChooseLayout(int64_t in_per_group, int64_t out_per_group, int64_t channels, Layout* layout) {
+  if (out_per_group % kLanes == 0 && out_per_group <= 4 * kLanes) {
+    *layout = Layout::kBroadcast;
+    return true;
+  }
+  if (in_per_group == out_per_group && kLanes % out_per_group == 0 && channels % kLanes == 0) {
+    *layout = Layout::kShuffle;
+    return true;
+  }
+  return false;
+}
+
+// Runs body(item, slot) for item in [0, items) on the calling thread and the pool's threads;
+// `slot` numbers the participating threads 0..threads-1 (for per-thread accumulators). The
+// caller takes items too, so the call finishes even if no pool task ever starts. Returns the
+// number of slots.
+template <typename Body>
+int64_t ParallelFor(ffi::ThreadPool& pool, int64_t items, const Body& body) {
+  struct Progress {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    std::atomic<int64_t> slots{1};
+  };
+  const int64_t threads = std::max<int64_t>(1, std::min(pool.num_threads(), items));
+  auto progress = std::make_shared<Progress>();
+  auto work = [progress, items, &body](int64_t slot) {
+    for (int64_t item; (item = progress->next.fetch_add(1)) < items;) {
+      body(item, slot);
+      progress->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 1; t < threads; ++t) {
+    // A task that starts after the caller has returned finds no item left and touches nothing.
+    pool.Schedule([progress, work] { work(progress->slots.fetch_add(1)); });
+  }
+  work(0);
+  while (progress->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
+  return threads;
+}
+
+// Floor of a / b for b > 0 and either sign of a.
+int64_t FloorDiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+// An NHWC image as the kernels read it.
+struct Image {
+  const float* data;
+  int64_t height, width, channels;
+};
+
+// Copies channels [c0, c0 + count) of image rows row0 .. row0 + rows - 1 and columns
+// col0 .. col0 + cols - 1 into buf[rows][cols][count], zeros where that is outside the image.
+void PackWindow(const Image& image, int64_t c0, int64_t count, int64_t row0, int64_t rows,
+                int64_t col0, int64_t cols, std::vector<float>& buf) {
+  buf.assign(rows * cols * count, 0.0f);
+  const int64_t c_lo = std::max<int64_t>(0, -col0), c_hi = std::min(cols, image.width - col0);
+  for (int64_t j = std::max<int64_t>(0, -row0); j < rows && row0 + j < image.height; ++j) {
+    for (int64_t c = c_lo; c < c_hi; ++c) {
+      const float* from = image.data + ((row0 + j) * image.width + col0 + c) * image.channels + c0;
+      float* to = &buf[(j * cols + c) * count];
+      for (int64_t k = 0; k < count; ++k) to[k] = from[k];  // a few vectors: no memcpy call
+    }
+  }
+}
+
+// One tile of the "gather" product shared by the forward pass and the input gradient:
+// out[y, x, lanes] = sum over taps t and r of window[y*step, x*step + offset_t][r] kernel_t[r][lanes].
+struct GatherArgs {
+  const float* window;  // [rows][cols][window_channels], from PackWindow
+  int64_t cols, window_channels, step;
+  int taps;
+  int64_t tap_offset[kKernel * kKernel];       // window offset of each tap, in floats
+  const float* tap_kernel[kKernel * kKernel];  // each tap's [R][kernel_out], at the tile's lanes
+  int64_t R, kernel_out;
+  float* out;  // the tile's first pixel, at its first lane
+  int64_t out_row_stride, out_col_stride;  // in floats
+  int64_t y_count, x_count;
+};
+
+// Broadcast layout: one group (R inputs), NV vectors of its outputs.
+template <int NV>
+void GatherBroadcast(const GatherArgs& a) {
+  constexpr int P = NV == 1 ? 8 : NV == 2 ? 4 : 3;
+  for (int64_t y = 0; y < a.y_count; ++y) {
+    for (int64_t x0 = 0; x0 < a.x_count; x0 += P) {
+      const float* pixel[P];
+      for (int p = 0; p < P; ++p) {
+        const int64_t x = std::min(x0 + p, a.x_count - 1);
+        pixel[p] = a.window + (y * a.cols + x) * a.step * a.window_channels;
+      }
+      Vec acc[P][NV] = {};
+      for (int t = 0; t < a.taps; ++t) {
+        const int64_t offset = a.tap_offset[t];
+        const float* w = a.tap_kernel[t];
+        for (int64_t r = 0; r < a.R; ++r) {
+          Vec wv[NV];
+          for (int j = 0; j < NV; ++j) wv[j] = Load(w + r * a.kernel_out + j * kLanes);
+          for (int p = 0; p < P; ++p) {
+            const Vec s = Broadcast(pixel[p][offset + r]);
+            for (int j = 0; j < NV; ++j) acc[p][j] += s * wv[j];
+          }
+        }
+      }
+      for (int p = 0; p < P && x0 + p < a.x_count; ++p) {
+        float* o = a.out + y * a.out_row_stride + (x0 + p) * a.out_col_stride;
+        for (int j = 0; j < NV; ++j) Store(o + j * kLanes, acc[p][j]);
+      }
+    }
+  }
+}
+
+// Shuffle layout: 8 / V groups of V channels in 8 lanes.
+template <int V>
+void GatherShuffle(const GatherArgs& a) {
+  constexpr int P = 6;
+  Lanes mask[V];
+  for (int r = 0; r < V; ++r) mask[r] = ShuffleMask(V, r);
+  for (int64_t y = 0; y < a.y_count; ++y) {
+    for (int64_t x0 = 0; x0 < a.x_count; x0 += P) {
+      const float* pixel[P];
+      for (int p = 0; p < P; ++p) {
+        const int64_t x = std::min(x0 + p, a.x_count - 1);
+        pixel[p] = a.window + (y * a.cols + x) * a.step * a.window_channels;
+      }
+      Vec acc[P] = {};
+      for (int t = 0; t < a.taps; ++t) {
+        const int64_t offset = a.tap_offset[t];
+        Vec wv[V];
+        for (int r = 0; r < V; ++r) wv[r] = Load(a.tap_kernel[t] + r * a.kernel_out);
+        for (int p = 0; p < P; ++p) {
+          const Vec xv = Load(pixel[p] + offset);
+          for (int r = 0; r < V; ++r) acc[p] += __builtin_shuffle(xv, mask[r]) * wv[r];
+        }
+      }
+      for (int p = 0; p < P && x0 + p < a.x_count; ++p) {
+        Store(a.out + y * a.out_row_stride + (x0 + p) * a.out_col_stride, acc[p]);
+      }
+    }
+  }
+}
+
+template <int N, typename F>
+void Dispatch(int64_t n, const F& f) {
+  if constexpr (N > 0) {
+    if (n == N) return f(std::integral_constant<int, N>{});
+    Dispatch<N - 1>(n, f);
+  }
+}
+
+void RunGather(const GatherArgs& a, Layout layout, int64_t out_per_group) {
+  if (layout == Layout::kShuffle) {
+    Dispatch<4>(out_per_group, [&](auto v) { if constexpr (kLanes % v == 0) GatherShuffle<v>(a); });
+  } else {
+    Dispatch<4>(out_per_group / kLanes, [&](auto nv) { GatherBroadcast<nv>(a); });
+  }
+}
+
+// How a convolution's channels are cut into blocks of work: one group (broadcast) or the
+// 8 / V groups of one 8-lane vector (shuffle).
+struct Blocks {
+  int64_t groups_per_block, count, in_channels, out_channels;  // per block
+  Blocks(Layout layout, int64_t groups, int64_t in_per_group, int64_t out_per_group)
+      : groups_per_block(layout == Layout::kShuffle ? kLanes / out_per_group : 1),
+        count(groups / groups_per_block),
+        in_channels(groups_per_block * in_per_group),
+        out_channels(groups_per_block * out_per_group) {}
+};
+
+// Rows per work item: one item computes every channel of its rows, so the rows it writes
+// (`row_bytes` each) should stay in the core's cache until all channel blocks are done.
+int64_t RowsPerItem(int64_t height, int64_t row_bytes) {
+  constexpr int64_t kItemBytes = 128 << 10;
+  return std::max<int64_t>(1, std::min(height, kItemBytes / row_bytes));
+}
+
+void Forward(ffi::ThreadPool& pool, const Image& x, const float* w, float* y, int64_t batch,
+             int64_t out_h, int64_t out_w, int64_t out_c, int64_t groups, int64_t stride,
+             int64_t pad, Layout layout) {
+  const int64_t I = x.channels / groups, O = out_c / groups;
+  const Blocks blocks(layout, groups, I, O);
+  const int64_t rows = RowsPerItem(out_h, out_w * out_c * sizeof(float));
+  const int64_t row_blocks = (out_h + rows - 1) / rows;
+  const int64_t cols = (out_w - 1) * stride + kKernel;
+  ParallelFor(pool, batch * row_blocks, [&](int64_t item, int64_t) {
+    thread_local std::vector<float> window;
+    const int64_t n = item / row_blocks, y0 = item % row_blocks * rows;
+    const int64_t y_count = std::min(rows, out_h - y0);
+    Image xn = x;
+    xn.data += n * x.height * x.width * x.channels;
+    for (int64_t block = 0; block < blocks.count; ++block) {
+      PackWindow(xn, block * blocks.in_channels, blocks.in_channels, y0 * stride - pad,
+                 (y_count - 1) * stride + kKernel, -pad, cols, window);
+      GatherArgs a{window.data(), cols, blocks.in_channels, stride};
+      a.taps = kKernel * kKernel;
+      for (int t = 0; t < a.taps; ++t) {
+        a.tap_offset[t] = (t / kKernel * cols + t % kKernel) * blocks.in_channels;
+        a.tap_kernel[t] = w + t * I * out_c + block * blocks.out_channels;
+      }
+      a.R = I;
+      a.kernel_out = out_c;
+      a.out = y + ((n * out_h + y0) * out_w) * out_c + block * blocks.out_channels;
+      a.out_row_stride = out_w * out_c;
+      a.out_col_stride = out_c;
+      a.y_count = y_count;
+      a.x_count = out_w;
+      RunGather(a, layout, O);
+    }
+  });
+}
+
+// The input gradient, one stride phase (py, px) at a time: dx pixels (py + s*m, px + s*k) take
+// dy[m + e_y, k + e_x] through tap (ky, kx) wherever e = (phase + pad - tap) / s is whole, so
+// each phase is a stride-1 gather product over dy with a subset of the taps.
+void InputGrad(ffi::ThreadPool& pool, const Image& dy, const float* w_t, float* dx,
+               int64_t batch, int64_t in_h, int64_t in_w, int64_t in_c, int64_t groups,
+               int64_t stride, int64_t pad, Layout layout) {
+  const int64_t O = dy.channels / groups, I = in_c / groups;
+  const Blocks blocks(layout, groups, O, I);  // the gather reads O and writes I per group
+  int64_t e_min = 0, e_max = 0;
+  for (int64_t phase = 0; phase < stride; ++phase) {
+    for (int64_t k = 0; k < kKernel; ++k) {
+      if ((phase + pad - k) % stride != 0) continue;
+      e_min = std::min(e_min, FloorDiv(phase + pad - k, stride));
+      e_max = std::max(e_max, FloorDiv(phase + pad - k, stride));
+    }
+  }
+  const int64_t m_total = (in_h + stride - 1) / stride, k_total = (in_w + stride - 1) / stride;
+  // An item: `rows` rows of every phase, i.e. rows * stride rows of dx.
+  const int64_t rows = RowsPerItem(m_total, stride * in_w * in_c * sizeof(float));
+  const int64_t row_blocks = (m_total + rows - 1) / rows;
+  const int64_t cols = k_total + e_max - e_min;
+  ParallelFor(pool, batch * row_blocks, [&](int64_t item, int64_t) {
+    thread_local std::vector<float> window;
+    const int64_t n = item / row_blocks, m0 = item % row_blocks * rows;
+    const int64_t m_count = std::min(rows, m_total - m0);
+    Image dyn = dy;
+    dyn.data += n * dy.height * dy.width * dy.channels;
+    for (int64_t block = 0; block < blocks.count; ++block) {
+      PackWindow(dyn, block * blocks.in_channels, blocks.in_channels, m0 + e_min,
+                 m_count + e_max - e_min, e_min, cols, window);
+      for (int64_t py = 0; py < stride; ++py) {
+        for (int64_t px = 0; px < stride; ++px) {
+          GatherArgs a{window.data(), cols, blocks.in_channels, 1};
+          a.taps = 0;
+          for (int64_t ky = 0; ky < kKernel; ++ky) {
+            for (int64_t kx = 0; kx < kKernel; ++kx) {
+              if ((py + pad - ky) % stride != 0 || (px + pad - kx) % stride != 0) continue;
+              const int64_t ey = FloorDiv(py + pad - ky, stride) - e_min;
+              const int64_t ex = FloorDiv(px + pad - kx, stride) - e_min;
+              a.tap_offset[a.taps] = (ey * cols + ex) * blocks.in_channels;
+              a.tap_kernel[a.taps++] =
+                  w_t + (ky * kKernel + kx) * O * in_c + block * blocks.out_channels;
+            }
+          }
+          a.R = O;
+          a.kernel_out = in_c;
+          a.out = dx + ((n * in_h + py + stride * m0) * in_w + px) * in_c +
+                  block * blocks.out_channels;
+          a.out_row_stride = stride * in_w * in_c;
+          a.out_col_stride = stride * in_c;
+          a.y_count = std::min(m_count, (in_h - py + stride - 1) / stride - m0);
+          a.x_count = (in_w - px + stride - 1) / stride;
+          if (a.y_count > 0 && a.x_count > 0) RunGather(a, layout, I);
+        }
+      }
+    }
+  });
+}
+
+// Kernel gradient of one work item, added into `dw` (this thread's own partial sum).
+struct KernelGradArgs {
+  const float* window;  // x, packed: [rows][cols][block_in]
+  int64_t cols;
+  const float* dy;  // packed: [y_count][out_width][block_out]
+  int64_t y_count, out_width, stride;
+  float* dw;  // HWIO (3, 3, R, dw_out), offset to the block's first output channel
+  int64_t R, dw_out;
+};
+
+template <int NV>
+void KernelGradBroadcast(const KernelGradArgs& a) {
+  constexpr int IC = NV == 1 ? 8 : NV == 2 ? 4 : NV == 3 ? 4 : 3;
+  const int64_t block_out = NV * kLanes;
+  for (int64_t ky = 0; ky < kKernel; ++ky) {
+    for (int64_t kx = 0; kx < kKernel; ++kx) {
+      float* dw_tap = a.dw + (ky * kKernel + kx) * a.R * a.dw_out;
+      for (int64_t i0 = 0; i0 < a.R; i0 += IC) {
+        const int64_t ic = std::min<int64_t>(IC, a.R - i0);
+        Vec acc[IC][NV] = {};
+        for (int64_t y = 0; y < a.y_count; ++y) {
+          const float* x_row = a.window + ((y * a.stride + ky) * a.cols + kx) * a.R + i0;
+          const float* d_row = a.dy + y * a.out_width * block_out;
+          for (int64_t x = 0; x < a.out_width; ++x) {
+            const float* xs = x_row + x * a.stride * a.R;
+            Vec d[NV];
+            for (int j = 0; j < NV; ++j) d[j] = Load(d_row + x * block_out + j * kLanes);
+            for (int i = 0; i < IC; ++i) {
+              const Vec s = Broadcast(i < ic ? xs[i] : 0.0f);
+              for (int j = 0; j < NV; ++j) acc[i][j] += s * d[j];
+            }
+          }
+        }
+        for (int i = 0; i < ic; ++i) {
+          for (int j = 0; j < NV; ++j) {
+            float* o = dw_tap + (i0 + i) * a.dw_out + j * kLanes;
+            Store(o, Load(o) + acc[i][j]);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <int V>
+void KernelGradShuffle(const KernelGradArgs& a) {
+  Lanes mask[V];
+  for (int r = 0; r < V; ++r) mask[r] = ShuffleMask(V, r);
+  for (int64_t ky = 0; ky < kKernel; ++ky) {
+    // The three taps of a kernel row at once: 3 * V independent sums.
+    Vec acc[kKernel][V] = {};
+    for (int64_t y = 0; y < a.y_count; ++y) {
+      const float* x_row = a.window + (y * a.stride + ky) * a.cols * kLanes;
+      const float* d_row = a.dy + y * a.out_width * kLanes;
+      for (int64_t x = 0; x < a.out_width; ++x) {
+        const Vec d = Load(d_row + x * kLanes);
+        for (int kx = 0; kx < kKernel; ++kx) {
+          const Vec xv = Load(x_row + (x * a.stride + kx) * kLanes);
+          for (int r = 0; r < V; ++r) acc[kx][r] += __builtin_shuffle(xv, mask[r]) * d;
+        }
+      }
+    }
+    for (int kx = 0; kx < kKernel; ++kx) {
+      for (int r = 0; r < V; ++r) {
+        float* o = a.dw + ((ky * kKernel + kx) * V + r) * a.dw_out;
+        Store(o, Load(o) + acc[kx][r]);
+      }
+    }
+  }
+}
+
+void KernelGrad(ffi::ThreadPool& pool, const Image& x, const Image& dy, float* dw,
+                int64_t batch, int64_t groups, int64_t stride, int64_t pad, Layout layout) {
+  const int64_t R = x.channels / groups, V = dy.channels / groups;
+  const int64_t size = kKernel * kKernel * R * dy.channels;
+  const Blocks blocks(layout, groups, R, V);
+  // An item reads its rows of x and dy once per channel block: keep them in cache.
+  const int64_t rows = RowsPerItem(dy.height, dy.width * dy.channels * sizeof(float));
+  const int64_t row_blocks = (dy.height + rows - 1) / rows;
+  const int64_t cols = (dy.width - 1) * stride + kKernel;
+  const int64_t max_slots = std::max<int64_t>(1, pool.num_threads());
+  std::vector<std::vector<float>> partial(max_slots);
+  const int64_t slots = ParallelFor(pool, batch * row_blocks, [&](int64_t item, int64_t slot) {
+    thread_local std::vector<float> window, dy_block;
+    if (partial[slot].empty()) partial[slot].assign(size, 0.0f);
+    const int64_t n = item / row_blocks, y0 = item % row_blocks * rows;
+    const int64_t y_count = std::min(rows, dy.height - y0);
+    Image xn = x, dyn = dy;
+    xn.data += n * x.height * x.width * x.channels;
+    dyn.data += n * dy.height * dy.width * dy.channels;
+    for (int64_t block = 0; block < blocks.count; ++block) {
+      PackWindow(xn, block * blocks.in_channels, blocks.in_channels, y0 * stride - pad,
+                 (y_count - 1) * stride + kKernel, -pad, cols, window);
+      PackWindow(dyn, block * blocks.out_channels, blocks.out_channels, y0, y_count, 0, dy.width,
+                 dy_block);
+      KernelGradArgs a{window.data(), cols, dy_block.data(), y_count, dy.width, stride,
+                       partial[slot].data() + block * blocks.out_channels, R, dy.channels};
+      if (layout == Layout::kShuffle) {
+        Dispatch<4>(V, [&](auto v) { if constexpr (kLanes % v == 0) KernelGradShuffle<v>(a); });
+      } else {
+        Dispatch<4>(V / kLanes, [&](auto nv) { KernelGradBroadcast<nv>(a); });
+      }
+    }
+  });
+  std::fill(dw, dw + size, 0.0f);
+  for (int64_t t = 0; t < slots; ++t) {
+    if (partial[t].empty()) continue;
+    for (int64_t j = 0; j < size; ++j) dw[j] += partial[t][j];
+  }
+}
+
+Image AsImage(const float* data, ffi::Span<const int64_t> dims) {
+  return Image{data, dims[1], dims[2], dims[3]};
+}
+
+ffi::Error CheckShapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> y,
+                       ffi::Span<const int64_t> w, int64_t groups, Layout* layout) {
+  if (x.size() != 4 || y.size() != 4 || w.size() != 4 || w[0] != kKernel || w[1] != kKernel ||
+      groups <= 0 || x[3] % groups != 0 || y[3] % groups != 0 || x[0] != y[0] ||
+      !ChooseLayout(x[3] / groups, y[3] / groups, y[3], layout)) {
+    return ffi::Error::InvalidArgument("dpn_jax grouped conv: unsupported shapes");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error ForwardHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                          ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y, int64_t groups,
+                          int64_t stride, int64_t pad) {
+  Layout layout;
+  if (auto e = CheckShapes(x.dimensions(), y->dimensions(), w.dimensions(), groups, &layout);
+      e.failure()) {
+    return e;
+  }
+  const auto yd = y->dimensions();
+  Forward(pool, AsImage(x.typed_data(), x.dimensions()), w.typed_data(), y->typed_data(), yd[0],
+          yd[1], yd[2], yd[3], groups, stride, pad, layout);
+  return ffi::Error::Success();
+}
+
+// `w_t` is the kernel transposed per group, (3, 3, O, G*I): w_t[ky, kx, o, g*I + i] = w[ky, kx, i, g*O + o].
+ffi::Error InputGradHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
+                            ffi::Buffer<ffi::F32> w_t, ffi::ResultBuffer<ffi::F32> dx,
+                            int64_t groups, int64_t stride, int64_t pad) {
+  Layout layout;
+  if (auto e = CheckShapes(dy.dimensions(), dx->dimensions(), w_t.dimensions(), groups, &layout);
+      e.failure()) {
+    return e;
+  }
+  const auto xd = dx->dimensions();
+  InputGrad(pool, AsImage(dy.typed_data(), dy.dimensions()), w_t.typed_data(), dx->typed_data(),
+            xd[0], xd[1], xd[2], xd[3], groups, stride, pad, layout);
+  return ffi::Error::Success();
+}
+
+ffi::Error KernelGradHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
+                             int64_t groups, int64_t stride, int64_t pad) {
+  Layout layout;
+  if (auto e = CheckShapes(x.dimensions(), dy.dimensions(), dw->dimensions(), groups, &layout);
+      e.failure()) {
+    return e;
+  }
+  KernelGrad(pool, AsImage(x.typed_data(), x.dimensions()),
+             AsImage(dy.typed_data(), dy.dimensions()), dw->typed_data(), x.dimensions()[0],
+             groups, stride, pad, layout);
+  return ffi::Error::Success();
+}
+
+// Every handler: two float32 operands, one float32 result, the convolution's attributes.
+auto ConvBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<int64_t>("groups")
+      .Attr<int64_t>("stride")
+      .Attr<int64_t>("pad");
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DpnGroupedConvForward, ForwardHandler, ConvBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DpnGroupedConvInputGrad, InputGradHandler, ConvBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DpnGroupedConvKernelGrad, KernelGradHandler, ConvBinding());

@@ -1,0 +1,31 @@
+"""Builds dpn_jax's CPU grouped-convolution kernels against jaxlib's XLA FFI headers.
+
+Everything else about the package is in pyproject.toml. The kernels are a plain shared library
+(no Python module init), loaded with ctypes by `dpn_jax.grouped_conv`.
+"""
+import os
+import platform
+
+import jaxlib
+from setuptools import Extension, setup
+
+
+def _cpu_flags() -> list[str]:
+    """AVX2 + FMA where the building machine has them (the kernels' 8-lane vectors)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return []
+    return ["-mavx2", "-mfma"] if " avx2" in flags and " fma" in flags else []
+
+
+setup(ext_modules=[Extension(
+    "dpn_jax._grouped_conv_cpu",
+    sources=["dpn_jax/csrc/grouped_conv_cpu.cc"],
+    include_dirs=[os.path.join(os.path.dirname(os.path.abspath(jaxlib.__file__)), "include")],
+    extra_compile_args=["-std=c++17", "-O3", *_cpu_flags()],
+    language="c++",
+)])
