@@ -1,7 +1,8 @@
 """Builds dpn_jax's CPU grouped-convolution kernels against jaxlib's XLA FFI headers.
 
 Everything else about the package is in pyproject.toml. The kernels are a plain shared library
-(no Python module init), loaded with ctypes by `dpn_jax.grouped_conv`.
+(no Python module init), loaded with ctypes by `dpn_jax.grouped_conv`. The build needs GCC >= 12
+or Clang; it is optional: without it, CPU runs fall back to a slower pure-XLA lowering (and say so).
 """
 import os
 import platform
@@ -28,4 +29,5 @@ setup(ext_modules=[Extension(
     include_dirs=[os.path.join(os.path.dirname(os.path.abspath(jaxlib.__file__)), "include")],
     extra_compile_args=["-std=c++17", "-O3", *_cpu_flags()],
     language="c++",
+    optional=True,
 )])

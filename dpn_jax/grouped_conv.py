@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.util
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -125,6 +126,9 @@ def cpu_kernels_available() -> bool:
     """Registers the CPU kernels with XLA once; False where the library was not built."""
     spec = importlib.util.find_spec(_KERNEL_LIBRARY)
     if spec is None or spec.origin is None:
+        if jax.default_backend() == "cpu":
+            warnings.warn("dpn_jax's CPU grouped-convolution kernels were not built (the install "
+                          "found no GCC >= 12 or Clang); using the slower pure-XLA lowering")
         return False
     library = ctypes.CDLL(spec.origin)
     for name, symbol in _KERNEL_TARGETS.items():
@@ -149,6 +153,8 @@ def cpu_kernel_supports(x: jax.Array, kernel: jax.Array, groups: int) -> bool:
 def _kernel_call(target: str, result_shape, a: jax.Array, b: jax.Array, groups: int,
                  stride: int, pad: int) -> jax.Array:
     """`a` is the activation: the result varies over shard_map's axes as it does."""
+    if not cpu_kernels_available():  # registers the targets before any call is lowered
+        raise RuntimeError("dpn_jax's CPU grouped-convolution kernels are not built")
     result = jax.typeof(a).update(shape=tuple(result_shape))
     return jax.ffi.ffi_call(f"dpn_grouped_conv_{target}", result, vmap_method="sequential")(
         a, b, groups=np.int64(groups), stride=np.int64(stride), pad=np.int64(pad))
@@ -157,6 +163,7 @@ def _kernel_call(target: str, result_shape, a: jax.Array, b: jax.Array, groups: 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _cpu_kernel_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int,
                      groups: int) -> jax.Array:
+    """The 3x3 grouped conv as one custom call per product (jax.export needs them allowed)."""
     n, h, w, _ = x.shape
     out = (n, (h + 2 * pad - 3) // stride + 1, (w + 2 * pad - 3) // stride + 1, kernel.shape[3])
     return _kernel_call("forward", out, x, kernel, groups, stride, pad)
@@ -181,6 +188,7 @@ _cpu_kernel_conv.defvjp(_cpu_kernel_conv_fwd, _cpu_kernel_conv_bwd)
 
 
 def _cpu_grouped(x: jax.Array, kernel: jax.Array, stride: int, padding, groups: int) -> jax.Array:
+    """dpn_jax's kernels where they take the shape, else one dense conv per super-group."""
     (top, bottom), (left, right) = padding
     if (cpu_kernel_supports(x, kernel, groups) and top == bottom == left == right
             and cpu_kernels_available()):

@@ -9,7 +9,8 @@
 //     multiplied with the 8-lane rows of the kernel;
 //   - groups of 1, 2 or 4 channels, as many in as out ("shuffle"): 8 / group-width groups fill
 //     the 8 lanes, and the input channel each lane needs is shuffled into place.
-// `SupportsShape` is the rule; the Python side sends other shapes to its split lowering.
+// `ChooseLayout` is the rule (mirrored by `cpu_kernel_supports` in grouped_conv.py, which sends
+// other shapes to the split lowering). GCC >= 12 or Clang: vector extensions, no intrinsics.
 //
 // The three products of a layer:
 //   forward:     y[n, oy, ox, g*O + o]  = sum_{ky,kx,i} x[n, oy*s+ky-p, ox*s+kx-p, g*I + i] w[ky, kx, i, g*O + o]
@@ -24,6 +25,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -35,7 +37,6 @@ namespace {
 constexpr int64_t kLanes = 8;
 constexpr int64_t kKernel = 3;
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
-typedef int32_t Lanes __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
 inline Vec Load(const float* p) {
   Vec v;
@@ -45,11 +46,18 @@ inline Vec Load(const float* p) {
 inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
 inline Vec Broadcast(float s) { return Vec{} + s; }
 
-// Lane l of group width `width` reads input channel r of its own group: (l / width) * width + r.
-inline Lanes ShuffleMask(int64_t width, int64_t r) {
-  Lanes mask;
-  for (int l = 0; l < kLanes; ++l) mask[l] = static_cast<int32_t>(l / width * width + r);
-  return mask;
+// Lane l of the result is lane (l / V) * V + R of x: in each V-lane group, channel R of that
+// group, spread over the group's lanes. Constant indices: one in-lane permute instruction.
+template <int V, int R, size_t... L>
+inline Vec Spread(Vec x, std::index_sequence<L...>) {
+  return __builtin_shufflevector(x, x, static_cast<int>(L / V * V + R)...);
+}
+
+// acc[R * acc_step] += Spread<V, R>(x) * w[R * w_step] for R in 0..V-1.
+template <int V, int... R>
+inline void SpreadMultiplyAdd(Vec x, const Vec* w, int w_step, Vec* acc, int acc_step,
+                              std::integer_sequence<int, R...>) {
+  ((acc[R * acc_step] += Spread<V, R>(x, std::make_index_sequence<kLanes>{}) * w[R * w_step]), ...);
 }
 
 enum class Layout { kBroadcast, kShuffle };
@@ -169,8 +177,6 @@ void GatherBroadcast(const GatherArgs& a) {
 template <int V>
 void GatherShuffle(const GatherArgs& a) {
   constexpr int P = 6;
-  Lanes mask[V];
-  for (int r = 0; r < V; ++r) mask[r] = ShuffleMask(V, r);
   for (int64_t y = 0; y < a.y_count; ++y) {
     for (int64_t x0 = 0; x0 < a.x_count; x0 += P) {
       const float* pixel[P];
@@ -185,7 +191,7 @@ void GatherShuffle(const GatherArgs& a) {
         for (int r = 0; r < V; ++r) wv[r] = Load(a.tap_kernel[t] + r * a.kernel_out);
         for (int p = 0; p < P; ++p) {
           const Vec xv = Load(pixel[p] + offset);
-          for (int r = 0; r < V; ++r) acc[p] += __builtin_shuffle(xv, mask[r]) * wv[r];
+          SpreadMultiplyAdd<V>(xv, wv, 1, &acc[p], 0, std::make_integer_sequence<int, V>{});
         }
       }
       for (int p = 0; p < P && x0 + p < a.x_count; ++p) {
@@ -369,8 +375,6 @@ void KernelGradBroadcast(const KernelGradArgs& a) {
 
 template <int V>
 void KernelGradShuffle(const KernelGradArgs& a) {
-  Lanes mask[V];
-  for (int r = 0; r < V; ++r) mask[r] = ShuffleMask(V, r);
   for (int64_t ky = 0; ky < kKernel; ++ky) {
     // The three taps of a kernel row at once: 3 * V independent sums.
     Vec acc[kKernel][V] = {};
@@ -381,7 +385,7 @@ void KernelGradShuffle(const KernelGradArgs& a) {
         const Vec d = Load(d_row + x * kLanes);
         for (int kx = 0; kx < kKernel; ++kx) {
           const Vec xv = Load(x_row + (x * a.stride + kx) * kLanes);
-          for (int r = 0; r < V; ++r) acc[kx][r] += __builtin_shuffle(xv, mask[r]) * d;
+          SpreadMultiplyAdd<V>(xv, &d, 0, acc[kx], 1, std::make_integer_sequence<int, V>{});
         }
       }
     }
