@@ -1,0 +1,94 @@
+"""Times the CPU lowerings of DPN's grouped 3x3 convolution, layer by layer, against PyTorch.
+
+For each (size, channels, channels per group, stride) of dpn68's and dpn92's `c3x3_b` layers:
+dpn_jax's FFI kernels (where they take the shape), the split lowering (one dense convolution per
+super-group), and torch's grouped convolution (oneDNN, channels_last), forward and forward +
+gradient (input and kernel) of the sum of squares. Median ms of `--iters`, rounds interleaved.
+
+    python benchmarks/grouped_conv.py --batch-size 16
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from dpn_jax import grouped_conv
+
+# (size, channels, channels per group, stride): dpn68's four stages and their stride-2 entries,
+# then dpn92's (3, 6, 12, 24 channels per group).
+SHAPES = [(56, 128, 4, 1), (56, 256, 8, 2), (28, 256, 8, 1), (28, 512, 16, 2), (14, 512, 16, 1),
+          (14, 1024, 32, 2), (7, 1024, 32, 1), (56, 96, 3, 1), (28, 192, 6, 1), (14, 384, 12, 1),
+          (7, 768, 24, 1)]
+
+
+def _jax_fns(conv: Callable) -> tuple[Callable, Callable]:
+    forward = jax.jit(conv)
+    grad = jax.jit(jax.grad(lambda x, k: jnp.sum(conv(x, k) ** 2), argnums=(0, 1)))
+    return (lambda x, k: jax.block_until_ready(forward(x, k)),
+            lambda x, k: jax.block_until_ready(grad(x, k)))
+
+
+def _torch_fns(stride: int, groups: int) -> tuple[Callable, Callable]:
+    conv = lambda x, k: torch.nn.functional.conv2d(x, k, stride=stride, padding=1, groups=groups)
+
+    def forward(x, k):
+        with torch.no_grad():
+            conv(x, k)
+
+    def grad(x, k):
+        x.grad = k.grad = None
+        (conv(x, k) ** 2).sum().backward()
+    return forward, grad
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--iters", type=int, default=7)
+    args = p.parse_args()
+    print(f"batch {args.batch_size}, median of {args.iters}, ms forward / forward+gradient; "
+          f"torch {torch.__version__} with {torch.get_num_threads()} threads")
+    print(f"{'size':>4s} {'C':>5s} {'ch/g':>4s} {'s':>2s}   {'dpn_jax kernels':>16s} "
+          f"{'split':>14s} {'torch':>14s}")
+    rng = np.random.default_rng(0)
+    for size, channels, per_group, stride in SHAPES:
+        groups = channels // per_group
+        x = rng.standard_normal((args.batch_size, size, size, channels), dtype=np.float32)
+        k = rng.standard_normal((3, 3, per_group, channels), dtype=np.float32) * 0.1
+        xj, kj = jnp.asarray(x), jnp.asarray(k)
+        xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(
+            memory_format=torch.channels_last).requires_grad_()
+        kt = torch.from_numpy(k).permute(3, 2, 0, 1).contiguous().requires_grad_()
+        padding = grouped_conv.symmetric_padding(3, stride)
+        engines = {"split": (_jax_fns(lambda x, k: grouped_conv._split_groups(
+            x, k, stride, padding, groups)), (xj, kj))}
+        if grouped_conv.cpu_kernel_supports(xj, kj, groups):
+            engines["kernels"] = (_jax_fns(lambda x, k: grouped_conv._cpu_kernel_conv(
+                x, k, stride, 1, groups)), (xj, kj))
+        engines["torch"] = (_torch_fns(stride, groups), (xt, kt))
+        times = {(name, part): [] for name in engines for part in (0, 1)}
+        for fns, inputs in engines.values():  # warm-up: compile, first-call allocations
+            for fn in fns:
+                fn(*inputs)
+        for _ in range(args.iters):
+            for name, (fns, inputs) in engines.items():
+                for part, fn in enumerate(fns):
+                    t0 = time.perf_counter()
+                    fn(*inputs)
+                    times[name, part].append(1e3 * (time.perf_counter() - t0))
+        cell = lambda name: ("-" if name not in engines else
+                             f"{statistics.median(times[name, 0]):.0f} / "
+                             f"{statistics.median(times[name, 1]):.0f}")
+        print(f"{size:4d} {channels:5d} {per_group:4d} {stride:2d}   {cell('kernels'):>16s} "
+              f"{cell('split'):>14s} {cell('torch'):>14s}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
