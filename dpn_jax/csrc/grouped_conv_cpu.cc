@@ -228,11 +228,27 @@ struct Blocks {
         out_channels(groups_per_block * out_per_group) {}
 };
 
-// Rows per work item: one item computes every channel of its rows, so the rows it writes
-// (`row_bytes` each) should stay in the core's cache until all channel blocks are done.
-int64_t RowsPerItem(int64_t height, int64_t row_bytes) {
-  constexpr int64_t kItemBytes = 128 << 10;
-  return std::max<int64_t>(1, std::min(height, kItemBytes / row_bytes));
+// Work items: blocks of `rows` rows of one image's `height`. An item computes every channel of
+// its rows, so the rows it writes (`row_bytes` each) should stay in the core's cache until all
+// channel blocks are done.
+struct RowBlocks {
+  static constexpr int64_t kItemBytes = 128 << 10;
+  int64_t height, rows, per_image;
+  RowBlocks(int64_t height, int64_t row_bytes)
+      : height(height),
+        rows(std::max<int64_t>(1, std::min(height, kItemBytes / row_bytes))),
+        per_image((height + rows - 1) / rows) {}
+  int64_t items(int64_t batch) const { return batch * per_image; }
+  int64_t image(int64_t item) const { return item / per_image; }
+  int64_t first(int64_t item) const { return item % per_image * rows; }
+  int64_t count(int64_t item) const { return std::min(rows, height - first(item)); }
+};
+
+// The n-th image of an NHWC batch.
+Image ImageAt(const Image& batch, int64_t n) {
+  Image image = batch;
+  image.data += n * batch.height * batch.width * batch.channels;
+  return image;
 }
 
 void Forward(ffi::ThreadPool& pool, const Image& x, const float* w, float* y, int64_t batch,
@@ -240,15 +256,12 @@ void Forward(ffi::ThreadPool& pool, const Image& x, const float* w, float* y, in
              int64_t pad, Layout layout) {
   const int64_t I = x.channels / groups, O = out_c / groups;
   const Blocks blocks(layout, groups, I, O);
-  const int64_t rows = RowsPerItem(out_h, out_w * out_c * sizeof(float));
-  const int64_t row_blocks = (out_h + rows - 1) / rows;
+  const RowBlocks items(out_h, out_w * out_c * sizeof(float));
   const int64_t cols = (out_w - 1) * stride + kKernel;
-  ParallelFor(pool, batch * row_blocks, [&](int64_t item, int64_t) {
+  ParallelFor(pool, items.items(batch), [&](int64_t item, int64_t) {
     thread_local std::vector<float> window;
-    const int64_t n = item / row_blocks, y0 = item % row_blocks * rows;
-    const int64_t y_count = std::min(rows, out_h - y0);
-    Image xn = x;
-    xn.data += n * x.height * x.width * x.channels;
+    const int64_t n = items.image(item), y0 = items.first(item), y_count = items.count(item);
+    const Image xn = ImageAt(x, n);
     for (int64_t block = 0; block < blocks.count; ++block) {
       PackWindow(xn, block * blocks.in_channels, blocks.in_channels, y0 * stride - pad,
                  (y_count - 1) * stride + kKernel, -pad, cols, window);
@@ -287,16 +300,13 @@ void InputGrad(ffi::ThreadPool& pool, const Image& dy, const float* w_t, float* 
     }
   }
   const int64_t m_total = (in_h + stride - 1) / stride, k_total = (in_w + stride - 1) / stride;
-  // An item: `rows` rows of every phase, i.e. rows * stride rows of dx.
-  const int64_t rows = RowsPerItem(m_total, stride * in_w * in_c * sizeof(float));
-  const int64_t row_blocks = (m_total + rows - 1) / rows;
+  // An item: rows m of every phase, i.e. `stride` rows of dx per m.
+  const RowBlocks items(m_total, stride * in_w * in_c * sizeof(float));
   const int64_t cols = k_total + e_max - e_min;
-  ParallelFor(pool, batch * row_blocks, [&](int64_t item, int64_t) {
+  ParallelFor(pool, items.items(batch), [&](int64_t item, int64_t) {
     thread_local std::vector<float> window;
-    const int64_t n = item / row_blocks, m0 = item % row_blocks * rows;
-    const int64_t m_count = std::min(rows, m_total - m0);
-    Image dyn = dy;
-    dyn.data += n * dy.height * dy.width * dy.channels;
+    const int64_t n = items.image(item), m0 = items.first(item), m_count = items.count(item);
+    const Image dyn = ImageAt(dy, n);
     for (int64_t block = 0; block < blocks.count; ++block) {
       PackWindow(dyn, block * blocks.in_channels, blocks.in_channels, m0 + e_min,
                  m_count + e_max - e_min, e_min, cols, window);
@@ -404,19 +414,15 @@ void KernelGrad(ffi::ThreadPool& pool, const Image& x, const Image& dy, float* d
   const int64_t size = kKernel * kKernel * R * dy.channels;
   const Blocks blocks(layout, groups, R, V);
   // An item reads its rows of x and dy once per channel block: keep them in cache.
-  const int64_t rows = RowsPerItem(dy.height, dy.width * dy.channels * sizeof(float));
-  const int64_t row_blocks = (dy.height + rows - 1) / rows;
+  const RowBlocks items(dy.height, dy.width * dy.channels * sizeof(float));
   const int64_t cols = (dy.width - 1) * stride + kKernel;
   const int64_t max_slots = std::max<int64_t>(1, pool.num_threads());
   std::vector<std::vector<float>> partial(max_slots);
-  const int64_t slots = ParallelFor(pool, batch * row_blocks, [&](int64_t item, int64_t slot) {
+  const int64_t slots = ParallelFor(pool, items.items(batch), [&](int64_t item, int64_t slot) {
     thread_local std::vector<float> window, dy_block;
     if (partial[slot].empty()) partial[slot].assign(size, 0.0f);
-    const int64_t n = item / row_blocks, y0 = item % row_blocks * rows;
-    const int64_t y_count = std::min(rows, dy.height - y0);
-    Image xn = x, dyn = dy;
-    xn.data += n * x.height * x.width * x.channels;
-    dyn.data += n * dy.height * dy.width * dy.channels;
+    const int64_t n = items.image(item), y0 = items.first(item), y_count = items.count(item);
+    const Image xn = ImageAt(x, n), dyn = ImageAt(dy, n);
     for (int64_t block = 0; block < blocks.count; ++block) {
       PackWindow(xn, block * blocks.in_channels, blocks.in_channels, y0 * stride - pad,
                  (y_count - 1) * stride + kKernel, -pad, cols, window);
