@@ -141,6 +141,15 @@ struct GatherArgs {
   int64_t y_count, x_count;
 };
 
+// Window positions of output pixels x0 .. x0 + P - 1 of row y (past the row's end: its last).
+template <int P>
+void TilePixels(const GatherArgs& a, int64_t y, int64_t x0, const float* (&pixel)[P]) {
+  for (int p = 0; p < P; ++p) {
+    const int64_t x = std::min(x0 + p, a.x_count - 1);
+    pixel[p] = a.window + (y * a.cols + x) * a.step * a.window_channels;
+  }
+}
+
 // Broadcast layout: one group (R inputs), NV vectors of its outputs.
 template <int NV>
 void GatherBroadcast(const GatherArgs& a) {
@@ -148,10 +157,7 @@ void GatherBroadcast(const GatherArgs& a) {
   for (int64_t y = 0; y < a.y_count; ++y) {
     for (int64_t x0 = 0; x0 < a.x_count; x0 += P) {
       const float* pixel[P];
-      for (int p = 0; p < P; ++p) {
-        const int64_t x = std::min(x0 + p, a.x_count - 1);
-        pixel[p] = a.window + (y * a.cols + x) * a.step * a.window_channels;
-      }
+      TilePixels(a, y, x0, pixel);
       Vec acc[P][NV] = {};
       for (int t = 0; t < a.taps; ++t) {
         const int64_t offset = a.tap_offset[t];
@@ -180,10 +186,7 @@ void GatherShuffle(const GatherArgs& a) {
   for (int64_t y = 0; y < a.y_count; ++y) {
     for (int64_t x0 = 0; x0 < a.x_count; x0 += P) {
       const float* pixel[P];
-      for (int p = 0; p < P; ++p) {
-        const int64_t x = std::min(x0 + p, a.x_count - 1);
-        pixel[p] = a.window + (y * a.cols + x) * a.step * a.window_channels;
-      }
+      TilePixels(a, y, x0, pixel);
       Vec acc[P] = {};
       for (int t = 0; t < a.taps; ++t) {
         const int64_t offset = a.tap_offset[t];
