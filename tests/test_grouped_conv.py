@@ -96,6 +96,17 @@ def test_cpu_kernels_take_the_dpn68_family_widths():
     assert "dpn_grouped_conv_forward" in hlo
 
 
+def test_without_the_library_cpu_runs_the_split_lowering(monkeypatch):
+    """An install that could not compile the kernels still works on CPU, and says so."""
+    monkeypatch.setattr(grouped_conv.importlib.util, "find_spec", lambda name: None)
+    with pytest.warns(UserWarning, match="kernels were not built"):
+        assert not grouped_conv.cpu_kernels_available.__wrapped__()
+    monkeypatch.setattr(grouped_conv, "cpu_kernels_available", lambda: False)
+    x, kernel = jnp.zeros((1, 5, 5, 40)), jnp.zeros((3, 3, 8, 40))  # a shape no other test traces
+    hlo = jax.jit(lambda x, k: conv2d(x, k, groups=5)).lower(x, kernel).as_text()
+    assert "dpn_grouped_conv" not in hlo
+
+
 @pytest.mark.parametrize("size", [1, 6, 7])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("channels_per_group,groups", _kernel_test_shapes())
