@@ -2,9 +2,9 @@
 //
 // XLA CPU runs `feature_group_count` convolutions tens of times slower than oneDNN, and splitting
 // them into dense convolutions costs a transpose and a copy per group and direction
-// (BENCHMARKS.md). Here each work item (image, block of rows, block of groups) copies the input
-// window it reads into a small zero-padded buffer, then accumulates 8-lane vectors of output
-// channels in registers over taps and input channels:
+// (BENCHMARKS.md). Here each work item (an image's block of rows) takes the channel blocks in
+// turn: it copies the input window a block reads into a small zero-padded buffer, then
+// accumulates 8-lane vectors of output channels in registers over taps and input channels:
 //   - groups of 8, 16, 24 or 32 channels ("broadcast"): each input channel is broadcast and
 //     multiplied with the 8-lane rows of the kernel;
 //   - groups of 1, 2 or 4 channels, as many in as out ("shuffle"): 8 / group-width groups fill
@@ -14,8 +14,9 @@
 //
 // The three products of a layer:
 //   forward:     y[n, oy, ox, g*O + o]  = sum_{ky,kx,i} x[n, oy*s+ky-p, ox*s+kx-p, g*I + i] w[ky, kx, i, g*O + o]
-//   input grad:  the forward product of dy, dilated by s and padded by k-1-p, with the kernel
-//                flipped and transposed per group (w_t[ky, kx, o, g*I + i] = w[2-ky, 2-kx, i, g*O + o]).
+//   input grad:  dx[n, iy, ix, g*I + i] = sum over (ky, kx, o) with iy = oy*s+ky-p, ix = ox*s+kx-p
+//                of dy[n, oy, ox, g*O + o] w[ky, kx, i, g*O + o]: per stride phase of (iy, ix), a
+//                stride-1 product over dy with the kernel transposed per group (`InputGrad`).
 //   kernel grad: dw[ky, kx, i, g*O + o] = sum_{n,oy,ox} x[n, oy*s+ky-p, ox*s+kx-p, g*I + i] dy[n, oy, ox, g*O + o]
 // Work items run on XLA's intra-op thread pool.
 
