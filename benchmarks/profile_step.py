@@ -4,8 +4,9 @@
 
 Builds the step exactly as `benchmark.py` times it, runs two warm-up steps, profiles a third
 with `jax.profiler`, and prints the thread time and count per op kind (the XLA op name without
-its number: `ynn_fusion`, `transpose_copy_fusion`, ...), then the matmuls' FLOPs and rate (read
-from the optimised HLO) and the slowest matmuls with their layer and shape. On the CPU ops run
+its number: `ynn_fusion`, `ffi_call`, ...), the custom calls (dpn_jax's CPU grouped-convolution
+kernels) by target and shape, then the matmuls' FLOPs and rate (read from the optimised HLO) and
+the slowest matmuls with their layer and shape. On the CPU ops run
 concurrently on the thread pool, so thread times add up to more than the step's wall time. Ops
 whose work runs in thread-pool tasks that the profiler does not annotate (Eigen convolutions)
 show only their dispatch.
@@ -60,6 +61,12 @@ def matmul_flops(hlo: str) -> dict[str, tuple[float, str]]:
     return found
 
 
+def custom_calls(hlo: str) -> dict[str, str]:
+    """Custom-call instruction name -> "target result-shape" (dpn_jax's CPU grouped convs)."""
+    return {m[1]: f"{m[3]} {m[2]}" for m in re.finditer(
+        r'^\s*%([\w.\-]+) = (\w+\[[\d,]*\])[^\n]*custom_call_target="([\w.\-]+)"', hlo, re.M)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="dpn68")
@@ -94,6 +101,13 @@ def main() -> None:
     print(f"\n{'op kind':32s} {'thread s':>9s} {'ops':>6s}")
     for kind, seconds in kinds.most_common(args.top):
         print(f"{kind:32s} {seconds:9.3f} {counts[kind]:6d}")
+    per_call = collections.Counter()
+    for name, what in custom_calls(engine.compiled.as_text()).items():
+        per_call[what] += times.get(name, 0.0)
+    if per_call:
+        print(f"\n{'custom call (all layers of a shape)':58s} {'thread s':>9s}")
+        for what, seconds in per_call.most_common(args.top):
+            print(f"{what:58s} {seconds:9.3f}")
     timed = [(times[n], f, what) for n, (f, what) in matmuls.items() if times.get(n)]
     if timed:
         total_s, total_f = sum(t for t, _, _ in timed), sum(f for _, f, _ in timed)
