@@ -88,7 +88,8 @@ def main() -> None:
         engine.step()
         wall = time.perf_counter() - t0
     times = op_thread_times(trace_dir)
-    matmuls = matmul_flops(engine.compiled.as_text())
+    hlo = engine.compiled.as_text()
+    matmuls = matmul_flops(hlo)
 
     print(f"{args.model} {args.mode} batch {args.batch_size} {args.resolution}px {args.dtype} on "
           f"{jax.default_backend()}: step {wall:.2f} s wall, {sum(times.values()):.2f} s of "
@@ -102,7 +103,7 @@ def main() -> None:
     for kind, seconds in kinds.most_common(args.top):
         print(f"{kind:32s} {seconds:9.3f} {counts[kind]:6d}")
     per_call = collections.Counter()
-    for name, what in custom_calls(engine.compiled.as_text()).items():
+    for name, what in custom_calls(hlo).items():
         per_call[what] += times.get(name, 0.0)
     if per_call:
         print(f"\n{'custom call (all layers of a shape)':58s} {'thread s':>9s}")

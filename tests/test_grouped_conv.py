@@ -61,6 +61,14 @@ def _assert_matches_reference(x, kernel, stride, groups, conv=None):
                                    err_msg=name)
 
 
+def _random_inputs(channels_per_group, groups, seed, height, width):
+    """A (2, height, width, C) input and a (3, 3, channels_per_group, C) kernel."""
+    channels = channels_per_group * groups
+    kx, kk = jax.random.split(jax.random.PRNGKey(seed))
+    x = jax.random.normal(kx, (2, height, width, channels))
+    return x, jax.random.normal(kk, (3, 3, channels_per_group, channels)) * 0.1
+
+
 def test_variant_shapes_cover_every_channels_per_group():
     cgs = {cg for cg, _ in _variant_group_shapes()}
     assert cgs == {3, 4, 6, 8, 12, 16, 24, 32}
@@ -69,10 +77,7 @@ def test_variant_shapes_cover_every_channels_per_group():
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("channels_per_group,groups", _test_shapes())
 def test_grouped_3x3_matches_feature_group_count(channels_per_group, groups, stride):
-    channels = channels_per_group * groups
-    kx, kk = jax.random.split(jax.random.PRNGKey(channels_per_group * 100 + groups))
-    x = jax.random.normal(kx, (2, 7, 7, channels))
-    kernel = jax.random.normal(kk, (3, 3, channels_per_group, channels)) * 0.1
+    x, kernel = _random_inputs(channels_per_group, groups, channels_per_group * 100 + groups, 7, 7)
     _assert_matches_reference(x, kernel, stride, groups)
 
 
@@ -112,10 +117,8 @@ def test_without_the_library_cpu_runs_the_split_lowering(monkeypatch):
 @pytest.mark.parametrize("channels_per_group,groups", _kernel_test_shapes())
 def test_cpu_kernel_matches_feature_group_count(channels_per_group, groups, stride, size):
     """Odd and even sizes (stride 2's phases), and a 1x1 image (every tap but one is padding)."""
-    channels = channels_per_group * groups
-    kx, kk = jax.random.split(jax.random.PRNGKey(channels_per_group * 10 + size))
-    x = jax.random.normal(kx, (2, size, size + 1, channels))
-    kernel = jax.random.normal(kk, (3, 3, channels_per_group, channels)) * 0.1
+    x, kernel = _random_inputs(channels_per_group, groups, channels_per_group * 10 + size,
+                               size, size + 1)
     conv = lambda x, k: grouped_conv._cpu_kernel_conv(x, k, stride, 1, groups)
     _assert_matches_reference(x, kernel, stride, groups, conv)
 
@@ -123,10 +126,8 @@ def test_cpu_kernel_matches_feature_group_count(channels_per_group, groups, stri
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("channels_per_group,groups", _test_shapes())
 def test_split_groups_matches_feature_group_count(channels_per_group, groups, stride):
-    channels = channels_per_group * groups
-    kx, kk = jax.random.split(jax.random.PRNGKey(channels_per_group * 100 + groups + 1))
-    x = jax.random.normal(kx, (2, 7, 7, channels))
-    kernel = jax.random.normal(kk, (3, 3, channels_per_group, channels)) * 0.1
+    x, kernel = _random_inputs(channels_per_group, groups, channels_per_group * 100 + groups + 1,
+                               7, 7)
     conv = lambda x, k: grouped_conv._split_groups(x, k, stride, symmetric_padding(3, stride), groups)
     _assert_matches_reference(x, kernel, stride, groups, conv)
 
