@@ -1,4 +1,4 @@
-"""Builds dpn_jax's CPU grouped-convolution kernels against jaxlib's XLA FFI headers.
+"""Builds dpn_jax's CPU kernels (grouped 3x3 convolution, 1x1 weight gradient) against jaxlib's XLA FFI headers.
 
 Everything else about the package is in pyproject.toml. The kernels are a plain shared library
 (no Python module init), loaded with ctypes by `dpn_jax.grouped_conv`. The build needs GCC >= 12
@@ -24,8 +24,9 @@ def _cpu_flags() -> list[str]:
 
 
 setup(ext_modules=[Extension(
-    "dpn_jax._grouped_conv_cpu",
-    sources=["dpn_jax/csrc/grouped_conv_cpu.cc"],
+    "dpn_jax._cpu_kernels",
+    sources=["dpn_jax/csrc/grouped_conv_cpu.cc", "dpn_jax/csrc/pointwise_grad_cpu.cc"],
+    depends=["dpn_jax/csrc/cpu_kernels.h"],
     include_dirs=[os.path.join(os.path.dirname(os.path.abspath(jaxlib.__file__)), "include")],
     extra_compile_args=["-std=c++17", "-O3", *_cpu_flags()],
     language="c++",

@@ -7,7 +7,8 @@ all of them natively. Every convolution of the model goes through `conv2d`, whic
 lowering per backend at lowering time via `lax.platform_dependent`, so one jitted function is
 right everywhere. On CPU the 3x3 grouped convolutions run dpn_jax's own kernels
 (`csrc/grouped_conv_cpu.cc`, XLA FFI custom calls) where they support the shape, else one dense
-convolution per super-group. BENCHMARKS.md ("Grouped convolution lowerings") has the
+convolution per super-group, and 1x1 convolutions are matmuls whose weight gradient is a kernel
+of its own (`csrc/pointwise_grad_cpu.cc`). BENCHMARKS.md ("Grouped convolution lowerings") has the
 measurements behind the CPU choices.
 """
 from __future__ import annotations
@@ -55,7 +56,9 @@ def _channel_matmul(x: jax.Array, weight: jax.Array) -> jax.Array:
 
     The custom VJP states the weight gradient as x^T dy contracted over (N, H, W). Autodiff's
     form makes XLA CPU transpose dy in memory first, which made a dpn68 training step ~30%
-    slower per layer at 56x56 and 28x28 (BENCHMARKS.md, "1x1 convolution").
+    slower per layer at 56x56 and 28x28 (BENCHMARKS.md, "1x1 convolution"); even this form
+    makes it write x transposed, so in float32 the product is dpn_jax's own kernel, which
+    transposes in cache.
     """
     return lax.dot_general(x, weight, (((3,), (0,)), ((), ())))
 
@@ -67,7 +70,12 @@ def _channel_matmul_fwd(x, weight):
 def _channel_matmul_bwd(residuals, dy):
     x, weight = residuals
     dx = lax.dot_general(dy, weight, (((3,), (1,)), ((), ())))
-    dweight = lax.dot_general(x, dy, (((0, 1, 2), (0, 1, 2)), ((), ())))
+    if x.dtype == dy.dtype == jnp.float32 and cpu_kernels_available():
+        rows = x.shape[0] * x.shape[1] * x.shape[2]
+        dweight = _kernel_call("dpn_pointwise_kernel_grad", weight.shape,
+                               x.reshape(rows, -1), dy.reshape(rows, -1))
+    else:
+        dweight = lax.dot_general(x, dy, (((0, 1, 2), (0, 1, 2)), ((), ())))
     return dx, dweight
 
 
@@ -116,9 +124,12 @@ def _split_groups(x: jax.Array, kernel: jax.Array, stride: int, padding, groups:
                            axis=-1)
 
 
-_KERNEL_LIBRARY = "dpn_jax._grouped_conv_cpu"
-_KERNEL_TARGETS = {"forward": "DpnGroupedConvForward", "input_grad": "DpnGroupedConvInputGrad",
-                   "kernel_grad": "DpnGroupedConvKernelGrad"}
+_KERNEL_LIBRARY = "dpn_jax._cpu_kernels"
+# custom-call target -> the library's handler symbol
+_KERNEL_TARGETS = {"dpn_grouped_conv_forward": "DpnGroupedConvForward",
+                   "dpn_grouped_conv_input_grad": "DpnGroupedConvInputGrad",
+                   "dpn_grouped_conv_kernel_grad": "DpnGroupedConvKernelGrad",
+                   "dpn_pointwise_kernel_grad": "DpnPointwiseKernelGrad"}
 
 
 @functools.cache
@@ -127,13 +138,13 @@ def cpu_kernels_available() -> bool:
     spec = importlib.util.find_spec(_KERNEL_LIBRARY)
     if spec is None or spec.origin is None:
         if jax.default_backend() == "cpu":
-            warnings.warn("dpn_jax's CPU grouped-convolution kernels were not built (the install "
-                          "found no GCC >= 12 or Clang); using the slower pure-XLA lowering")
+            warnings.warn("dpn_jax's CPU convolution kernels were not built (the install found "
+                          "no GCC >= 12 or Clang); using the slower pure-XLA lowering")
         return False
     library = ctypes.CDLL(spec.origin)
-    for name, symbol in _KERNEL_TARGETS.items():
-        jax.ffi.register_ffi_target(f"dpn_grouped_conv_{name}",
-                                    jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    for target, symbol in _KERNEL_TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                    platform="cpu")
     return True
 
 
@@ -150,14 +161,20 @@ def cpu_kernel_supports(x: jax.Array, kernel: jax.Array, groups: int) -> bool:
             and kernel.dtype == jnp.float32)
 
 
-def _kernel_call(target: str, result_shape, a: jax.Array, b: jax.Array, groups: int,
-                 stride: int, pad: int) -> jax.Array:
+def _kernel_call(target: str, result_shape, a: jax.Array, b: jax.Array, **attributes: int
+                 ) -> jax.Array:
     """`a` is the activation: the result varies over shard_map's axes as it does."""
     if not cpu_kernels_available():  # registers the targets before any call is lowered
-        raise RuntimeError("dpn_jax's CPU grouped-convolution kernels are not built")
+        raise RuntimeError("dpn_jax's CPU convolution kernels are not built")
     result = jax.typeof(a).update(shape=tuple(result_shape))
-    return jax.ffi.ffi_call(f"dpn_grouped_conv_{target}", result, vmap_method="sequential")(
-        a, b, groups=np.int64(groups), stride=np.int64(stride), pad=np.int64(pad))
+    return jax.ffi.ffi_call(target, result, vmap_method="sequential")(
+        a, b, **{name: np.int64(value) for name, value in attributes.items()})
+
+
+def _grouped_call(product: str, result_shape, a: jax.Array, b: jax.Array, groups: int,
+                  stride: int, pad: int) -> jax.Array:
+    return _kernel_call(f"dpn_grouped_conv_{product}", result_shape, a, b, groups=groups,
+                        stride=stride, pad=pad)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -166,7 +183,7 @@ def _cpu_kernel_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int,
     """The 3x3 grouped conv as one custom call per product (jax.export needs them allowed)."""
     n, h, w, _ = x.shape
     out = (n, (h + 2 * pad - 3) // stride + 1, (w + 2 * pad - 3) // stride + 1, kernel.shape[3])
-    return _kernel_call("forward", out, x, kernel, groups, stride, pad)
+    return _grouped_call("forward", out, x, kernel, groups, stride, pad)
 
 
 def _cpu_kernel_conv_fwd(x, kernel, stride, pad, groups):
@@ -179,8 +196,8 @@ def _cpu_kernel_conv_bwd(stride, pad, groups, residuals, dy):
     # The input gradient reads each group's kernel transposed (in <-> out).
     per_group = kernel.reshape(kh, kw, in_per_group, groups, out_channels // groups)
     kernel_t = per_group.transpose(0, 1, 4, 3, 2).reshape(kh, kw, -1, groups * in_per_group)
-    dx = _kernel_call("input_grad", x.shape, dy, kernel_t, groups, stride, pad)
-    dkernel = _kernel_call("kernel_grad", kernel.shape, x, dy, groups, stride, pad)
+    dx = _grouped_call("input_grad", x.shape, dy, kernel_t, groups, stride, pad)
+    dkernel = _grouped_call("kernel_grad", kernel.shape, x, dy, groups, stride, pad)
     return dx, dkernel
 
 

@@ -141,6 +141,22 @@ def test_dense_conv_matches_reference(kernel_size, stride):
     _assert_matches_reference(x, kernel, stride, 1)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("batch,size,in_channels,out_channels", [
+    (1, 1, 5, 3),       # a single row: every register tile is a partial one
+    (2, 23, 13, 21),    # 1058 rows (three work items, the last partial), odd channel counts
+    (2, 16, 144, 80)])  # a dpn68 stage-2 width
+def test_pointwise_kernel_gradient_matches_reference(batch, size, in_channels, out_channels,
+                                                     stride):
+    """The 1x1 conv's CPU weight-gradient kernel, through `conv2d`'s VJP, against XLA's conv."""
+    kx, kk = jax.random.split(jax.random.PRNGKey(size + in_channels))
+    x = jax.random.normal(kx, (batch, size, size, in_channels))
+    kernel = jax.random.normal(kk, (1, 1, in_channels, out_channels)) * 0.1
+    _assert_matches_reference(x, kernel, stride, 1)
+    grad = jax.grad(lambda x, k: jnp.sum(conv2d(x, k, stride=stride) ** 2), argnums=1)
+    assert "dpn_pointwise_kernel_grad" in jax.jit(grad).lower(x, kernel).as_text()
+
+
 @pytest.mark.parametrize("channels_per_group,groups,merged", [
     (4, 32, 4), (3, 32, 8), (4, 50, 5), (8, 32, 2), (16, 32, 1), (32, 40, 1), (2, 3, 3)])
 def test_groups_per_cpu_conv(channels_per_group, groups, merged):

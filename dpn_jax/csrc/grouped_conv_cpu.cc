@@ -20,32 +20,14 @@
 //   kernel grad: dw[ky, kx, i, g*O + o] = sum_{n,oy,ox} x[n, oy*s+ky-p, ox*s+kx-p, g*I + i] dy[n, oy, ox, g*O + o]
 // Work items run on XLA's intra-op thread pool.
 
-#include <algorithm>
-#include <atomic>
-#include <cstdint>
-#include <cstring>
-#include <memory>
-#include <thread>
 #include <utility>
-#include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "cpu_kernels.h"
 
-namespace ffi = xla::ffi;
-
+namespace dpn_jax {
 namespace {
 
-constexpr int64_t kLanes = 8;
 constexpr int64_t kKernel = 3;
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
-
-inline Vec Load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
-inline Vec Broadcast(float s) { return Vec{} + s; }
 
 // Lane l of the result is lane (l / V) * V + R of x: in each V-lane group, channel R of that
 // group, spread over the group's lanes. Constant indices: one in-lane permute instruction.
@@ -74,34 +56,6 @@ bool ChooseLayout(int64_t in_per_group, int64_t out_per_group, int64_t channels,
     return true;
   }
   return false;
-}
-
-// Runs body(item, slot) for item in [0, items) on the calling thread and the pool's threads;
-// `slot` numbers the participating threads 0..threads-1 (for per-thread accumulators). The
-// caller takes items too, so the call finishes even if no pool task ever starts. Returns the
-// number of slots.
-template <typename Body>
-int64_t ParallelFor(ffi::ThreadPool& pool, int64_t items, const Body& body) {
-  struct Progress {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-    std::atomic<int64_t> slots{1};
-  };
-  const int64_t threads = std::max<int64_t>(1, std::min(pool.num_threads(), items));
-  auto progress = std::make_shared<Progress>();
-  auto work = [progress, items, &body](int64_t slot) {
-    for (int64_t item; (item = progress->next.fetch_add(1)) < items;) {
-      body(item, slot);
-      progress->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 1; t < threads; ++t) {
-    // A task that starts after the caller has returned finds no item left and touches nothing.
-    pool.Schedule([progress, work] { work(progress->slots.fetch_add(1)); });
-  }
-  work(0);
-  while (progress->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
-  return threads;
 }
 
 // Floor of a / b for b > 0 and either sign of a.
@@ -202,14 +156,6 @@ void GatherShuffle(const GatherArgs& a) {
         Store(a.out + y * a.out_row_stride + (x0 + p) * a.out_col_stride, acc[p]);
       }
     }
-  }
-}
-
-template <int N, typename F>
-void Dispatch(int64_t n, const F& f) {
-  if constexpr (N > 0) {
-    if (n == N) return f(std::integral_constant<int, N>{});
-    Dispatch<N - 1>(n, f);
   }
 }
 
@@ -420,11 +366,8 @@ void KernelGrad(ffi::ThreadPool& pool, const Image& x, const Image& dy, float* d
   // An item reads its rows of x and dy once per channel block: keep them in cache.
   const RowBlocks items(dy.height, dy.width * dy.channels * sizeof(float));
   const int64_t cols = (dy.width - 1) * stride + kKernel;
-  const int64_t max_slots = std::max<int64_t>(1, pool.num_threads());
-  std::vector<std::vector<float>> partial(max_slots);
-  const int64_t slots = ParallelFor(pool, items.items(batch), [&](int64_t item, int64_t slot) {
+  ParallelSum(pool, items.items(batch), size, dw, [&](int64_t item, float* partial) {
     thread_local std::vector<float> window, dy_block;
-    if (partial[slot].empty()) partial[slot].assign(size, 0.0f);
     const int64_t n = items.image(item), y0 = items.first(item), y_count = items.count(item);
     const Image xn = ImageAt(x, n), dyn = ImageAt(dy, n);
     for (int64_t block = 0; block < blocks.count; ++block) {
@@ -433,7 +376,7 @@ void KernelGrad(ffi::ThreadPool& pool, const Image& x, const Image& dy, float* d
       PackWindow(dyn, block * blocks.out_channels, blocks.out_channels, y0, y_count, 0, dy.width,
                  dy_block);
       KernelGradArgs a{window.data(), cols, dy_block.data(), y_count, dy.width, stride,
-                       partial[slot].data() + block * blocks.out_channels, R, dy.channels};
+                       partial + block * blocks.out_channels, R, dy.channels};
       if (layout == Layout::kShuffle) {
         Dispatch<4>(V, [&](auto v) { if constexpr (kLanes % v == 0) KernelGradShuffle<v>(a); });
       } else {
@@ -441,11 +384,6 @@ void KernelGrad(ffi::ThreadPool& pool, const Image& x, const Image& dy, float* d
       }
     }
   });
-  std::fill(dw, dw + size, 0.0f);
-  for (int64_t t = 0; t < slots; ++t) {
-    if (partial[t].empty()) continue;
-    for (int64_t j = 0; j < size; ++j) dw[j] += partial[t][j];
-  }
 }
 
 Image AsImage(const float* data, ffi::Span<const int64_t> dims) {
@@ -518,7 +456,11 @@ auto ConvBinding() {
 }
 
 }  // namespace
+}  // namespace dpn_jax
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DpnGroupedConvForward, ForwardHandler, ConvBinding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DpnGroupedConvInputGrad, InputGradHandler, ConvBinding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DpnGroupedConvKernelGrad, KernelGradHandler, ConvBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DpnGroupedConvForward, dpn_jax::ForwardHandler,
+                              dpn_jax::ConvBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DpnGroupedConvInputGrad, dpn_jax::InputGradHandler,
+                              dpn_jax::ConvBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DpnGroupedConvKernelGrad, dpn_jax::KernelGradHandler,
+                              dpn_jax::ConvBinding());

@@ -1,0 +1,109 @@
+// Weight gradient of a 1x1 convolution for XLA's CPU backend, as an XLA FFI handler:
+//   dw[i, o] = sum_m x[m, i] dy[m, o],   x (M, I) and dy (M, O) row-major (NHWC, M = N*H*W).
+//
+// XLA CPU's matmul library wants the contracted dimension innermost, so for this product XLA
+// first writes x transposed: one extra pass over every 1x1 layer's input in the backward pass
+// (`copy_bitcast_fusion`, ~0.4 s of a ~3.5 s dpn68 training step, BENCHMARKS.md). Here each
+// work item, a block of rows m, copies its rows of x and dy into panels in cache (the
+// transpose happens there), runs a 6 x 16 register tile over them, and adds its product into
+// the running thread's partial sum of dw.
+
+#include <cstdint>
+#include <vector>
+
+#include "cpu_kernels.h"
+
+namespace dpn_jax {
+namespace {
+
+constexpr int64_t kTileRows = 6;             // dw rows per register tile (broadcast from x)
+constexpr int64_t kTileCols = 2 * kLanes;    // dw columns per register tile (two vectors of dy)
+constexpr int64_t kItemRows = 512;           // rows m per work item: the product's depth per pass
+constexpr int64_t kPassCols = 64;           // dy columns whose panels stay in L2 per pass
+
+// panels[p][m][k] = a[m0 + m, p * width + k] for m < rows, zero past a's `cols` columns.
+void PackPanels(const float* a, int64_t cols, int64_t m0, int64_t rows, int64_t width,
+                std::vector<float>& panels) {
+  const int64_t count = (cols + width - 1) / width;
+  panels.assign(count * rows * width, 0.0f);
+  for (int64_t m = 0; m < rows; ++m) {
+    const float* row = a + (m0 + m) * cols;
+    for (int64_t p = 0; p < count; ++p) {
+      float* to = &panels[(p * rows + m) * width];
+      for (int64_t k = 0; k < std::min(width, cols - p * width); ++k) to[k] = row[p * width + k];
+    }
+  }
+}
+
+// dw[0 .. valid_rows, 0 .. valid_cols) += x_panel^T dy_panel over `rows` rows.
+void Tile(const float* x_panel, const float* dy_panel, int64_t rows, float* dw, int64_t dw_cols,
+          int64_t valid_rows, int64_t valid_cols) {
+  Vec acc[kTileRows][2] = {};
+  for (int64_t m = 0; m < rows; ++m) {
+    const Vec d0 = Load(dy_panel + m * kTileCols), d1 = Load(dy_panel + m * kTileCols + kLanes);
+    for (int64_t r = 0; r < kTileRows; ++r) {
+      const Vec s = Broadcast(x_panel[m * kTileRows + r]);
+      acc[r][0] += s * d0;
+      acc[r][1] += s * d1;
+    }
+  }
+  for (int64_t r = 0; r < valid_rows; ++r) {
+    float* out = dw + r * dw_cols;
+    if (valid_cols == kTileCols) {
+      Store(out, Load(out) + acc[r][0]);
+      Store(out + kLanes, Load(out + kLanes) + acc[r][1]);
+    } else {
+      float sums[kTileCols];
+      Store(sums, acc[r][0]);
+      Store(sums + kLanes, acc[r][1]);
+      for (int64_t c = 0; c < valid_cols; ++c) out[c] += sums[c];
+    }
+  }
+}
+
+void PointwiseKernelGrad(ffi::ThreadPool& pool, const float* x, const float* dy, float* dw,
+                         int64_t m_total, int64_t in_c, int64_t out_c) {
+  const int64_t items = (m_total + kItemRows - 1) / kItemRows;
+  const int64_t row_panels = (in_c + kTileRows - 1) / kTileRows;
+  const int64_t col_panels = (out_c + kTileCols - 1) / kTileCols;
+  ParallelSum(pool, items, in_c * out_c, dw, [&](int64_t item, float* partial) {
+    thread_local std::vector<float> x_panels, dy_panels;
+    const int64_t m0 = item * kItemRows, rows = std::min(kItemRows, m_total - m0);
+    PackPanels(x, in_c, m0, rows, kTileRows, x_panels);
+    PackPanels(dy, out_c, m0, rows, kTileCols, dy_panels);
+    for (int64_t q0 = 0; q0 < col_panels; q0 += kPassCols / kTileCols) {
+      const int64_t q1 = std::min(col_panels, q0 + kPassCols / kTileCols);
+      for (int64_t p = 0; p < row_panels; ++p) {
+        const int64_t i0 = p * kTileRows;
+        for (int64_t q = q0; q < q1; ++q) {
+          const int64_t o0 = q * kTileCols;
+          Tile(&x_panels[p * rows * kTileRows], &dy_panels[q * rows * kTileCols], rows,
+               partial + i0 * out_c + o0, out_c, std::min(kTileRows, in_c - i0),
+               std::min(kTileCols, out_c - o0));
+        }
+      }
+    }
+  });
+}
+
+ffi::Error PointwiseKernelGradHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                      ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw) {
+  const auto xd = x.dimensions(), dyd = dy.dimensions(), dwd = dw->dimensions();
+  if (xd.size() != 2 || dyd.size() != 2 || dwd.size() != 2 || xd[0] != dyd[0] ||
+      dwd[0] != xd[1] || dwd[1] != dyd[1]) {
+    return ffi::Error::InvalidArgument("dpn_jax 1x1 kernel gradient: unsupported shapes");
+  }
+  PointwiseKernelGrad(pool, x.typed_data(), dy.typed_data(), dw->typed_data(), xd[0], xd[1],
+                      dyd[1]);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace dpn_jax
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DpnPointwiseKernelGrad, dpn_jax::PointwiseKernelGradHandler,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::ThreadPool>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>());
