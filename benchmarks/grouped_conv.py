@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +48,22 @@ def _torch_fns(stride: int, groups: int) -> tuple[Callable, Callable]:
     return forward, grad
 
 
+def interleaved_medians(engines: dict[str, tuple[Sequence[Callable], tuple]], iters: int
+                        ) -> dict[str, list[float]]:
+    """name -> median ms of each of its functions on its inputs, every engine once per round."""
+    times = {name: [[] for _ in fns] for name, (fns, _) in engines.items()}
+    for fns, inputs in engines.values():  # warm-up: compile, first-call allocations
+        for fn in fns:
+            fn(*inputs)
+    for _ in range(iters):
+        for name, (fns, inputs) in engines.items():
+            for part, fn in enumerate(fns):
+                t0 = time.perf_counter()
+                fn(*inputs)
+                times[name][part].append(1e3 * (time.perf_counter() - t0))
+    return {name: [statistics.median(t) for t in parts] for name, parts in times.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-size", type=int, default=16)
@@ -73,19 +89,9 @@ def main() -> None:
             engines["kernels"] = (_jax_fns(lambda x, k: grouped_conv._cpu_kernel_conv(
                 x, k, stride, 1, groups)), (xj, kj))
         engines["torch"] = (_torch_fns(stride, groups), (xt, kt))
-        times = {(name, part): [] for name in engines for part in (0, 1)}
-        for fns, inputs in engines.values():  # warm-up: compile, first-call allocations
-            for fn in fns:
-                fn(*inputs)
-        for _ in range(args.iters):
-            for name, (fns, inputs) in engines.items():
-                for part, fn in enumerate(fns):
-                    t0 = time.perf_counter()
-                    fn(*inputs)
-                    times[name, part].append(1e3 * (time.perf_counter() - t0))
+        ms = interleaved_medians(engines, args.iters)
         cell = lambda name: ("-" if name not in engines else
-                             f"{statistics.median(times[name, 0]):.0f} / "
-                             f"{statistics.median(times[name, 1]):.0f}")
+                             f"{ms[name][0]:.0f} / {ms[name][1]:.0f}")
         print(f"{size:4d} {channels:5d} {per_group:4d} {stride:2d}   {cell('kernels'):>16s} "
               f"{cell('split'):>14s} {cell('torch'):>14s}", flush=True)
 

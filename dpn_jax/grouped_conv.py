@@ -50,6 +50,12 @@ def _pointwise_dot(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     return _channel_matmul(x, kernel[0, 0])
 
 
+# The 1x1 weight gradient's transposed copy costs XLA ~1/out_channels of the product's work;
+# up to this width dpn_jax's kernel (no copy) is the faster one in a dpn68 train step, beyond it
+# XLA's matmul (BENCHMARKS.md, "1x1 weight-gradient kernel").
+POINTWISE_KERNEL_MAX_OUT = 256
+
+
 @jax.custom_vjp
 def _channel_matmul(x: jax.Array, weight: jax.Array) -> jax.Array:
     """(N, H, W, Cin) x (Cin, Cout) -> (N, H, W, Cout).
@@ -57,8 +63,8 @@ def _channel_matmul(x: jax.Array, weight: jax.Array) -> jax.Array:
     The custom VJP states the weight gradient as x^T dy contracted over (N, H, W). Autodiff's
     form makes XLA CPU transpose dy in memory first, which made a dpn68 training step ~30%
     slower per layer at 56x56 and 28x28 (BENCHMARKS.md, "1x1 convolution"); even this form
-    makes it write x transposed, so in float32 the product is dpn_jax's own kernel, which
-    transposes in cache.
+    makes it write x transposed. dpn_jax's own kernel transposes in cache instead; it pays
+    where that copy is large against the product's FLOPs, i.e. for few output channels.
     """
     return lax.dot_general(x, weight, (((3,), (0,)), ((), ())))
 
@@ -70,7 +76,8 @@ def _channel_matmul_fwd(x, weight):
 def _channel_matmul_bwd(residuals, dy):
     x, weight = residuals
     dx = lax.dot_general(dy, weight, (((3,), (1,)), ((), ())))
-    if x.dtype == dy.dtype == jnp.float32 and cpu_kernels_available():
+    if (weight.shape[1] <= POINTWISE_KERNEL_MAX_OUT and x.dtype == dy.dtype == jnp.float32
+            and cpu_kernels_available()):
         rows = x.shape[0] * x.shape[1] * x.shape[2]
         dweight = _kernel_call("dpn_pointwise_kernel_grad", weight.shape,
                                x.reshape(rows, -1), dy.reshape(rows, -1))

@@ -157,6 +157,16 @@ def test_pointwise_kernel_gradient_matches_reference(batch, size, in_channels, o
     assert "dpn_pointwise_kernel_grad" in jax.jit(grad).lower(x, kernel).as_text()
 
 
+def test_wide_pointwise_gradient_stays_with_xla():
+    """Past POINTWISE_KERNEL_MAX_OUT output channels XLA's matmul is the faster weight gradient."""
+    x = jnp.zeros((1, 4, 4, 8))
+    grad = jax.grad(lambda x, k: jnp.sum(conv2d(x, k)), argnums=1)
+    for out_channels, uses_kernel in ((grouped_conv.POINTWISE_KERNEL_MAX_OUT, True),
+                                      (grouped_conv.POINTWISE_KERNEL_MAX_OUT + 8, False)):
+        hlo = jax.jit(grad).lower(x, jnp.zeros((1, 1, 8, out_channels))).as_text()
+        assert ("dpn_pointwise_kernel_grad" in hlo) == uses_kernel
+
+
 @pytest.mark.parametrize("channels_per_group,groups,merged", [
     (4, 32, 4), (3, 32, 8), (4, 50, 5), (8, 32, 2), (16, 32, 1), (32, 40, 1), (2, 3, 3)])
 def test_groups_per_cpu_conv(channels_per_group, groups, merged):
