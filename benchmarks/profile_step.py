@@ -1,19 +1,19 @@
-"""Where one dpn_jax step spends its time: XLA's ops from a profiled step, grouped by kind.
+"""Where one dpn_jax CPU step spends its time: XLA's ops from a profiled step, by kind.
 
     python benchmarks/profile_step.py --model dpn68 --batch-size 16 --mode train
 
 Builds the step exactly as `benchmark.py` times it, runs two warm-up steps, profiles a third
-with `jax.profiler`, and prints the thread time and count per op kind (the XLA op name without
-its number: `ynn_fusion`, `ffi_call`, ...), the custom calls (dpn_jax's CPU grouped-convolution
-kernels) by target and shape, then the matmuls' FLOPs and rate (read from the optimised HLO) and
-the slowest matmuls with their layer and shape. On the CPU ops run
-concurrently on the thread pool, so thread times add up to more than the step's wall time. Ops
-whose work runs in thread-pool tasks that the profiler does not annotate (Eigen convolutions)
-show only their dispatch.
+with `jax.profiler`, and prints the thread-seconds per op kind (matmuls, each custom call
+target, else the XLA op name without its number: `add_bitcast_fusion`, ...), the custom calls
+(dpn_jax's CPU kernels) by target and shape, then the matmuls' FLOPs and rate (read from the
+optimised HLO) and the slowest matmuls with their layer and shape. Thread-seconds add up to
+about the step's wall time times XLA's thread count; see `op_thread_times` for how work on the
+thread pool is attributed.
 """
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import math
 import re
@@ -27,17 +27,55 @@ from jax.profiler import ProfileData
 from benchmark import JaxEngine
 
 
-def op_thread_times(trace_dir: str) -> dict[str, float]:
-    """Seconds per XLA op name, summed over every thread of the one profiled step."""
-    times: dict[str, float] = collections.Counter()
+def _is_op(name: str) -> bool:
+    return not name.startswith(("ThunkExecutor", "ThreadpoolListener", "SlinkyThreadPool"))
+
+
+def op_thread_times(trace_dir: str, sample_ns: int = 20_000) -> dict[str, float]:
+    """Thread-seconds per XLA op name in the one profiled step ("idle": no op), sampled.
+
+    An XLA CPU thread works for an op while the op's event runs on it, and while it runs
+    thread-pool tasks (between ThreadpoolListener's StartRegion and StopRegion markers), which
+    belong to an op running on another thread: the executor runs independent ops concurrently,
+    and each op also splits its work over the pool. Summing event durations instead counts an
+    op that shares the cores with another as if it had both.
+    """
     (xplane,) = Path(trace_dir).rglob("*.xplane.pb")
-    for plane in ProfileData.from_file(str(xplane)).planes:
-        for line in plane.lines:
-            if line.name == "python":
-                continue
-            for event in line.events:
-                if not event.name.startswith("ThunkExecutor"):
-                    times[event.name] += event.duration_ns / 1e9
+    threads = [line for plane in ProfileData.from_file(str(xplane)).planes for line in plane.lines
+               if line.name.startswith("tf_XLAEigen")]
+    ops, regions = {}, {}
+    for line in threads:
+        events = sorted((e.start_ns, e.start_ns + e.duration_ns, e.name) for e in line.events)
+        ops[line.name] = [e for e in events if e[1] > e[0] and _is_op(e[2])]
+        regions[line.name], start = [], None
+        for t, _, name in events:
+            if name == "ThreadpoolListener::StartRegion":
+                start = t
+            elif name == "ThreadpoolListener::StopRegion" and start is not None:
+                regions[line.name].append((start, t))
+                start = None
+
+    def op_at(thread: str, t: float) -> str | None:
+        i = bisect.bisect_right(ops[thread], (t, math.inf, ""))
+        return next((name for start, end, name in reversed(ops[thread][max(0, i - 8):i])
+                     if end > t), None)
+
+    if not ops:
+        raise SystemExit("no XLA CPU threads in the trace: profile_step.py reads CPU steps")
+    begin = min(e[0] for events in ops.values() for e in events[:1])
+    end = max(e[1] for events in ops.values() for e in events)
+    times: dict[str, float] = collections.Counter()
+    for thread in ops:
+        others = [o for o in ops if o != thread]
+        pending = iter(regions[thread] + [(math.inf, math.inf)])
+        region = next(pending)
+        for t in range(int(begin), int(end), sample_ns):
+            while region[1] < t:
+                region = next(pending)
+            owner = op_at(thread, t)
+            if owner is None and region[0] <= t:
+                owner = next(filter(None, (op_at(o, t) for o in others)), None)
+            times[owner or "idle"] += sample_ns / 1e9
     return times
 
 
@@ -91,19 +129,21 @@ def main() -> None:
     hlo = engine.compiled.as_text()
     matmuls = matmul_flops(hlo)
 
-    print(f"{args.model} {args.mode} batch {args.batch_size} {args.resolution}px {args.dtype} on "
-          f"{jax.default_backend()}: step {wall:.2f} s wall, {sum(times.values()):.2f} s of "
-          f"profiled op time; compile {engine.result.compile_s:.1f} s")
+    calls = custom_calls(hlo)
+    kind_of = lambda name: ("matmul" if name in matmuls else calls[name].split()[0]
+                            if name in calls else re.sub(r"[.\d]+$", "", name))
     kinds, counts = collections.Counter(), collections.Counter()
     for name, seconds in times.items():
-        kind = re.sub(r"[.\d]+$", "", name)
-        kinds[kind] += seconds
-        counts[kind] += 1
+        kinds[kind_of(name)] += seconds
+        counts[kind_of(name)] += 1
+    print(f"{args.model} {args.mode} batch {args.batch_size} {args.resolution}px {args.dtype} on "
+          f"{jax.default_backend()}: step {wall:.2f} s wall, {sum(times.values()):.2f} "
+          f"thread-s ({kinds['idle']:.2f} idle); compile {engine.result.compile_s:.1f} s")
     print(f"\n{'op kind':32s} {'thread s':>9s} {'ops':>6s}")
     for kind, seconds in kinds.most_common(args.top):
         print(f"{kind:32s} {seconds:9.3f} {counts[kind]:6d}")
     per_call = collections.Counter()
-    for name, what in custom_calls(hlo).items():
+    for name, what in calls.items():
         per_call[what] += times.get(name, 0.0)
     if per_call:
         print(f"\n{'custom call (all layers of a shape)':58s} {'thread s':>9s}")
