@@ -1,6 +1,7 @@
-"""Builds dpn_jax's CPU kernels (grouped 3x3 convolution, 1x1 weight gradient) against jaxlib's XLA FFI headers.
+"""Builds dpn_jax's CPU kernels (grouped 3x3 convolution, 1x1 weight gradient) against
+jaxlib's XLA FFI headers.
 
-Everything else about the package is in pyproject.toml. The kernels are a plain shared library
+Everything else about the package is in pyproject.toml. The kernels are one plain shared library
 (no Python module init), loaded with ctypes by `dpn_jax.grouped_conv`. The build needs GCC >= 12
 or Clang; it is optional: without it, CPU runs fall back to a slower pure-XLA lowering (and say so).
 """
