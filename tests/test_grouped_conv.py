@@ -157,6 +157,16 @@ def test_pointwise_kernel_gradient_matches_reference(batch, size, in_channels, o
     assert "dpn_pointwise_kernel_grad" in jax.jit(grad).lower(x, kernel).as_text()
 
 
+def test_pointwise_kernel_past_the_routing_limit():
+    """The kernel itself takes any width (the limit is a speed choice): 300 outputs, 600 rows."""
+    kx, kd = jax.random.split(jax.random.PRNGKey(7))
+    x, dy = jax.random.normal(kx, (600, 7)), jax.random.normal(kd, (600, 300))
+    got = grouped_conv._kernel_call("dpn_pointwise_kernel_grad", (7, 300), x, dy)
+    want = lax.dot_general(x, dy, (((0,), (0,)), ((), ())))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0,
+                               atol=2e-6 * float(jnp.max(jnp.abs(want))))
+
+
 def test_wide_pointwise_gradient_stays_with_xla():
     """Past POINTWISE_KERNEL_MAX_OUT output channels XLA's matmul is the faster weight gradient."""
     x = jnp.zeros((1, 4, 4, 8))
