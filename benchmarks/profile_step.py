@@ -56,9 +56,9 @@ def op_thread_times(trace_dir: str, sample_ns: int = 20_000) -> dict[str, float]
                 start = None
 
     def op_at(thread: str, t: float) -> str | None:
+        """The op running on `thread` at time t: a thread's ops run one after another."""
         i = bisect.bisect_right(ops[thread], (t, math.inf, ""))
-        return next((name for start, end, name in reversed(ops[thread][max(0, i - 8):i])
-                     if end > t), None)
+        return ops[thread][i - 1][2] if i and ops[thread][i - 1][1] > t else None
 
     if not ops:
         raise SystemExit("no XLA CPU threads in the trace: profile_step.py reads CPU steps")

@@ -78,9 +78,8 @@ def _channel_matmul_bwd(residuals, dy):
     dx = lax.dot_general(dy, weight, (((3,), (1,)), ((), ())))
     if (weight.shape[1] <= POINTWISE_KERNEL_MAX_OUT and x.dtype == dy.dtype == jnp.float32
             and cpu_kernels_available()):
-        rows = x.shape[0] * x.shape[1] * x.shape[2]
         dweight = _kernel_call("dpn_pointwise_kernel_grad", weight.shape,
-                               x.reshape(rows, -1), dy.reshape(rows, -1))
+                               x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]))
     else:
         dweight = lax.dot_general(x, dy, (((0, 1, 2), (0, 1, 2)), ((), ())))
     return dx, dweight

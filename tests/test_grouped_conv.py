@@ -2,7 +2,7 @@
 
 Both CPU lowerings of the grouped 3x3 convolution are checked on their own (dpn_jax's FFI
 kernels, and one dense convolution per super-group) as well as through `conv2d`, which routes
-each shape to one of them.
+each shape to one of them; so is the 1x1 convolution's weight-gradient kernel.
 """
 import jax
 import jax.numpy as jnp
