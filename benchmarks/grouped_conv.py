@@ -85,9 +85,10 @@ def main() -> None:
         padding = grouped_conv.symmetric_padding(3, stride)
         engines = {"split": (_jax_fns(lambda x, k: grouped_conv._split_groups(
             x, k, stride, padding, groups)), (xj, kj))}
-        if grouped_conv.cpu_kernel_supports(xj, kj, groups):
-            engines["kernels"] = (_jax_fns(lambda x, k: grouped_conv._cpu_kernel_conv(
-                x, k, stride, 1, groups)), (xj, kj))
+        merge = grouped_conv.cpu_kernel_merge(xj, kj, groups)
+        if merge is not None:
+            engines["kernels"] = (_jax_fns(lambda x, k: grouped_conv._merged_kernel_conv(
+                x, k, stride, 1, groups, merge)), (xj, kj))
         engines["torch"] = (_torch_fns(stride, groups), (xt, kt))
         ms = interleaved_medians(engines, args.iters)
         cell = lambda name: ("-" if name not in engines else

@@ -6,8 +6,9 @@ gradient is ~7x slower than the same contraction written as a `dot_general`. cuD
 all of them natively. Every convolution of the model goes through `conv2d`, which picks the
 lowering per backend at lowering time via `lax.platform_dependent`, so one jitted function is
 right everywhere. On CPU the 3x3 grouped convolutions run dpn_jax's own kernels
-(`csrc/grouped_conv_cpu.cc`, XLA FFI custom calls) where they support the shape, else one dense
-convolution per super-group, and 1x1 convolutions are matmuls whose weight gradient is a kernel
+(`csrc/grouped_conv_cpu.cc`, XLA FFI custom calls; narrow groups merged into block-diagonal
+ones they take), else (bfloat16, or no compiler at install) one dense convolution per
+super-group, and 1x1 convolutions are matmuls whose weight gradient is a kernel
 of its own (`csrc/pointwise_grad_cpu.cc`). BENCHMARKS.md ("Grouped convolution lowerings") has the
 measurements behind the CPU choices.
 """
@@ -154,17 +155,32 @@ def cpu_kernels_available() -> bool:
     return True
 
 
-def cpu_kernel_supports(x: jax.Array, kernel: jax.Array, groups: int) -> bool:
-    """The shapes `csrc/grouped_conv_cpu.cc` vectorises (its `ChooseLayout`), in float32.
+def _kernel_layout_exists(in_per_group: int, out_per_group: int, channels: int) -> bool:
+    """`csrc/grouped_conv_cpu.cc`'s `ChooseLayout`: the group widths it vectorises.
 
     Groups of 8, 16, 24 or 32 output channels, or of 1, 2 or 4 channels in and out filling
-    8-lane vectors: dpn68/98/107/131's 4, 8, 16 and 32 and dpn92's 24 channels per group.
+    8-lane vectors.
     """
+    return (out_per_group % 8 == 0 and out_per_group <= 32) or (
+        in_per_group == out_per_group and 8 % out_per_group == 0 and channels % 8 == 0)
+
+
+def cpu_kernel_merge(x: jax.Array, kernel: jax.Array, groups: int) -> int | None:
+    """How many neighbouring groups the CPU kernels run as one (1: each as is); None: they can't.
+
+    dpn68/98/107/131's 4, 8, 16 and 32 and dpn92's 24 channels per group run as they are;
+    dpn92's 3, 6 and 12 run as block-diagonal groups of 24 (8, 4 and 2 merged, that many times
+    the FLOPs), still faster than the split lowering (BENCHMARKS.md, "Grouped convolution").
+    Only float32 3x3 kernels.
+    """
+    if kernel.shape[:2] != (3, 3) or x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
+        return None
     in_per_group, out_per_group = kernel.shape[2], kernel.shape[3] // groups
-    shape_ok = (out_per_group % 8 == 0 and out_per_group <= 32) or (
-        in_per_group == out_per_group and 8 % out_per_group == 0 and kernel.shape[3] % 8 == 0)
-    return (kernel.shape[:2] == (3, 3) and shape_ok and x.dtype == jnp.float32
-            and kernel.dtype == jnp.float32)
+    for merge in range(1, groups + 1):
+        if groups % merge == 0 and _kernel_layout_exists(
+                merge * in_per_group, merge * out_per_group, kernel.shape[3]):
+            return merge
+    return None
 
 
 def _kernel_call(target: str, result_shape, a: jax.Array, b: jax.Array, **attributes: int
@@ -210,12 +226,21 @@ def _cpu_kernel_conv_bwd(stride, pad, groups, residuals, dy):
 _cpu_kernel_conv.defvjp(_cpu_kernel_conv_fwd, _cpu_kernel_conv_bwd)
 
 
+def _merged_kernel_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int, groups: int,
+                        merge: int) -> jax.Array:
+    """The CPU kernels on groups merged `merge` at a time into block-diagonal ones."""
+    if merge > 1:
+        dense = block_diagonal_kernels(kernel, groups, merge)  # (S, kh, kw, cin, cout)
+        kernel = jnp.moveaxis(dense, 0, 3).reshape(*dense.shape[1:4], -1)
+    return _cpu_kernel_conv(x, kernel, stride, pad, groups // merge)
+
+
 def _cpu_grouped(x: jax.Array, kernel: jax.Array, stride: int, padding, groups: int) -> jax.Array:
     """dpn_jax's kernels where they take the shape, else one dense conv per super-group."""
     (top, bottom), (left, right) = padding
-    if (cpu_kernel_supports(x, kernel, groups) and top == bottom == left == right
-            and cpu_kernels_available()):
-        return _cpu_kernel_conv(x, kernel, stride, top, groups)
+    merge = cpu_kernel_merge(x, kernel, groups)
+    if merge is not None and top == bottom == left == right and cpu_kernels_available():
+        return _merged_kernel_conv(x, kernel, stride, top, groups, merge)
     return _split_groups(x, kernel, stride, padding, groups)
 
 

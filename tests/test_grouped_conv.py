@@ -1,7 +1,7 @@
 """CPU lowerings of `conv2d` equal XLA's native convolution, forward and backward.
 
 Both CPU lowerings of the grouped 3x3 convolution are checked on their own (dpn_jax's FFI
-kernels, and one dense convolution per super-group) as well as through `conv2d`, which routes
+kernels, narrow groups merged, and one dense convolution per super-group) as well as through `conv2d`, which routes
 each shape to one of them; so is the 1x1 convolution's weight-gradient kernel.
 """
 import jax
@@ -12,7 +12,7 @@ from jax import lax
 
 from dpn_jax.dpn import MODEL_ARGS, stage_widths
 from dpn_jax import grouped_conv
-from dpn_jax.grouped_conv import (conv2d, cpu_kernel_supports, cpu_kernels_available,
+from dpn_jax.grouped_conv import (conv2d, cpu_kernel_merge, cpu_kernels_available,
                                   groups_per_cpu_conv, symmetric_padding)
 
 
@@ -81,24 +81,33 @@ def test_grouped_3x3_matches_feature_group_count(channels_per_group, groups, str
     _assert_matches_reference(x, kernel, stride, groups)
 
 
-def _kernel_test_shapes() -> list[tuple[int, int]]:
-    """Each variant pair the FFI kernels take, shrunk to two of their channel blocks."""
+def _kernel_merge(channels_per_group, groups):
+    x, kernel = jnp.zeros((1, 1, 1, channels_per_group * groups)), jnp.zeros(
+        (3, 3, channels_per_group, channels_per_group * groups))
+    return cpu_kernel_merge(x, kernel, groups)
+
+
+def _kernel_test_shapes() -> list[tuple[int, int, int]]:
+    """(channels per group, groups, merge) of each variant pair, shrunk to two kernel blocks."""
     shapes = set()
     for cg, groups in _variant_group_shapes():
-        per_block = max(1, 8 // cg)  # groups sharing one 8-lane vector (shuffle layout)
-        if cpu_kernel_supports(jnp.zeros((1, 1, 1, cg * groups)), jnp.zeros((3, 3, cg, cg * groups)), groups):
-            shapes.add((cg, 2 * per_block))
+        merge = _kernel_merge(cg, groups)
+        per_block = max(1, 8 // (merge * cg))  # merged groups sharing one 8-lane vector (shuffle)
+        shapes.add((cg, 2 * merge * per_block, merge))
     return sorted(shapes)
 
 
-def test_cpu_kernels_take_the_dpn68_family_widths():
-    """Built in this install, and used for 4, 8, 16 and 32 channels per group (and dpn92's 24)."""
+def test_cpu_kernels_take_every_variant_width():
+    """Built in this install; dpn92's 3, 6 and 12 channels per group merged into groups of 24."""
     assert cpu_kernels_available()
-    assert {cg for cg, _ in _kernel_test_shapes()} == {4, 8, 16, 24, 32}
+    merges = {cg: merge for cg, _, merge in _kernel_test_shapes()}
+    assert merges == {3: 8, 4: 1, 6: 4, 8: 1, 12: 2, 16: 1, 24: 1, 32: 1}
     x, kernel = jnp.zeros((1, 8, 8, 64)), jnp.zeros((3, 3, 4, 64))
-    assert not cpu_kernel_supports(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), 16)
-    hlo = jax.jit(lambda x, k: conv2d(x, k, groups=16)).lower(x, kernel).as_text()
-    assert "dpn_grouped_conv_forward" in hlo
+    assert cpu_kernel_merge(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), 16) is None
+    assert _kernel_merge(5, 3) is None  # 5, 10 and 15 channels: no layout, the split lowering
+    for x, kernel, groups in ((x, kernel, 16), (jnp.zeros((1, 8, 8, 48)), jnp.zeros((3, 3, 3, 48)), 16)):
+        hlo = jax.jit(lambda x, k: conv2d(x, k, groups=groups)).lower(x, kernel).as_text()
+        assert "dpn_grouped_conv_forward" in hlo
 
 
 def test_without_the_library_cpu_runs_the_split_lowering(monkeypatch):
@@ -114,12 +123,12 @@ def test_without_the_library_cpu_runs_the_split_lowering(monkeypatch):
 
 @pytest.mark.parametrize("size", [1, 6, 7])
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("channels_per_group,groups", _kernel_test_shapes())
-def test_cpu_kernel_matches_feature_group_count(channels_per_group, groups, stride, size):
+@pytest.mark.parametrize("channels_per_group,groups,merge", _kernel_test_shapes())
+def test_cpu_kernel_matches_feature_group_count(channels_per_group, groups, merge, stride, size):
     """Odd and even sizes (stride 2's phases), and a 1x1 image (every tap but one is padding)."""
     x, kernel = _random_inputs(channels_per_group, groups, channels_per_group * 10 + size,
                                size, size + 1)
-    conv = lambda x, k: grouped_conv._cpu_kernel_conv(x, k, stride, 1, groups)
+    conv = lambda x, k: grouped_conv._merged_kernel_conv(x, k, stride, 1, groups, merge)
     _assert_matches_reference(x, kernel, stride, groups, conv)
 
 

@@ -9,8 +9,8 @@
 //     multiplied with the 8-lane rows of the kernel;
 //   - groups of 1, 2 or 4 channels, as many in as out ("shuffle"): 8 / group-width groups fill
 //     the 8 lanes, and the input channel each lane needs is shuffled into place.
-// `ChooseLayout` is the rule (mirrored by `cpu_kernel_supports` in grouped_conv.py, which sends
-// other shapes to the split lowering). GCC >= 12 or Clang: vector extensions, no intrinsics.
+// `ChooseLayout` is the rule (mirrored by `_kernel_layout_exists` in grouped_conv.py, which
+// merges narrower groups into block-diagonal ones of a width listed here). GCC >= 12 or Clang: vector extensions, no intrinsics.
 //
 // The three products of a layer:
 //   forward:     y[n, oy, ox, g*O + o]  = sum_{ky,kx,i} x[n, oy*s+ky-p, ox*s+kx-p, g*I + i] w[ky, kx, i, g*O + o]
