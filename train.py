@@ -57,4 +57,7 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
+    from dpn_jax.huge_pages import reexec_with_huge_page_malloc
+
+    reexec_with_huge_page_malloc()
     app.run(main)

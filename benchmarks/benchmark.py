@@ -456,7 +456,8 @@ def main(argv: list[str] | None = None) -> None:
         command=" ".join([os.path.basename(sys.executable), *sys.argv]),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         machine=dict(platform=platform.platform(), processor=platform.processor(),
-                     cpus=len(os.sched_getaffinity(0)), load_average=os.getloadavg()),
+                     cpus=len(os.sched_getaffinity(0)), load_average=os.getloadavg(),
+                     glibc_tunables=os.environ.get("GLIBC_TUNABLES", "")),
         dtype=args.dtype, remat=args.remat, results=[asdict(r) for r in results])
     with open(args.json, "w") as f:
         json.dump(record, f, indent=1)
@@ -464,4 +465,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from dpn_jax.huge_pages import reexec_with_huge_page_malloc
+
+    reexec_with_huge_page_malloc()  # the workers, timm's included, inherit the environment
     main()

@@ -1,0 +1,51 @@
+"""Huge pages for XLA's host buffers, on by default for the training and benchmark commands.
+
+XLA's CPU runtime allocates every execution's temporaries afresh (1.4 GiB for a dpn68 batch-16
+train step) and glibc maps allocations that large straight from the kernel, which faults them
+in 4 KiB at a time: ~380k page faults and ~1.2 thread-seconds of kernel time in a 3.8 s step.
+glibc (>= 2.35) asks for transparent huge pages instead when `GLIBC_TUNABLES` holds
+`glibc.malloc.hugetlb=1`: ~4k faults, and the step took 2.9-3.2 s instead of 3.6-4.0 s
+(BENCHMARKS.md, "Page faults"). glibc reads its tunables only at process start, so a command
+re-executes itself once with the tunable added. `DPN_JAX_HUGE_PAGES=0` turns this off.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+HUGE_PAGES_ENV = "DPN_JAX_HUGE_PAGES"
+TUNABLE = "glibc.malloc.hugetlb=1"
+_THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+_OFF_VALUES = ("0", "off", "false", "no")
+
+
+def huge_page_malloc_applies() -> bool:
+    """Linux with glibc >= 2.35, transparent huge pages not disabled, the tunable not set, not opted out."""
+    if os.environ.get(HUGE_PAGES_ENV, "1").strip().lower() in _OFF_VALUES:
+        return False
+    if "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False  # set by the user or by our own re-execution
+    libc, version = platform.libc_ver()
+    if not sys.platform.startswith("linux") or libc != "glibc" or not sys.executable:
+        return False
+    if tuple(int(part) for part in version.split(".")[:2]) < (2, 35):
+        return False  # the tunable is newer
+    try:
+        with open(_THP_SETTING) as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+def reexec_with_huge_page_malloc() -> None:
+    """Restart this command with glibc's huge-page malloc where that applies; else return.
+
+    Call it first thing in a script's `__main__` block, before anything worth keeping runs.
+    """
+    if not huge_page_malloc_applies():
+        return
+    tunables = ":".join(filter(None, (os.environ.get("GLIBC_TUNABLES"), TUNABLE)))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, {**os.environ, "GLIBC_TUNABLES": tunables})
