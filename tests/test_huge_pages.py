@@ -53,3 +53,9 @@ def test_applies_on_linux_glibc_unless_opted_out_or_already_set(clean_env, monke
     monkeypatch.setenv(huge_pages.HUGE_PAGES_ENV, "0")
     assert not huge_pages.huge_page_malloc_applies()
     assert _run(os.environ) == ["started", "tunables  args ['two words', '--flag=1']"]
+
+
+def test_restart_check_runs_before_jax_is_imported():
+    """The commands import `dpn_jax.huge_pages` first: a restart must not pay JAX's import."""
+    check = "import sys, dpn_jax.huge_pages; assert 'jax' not in sys.modules, 'jax imported'"
+    subprocess.run([sys.executable, "-c", check], check=True, timeout=120)

@@ -32,6 +32,14 @@ def test_registry_lists_every_variant_and_tag():
     assert cfg["tag"] == "dpn68b.ra_in1k" and cfg["test_input_size"] == (288, 288)
 
 
+def test_public_names_resolve_from_the_lazy_package():
+    """`dpn_jax.__init__` loads its modules on first use; every listed name must exist."""
+    for name in dpn_jax.__all__:
+        assert getattr(dpn_jax, name) is not None, name
+    with pytest.raises(AttributeError, match="no_such_name"):
+        dpn_jax.no_such_name
+
+
 @pytest.mark.parametrize("name", ALL_VARIANTS)
 def test_param_count_equals_timm(name):
     import timm
