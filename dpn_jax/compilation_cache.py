@@ -11,16 +11,17 @@ from pathlib import Path
 
 import jax
 
+from dpn_jax.env_switches import switched_off
+
 DEFAULT_CACHE_DIR = Path("~/.cache/dpn_jax/jax_cache")
 CACHE_DIR_ENV = "DPN_JAX_CACHE_DIR"
-_OFF_VALUES = ("", "off", "none", "0", "false")
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path | None:
     """The directory to use: the argument, else `$DPN_JAX_CACHE_DIR`, else the default; None = off."""
     if cache_dir is None:
         cache_dir = os.environ.get(CACHE_DIR_ENV, str(DEFAULT_CACHE_DIR))
-    if str(cache_dir).strip().lower() in _OFF_VALUES:
+    if switched_off(str(cache_dir)):
         return None
     return Path(cache_dir).expanduser()
 

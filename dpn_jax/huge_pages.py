@@ -14,15 +14,16 @@ import os
 import platform
 import sys
 
+from dpn_jax.env_switches import switched_off
+
 HUGE_PAGES_ENV = "DPN_JAX_HUGE_PAGES"
 TUNABLE = "glibc.malloc.hugetlb=1"
 _THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
-_OFF_VALUES = ("0", "off", "false", "no")
 
 
 def huge_page_malloc_applies() -> bool:
     """Linux with glibc >= 2.35, transparent huge pages not disabled, the tunable not set, not opted out."""
-    if os.environ.get(HUGE_PAGES_ENV, "1").strip().lower() in _OFF_VALUES:
+    if switched_off(os.environ.get(HUGE_PAGES_ENV, "1")):
         return False
     if "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", ""):
         return False  # set by the user or by our own re-execution
