@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Convert DPN weights (timm / PyTorch / Hugging Face hub) to dpn_jax and back; see `--help`.
 
-The same program as the `dpn-convert` console script (`dpn_jax.convert_cli`).
+The same program as the `dpn-convert` console script (`dpn_jax.cli.convert`).
 """
 import sys
 
-from dpn_jax.convert_cli import main
+from dpn_jax.cli.convert import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,7 @@
 jaxlib's XLA FFI headers.
 
 Everything else about the package is in pyproject.toml. The kernels are one plain shared library
-(no Python module init), loaded with ctypes by `dpn_jax.grouped_conv`. The build needs GCC >= 12
+(no Python module init), loaded with ctypes by `dpn_jax.ops.conv`. The build needs GCC >= 12
 or Clang; it is optional: without it, CPU runs fall back to a slower pure-XLA lowering (and say so).
 """
 import os
@@ -25,9 +25,9 @@ def _cpu_flags() -> list[str]:
 
 
 setup(ext_modules=[Extension(
-    "dpn_jax._cpu_kernels",
-    sources=["dpn_jax/csrc/grouped_conv_cpu.cc", "dpn_jax/csrc/pointwise_grad_cpu.cc"],
-    depends=["dpn_jax/csrc/cpu_kernels.h"],
+    "dpn_jax.ops._cpu_kernels",
+    sources=["dpn_jax/ops/csrc/grouped_conv_cpu.cc", "dpn_jax/ops/csrc/pointwise_grad_cpu.cc"],
+    depends=["dpn_jax/ops/csrc/cpu_kernels.h"],
     include_dirs=[os.path.join(os.path.dirname(os.path.abspath(jaxlib.__file__)), "include")],
     extra_compile_args=["-std=c++17", "-O3", *_cpu_flags()],
     language="c++",

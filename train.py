@@ -41,8 +41,8 @@ def main(argv) -> int:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.getLogger("absl").setLevel(logging.WARNING)
     initialize_distributed()
-    from dpn_jax.compilation_cache import enable_compilation_cache
-    from dpn_jax.trainer import train_and_evaluate
+    from dpn_jax.runtime.compilation_cache import enable_compilation_cache
+    from dpn_jax.train.trainer import train_and_evaluate
 
     enable_compilation_cache()
 
@@ -57,7 +57,7 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    from dpn_jax.huge_pages import reexec_with_huge_page_malloc
+    from dpn_jax.runtime.huge_pages import reexec_with_huge_page_malloc
 
     reexec_with_huge_page_malloc()
     app.run(main)

@@ -5,7 +5,7 @@ dpn_jax's FFI kernels (where they take the shape), the split lowering (one dense
 super-group), and torch's grouped convolution (oneDNN, channels_last), forward and forward +
 gradient (input and kernel) of the sum of squares. Median ms of `--iters`, rounds interleaved.
 
-    python benchmarks/grouped_conv.py --batch-size 16
+    python benchmarks/conv.py --batch-size 16
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from dpn_jax import grouped_conv
+from dpn_jax.ops import conv
 
 # (size, channels, channels per group, stride): dpn68's four stages and their stride-2 entries,
 # then dpn92's (3, 6, 12, 24 channels per group).
@@ -82,12 +82,12 @@ def main() -> None:
         xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(
             memory_format=torch.channels_last).requires_grad_()
         kt = torch.from_numpy(k).permute(3, 2, 0, 1).contiguous().requires_grad_()
-        padding = grouped_conv.symmetric_padding(3, stride)
-        engines = {"split": (_jax_fns(lambda x, k: grouped_conv._split_groups(
+        padding = conv.symmetric_padding(3, stride)
+        engines = {"split": (_jax_fns(lambda x, k: conv._split_groups(
             x, k, stride, padding, groups)), (xj, kj))}
-        merge = grouped_conv.cpu_kernel_merge(xj, kj, groups)
+        merge = conv.cpu_kernel_merge(xj, kj, groups)
         if merge is not None:
-            engines["kernels"] = (_jax_fns(lambda x, k: grouped_conv._merged_kernel_conv(
+            engines["kernels"] = (_jax_fns(lambda x, k: conv._merged_kernel_conv(
                 x, k, stride, 1, groups, merge)), (xj, kj))
         engines["torch"] = (_torch_fns(stride, groups), (xt, kt))
         ms = interleaved_medians(engines, args.iters)

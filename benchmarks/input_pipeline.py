@@ -1,6 +1,6 @@
 """Input pipeline throughput (img/s) on JPEGs, against timm's transforms in a torch DataLoader.
 
-    python benchmarks/input_pipeline.py [--num-images 512] [--image-size 224] [--batch-size 64]
+    python benchmarks/pipeline.py [--num-images 512] [--image-size 224] [--batch-size 64]
 
 Writes a folder dataset of ImageNet-sized JPEGs (500x375 / 375x500, quality 90, cut from
 scikit-learn's sample photos) to a temporary directory, then times:
@@ -28,7 +28,7 @@ try:  # torchvision (triton) must load before TensorFlow
 except ImportError:
     timm = None
 
-from dpn_jax import input_pipeline  # noqa: E402  (after torch, see above)
+from dpn_jax.data import pipeline  # noqa: E402  (after torch, see above)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CPUS = len(os.sched_getaffinity(0))
@@ -97,12 +97,12 @@ def main() -> None:
         print(f"{args.num_images} JPEGs 500x375, {size}px, batch {batch}, {CPUS} CPUs, "
               f"load average {os.getloadavg()[0]:.1f} at start")
         results = {}
-        train = input_pipeline.create_train_iterator(
+        train = pipeline.create_train_iterator(
             spec, per_process_batch_size=batch, image_size=size, mean=MEAN, std=STD,
             num_local_devices=1)
         results["dpn_jax train"] = images_per_second(train, num_batches,
                                                      lambda b: b["label"].size)
-        evaluation = input_pipeline.create_eval_iterator(
+        evaluation = pipeline.create_eval_iterator(
             spec, per_process_batch_size=batch, image_size=size, crop_pct=0.875,
             interpolation="bicubic", mean=MEAN, std=STD, num_local_devices=1)
         results["dpn_jax eval"] = images_per_second(evaluation, num_batches,

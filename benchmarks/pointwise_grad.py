@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from jax import lax
 
-from dpn_jax import grouped_conv
+from dpn_jax.ops import conv
 from grouped_conv import interleaved_medians
 
 # (rows = batch 16 x H x W, input channels, output channels): dpn68's 1x1 layers, one per stage
@@ -29,7 +29,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--iters", type=int, default=7)
     args = p.parse_args()
-    ours = jax.jit(lambda x, dy: grouped_conv._kernel_call(
+    ours = jax.jit(lambda x, dy: conv._kernel_call(
         "dpn_pointwise_kernel_grad", (x.shape[1], dy.shape[1]), x, dy))
     xla = jax.jit(lambda x, dy: lax.dot_general(x, dy, (((0,), (0,)), ((), ()))))
     print(f"median of {args.iters}, GFLOP/s; torch {torch.__version__} with "

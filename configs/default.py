@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.dtype = "float32"  # compute dtype; parameters stay float32 ("bfloat16" on GPU/TPU)
     config.drop_rate = 0.0
 
-    # Data (see dpn_jax.input_pipeline): mean/std/crop_pct/interpolation default to the model's
+    # Data (see dpn_jax.data.pipeline): mean/std/crop_pct/interpolation default to the model's
     # pretrained cfg (or the fine-tuning source's).
     config.dataset = "digits"
     config.data_dir = config_dict.placeholder(str)

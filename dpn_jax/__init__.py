@@ -1,8 +1,8 @@
 """Dual Path Networks in JAX/Flax, numerically identical to timm.
 
 The public names load their modules on first use: `import dpn_jax` alone does not import JAX,
-so a command can restart itself (`dpn_jax.huge_pages`) before paying for that, and
-`python -m dpn_jax.predict` does not import itself twice.
+so a command can restart itself (`dpn_jax.runtime.huge_pages`) before paying for that, and
+`python -m dpn_jax.cli.predict` does not import itself twice.
 """
 from __future__ import annotations
 
@@ -13,25 +13,26 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "flax_to_timm": "dpn_jax.convert", "timm_to_flax": "dpn_jax.convert",
-    "DPN": "dpn_jax.dpn", "DualPathBlock": "dpn_jax.dpn", "MODEL_ARGS": "dpn_jax.dpn",
-    "PRETRAINED_CFGS": "dpn_jax.dpn", "feature_info": "dpn_jax.dpn",
-    "conv2d": "dpn_jax.grouped_conv",
-    "load_model_dir": "dpn_jax.pretrained", "save_model_dir": "dpn_jax.pretrained",
-    "create_model": "dpn_jax.registry", "init_variables": "dpn_jax.registry",
-    "list_models": "dpn_jax.registry", "pretrained_cfg": "dpn_jax.registry",
-    "Predictor": "dpn_jax.predict",
+    "flax_to_timm": "dpn_jax.weights.convert", "timm_to_flax": "dpn_jax.weights.convert",
+    "DPN": "dpn_jax.models.dpn", "DualPathBlock": "dpn_jax.models.dpn", "MODEL_ARGS": "dpn_jax.models.dpn",
+    "PRETRAINED_CFGS": "dpn_jax.models.dpn", "feature_info": "dpn_jax.models.dpn",
+    "conv2d": "dpn_jax.ops.conv",
+    "load_model_dir": "dpn_jax.weights.pretrained", "save_model_dir": "dpn_jax.weights.pretrained",
+    "create_model": "dpn_jax.factory", "init_variables": "dpn_jax.models.registry",
+    "list_models": "dpn_jax.models.registry", "pretrained_cfg": "dpn_jax.models.registry",
+    "Predictor": "dpn_jax.infer.predict",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from dpn_jax.convert import flax_to_timm, timm_to_flax
-    from dpn_jax.dpn import DPN, MODEL_ARGS, PRETRAINED_CFGS, DualPathBlock, feature_info
-    from dpn_jax.grouped_conv import conv2d
-    from dpn_jax.predict import Predictor
-    from dpn_jax.pretrained import load_model_dir, save_model_dir
-    from dpn_jax.registry import create_model, init_variables, list_models, pretrained_cfg
+    from dpn_jax.weights.convert import flax_to_timm, timm_to_flax
+    from dpn_jax.models.dpn import DPN, MODEL_ARGS, PRETRAINED_CFGS, DualPathBlock, feature_info
+    from dpn_jax.ops.conv import conv2d
+    from dpn_jax.infer.predict import Predictor
+    from dpn_jax.weights.pretrained import load_model_dir, save_model_dir
+    from dpn_jax.factory import create_model
+    from dpn_jax.models.registry import init_variables, list_models, pretrained_cfg
 
 
 def __getattr__(name: str) -> Any:

@@ -22,9 +22,9 @@ from safetensors.numpy import save_file
 from safetensors.torch import load_file as load_torch_safetensors
 
 import dpn_jax
-from dpn_jax import convert_cli
-from dpn_jax.convert import detect_architecture, detect_variant, timm_to_flax
-from dpn_jax.pretrained import load_model_dir
+from dpn_jax.cli import convert as convert_cli
+from dpn_jax.weights.convert import detect_architecture, detect_variant, timm_to_flax
+from dpn_jax.weights.pretrained import load_model_dir
 from timm_reference import numpy_state_dict, random_timm_dpn, relative_error, run_timm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -277,9 +277,9 @@ def test_detects_every_variant_from_shapes(arch):
 
 
 def test_detection_reports_ambiguous_and_unknown_structures():
-    with pytest.raises(dpn_jax.convert.ConversionError, match="could be dpn48b or dpn68b"):
+    with pytest.raises(dpn_jax.weights.convert.ConversionError, match="could be dpn48b or dpn68b"):
         detect_architecture(meta_state_dict("dpn68b", **TINY))
-    with pytest.raises(dpn_jax.convert.ConversionError, match="no known variant: .*k_r=64"):
+    with pytest.raises(dpn_jax.weights.convert.ConversionError, match="no known variant: .*k_r=64"):
         detect_variant(meta_state_dict("dpn68", k_r=64))
 
 

@@ -14,10 +14,11 @@ import pytest
 from PIL import Image
 
 import dpn_jax
-from dpn_jax import evaluate
-from dpn_jax.predict import resolve_data_config
-from dpn_jax.pretrained import pretrained_cfg_record, save_model_dir
-from dpn_jax.transforms import eval_transform, load_image
+from dpn_jax.cli import evaluate as evaluate_cli
+from dpn_jax.infer import evaluate
+from dpn_jax.infer.predict import resolve_data_config
+from dpn_jax.weights.pretrained import pretrained_cfg_record, save_model_dir
+from dpn_jax.data.transforms import eval_transform, load_image
 
 NUM_CLASSES = 8
 TINY = {"k_sec": (1, 1, 1, 1), "groups": 4}
@@ -92,7 +93,7 @@ def test_cli_json_on_a_checkpoint(model_and_variables, dataset, tmp_path, capsys
     model, variables = model_and_variables
     root, logits, labels = dataset
     save_tiny_model(tmp_path / "model", variables)
-    code = evaluate.main(["--checkpoint", str(tmp_path / "model"), "--dataset", f"folder:{root}",
+    code = evaluate_cli.main(["--checkpoint", str(tmp_path / "model"), "--dataset", f"folder:{root}",
                           "--batch-size", "8", "--json", "--no-progress"])
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -125,7 +126,7 @@ def test_bad_arguments_give_one_error_line(argv, message, model_and_variables, d
     model, variables = model_and_variables
     save_tiny_model(tmp_path / "model", variables)
     argv = ["--checkpoint", str(tmp_path / "model"), "--dataset", f"folder:{dataset[0]}", *argv]
-    code = evaluate.main(argv + ["--no-progress"])
+    code = evaluate_cli.main(argv + ["--no-progress"])
     out, err = capsys.readouterr()
     assert code == 1 and out == ""
     assert err.count("\n") == 1 and message in err
@@ -136,8 +137,8 @@ import sys
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
-from dpn_jax import evaluate
-sys.exit(evaluate.main(sys.argv[3:]))
+from dpn_jax.cli import evaluate as evaluate_cli
+sys.exit(evaluate_cli.main(sys.argv[3:]))
 """
 
 

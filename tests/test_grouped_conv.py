@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from jax import lax
 
-from dpn_jax.dpn import MODEL_ARGS, stage_widths
-from dpn_jax import grouped_conv
-from dpn_jax.grouped_conv import (conv2d, cpu_kernel_merge, cpu_kernels_available,
+from dpn_jax.models.dpn import MODEL_ARGS, stage_widths
+from dpn_jax.ops import conv
+from dpn_jax.ops.conv import (conv2d, cpu_kernel_merge, cpu_kernels_available,
                                   groups_per_cpu_conv, symmetric_padding)
 
 
@@ -47,9 +47,9 @@ def _value_and_vjp(fn, x, kernel, cotangent):
     return (y, *vjp(cotangent))
 
 
-def _assert_matches_reference(x, kernel, stride, groups, conv=None):
-    """`conv(x, kernel)` (default: `conv2d`) against `feature_group_count`, with its VJP."""
-    ours = conv or (lambda x, k: conv2d(x, k, stride=stride, groups=groups))
+def _assert_matches_reference(x, kernel, stride, groups, lowering=None):
+    """`lowering(x, kernel)` (default: `conv2d`) against `feature_group_count`, with its VJP."""
+    ours = lowering or (lambda x, k: conv2d(x, k, stride=stride, groups=groups))
     ref = lambda x, k: _reference(x, k, stride, groups)
     cotangent = jax.random.normal(jax.random.PRNGKey(2), jax.eval_shape(ref, x, kernel).shape)
     got = jax.jit(lambda x, k, c: _value_and_vjp(ours, x, k, c))(x, kernel, cotangent)
@@ -112,10 +112,10 @@ def test_cpu_kernels_take_every_variant_width():
 
 def test_without_the_library_cpu_runs_the_split_lowering(monkeypatch):
     """An install that could not compile the kernels still works on CPU, and says so."""
-    monkeypatch.setattr(grouped_conv.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(conv.importlib.util, "find_spec", lambda name: None)
     with pytest.warns(UserWarning, match="kernels were not built"):
-        assert not grouped_conv.cpu_kernels_available.__wrapped__()
-    monkeypatch.setattr(grouped_conv, "cpu_kernels_available", lambda: False)
+        assert not conv.cpu_kernels_available.__wrapped__()
+    monkeypatch.setattr(conv, "cpu_kernels_available", lambda: False)
     x, kernel = jnp.zeros((1, 5, 5, 40)), jnp.zeros((3, 3, 8, 40))  # a shape no other test traces
     hlo = jax.jit(lambda x, k: conv2d(x, k, groups=5)).lower(x, kernel).as_text()
     assert "dpn_grouped_conv" not in hlo
@@ -128,8 +128,8 @@ def test_cpu_kernel_matches_feature_group_count(channels_per_group, groups, merg
     """Odd and even sizes (stride 2's phases), and a 1x1 image (every tap but one is padding)."""
     x, kernel = _random_inputs(channels_per_group, groups, channels_per_group * 10 + size,
                                size, size + 1)
-    conv = lambda x, k: grouped_conv._merged_kernel_conv(x, k, stride, 1, groups, merge)
-    _assert_matches_reference(x, kernel, stride, groups, conv)
+    lowering = lambda x, k: conv._merged_kernel_conv(x, k, stride, 1, groups, merge)
+    _assert_matches_reference(x, kernel, stride, groups, lowering)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -137,8 +137,8 @@ def test_cpu_kernel_matches_feature_group_count(channels_per_group, groups, merg
 def test_split_groups_matches_feature_group_count(channels_per_group, groups, stride):
     x, kernel = _random_inputs(channels_per_group, groups, channels_per_group * 100 + groups + 1,
                                7, 7)
-    conv = lambda x, k: grouped_conv._split_groups(x, k, stride, symmetric_padding(3, stride), groups)
-    _assert_matches_reference(x, kernel, stride, groups, conv)
+    lowering = lambda x, k: conv._split_groups(x, k, stride, symmetric_padding(3, stride), groups)
+    _assert_matches_reference(x, kernel, stride, groups, lowering)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -170,7 +170,7 @@ def test_pointwise_kernel_past_the_routing_limit():
     """The kernel itself takes any width (the limit is a speed choice): 300 outputs, 600 rows."""
     kx, kd = jax.random.split(jax.random.PRNGKey(7))
     x, dy = jax.random.normal(kx, (600, 7)), jax.random.normal(kd, (600, 300))
-    got = grouped_conv._kernel_call("dpn_pointwise_kernel_grad", (7, 300), x, dy)
+    got = conv._kernel_call("dpn_pointwise_kernel_grad", (7, 300), x, dy)
     want = lax.dot_general(x, dy, (((0,), (0,)), ((), ())))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0,
                                atol=2e-6 * float(jnp.max(jnp.abs(want))))
@@ -180,8 +180,8 @@ def test_wide_pointwise_gradient_stays_with_xla():
     """Past POINTWISE_KERNEL_MAX_OUT output channels XLA's matmul is the faster weight gradient."""
     x = jnp.zeros((1, 4, 4, 8))
     grad = jax.grad(lambda x, k: jnp.sum(conv2d(x, k)), argnums=1)
-    for out_channels, uses_kernel in ((grouped_conv.POINTWISE_KERNEL_MAX_OUT, True),
-                                      (grouped_conv.POINTWISE_KERNEL_MAX_OUT + 8, False)):
+    for out_channels, uses_kernel in ((conv.POINTWISE_KERNEL_MAX_OUT, True),
+                                      (conv.POINTWISE_KERNEL_MAX_OUT + 8, False)):
         hlo = jax.jit(grad).lower(x, jnp.zeros((1, 1, 8, out_channels))).as_text()
         assert ("dpn_pointwise_kernel_grad" in hlo) == uses_kernel
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dpn_jax import input_pipeline
-from dpn_jax.datasets import even_shard_bounds, open_reader
-from dpn_jax.transforms import eval_transform, load_image
+from dpn_jax.data import pipeline
+from dpn_jax.data.sources import even_shard_bounds, open_reader
+from dpn_jax.data.transforms import eval_transform, load_image
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 EVAL_KWARGS = dict(crop_pct=1.0, interpolation="bicubic", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
@@ -93,9 +93,9 @@ def imagenet_dirs(tmp_path_factory):
 
 
 def test_digits_info_and_batches():
-    info = input_pipeline.dataset_info("digits")
-    assert info == input_pipeline.DatasetInfo(10, tuple("0123456789"), 1437, 360)
-    train = input_pipeline.create_train_iterator(
+    info = pipeline.dataset_info("digits")
+    assert info == pipeline.DatasetInfo(10, tuple("0123456789"), 1437, 360)
+    train = pipeline.create_train_iterator(
         "digits", per_process_batch_size=16, image_size=32, mean=MEAN, std=STD,
         num_local_devices=2)
     batch = next(train)
@@ -110,18 +110,18 @@ def test_digits_info_and_batches():
 def test_train_iterator_is_deterministic_and_resumes_exactly():
     kwargs = dict(per_process_batch_size=64, image_size=32, mean=MEAN, std=STD,
                   num_local_devices=1, dtype="bfloat16")
-    fresh = input_pipeline.create_train_iterator("digits", seed=3, **kwargs)
+    fresh = pipeline.create_train_iterator("digits", seed=3, **kwargs)
     batches = [next(fresh) for _ in range(26)]  # 1437 / 64: step 25 is in the second epoch
-    resumed = input_pipeline.create_train_iterator("digits", seed=3, start_step=24, **kwargs)
+    resumed = pipeline.create_train_iterator("digits", seed=3, start_step=24, **kwargs)
     for expected in batches[24:]:
         got = next(resumed)
         assert got["image"].dtype == expected["image"].dtype and str(got["image"].dtype) == "bfloat16"
         np.testing.assert_array_equal(got["image"], expected["image"])
         np.testing.assert_array_equal(got["label"], expected["label"])
-    other_seed = next(input_pipeline.create_train_iterator("digits", seed=4, **kwargs))
+    other_seed = next(pipeline.create_train_iterator("digits", seed=4, **kwargs))
     assert not np.array_equal(other_seed["label"], batches[0]["label"])
     # epochs are reshuffled: the second epoch does not start like the first
-    second_epoch = input_pipeline.create_train_iterator("digits", seed=3, start_step=22, **kwargs)
+    second_epoch = pipeline.create_train_iterator("digits", seed=3, start_step=22, **kwargs)
     assert not np.array_equal(next(second_epoch)["label"], batches[0]["label"])
 
 
@@ -159,7 +159,7 @@ def test_eval_covers_every_example_once(image_folder, batch_size, num_devices, p
     found = []
     num_batches = set()
     for process in range(process_count):
-        batches = list(input_pipeline.create_eval_iterator(
+        batches = list(pipeline.create_eval_iterator(
             f"folder:{image_folder}", per_process_batch_size=batch_size, image_size=32,
             num_local_devices=num_devices, process_index=process, process_count=process_count,
             **EVAL_KWARGS))
@@ -175,21 +175,21 @@ def test_eval_covers_every_example_once(image_folder, batch_size, num_devices, p
 
 def test_folder_labels_classes_and_corrupt_files(image_folder, caplog):
     spec = f"folder:{image_folder}"
-    info = input_pipeline.dataset_info(spec)
+    info = pipeline.dataset_info(spec)
     assert info.class_names == ("cat", "dog", "zebra")
     assert (info.num_train_examples, info.num_eval_examples) == (13, 14)  # incl. corrupt ones
     with caplog.at_level(logging.WARNING):
-        batches = list(input_pipeline.create_eval_iterator(
+        batches = list(pipeline.create_eval_iterator(
             spec, per_process_batch_size=8, image_size=32, num_local_devices=1, **EVAL_KWARGS))
     assert "skipped 1 of 14" in caplog.text and "broken.png" in caplog.text
     labels = np.concatenate([batch["label"][batch["mask"]] for batch in batches])
     numbers = numbers_in(batches)
     assert list(labels) == [number % 3 for number in numbers]
-    first_epoch = next(input_pipeline.create_train_iterator(
+    first_epoch = next(pipeline.create_train_iterator(
         spec, per_process_batch_size=12, image_size=24, mean=MEAN, std=STD, num_local_devices=1,
         shuffle_buffer_size=1))["label"].ravel()
     assert list(first_epoch) != sorted(first_epoch)  # the whole listing is shuffled, not a window
-    train = input_pipeline.create_train_iterator(
+    train = pipeline.create_train_iterator(
         spec, per_process_batch_size=8, image_size=24, mean=MEAN, std=STD, num_local_devices=1)
     for _ in range(4):  # several epochs past the corrupt file
         batch = next(train)
@@ -198,13 +198,13 @@ def test_folder_labels_classes_and_corrupt_files(image_folder, caplog):
 
 def test_imagenet2012_from_manual_dir(imagenet_dirs):
     data_dir, manual_dir, validation = imagenet_dirs
-    info = input_pipeline.dataset_info("imagenet2012", data_dir=data_dir, manual_dir=manual_dir)
+    info = pipeline.dataset_info("imagenet2012", data_dir=data_dir, manual_dir=manual_dir)
     assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (1000, 6, 3)
     assert info.class_names[:2] == tuple(SYNSETS)
-    halves = input_pipeline.dataset_info("tfds:imagenet2012", data_dir=data_dir,
+    halves = pipeline.dataset_info("tfds:imagenet2012", data_dir=data_dir,
                                          train_split="train[:50%]", eval_split="train[50%:]")
     assert (halves.num_train_examples, halves.num_eval_examples) == (3, 3)
-    train = input_pipeline.create_train_iterator(
+    train = pipeline.create_train_iterator(
         "imagenet2012", data_dir=data_dir, manual_dir=manual_dir, per_process_batch_size=4,
         image_size=32, mean=MEAN, std=STD, num_local_devices=2)
     for _ in range(3):
@@ -212,7 +212,7 @@ def test_imagenet2012_from_manual_dir(imagenet_dirs):
         assert batch["image"].shape == (2, 2, 32, 32, 3)
         assert set(batch["label"].ravel()) <= {0, 1}
     eval_config = dict(image_size=32, crop_pct=0.875, interpolation="bicubic", mean=MEAN, std=STD)
-    batches = list(input_pipeline.create_eval_iterator(
+    batches = list(pipeline.create_eval_iterator(
         "tfds:imagenet2012", data_dir=data_dir, per_process_batch_size=2, num_local_devices=1,
         dtype="bfloat16", **eval_config))
     images = np.concatenate([b["image"][b["mask"]] for b in batches])
@@ -227,9 +227,9 @@ def test_imagenet2012_from_manual_dir(imagenet_dirs):
 def test_prefetch_to_device_puts_batches_on_devices():
     jax = pytest.importorskip("jax")
     devices = jax.local_device_count()
-    batches = input_pipeline.create_train_iterator(
+    batches = pipeline.create_train_iterator(
         "digits", per_process_batch_size=4 * devices, image_size=32, mean=MEAN, std=STD)
-    batch = next(input_pipeline.prefetch_to_device(batches, size=2))
+    batch = next(pipeline.prefetch_to_device(batches, size=2))
     assert isinstance(batch["image"], jax.Array)
     assert batch["image"].shape == (devices, 4, 32, 32, 3)
     assert len(batch["image"].sharding.device_set) == devices
@@ -237,13 +237,13 @@ def test_prefetch_to_device_puts_batches_on_devices():
 
 def test_bad_specs_and_arguments_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset spec 'mnist'"):
-        input_pipeline.dataset_info("mnist")
+        pipeline.dataset_info("mnist")
     with pytest.raises(ValueError, match="no such directory"):
-        input_pipeline.dataset_info(f"folder:{tmp_path / 'nope'}")
+        pipeline.dataset_info(f"folder:{tmp_path / 'nope'}")
     with pytest.raises(ValueError, match="splits"):
-        input_pipeline.dataset_info("digits", eval_split="test")
+        pipeline.dataset_info("digits", eval_split="test")
     with pytest.raises(ValueError, match="multiple of the 4 local devices"):
-        input_pipeline.create_train_iterator("digits", per_process_batch_size=6, image_size=32,
+        pipeline.create_train_iterator("digits", per_process_batch_size=6, image_size=32,
                                              mean=MEAN, std=STD, num_local_devices=4)
 
 
@@ -254,7 +254,7 @@ def test_random_crop_windows_follow_timm(height, width):
     import random
     tf = pytest.importorskip("tensorflow")
     transforms = pytest.importorskip("timm.data.transforms")
-    window = tf.function(input_pipeline._random_crop_window)
+    window = tf.function(pipeline._random_crop_window)
     ours = np.array([window(tf.constant([height, width, 3]), tf.constant([seed, 1], tf.int64))
                      .numpy() for seed in range(300)])
     top, left, crop_h, crop_w = ours.T
@@ -275,5 +275,5 @@ def test_evaluation_only_folder_has_no_train_examples(tmp_path):
         path = tmp_path / "val" / f"class{number}" / f"{number}.png"
         path.parent.mkdir(parents=True)
         path.write_bytes(image_bytes(numbered_image(number), "PNG"))
-    info = input_pipeline.dataset_info(f"folder:{tmp_path}")
+    info = pipeline.dataset_info(f"folder:{tmp_path}")
     assert (info.num_train_examples, info.num_eval_examples, info.num_classes) == (0, 3, 3)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dpn_jax
-from dpn_jax.convert import ConversionError, flax_to_timm, timm_to_flax
+from dpn_jax.weights.convert import ConversionError, flax_to_timm, timm_to_flax
 from timm_reference import numpy_state_dict, random_timm_dpn, relative_error, run_timm
 
 TIMM_PARAM_COUNTS = {

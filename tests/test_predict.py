@@ -16,10 +16,11 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 import dpn_jax
-from dpn_jax import predict
-from dpn_jax.convert import timm_to_flax
-from dpn_jax.labels import class_names, imagenet_classes
-from dpn_jax.pretrained import save_model_dir
+from dpn_jax.cli import predict as predict_cli
+from dpn_jax.infer import predict
+from dpn_jax.weights.convert import timm_to_flax
+from dpn_jax.data.labels import class_names, imagenet_classes
+from dpn_jax.weights.pretrained import save_model_dir
 from timm_reference import numpy_state_dict, random_timm_dpn
 
 ARCH = "dpn68b"  # its default tag dpn68b.ra_in1k has a test size (288, crop 1.0) and ImageNet mean/std
@@ -81,7 +82,7 @@ def timm_probabilities(model: torch.nn.Module, path: Path, use_test_size: bool) 
 
 
 def run_main(capsys, *argv) -> tuple[int, str, str]:
-    code = predict.main([str(a) for a in argv])
+    code = predict_cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -202,7 +203,7 @@ def test_bad_and_huge_files_are_reported_one_line_each_and_the_rest_is_processed
     bad = [tmp_path / name for name in ("missing.jpg", "empty.jpg", "text.png", "truncated.jpg", "huge.png")]
     measure = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
                "print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    proc = subprocess.run([sys.executable, "-c", measure, sys.executable, "-m", "dpn_jax.predict",
+    proc = subprocess.run([sys.executable, "-c", measure, sys.executable, "-m", "dpn_jax.cli.predict",
                            "--checkpoint", str(checkpoint), "--json", "--img-size", "32",
                            *map(str, [bad[0], good, *bad[1:]])],
                           capture_output=True, text=True, timeout=300)
@@ -230,10 +231,10 @@ def test_bad_checkpoint_arguments(argv, message, checkpoint, photos, tmp_path, c
 
 def test_usage_errors_exit_2(checkpoint, photos, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        predict.main(["--pretrained", str(photos / "china.jpg")])
+        predict_cli.main(["--pretrained", str(photos / "china.jpg")])
     assert exit_info.value.code == 2 and "--pretrained needs --model" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
-        predict.main(["--checkpoint", str(checkpoint), "--crop-pct", "1.5", str(photos)])
+        predict_cli.main(["--checkpoint", str(checkpoint), "--crop-pct", "1.5", str(photos)])
     assert exit_info.value.code == 2 and "--crop-pct" in capsys.readouterr().err
 
 

@@ -13,10 +13,10 @@ import pytest
 
 from configs import default
 from dpn_jax import create_model
-from dpn_jax.optim import create_learning_rate_schedule, create_optimizer, path_mask
-from dpn_jax.parallel import Runner
-from dpn_jax.train_state import create_train_state
-from dpn_jax.trainer import make_eval_step, make_train_step
+from dpn_jax.train.optim import create_learning_rate_schedule, create_optimizer, path_mask
+from dpn_jax.runtime.runner import Runner
+from dpn_jax.train.state import create_train_state
+from dpn_jax.train.trainer import make_eval_step, make_train_step
 
 from train_worker import TINY, tiny_config
 

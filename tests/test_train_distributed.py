@@ -51,7 +51,7 @@ def metrics_of(result) -> dict:
 
 
 def model_variables(workdir):
-    from dpn_jax.pretrained import load_model_dir
+    from dpn_jax.weights.pretrained import load_model_dir
     return load_model_dir(Path(workdir) / "model")
 
 
@@ -146,7 +146,7 @@ def test_nan_step_skipped_when_configured(tmp_path, env):
 def test_finetune_from_converted_checkpoint_with_new_head(tmp_path, env):
     import jax
     from dpn_jax import create_model
-    from dpn_jax.pretrained import save_model_dir
+    from dpn_jax.weights.pretrained import save_model_dir
 
     _, source = create_model("dpn68", num_classes=7, rng=jax.random.key(42), **TINY)
     source_dir = tmp_path / "converted"

@@ -6,7 +6,7 @@ import pytest
 import sklearn.datasets
 from PIL import Image
 
-from dpn_jax.transforms import eval_transform, load_image
+from dpn_jax.data.transforms import eval_transform, load_image
 
 timm_data = pytest.importorskip("timm.data")
 

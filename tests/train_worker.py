@@ -71,12 +71,13 @@ def main() -> None:
     if args.coordinator:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    from dpn_jax import input_pipeline, trainer
+    from dpn_jax.data import pipeline
+    from dpn_jax.train import trainer
 
     if args.synthetic_data:
-        input_pipeline.create_train_iterator = synthetic_train_iterator
+        pipeline.create_train_iterator = synthetic_train_iterator
     if args.poison_step is not None:
-        real = input_pipeline.create_train_iterator
+        real = pipeline.create_train_iterator
 
         def poisoned(*a, start_step=0, **kw):
             for i, batch in enumerate(real(*a, start_step=start_step, **kw), start=start_step):
@@ -84,7 +85,7 @@ def main() -> None:
                     batch["image"][0, 0, 0, 0, 0] = np.nan
                 yield batch
 
-        input_pipeline.create_train_iterator = poisoned
+        pipeline.create_train_iterator = poisoned
     if args.kill_after_checkpoint is not None:
         save = trainer.save_checkpoint
 

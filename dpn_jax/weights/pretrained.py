@@ -20,11 +20,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from dpn_jax.checkpoint_sources import Source, StateDict, read_state_dict, resolve_source, sha256_of
-from dpn_jax.convert import (ConversionError, Variables, abstract_variables, check_variables,
+from dpn_jax.weights.sources import Source, StateDict, read_state_dict, resolve_source, sha256_of
+from dpn_jax.weights.convert import (ConversionError, Variables, abstract_variables, check_variables,
                              detect_architecture, timm_to_flax)
-from dpn_jax.dpn import DPN, MODEL_ARGS, PRETRAINED_CFGS
-from dpn_jax.layers import kernel_init
+from dpn_jax.models.dpn import DPN, MODEL_ARGS, PRETRAINED_CFGS
+from dpn_jax.models.layers import kernel_init
 
 METADATA_FILE = "metadata.json"
 VARIABLES_DIR = "variables"
@@ -158,7 +158,7 @@ def convert_source(src: str, *, model: str | None = None, num_classes: int | Non
     """Read any supported source (file or hub repo), check it against `model` (an architecture
     or tag; detected from the shapes when None) and convert it; `num_classes` different from the
     checkpoint's replaces the classifier with a fresh one."""
-    from dpn_jax.registry import split_model_name
+    from dpn_jax.models.registry import split_model_name
 
     source = resolve_source(src)
     state_dict = read_state_dict(source.path, ema=ema)

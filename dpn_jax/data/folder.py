@@ -9,7 +9,7 @@ import os
 
 import tensorflow as tf
 
-from dpn_jax.datasets import Shard, in_memory_shard
+from dpn_jax.data.sources import Shard, in_memory_shard
 
 # Formats both Pillow (evaluation) and tf.io.decode_image (training) read.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dpn_jax.layers import BnAct, BnActConv2d, Conv2d, ConvBnAct, kernel_init
+from dpn_jax.models.layers import BnAct, BnActConv2d, Conv2d, ConvBnAct, kernel_init
 
 Dtype = Any
 

@@ -1,4 +1,4 @@
-"""timm-style model registry: names, pretrained tags and `create_model`."""
+"""timm-style model registry: architecture names, pretrained tags and fresh variables."""
 from __future__ import annotations
 
 import fnmatch
@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpn_jax.dpn import DPN, MODEL_ARGS, PRETRAINED_CFGS
-from dpn_jax.layers import kernel_init_std
+from dpn_jax.models.dpn import DPN, MODEL_ARGS, PRETRAINED_CFGS
+from dpn_jax.models.layers import kernel_init_std
 
 Variables = dict[str, Any]
 
@@ -72,21 +72,3 @@ def init_variables(model: nn.Module, rng: jax.Array | None = None) -> Variables:
         return np.zeros(leaf.shape, leaf.dtype)
 
     return jax.device_put(jax.tree_util.tree_map_with_path(draw, abstract))
-
-
-def create_model(name: str, *, num_classes: int = 1000, pretrained: bool | str | os.PathLike = False,
-                 dtype: Any = jnp.float32, drop_rate: float = 0.0, global_pool: str = "avg",
-                 rng: jax.Array | None = None, **overrides: Any) -> tuple[DPN, Variables]:
-    """Build a DPN by architecture (`dpn92`) or tag (`dpn92.mx_in1k`) and its variables.
-
-    `pretrained=True` loads the tag's converted timm weights (downloaded and cached once);
-    a path loads a `convert_weights.py` / trainer output directory. Other keyword arguments
-    override `DPN` fields (`features_only`, `head_act`, `axis_name`, `remat`, ...).
-    """
-    arch, tag = split_model_name(name)
-    model = DPN(**{**MODEL_ARGS[arch], "num_classes": num_classes, "dtype": dtype,
-                   "drop_rate": drop_rate, "global_pool": global_pool, **overrides})
-    if pretrained:
-        from dpn_jax.pretrained import load_pretrained
-        return model, load_pretrained(model, tag, pretrained, rng=rng)
-    return model, init_variables(model, rng)

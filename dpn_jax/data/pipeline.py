@@ -1,12 +1,12 @@
 """Train and eval iterators for a dataset spec, batched for pmap: [local_devices, per_device, ...].
 
-Dataset specs (see `dpn_jax.datasets`): `digits` (offline, bundled with scikit-learn),
+Dataset specs (see `dpn_jax.data.sources`): `digits` (offline, bundled with scikit-learn),
 `imagenet2012`, `tfds:NAME` (e.g. `tfds:imagenette/320px`) and `folder:PATH`.
 
 Training: each process reads its own shard, reshuffled every epoch from (seed, epoch), with
 random-resized crop (fused decode-and-crop for JPEG) and a horizontal flip drawn from
 (seed, process, example number) - so batch k is the same whether or not the run restarted at k.
-Evaluation: timm's eval transform (Pillow, `dpn_jax.transforms`), one pass over this process's
+Evaluation: timm's eval transform (Pillow, `dpn_jax.data.transforms`), one pass over this process's
 shard, the last batches padded and masked so every example counts exactly once and every
 process runs the same number of batches.
 """
@@ -24,8 +24,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from dpn_jax.datasets import DatasetInfo, Reader, Shard, open_reader
-from dpn_jax.transforms import decode_and_eval_transform, size_pair
+from dpn_jax.data.sources import DatasetInfo, Reader, Shard, open_reader
+from dpn_jax.data.transforms import decode_and_eval_transform, size_pair
 
 __all__ = ["DatasetInfo", "dataset_info", "create_train_iterator", "create_eval_iterator",
            "prefetch_to_device", "train_dataset", "eval_dataset"]
@@ -279,7 +279,7 @@ def _configure_tensorflow() -> None:
         tf.config.set_visible_devices([], "GPU")
     except RuntimeError:  # TensorFlow's runtime was started before the input pipeline
         if tf.config.list_logical_devices("GPU"):
-            log.warning("TensorFlow was initialised before dpn_jax.input_pipeline and sees a GPU; "
+            log.warning("TensorFlow was initialised before dpn_jax.data.pipeline and sees a GPU; "
                         "it may take GPU memory that JAX needs")
 
 

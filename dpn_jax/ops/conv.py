@@ -131,7 +131,7 @@ def _split_groups(x: jax.Array, kernel: jax.Array, stride: int, padding, groups:
                            axis=-1)
 
 
-_KERNEL_LIBRARY = "dpn_jax._cpu_kernels"
+_KERNEL_LIBRARY = "dpn_jax.ops._cpu_kernels"
 # custom-call target -> the library's handler symbol
 _KERNEL_TARGETS = {"dpn_grouped_conv_forward": "DpnGroupedConvForward",
                    "dpn_grouped_conv_input_grad": "DpnGroupedConvInputGrad",

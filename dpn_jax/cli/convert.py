@@ -21,10 +21,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from dpn_jax.compilation_cache import enable_compilation_cache
-from dpn_jax.checkpoint_sources import SAFETENSORS_SUFFIX, SourceError
-from dpn_jax.convert import ConversionError, Variables, flax_to_timm
-from dpn_jax.pretrained import (Converted, convert_source, load_model_dir, model_from_metadata, replace_head,
+from dpn_jax.runtime.compilation_cache import enable_compilation_cache
+from dpn_jax.weights.sources import SAFETENSORS_SUFFIX, SourceError
+from dpn_jax.weights.convert import ConversionError, Variables, flax_to_timm
+from dpn_jax.weights.pretrained import (Converted, convert_source, load_model_dir, model_from_metadata, replace_head,
                                 save_model_dir)
 
 VERIFY_TOLERANCE = 1e-4  # max |jax - timm| / max |timm| over the logits

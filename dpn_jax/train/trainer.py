@@ -2,7 +2,7 @@
 
 The per-device steps (`make_train_step`, `make_eval_step`) use explicit collectives over the
 `batch` axis and run under `jax.pmap` or `jax.shard_map` (`config.parallelism`, see
-`dpn_jax.parallel`). A run resumes from the latest checkpoint in WORKDIR on start and stops
+`dpn_jax.runtime.runner`). A run resumes from the latest checkpoint in WORKDIR on start and stops
 cleanly (save, return) on SIGTERM/SIGINT.
 """
 from __future__ import annotations
@@ -23,12 +23,13 @@ import tqdm
 from jax import lax
 from jax.experimental import multihost_utils
 
-from dpn_jax import input_pipeline
-from dpn_jax.optim import create_optimizer
-from dpn_jax.parallel import AXIS, Runner
-from dpn_jax.registry import create_model, pretrained_cfg
-from dpn_jax.train_logging import MetricsLogger
-from dpn_jax.train_state import (TrainState, checkpoint_manager, create_train_state,
+from dpn_jax.data import pipeline
+from dpn_jax.train.optim import create_optimizer
+from dpn_jax.runtime.runner import AXIS, Runner
+from dpn_jax.factory import create_model
+from dpn_jax.models.registry import pretrained_cfg
+from dpn_jax.train.logger import MetricsLogger
+from dpn_jax.train.state import (TrainState, checkpoint_manager, create_train_state,
                                  merge_for_finetuning, restore_latest, save_checkpoint)
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
         raise ValueError("this config fine-tunes: set --config.init_from=DIR (a model directory "
                          "written by dpn-convert or by train.py)")
     if config.init_from:
-        from dpn_jax.pretrained import load_model_dir
+        from dpn_jax.weights.pretrained import load_model_dir
         loaded, metadata = load_model_dir(config.init_from)
         arch = metadata["architecture"]
         model_kwargs = {**metadata.get("model_kwargs", {}), **model_kwargs}
@@ -212,7 +213,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     runner = Runner(config.parallelism)
     is_main = jax.process_index() == 0
 
-    info = input_pipeline.dataset_info(config.dataset, data_dir=config.data_dir,
+    info = pipeline.dataset_info(config.dataset, data_dir=config.data_dir,
                                        eval_split=config.eval_split)
     model, variables, arch, model_kwargs, base_cfg = build_model(config, info.num_classes)
     data_cfg = data_config(config, arch, base_cfg)
@@ -229,7 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                  "steps_per_epoch": steps_per_epoch, "config": config.to_dict()}
 
     def eval_batches():
-        return runner.prefetch(input_pipeline.create_eval_iterator(
+        return runner.prefetch(pipeline.create_eval_iterator(
             config.dataset, per_process_batch_size=_per_process(config.eval_batch_size, "eval_batch_size"),
             image_size=config.image_size, crop_pct=data_cfg["crop_pct"],
             interpolation=data_cfg["interpolation"], mean=data_cfg["mean"], std=data_cfg["std"],
@@ -256,7 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             log.info("resuming from %s at step %d", manager.directory, int(host_state.step))
         start_step = step = int(host_state.step)
         state = runner.replicate(host_state)
-        train_batches = runner.prefetch(input_pipeline.create_train_iterator(
+        train_batches = runner.prefetch(pipeline.create_train_iterator(
             config.dataset, per_process_batch_size=_per_process(config.batch_size, "batch_size"),
             image_size=config.image_size, mean=data_cfg["mean"], std=data_cfg["std"],
             seed=config.seed, start_step=start_step, data_dir=config.data_dir))
@@ -327,7 +328,7 @@ def export_model(path: str, variables: dict, *, arch: str, model_kwargs: dict, n
     """
     if jax.process_index() == 0:
         from dpn_jax import __version__
-        from dpn_jax.pretrained import save_model_dir
+        from dpn_jax.weights.pretrained import save_model_dir
         pretrained = {k: data_cfg[k] for k in ("input_size", "crop_pct", "interpolation", "mean",
                                                "std", "test_input_size", "test_crop_pct")}
         metadata = {"architecture": arch, "num_classes": num_classes, "model_kwargs": model_kwargs,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from dpn_jax.datasets import Shard
+from dpn_jax.data.sources import Shard
 
 
 class TfdsReader:

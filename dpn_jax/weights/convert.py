@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from dpn_jax.dpn import DPN, MODEL_ARGS
+from dpn_jax.models.dpn import DPN, MODEL_ARGS
 
 Variables = dict[str, Any]
 Shape = tuple[int, ...]

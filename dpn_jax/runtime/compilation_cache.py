@@ -11,7 +11,7 @@ from pathlib import Path
 
 import jax
 
-from dpn_jax.env_switches import switched_off
+from dpn_jax.runtime.env_switches import switched_off
 
 DEFAULT_CACHE_DIR = Path("~/.cache/dpn_jax/jax_cache")
 CACHE_DIR_ENV = "DPN_JAX_CACHE_DIR"

@@ -12,7 +12,7 @@ import numpy as np
 import sklearn.datasets
 from PIL import Image
 
-from dpn_jax.datasets import Shard, in_memory_shard
+from dpn_jax.data.sources import Shard, in_memory_shard
 
 IMAGE_SIZE = 64
 NUM_VALIDATION = 360

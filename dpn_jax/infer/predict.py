@@ -1,19 +1,13 @@
-"""Classify images with a converted or fine-tuned DPN: the `Predictor` API and `dpn-predict`.
+"""Classify images with a converted or fine-tuned DPN: the `Predictor` behind `dpn-predict`.
 
 Preprocessing is the checkpoint's pretrained config run through timm's eval transform, so a
 converted timm checkpoint gives the classes and probabilities timm gives. As in timm's
 `inference.py` / `validate.py`, a config's test-time size (dpn68b.ra_in1k: 288, crop 1.0) is used
 unless `--use-train-size` is given; `--img-size` / `--crop-pct` override both.
-
-    dpn-predict --model dpn68b.ra_in1k --pretrained photos/ cat.jpg --top-k 5 --json
-    dpn-predict --checkpoint runs/finetune/export photos/
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -22,12 +16,11 @@ import jax
 import numpy as np
 from PIL import Image
 
-from dpn_jax.compilation_cache import enable_compilation_cache
-from dpn_jax.dpn import DPN
-from dpn_jax.labels import class_names as resolve_class_names
-from dpn_jax.pretrained import cached_pretrained, load_model_dir, model_from_metadata
-from dpn_jax.registry import split_model_name
-from dpn_jax.transforms import eval_transform, load_image
+from dpn_jax.models.dpn import DPN
+from dpn_jax.data.labels import class_names as resolve_class_names
+from dpn_jax.weights.pretrained import cached_pretrained, load_model_dir, model_from_metadata
+from dpn_jax.models.registry import split_model_name
+from dpn_jax.data.transforms import eval_transform, load_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm",
                     ".pgm", ".pbm")
@@ -210,75 +203,3 @@ def _error_line(path: Path, error: Exception) -> str:
         return f"{path}: no such file or directory"
     message = str(error)
     return message if str(path) in message else f"{path}: {message}"
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by `dpn-predict` and `dpn-evaluate`: which weights, which preprocessing."""
-    parser.add_argument("--model", help="architecture or pretrained tag, e.g. dpn92.mx_in1k "
-                                        "(with --checkpoint: optional, checked against it)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", metavar="DIR", help="converted or fine-tuned model directory")
-    source.add_argument("--pretrained", action="store_true",
-                        help="timm's published weights for --model (downloaded once, cached)")
-    parser.add_argument("--img-size", type=int, help="input size (default: the checkpoint's)")
-    parser.add_argument("--crop-pct", type=float, help="center-crop fraction (default: the checkpoint's)")
-    parser.add_argument("--use-train-size", action="store_true",
-                        help="ignore the config's test-time size/crop (as timm's scripts)")
-
-
-def load_from_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> LoadedModel:
-    if args.pretrained and not args.model:
-        parser.error("--pretrained needs --model NAME_OR_TAG")
-    if args.img_size is not None and args.img_size < 32:
-        parser.error(f"--img-size must be >= 32, got {args.img_size}")
-    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
-        parser.error(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
-    if args.pretrained:
-        return load_pretrained_tag(args.model)
-    return load_checkpoint(args.checkpoint, args.model)
-
-
-def format_table(file: str, top_k: list[dict[str, Any]]) -> str:
-    rows = [f"{p['prob']:8.4f}  {p['index']:>5}  {p['label'] or ''}".rstrip() for p in top_k]
-    return "\n".join([file, *rows])
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="dpn-predict", description="Top-k ImageNet (or fine-tuned) classes of images with a DPN.")
-    add_model_arguments(parser)
-    parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-    parser.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDERS")
-    args = parser.parse_args(argv)
-    enable_compilation_cache()  # $DPN_JAX_CACHE_DIR=off disables it
-    if args.top_k < 1 or args.batch_size < 1:
-        parser.error("--top-k and --batch-size must be >= 1")
-    try:
-        predictor = Predictor.from_loaded(
-            load_from_arguments(parser, args), img_size=args.img_size, crop_pct=args.crop_pct,
-            use_test_size=not args.use_train_size, batch_size=args.batch_size)
-    except (OSError, ValueError) as error:
-        print(f"dpn-predict: error: {error}", file=sys.stderr)
-        return 1
-
-    results, failures = [], 0
-    for result in predictor.predict_files(expand_inputs(args.inputs), args.top_k):
-        if result.error:
-            print(f"dpn-predict: error: {result.error}", file=sys.stderr, flush=True)
-            failures += 1
-        else:
-            results.append({"file": result.file, "top_k": result.top_k})
-            if not args.json:
-                print(format_table(result.file, result.top_k), flush=True)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    if not results and not failures:
-        print("dpn-predict: error: no images found in the given folders", file=sys.stderr)
-        return 1
-    return 1 if failures else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

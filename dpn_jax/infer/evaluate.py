@@ -1,19 +1,12 @@
-"""Top-1 / top-5 / loss of a DPN over a dataset, on all devices: `evaluate()` and `dpn-evaluate`.
+"""Top-1 / top-5 / loss of a DPN over a dataset, on all devices: `evaluate()` behind `dpn-evaluate`.
 
 Datasets are the input pipeline's specs (`imagenet2012`, `tfds:NAME`, `folder:PATH`, `digits`);
 each validation example is counted exactly once (the pipeline pads the last batch and masks it).
-
-    dpn-evaluate --model dpn92.mx_in1k --pretrained --dataset imagenet2012 \
-        --data-dir ~/tensorflow_datasets --manual-dir ~/imagenet_tars
-    dpn-evaluate --checkpoint runs/finetune/export --dataset folder:data/flowers --json
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +15,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from dpn_jax.compilation_cache import enable_compilation_cache
-from dpn_jax.dpn import DPN
-from dpn_jax.predict import DataConfig, add_model_arguments, load_from_arguments, resolve_data_config
+from dpn_jax.models.dpn import DPN
+from dpn_jax.infer.predict import DataConfig
 
 
 def _batch_metrics(model: DPN, variables: dict[str, Any], images: jax.Array, labels: jax.Array,
@@ -50,12 +42,12 @@ def evaluate(model: DPN, variables: dict[str, Any], dataset: str, data_config: D
     is sharded over all devices of all processes with `jit`; sums come back replicated.
     `skipped` counts the images the pipeline could not decode (left out of every metric).
     """
-    from dpn_jax import input_pipeline  # TensorFlow: imported only when there is data to read
+    from dpn_jax.data import pipeline  # TensorFlow: imported only when there is data to read
 
     devices = jax.devices()
     if batch_size % len(devices):
         raise ValueError(f"batch size {batch_size} is not divisible by the {len(devices)} devices")
-    info = input_pipeline.dataset_info(dataset, data_dir=data_dir, eval_split=split,
+    info = pipeline.dataset_info(dataset, data_dir=data_dir, eval_split=split,
                                        manual_dir=manual_dir)
     if info.num_classes != model.num_classes:
         raise ValueError(f"dataset {dataset} has {info.num_classes} classes, the model "
@@ -71,7 +63,7 @@ def evaluate(model: DPN, variables: dict[str, Any], dataset: str, data_config: D
         return jax.make_array_from_process_local_data(batch_sharding,
                                                       local.reshape(-1, *local.shape[2:]))
 
-    batches = input_pipeline.create_eval_iterator(
+    batches = pipeline.create_eval_iterator(
         dataset, per_process_batch_size=batch_size // jax.process_count(),
         image_size=data_config.image_size, crop_pct=data_config.crop_pct,
         interpolation=data_config.interpolation, mean=data_config.mean, std=data_config.std,
@@ -101,51 +93,3 @@ def evaluate(model: DPN, variables: dict[str, Any], dataset: str, data_config: D
             "loss": totals["loss"] / count, "count": count, "skipped": info.num_eval_examples - count,
             "img_per_sec": timed / (end - compiled_at) if timed else count / (end - start),
             "seconds": end - start}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="dpn-evaluate", description="Top-1 / top-5 accuracy and loss of a DPN checkpoint on a dataset.")
-    add_model_arguments(parser)
-    parser.add_argument("--dataset", default="imagenet2012",
-                        help="imagenet2012, tfds:NAME, folder:PATH or digits")
-    parser.add_argument("--data-dir", help="TFDS data directory")
-    parser.add_argument("--manual-dir",
-                        help="where the ILSVRC2012 tars are (imagenet2012 is prepared from them once)")
-    parser.add_argument("--split", help="evaluation split (default: the dataset's validation split)")
-    parser.add_argument("--batch-size", type=int, default=256, help="global batch size")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    enable_compilation_cache()  # $DPN_JAX_CACHE_DIR=off disables it
-    if args.batch_size < 1:
-        parser.error("--batch-size must be >= 1")
-    try:
-        loaded = load_from_arguments(parser, args)
-        data_config = resolve_data_config(loaded.pretrained_cfg, img_size=args.img_size,
-                                          crop_pct=args.crop_pct, use_test_size=not args.use_train_size)
-        results = evaluate(loaded.model, loaded.variables, args.dataset, data_config,
-                           batch_size=args.batch_size, data_dir=args.data_dir,
-                           manual_dir=args.manual_dir, split=args.split, progress=not args.no_progress)
-    except (OSError, ValueError) as error:
-        print(f"dpn-evaluate: error: {error}", file=sys.stderr)
-        return 1
-    results = {"model": loaded.name, "dataset": args.dataset, **results,
-               "img_size": data_config.image_size, "crop_pct": data_config.crop_pct,
-               "interpolation": data_config.interpolation}
-    if jax.process_index() == 0:
-        if args.json:
-            print(json.dumps(results, indent=2))
-        else:
-            print(f"{results['model']} on {args.dataset}: top-1 {results['top1']:.3f}  "
-                  f"top-5 {results['top5']:.3f}  loss {results['loss']:.4f}  "
-                  f"({results['count']} images, {results['img_per_sec']:.1f} img/s, "
-                  f"{data_config.image_size}px crop {data_config.crop_pct})")
-        if results["skipped"]:
-            print(f"dpn-evaluate: warning: {results['skipped']} undecodable images were skipped",
-                  file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

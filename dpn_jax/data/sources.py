@@ -55,13 +55,13 @@ def open_reader(spec: str, *, data_dir: str | None = None,
     """The reader for a dataset spec string (see the module docstring)."""
     kind, _, arg = spec.partition(":")
     if spec == "digits":
-        from dpn_jax.datasets.digits import DigitsReader
+        from dpn_jax.data.digits import DigitsReader
         return DigitsReader()
     if spec == "imagenet2012" or (kind == "tfds" and arg):
-        from dpn_jax.datasets.tfds_reader import TfdsReader
+        from dpn_jax.data.tfds_source import TfdsReader
         return TfdsReader(arg or spec, data_dir=data_dir, manual_dir=manual_dir)
     if kind == "folder" and arg:
-        from dpn_jax.datasets.folder import FolderReader
+        from dpn_jax.data.folder import FolderReader
         return FolderReader(arg)
     raise ValueError(f"unknown dataset spec {spec!r}; expected {SPEC_FORMS}")
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dpn_jax.grouped_conv import conv2d
+from dpn_jax.ops.conv import conv2d
 
 Dtype = Any
 

@@ -1,0 +1,67 @@
+"""`dpn-evaluate`: top-1 / top-5 accuracy and loss of a DPN checkpoint on a dataset.
+
+    dpn-evaluate --model dpn92.mx_in1k --pretrained --dataset imagenet2012 \\
+        --data-dir ~/tensorflow_datasets --manual-dir ~/imagenet_tars
+    dpn-evaluate --checkpoint runs/digits/model --dataset digits --json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+import jax
+
+from dpn_jax.cli.predict import add_model_arguments, load_from_arguments
+from dpn_jax.infer.evaluate import evaluate
+from dpn_jax.infer.predict import resolve_data_config
+from dpn_jax.runtime.compilation_cache import enable_compilation_cache
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dpn-evaluate", description="Top-1 / top-5 accuracy and loss of a DPN checkpoint on a dataset.")
+    add_model_arguments(parser)
+    parser.add_argument("--dataset", default="imagenet2012",
+                        help="imagenet2012, tfds:NAME, folder:PATH or digits")
+    parser.add_argument("--data-dir", help="TFDS data directory")
+    parser.add_argument("--manual-dir",
+                        help="where the ILSVRC2012 tars are (imagenet2012 is prepared from them once)")
+    parser.add_argument("--split", help="evaluation split (default: the dataset's validation split)")
+    parser.add_argument("--batch-size", type=int, default=256, help="global batch size")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    enable_compilation_cache()  # $DPN_JAX_CACHE_DIR=off disables it
+    if args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
+    try:
+        loaded = load_from_arguments(parser, args)
+        data_config = resolve_data_config(loaded.pretrained_cfg, img_size=args.img_size,
+                                          crop_pct=args.crop_pct, use_test_size=not args.use_train_size)
+        results = evaluate(loaded.model, loaded.variables, args.dataset, data_config,
+                           batch_size=args.batch_size, data_dir=args.data_dir,
+                           manual_dir=args.manual_dir, split=args.split, progress=not args.no_progress)
+    except (OSError, ValueError) as error:
+        print(f"dpn-evaluate: error: {error}", file=sys.stderr)
+        return 1
+    results = {"model": loaded.name, "dataset": args.dataset, **results,
+               "img_size": data_config.image_size, "crop_pct": data_config.crop_pct,
+               "interpolation": data_config.interpolation}
+    if jax.process_index() == 0:
+        if args.json:
+            print(json.dumps(results, indent=2))
+        else:
+            print(f"{results['model']} on {args.dataset}: top-1 {results['top1']:.3f}  "
+                  f"top-5 {results['top5']:.3f}  loss {results['loss']:.4f}  "
+                  f"({results['count']} images, {results['img_per_sec']:.1f} img/s, "
+                  f"{data_config.image_size}px crop {data_config.crop_pct})")
+        if results["skipped"]:
+            print(f"dpn-evaluate: warning: {results['skipped']} undecodable images were skipped",
+                  file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

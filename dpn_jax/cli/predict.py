@@ -1,0 +1,88 @@
+"""`dpn-predict`: top-k classes of images with a converted, fine-tuned or pretrained DPN.
+
+    dpn-predict --model dpn68b.ra_in1k --pretrained photos/ cat.jpg --top-k 5 --json
+    dpn-predict --checkpoint runs/digits/model photos/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from dpn_jax.infer.predict import (LoadedModel, Predictor, expand_inputs, load_checkpoint,
+                                   load_pretrained_tag)
+from dpn_jax.runtime.compilation_cache import enable_compilation_cache
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by `dpn-predict` and `dpn-evaluate`: which weights, which preprocessing."""
+    parser.add_argument("--model", help="architecture or pretrained tag, e.g. dpn92.mx_in1k "
+                                        "(with --checkpoint: optional, checked against it)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", metavar="DIR", help="converted or fine-tuned model directory")
+    source.add_argument("--pretrained", action="store_true",
+                        help="timm's published weights for --model (downloaded once, cached)")
+    parser.add_argument("--img-size", type=int, help="input size (default: the checkpoint's)")
+    parser.add_argument("--crop-pct", type=float, help="center-crop fraction (default: the checkpoint's)")
+    parser.add_argument("--use-train-size", action="store_true",
+                        help="ignore the config's test-time size/crop (as timm's scripts)")
+
+
+def load_from_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> LoadedModel:
+    if args.pretrained and not args.model:
+        parser.error("--pretrained needs --model NAME_OR_TAG")
+    if args.img_size is not None and args.img_size < 32:
+        parser.error(f"--img-size must be >= 32, got {args.img_size}")
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        parser.error(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+    if args.pretrained:
+        return load_pretrained_tag(args.model)
+    return load_checkpoint(args.checkpoint, args.model)
+
+
+def format_table(file: str, top_k: list[dict[str, Any]]) -> str:
+    rows = [f"{p['prob']:8.4f}  {p['index']:>5}  {p['label'] or ''}".rstrip() for p in top_k]
+    return "\n".join([file, *rows])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dpn-predict", description="Top-k ImageNet (or fine-tuned) classes of images with a DPN.")
+    add_model_arguments(parser)
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    parser.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDERS")
+    args = parser.parse_args(argv)
+    enable_compilation_cache()  # $DPN_JAX_CACHE_DIR=off disables it
+    if args.top_k < 1 or args.batch_size < 1:
+        parser.error("--top-k and --batch-size must be >= 1")
+    try:
+        predictor = Predictor.from_loaded(
+            load_from_arguments(parser, args), img_size=args.img_size, crop_pct=args.crop_pct,
+            use_test_size=not args.use_train_size, batch_size=args.batch_size)
+    except (OSError, ValueError) as error:
+        print(f"dpn-predict: error: {error}", file=sys.stderr)
+        return 1
+
+    results, failures = [], 0
+    for result in predictor.predict_files(expand_inputs(args.inputs), args.top_k):
+        if result.error:
+            print(f"dpn-predict: error: {result.error}", file=sys.stderr, flush=True)
+            failures += 1
+        else:
+            results.append({"file": result.file, "top_k": result.top_k})
+            if not args.json:
+                print(format_table(result.file, result.top_k), flush=True)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    if not results and not failures:
+        print("dpn-predict: error: no images found in the given folders", file=sys.stderr)
+        return 1
+    return 1 if failures else 0
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Datasets and input pipelines: sources, transforms and batching (knows no model)."""

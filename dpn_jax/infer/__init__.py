@@ -1,0 +1,1 @@
+"""Running a trained DPN: the `Predictor` and dataset evaluation."""

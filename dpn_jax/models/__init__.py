@@ -1,0 +1,1 @@
+"""The DPN model layer: Flax modules, layers and the timm-style registry (imports only `ops`)."""

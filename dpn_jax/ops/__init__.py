@@ -1,0 +1,1 @@
+"""Operations whose lowering depends on the backend: convolutions and dpn_jax's CPU kernels."""

@@ -1,0 +1,1 @@
+"""Data-parallel training: the trainer loop, its state and checkpoints, optimiser and records."""
