@@ -2,11 +2,13 @@
 
     python train.py --config configs/imagenet.py:dpn92 --workdir runs/dpn92 \
         --config.batch_size=1024
-Multi-host: run the same command on every host; `jax.distributed` initialises itself on Slurm
-and Cloud TPU, or pass --coordinator_address / --num_processes / --process_id.
+Multi-host: run the same command on every host; under Slurm or Open MPI (or with JAX's
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) `jax.distributed` finds the
+others by itself, else pass --coordinator_address / --num_processes / --process_id.
 """
 import logging
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -20,36 +22,50 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 
+# Launchers that start one process per host or device and tell JAX where the others are.
+MULTI_PROCESS_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_NUM_PROCESSES")
+
 
 def initialize_distributed() -> None:
-    """Join a multi-process run when the flags or the cluster (Slurm, Cloud TPU, ...) describe one.
-
-    On CPU, cross-process collectives go through gloo.
-    """
+    """Join a multi-process run when the flags or the launcher describe one (CPU: over gloo)."""
     import jax
-    from jax._src import clusters  # the detection jax.distributed.initialize() itself uses
 
     explicit = FLAGS.coordinator_address is not None or FLAGS.num_processes is not None
-    if not explicit and not any(env.is_env_present() for env in clusters.ClusterEnv._cluster_types):
+    launched = any(int(os.environ.get(name, "1") or 1) > 1 for name in MULTI_PROCESS_ENV)
+    if not explicit and not launched:
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+
+
+def request_deterministic_gpu_ops() -> None:
+    """XLA's GPU backend sums some reductions (e.g. scatter-adds, cuDNN's convolution
+    gradients) in a scheduling-dependent order unless told otherwise; it reads the flag when the
+    backend starts, so this must run before anything touches a device."""
+    os.environ["XLA_FLAGS"] = " ".join(
+        filter(None, (os.environ.get("XLA_FLAGS"), "--xla_gpu_deterministic_ops=true")))
 
 
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.getLogger("absl").setLevel(logging.WARNING)
-    initialize_distributed()
-    from dpn_jax.runtime.compilation_cache import enable_compilation_cache
-    from dpn_jax.train.trainer import train_and_evaluate
-
-    enable_compilation_cache()
+    from dpn_jax.errors import DpnJaxError
+    from dpn_jax.train.config import validate_config
 
     try:
+        validate_config(FLAGS.config)  # before JAX starts: a typo costs nothing
+        if FLAGS.config.deterministic:
+            request_deterministic_gpu_ops()
+        initialize_distributed()
+        from dpn_jax.runtime.compilation_cache import enable_compilation_cache
+        from dpn_jax.train.trainer import train_and_evaluate
+
+        enable_compilation_cache()
         metrics = train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (ValueError, OSError, FloatingPointError) as error:  # bad config, data or divergence
-        raise SystemExit(f"train.py: error: {error}") from None
+    except (DpnJaxError, FloatingPointError) as error:  # the user's config, data or divergence
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 1
     if metrics:
         print(f"final validation top-1: {100 * metrics['eval_top1']:.2f}% "
               f"(top-5 {100 * metrics['eval_top5']:.2f}%, {metrics['eval_examples']} images)")

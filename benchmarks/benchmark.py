@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-ENGINES = ("dpn_jax", "timm", "timm_cl", "timm_compile")
+ENGINES = ("dpn_jax", "dpn_jax_pmap", "timm", "timm_cl", "timm_compile")
 MODES = ("infer", "train")
 # Large buffers come from mmap and go back to the OS when freed, so resident memory tracks what
 # each framework really holds (set for the memory workers only: it costs page faults).
@@ -71,44 +71,51 @@ class Engine:
 
 
 class JaxEngine(Engine):
+    """dpn_jax as `train.py` and `dpn-predict` run it: the runner's step over every device
+    (`dpn_jax`: jit + shard_map; `dpn_jax_pmap`: the pmap adapter), uint8 images normalised on
+    the device, the trainer's SGD step (momentum, masked weight decay, finiteness checks)."""
+
     def build(self) -> None:
         import jax
         import jax.numpy as jnp
         import numpy as np
-        import optax
 
         import dpn_jax
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from configs import default  # the trainer's defaults (the repository's configs/)
+        from dpn_jax.infer.predict import make_predict_step
+        from dpn_jax.runtime.runner import AXIS, REPLICATED, SHARDED, Runner
+        from dpn_jax.train.optim import create_optimizer
+        from dpn_jax.train.state import create_train_state
+        from dpn_jax.train.step import make_train_step
 
         jnp.zeros(()).block_until_ready()  # backend start-up is not model creation
         self.result.backend = jax.default_backend()
+        runner = Runner("pmap" if self.result.engine == "dpn_jax_pmap" else "shard_map")
         t0 = time.perf_counter()
         model, variables = dpn_jax.create_model(self.model, dtype=jnp.dtype(self.dtype),
-                                                remat=self.remat)
+                                                remat=self.remat, axis_name=AXIS)
         jax.block_until_ready(variables)
         self.result.create_s = time.perf_counter() - t0
 
+        cfg = dpn_jax.pretrained_cfg(self.model)
         rng = np.random.default_rng(0)
-        x = jnp.asarray(rng.standard_normal((self.batch, self.resolution, self.resolution, 3),
-                                            dtype=np.float32))
+        images = rng.integers(0, 256, (self.batch, self.resolution, self.resolution, 3), np.uint8)
         if self.mode == "infer":
-            fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
-            args = (variables, x)
+            fn = runner.compile(make_predict_step(model, cfg["mean"], cfg["std"]),
+                                in_specs=(REPLICATED, SHARDED), out_specs=SHARDED)
+            args = (runner.replicate(variables), runner.put_batch(images))
         else:
-            y = jnp.asarray(rng.integers(0, 1000, self.batch), jnp.int32)
-            tx = optax.sgd(0.1, momentum=0.9)
-
-            def train_step(params, batch_stats, opt_state, x, y):
-                def loss_fn(p):
-                    logits, new = model.apply({"params": p, "batch_stats": batch_stats}, x,
-                                              train=True, mutable=["batch_stats"])
-                    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-                    return loss, new["batch_stats"]
-                (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-                updates, opt_state = tx.update(grads, opt_state, params)
-                return optax.apply_updates(params, updates), batch_stats, opt_state, loss
-
-            fn = jax.jit(train_step, donate_argnums=(0, 1, 2))
-            args = (variables["params"], variables["batch_stats"], tx.init(variables["params"]), x, y)
+            config = default.get_config()
+            config.update(batch_size=self.batch, base_batch_size=self.batch, learning_rate=0.1,
+                          momentum=0.9, weight_decay=1e-4, schedule="constant", warmup_epochs=0.0)
+            tx, schedule = create_optimizer(config, updates_per_epoch=1000)
+            state = create_train_state(variables, tx, seed=0, use_ema=False)
+            fn = runner.compile(make_train_step(model, tx, schedule, config, cfg["mean"], cfg["std"]),
+                                in_specs=(REPLICATED, SHARDED), out_specs=(REPLICATED, REPLICATED),
+                                donate_argnums=(0,))
+            labels = rng.integers(0, 1000, self.batch).astype(np.int32)
+            args = (runner.replicate(state), runner.put_batch({"image": images, "label": labels}))
 
         t0 = time.perf_counter()
         compiled = self.compiled = fn.lower(*args).compile()
@@ -122,9 +129,8 @@ class JaxEngine(Engine):
             if self.mode == "infer":
                 compiled(*state).block_until_ready()
             else:
-                out = compiled(*state)
-                state[:3] = out[:3]
-                out[3].block_until_ready()
+                state[0], metrics = compiled(*state)
+                metrics["loss"].block_until_ready()
 
         self.step = step
 
@@ -159,7 +165,7 @@ class TimmEngine(Engine):
                 sync()
         else:
             model.train()
-            optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
 
             def run() -> None:
                 optimizer.zero_grad(set_to_none=True)
@@ -181,7 +187,7 @@ class TimmEngine(Engine):
 def make_engine(args: argparse.Namespace) -> Engine:
     """The one engine and mode a worker's command line names."""
     name = args.engines[0]
-    cls = JaxEngine if name == "dpn_jax" else TimmEngine
+    cls = JaxEngine if name.startswith("dpn_jax") else TimmEngine
     return cls(name, args.modes[0], args.models[0], args.batch_sizes[0], args.resolutions[0],
                args.dtype, args.remat)
 
@@ -320,7 +326,7 @@ def memory_worker(args: argparse.Namespace) -> list[Result]:
 
 def _device_peak_mib(engine: Engine) -> float | None:
     if engine.result.backend in ("gpu", "cuda", "tpu"):
-        if engine.result.engine == "dpn_jax":
+        if engine.result.engine.startswith("dpn_jax"):
             import jax
             stats = jax.local_devices()[0].memory_stats() or {}
             return stats.get("peak_bytes_in_use", 0) / 2**20 or None
@@ -431,7 +437,7 @@ def _setup_threads(threads: int, uses_torch: bool) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
-        _setup_threads(args.threads, uses_torch=args.engines != ["dpn_jax"])
+        _setup_threads(args.threads, uses_torch=not args.engines[0].startswith("dpn_jax"))
         if args.cache_dir:
             from dpn_jax.runtime.compilation_cache import enable_compilation_cache
             enable_compilation_cache(args.cache_dir)

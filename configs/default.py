@@ -49,7 +49,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.skip_nonfinite_updates = False  # False: stop with an error at the first NaN/Inf step
 
     # Running.
-    config.parallelism = "pmap"  # or "shard_map" (same step, same numbers)
+    config.parallelism = "shard_map"  # or "pmap" (the same per-device step; README "Training")
+    config.deterministic = False  # GPU: XLA's deterministic ops, bit-reproducible but slower
     config.seed = 0
     config.log_every_steps = 10
     config.checkpoint_every_steps = 500

@@ -69,8 +69,8 @@ def save_tiny_model(path, variables) -> None:
 def hand_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     top5 = np.argsort(-logits, axis=-1)[:, :5]
     log_normaliser = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-    return {"top1": 100 * np.mean(top5[:, 0] == labels),
-            "top5": 100 * np.mean((top5 == labels[:, None]).any(-1)),
+    return {"top1": np.mean(top5[:, 0] == labels),
+            "top5": np.mean((top5 == labels[:, None]).any(-1)),
             "loss": float(np.mean(log_normaliser - logits[np.arange(len(labels)), labels]))}
 
 
@@ -78,15 +78,17 @@ def test_folder_dataset_metrics_equal_hand_computation(model_and_variables, data
     model, variables = model_and_variables
     root, logits, labels = dataset
     expected = hand_metrics(logits, labels)
-    assert (expected["top1"], expected["top5"]) == (100 * 4 / 11, 100 * 7 / 11)  # the layout worked
+    assert (expected["top1"], expected["top5"]) == (4 / 11, 7 / 11)  # the layout worked
     assert len(jax.devices()) == 4  # conftest: the batch is sharded over 4 devices
-    results = evaluate.evaluate(model, variables, f"folder:{root}", resolve_data_config(CFG),
-                                batch_size=4, progress=False)
-    assert results["count"] == len(RANKS)
-    assert results["top1"] == pytest.approx(expected["top1"], abs=1e-9)
-    assert results["top5"] == pytest.approx(expected["top5"], abs=1e-9)
-    assert results["loss"] == pytest.approx(expected["loss"], rel=1e-5)
-    assert results["img_per_sec"] > 0
+    for parallelism in ("shard_map", "pmap"):  # one evaluation step, either runner
+        result, skipped = evaluate.evaluate_dataset(
+            model, variables, f"folder:{root}", resolve_data_config(CFG), batch_size=4,
+            parallelism=parallelism, progress=False)
+        assert (result.count, skipped) == (len(RANKS), 0)
+        assert result.top1 == pytest.approx(expected["top1"], abs=1e-9)
+        assert result.top5 == pytest.approx(expected["top5"], abs=1e-9)
+        assert result.loss == pytest.approx(expected["loss"], rel=1e-5)
+        assert result.img_per_sec > 0
 
 
 def test_cli_json_on_a_checkpoint(model_and_variables, dataset, tmp_path, capsys):
@@ -111,14 +113,15 @@ def test_undecodable_image_is_skipped_and_reported(model_and_variables, dataset,
     root, logits, labels = dataset
     shutil.copytree(root, tmp_path / "data")
     (tmp_path / "data" / "validation" / "c1" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    results = evaluate.evaluate(model, variables, f"folder:{tmp_path / 'data'}", resolve_data_config(CFG),
-                                batch_size=4, progress=False)
-    assert (results["count"], results["skipped"]) == (len(RANKS), 1)
-    assert results["top1"] == pytest.approx(hand_metrics(logits, labels)["top1"], abs=1e-9)
+    result, skipped = evaluate.evaluate_dataset(
+        model, variables, f"folder:{tmp_path / 'data'}", resolve_data_config(CFG), batch_size=4,
+        progress=False)
+    assert (result.count, skipped) == (len(RANKS), 1)
+    assert result.top1 == pytest.approx(hand_metrics(logits, labels)["top1"], abs=1e-9)
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--batch-size", "6"], "batch size 6 is not divisible by the 4 devices"),
+    (["--batch-size", "6"], "batch size=6 must be a positive multiple of the 4 devices"),
     (["--dataset", "digits"], "dataset digits has 10 classes, the model 8"),
     (["--dataset", "folder:/nonexistent/data"], "no such directory"),
 ])

@@ -1,24 +1,35 @@
-"""Runs `train_and_evaluate` in a subprocess for tests/test_train_distributed.py.
+"""Runs `train_and_evaluate` in a subprocess for the trainer tests, with faults injected on request.
 
-    python tests/train_worker.py WORKDIR '{"num_train_steps": 8}' [--kill-after-checkpoint N]
-        [--synthetic-data] [--poison-step K] [--coordinator HOST:PORT --num-processes P --process-id I]
+    python tests/train_worker.py WORKDIR '{"num_train_steps": 8}' [--synthetic-data]
+        [--poison-step K] [--kill-after-checkpoint N] [--stall-data-after N]
+        [--disk-full-after-checkpoint N] [--print-restored]
+        [--coordinator HOST:PORT --num-processes P --process-id I]
 
 `--synthetic-data` replaces the training stream by global batches that depend only on the step,
-each process taking its slice, so runs with different process counts see the same global batch.
+each process taking its rows, so runs with different process counts see the same global batch.
+The last line of a successful run is `METRICS {json}`.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import resource
 import signal
 import sys
+import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TINY = dict(k_sec=(1, 1, 1, 1), k_r=16, groups=2, num_init_features=8, inc_sec=(4, 4, 4, 4))
+# A constant schedule keeps the step's program independent of the run length.
+WORKER_SETTINGS = dict(schedule="constant", learning_rate=0.05, log_every_steps=1)
+POISON_VALUE = 7  # a batch whose first image is all 7s makes the step's input NaN
+STALLED_MARKER = "stalled"  # written into WORKDIR when --stall-data-after starts waiting
+DISK_LIMIT_BYTES = 64 << 10
 
 
 def tiny_config(**overrides):
@@ -35,33 +46,120 @@ def tiny_config(**overrides):
     return config
 
 
-# A constant schedule keeps the step's program independent of the run length.
-WORKER_SETTINGS = dict(schedule="constant", learning_rate=0.05, log_every_steps=1)
+class SyntheticBatches:
+    """Global uint8 batches that depend only on the step; this process takes its rows."""
+
+    def __init__(self, spec, *, batch_size, **_):
+        import jax
+        self.count, self.index, self.batch_size = jax.process_count(), jax.process_index(), batch_size
+        self.step = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        rng = np.random.RandomState(self.step)
+        labels = rng.randint(0, 10, self.batch_size * self.count).astype(np.int32)
+        images = rng.normal(128, 40, (len(labels), 32, 32, 3)) + (labels[:, None, None, None] - 4.5) * 12
+        images = np.clip(np.rint(images), 0, 255).astype(np.uint8)
+        part = slice(self.index * self.batch_size, (self.index + 1) * self.batch_size)
+        self.step += 1
+        return {"image": images[part], "label": labels[part]}
+
+    def get_state(self):
+        return {"step": self.step}
+
+    def set_state(self, state):
+        self.step = state["step"]
 
 
-def synthetic_train_iterator(spec, *, per_process_batch_size, start_step=0, **_):
+class Wrapped:
+    """Another pipeline's batches, counted (from 1), with `on_batch(number, batch)` applied."""
+
+    def __init__(self, inner, on_batch):
+        self.inner, self.on_batch, self.number = inner, on_batch, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.inner)
+        self.number += 1
+        self.on_batch(self.number, batch)
+        return batch
+
+    def get_state(self):
+        return {"inner": self.inner.get_state(), "number": self.number}
+
+    def set_state(self, state):
+        self.inner.set_state(state["inner"])
+        self.number = state["number"]
+
+
+def wrap_pipeline(pipeline, on_batch) -> None:
+    real = pipeline.train_batches
+    pipeline.train_batches = lambda *a, **kw: Wrapped(real(*a, **kw), on_batch)
+
+
+def poison_normalize(step_module) -> None:
+    """Make `normalize` in the train step return NaN for a poisoned batch (uint8 can't hold NaN)."""
+    import jax.numpy as jnp
+    real = step_module.normalize
+
+    def normalize(images, *args):
+        out = real(images, *args)
+        return jnp.where(jnp.all(images[0] == POISON_VALUE), jnp.nan, out).astype(out.dtype)
+
+    step_module.normalize = normalize
+
+
+def after_checkpoint(step: int, action) -> None:
+    """Run `action()` once the checkpoint of `step` is complete on disk."""
+    from dpn_jax.train.checkpoints import Checkpoints
+    save = Checkpoints.save
+
+    def save_then_act(self, state, data_state, meta):
+        save(self, state, data_state, meta)
+        if int(np.asarray(state.step.addressable_data(0))) == step:
+            self.wait()
+            action()
+
+    Checkpoints.save = save_then_act
+
+
+def digest(tree) -> str:
+    """A short hash of a tree's values (global arrays: this process's copy; or numpy)."""
     import jax
-    count, index = jax.process_count(), jax.process_index()
-    devices = jax.local_device_count()
-    step = start_step
-    while True:
-        rng = np.random.RandomState(step)
-        labels = rng.randint(0, 10, per_process_batch_size * count).astype(np.int32)
-        images = rng.normal(0, 1, (len(labels), 32, 32, 3)).astype(np.float32)
-        images += (labels[:, None, None, None] - 4.5).astype(np.float32) * 0.3
-        part = slice(index * per_process_batch_size, (index + 1) * per_process_batch_size)
-        yield {"image": images[part].reshape(devices, -1, 32, 32, 3),
-               "label": labels[part].reshape(devices, -1)}
-        step += 1
+    leaves = [np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+              for leaf in jax.tree.leaves(tree)]
+    return hashlib.sha256(b"".join(leaf.tobytes() for leaf in leaves)).hexdigest()[:16]
+
+
+def print_restored() -> None:
+    from dpn_jax.train.checkpoints import Checkpoints
+    restore = Checkpoints.restore_latest
+
+    def restore_and_print(self, target):
+        restored = restore(self, target)
+        if restored is not None:
+            state = restored[0]
+            print(f"RESTORED {int(np.asarray(state.step.addressable_data(0)))} "
+                  f"{digest(state.params)}", flush=True)
+        return restored
+
+    Checkpoints.restore_latest = restore_and_print
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("workdir")
     parser.add_argument("overrides", type=json.loads)
-    parser.add_argument("--kill-after-checkpoint", type=int)
-    parser.add_argument("--poison-step", type=int)
     parser.add_argument("--synthetic-data", action="store_true")
+    parser.add_argument("--poison-step", type=int)
+    parser.add_argument("--kill-after-checkpoint", type=int)
+    parser.add_argument("--stall-data-after", type=int)
+    parser.add_argument("--disk-full-after-checkpoint", type=int)
+    parser.add_argument("--print-restored", action="store_true")
     parser.add_argument("--coordinator")
     parser.add_argument("--num-processes", type=int)
     parser.add_argument("--process-id", type=int)
@@ -72,32 +170,45 @@ def main() -> None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     from dpn_jax.data import pipeline
+    from dpn_jax.errors import DpnJaxError
     from dpn_jax.train import trainer
 
     if args.synthetic_data:
-        pipeline.create_train_iterator = synthetic_train_iterator
+        pipeline.train_batches = SyntheticBatches
     if args.poison_step is not None:
-        real = pipeline.create_train_iterator
+        from dpn_jax.train import step as step_module
+        poison_normalize(step_module)
 
-        def poisoned(*a, start_step=0, **kw):
-            for i, batch in enumerate(real(*a, start_step=start_step, **kw), start=start_step):
-                if i == args.poison_step:
-                    batch["image"][0, 0, 0, 0, 0] = np.nan
-                yield batch
+        def poison(number, batch):
+            if number == args.poison_step + 1:
+                batch["image"][0] = POISON_VALUE
 
-        pipeline.create_train_iterator = poisoned
+        wrap_pipeline(pipeline, poison)
+    if args.stall_data_after is not None:
+        def stall(number, batch):
+            if number > args.stall_data_after:
+                open(os.path.join(args.workdir, STALLED_MARKER), "w").close()
+                while True:
+                    time.sleep(1)
+
+        wrap_pipeline(pipeline, stall)
     if args.kill_after_checkpoint is not None:
-        save = trainer.save_checkpoint
+        after_checkpoint(args.kill_after_checkpoint, lambda: os.kill(os.getpid(), signal.SIGKILL))
+    if args.disk_full_after_checkpoint is not None:
+        def fill_disk():  # no file may grow past the limit: writes fail as on a full disk
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (DISK_LIMIT_BYTES, DISK_LIMIT_BYTES))
 
-        def save_then_die(manager, state, meta):
-            save(manager, state, meta)
-            if int(state.step) == args.kill_after_checkpoint:
-                manager.wait_until_finished()
-                os.kill(os.getpid(), signal.SIGKILL)
+        after_checkpoint(args.disk_full_after_checkpoint, fill_disk)
+    if args.print_restored:
+        print_restored()
 
-        trainer.save_checkpoint = save_then_die
-
-    metrics = trainer.train_and_evaluate(tiny_config(**{**WORKER_SETTINGS, **args.overrides}), args.workdir)
+    try:
+        metrics = trainer.train_and_evaluate(
+            tiny_config(**{**WORKER_SETTINGS, **args.overrides}), args.workdir)
+    except DpnJaxError as error:  # as train.py reports it
+        print(f"train_worker: error: {error}", file=sys.stderr)
+        sys.exit(1)
     print("METRICS " + json.dumps(metrics), flush=True)
 
 

@@ -14,9 +14,10 @@ from typing import Sequence
 import jax
 
 from dpn_jax.cli.predict import add_model_arguments, load_from_arguments
-from dpn_jax.infer.evaluate import evaluate
+from dpn_jax.infer.evaluate import evaluate_dataset
 from dpn_jax.infer.predict import resolve_data_config
 from dpn_jax.runtime.compilation_cache import enable_compilation_cache
+from dpn_jax.runtime.runner import PARALLELISMS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,6 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="where the ILSVRC2012 tars are (imagenet2012 is prepared from them once)")
     parser.add_argument("--split", help="evaluation split (default: the dataset's validation split)")
     parser.add_argument("--batch-size", type=int, default=256, help="global batch size")
+    parser.add_argument("--parallelism", choices=PARALLELISMS, default="shard_map",
+                        help="how the batch is spread over the devices (same numbers either way)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -40,25 +43,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         loaded = load_from_arguments(parser, args)
         data_config = resolve_data_config(loaded.pretrained_cfg, img_size=args.img_size,
                                           crop_pct=args.crop_pct, use_test_size=not args.use_train_size)
-        results = evaluate(loaded.model, loaded.variables, args.dataset, data_config,
-                           batch_size=args.batch_size, data_dir=args.data_dir,
-                           manual_dir=args.manual_dir, split=args.split, progress=not args.no_progress)
+        result, skipped = evaluate_dataset(
+            loaded.model, loaded.variables, args.dataset, data_config, batch_size=args.batch_size,
+            data_dir=args.data_dir, manual_dir=args.manual_dir, split=args.split,
+            parallelism=args.parallelism, progress=not args.no_progress)
     except (OSError, ValueError) as error:
         print(f"dpn-evaluate: error: {error}", file=sys.stderr)
         return 1
-    results = {"model": loaded.name, "dataset": args.dataset, **results,
+    results = {"model": loaded.name, "dataset": args.dataset, "top1": result.top1,
+               "top5": result.top5, "loss": result.loss, "count": result.count,
+               "skipped": skipped, "img_per_sec": result.img_per_sec, "seconds": result.seconds,
                "img_size": data_config.image_size, "crop_pct": data_config.crop_pct,
                "interpolation": data_config.interpolation}
     if jax.process_index() == 0:
         if args.json:
             print(json.dumps(results, indent=2))
         else:
-            print(f"{results['model']} on {args.dataset}: top-1 {results['top1']:.3f}  "
-                  f"top-5 {results['top5']:.3f}  loss {results['loss']:.4f}  "
-                  f"({results['count']} images, {results['img_per_sec']:.1f} img/s, "
+            print(f"{results['model']} on {args.dataset}: top-1 {100 * result.top1:.3f}%  "
+                  f"top-5 {100 * result.top5:.3f}%  loss {result.loss:.4f}  "
+                  f"({result.count} images, {result.img_per_sec:.1f} img/s, "
                   f"{data_config.image_size}px crop {data_config.crop_pct})")
-        if results["skipped"]:
-            print(f"dpn-evaluate: warning: {results['skipped']} undecodable images were skipped",
+        if skipped:
+            print(f"dpn-evaluate: warning: {skipped} undecodable images were skipped",
                   file=sys.stderr)
     return 0
 

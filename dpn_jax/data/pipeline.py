@@ -1,4 +1,4 @@
-"""Train and eval iterators for a dataset spec, batched for pmap: [local_devices, per_device, ...].
+"""Train and eval batches of uint8 images for a dataset spec, per process (tf.data; being replaced by grain).
 
 Dataset specs (see `dpn_jax.data.sources`): `digits` (offline, bundled with scikit-learn),
 `imagenet2012`, `tfds:NAME` (e.g. `tfds:imagenette/320px`) and `folder:PATH`.
@@ -18,17 +18,16 @@ import math
 import os
 from typing import Any, Iterator, Sequence
 
-import flax.jax_utils
 import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from dpn_jax.data.sources import DatasetInfo, Reader, Shard, open_reader
-from dpn_jax.data.transforms import decode_and_eval_transform, size_pair
+from dpn_jax.data.transforms import decode_and_eval_crop, size_pair
 
-__all__ = ["DatasetInfo", "dataset_info", "create_train_iterator", "create_eval_iterator",
-           "prefetch_to_device", "train_dataset", "eval_dataset"]
+__all__ = ["DatasetInfo", "dataset_info", "train_batches", "eval_batches", "train_dataset",
+           "eval_dataset"]
 
 log = logging.getLogger(__name__)
 
@@ -49,64 +48,76 @@ def dataset_info(spec: str, *, data_dir: str | None = None, eval_split: str | No
                        num_eval_examples=reader.num_examples(eval_split or reader.default_eval_split))
 
 
-def create_train_iterator(
-        spec: str, *, per_process_batch_size: int, image_size: int | Sequence[int],
-        mean: Sequence[float], std: Sequence[float], dtype: Any = np.float32, seed: int = 0,
-        start_step: int = 0, data_dir: str | None = None, num_local_devices: int | None = None,
-        train_split: str = "train", manual_dir: str | None = None,
-        shuffle_buffer_size: int = 16_384, process_index: int | None = None,
-        process_count: int | None = None) -> Iterator[Batch]:
-    """Endless augmented batches {"image": [D, B/D, H, W, 3], "label": [D, B/D] int32}."""
-    num_devices, process_index, process_count = _topology(
-        per_process_batch_size, num_local_devices, process_index, process_count)
+def train_batches(spec: str, *, batch_size: int, image_size: int | Sequence[int],
+                  interpolation: str = "bicubic", seed: int = 0, data_dir: str | None = None,
+                  train_split: str = "train", manual_dir: str | None = None,
+                  process_index: int | None = None, process_count: int | None = None,
+                  shuffle_buffer_size: int = 16_384) -> "TrainBatches":
+    """Endless batches {"image": uint8 [batch_size, H, W, 3], "label": int32 [batch_size]} of
+    this process's shard; `get_state()` / `set_state()` give and restore the position."""
+    process_index, process_count = _process(process_index, process_count)
     shard = _reader(spec, data_dir, manual_dir).shard(train_split, process_index, process_count)
-    dataset = train_dataset(
-        shard, batch_size=per_process_batch_size, image_size=image_size, mean=mean, std=std,
-        dtype=dtype, seed=seed, process_index=process_index, start_step=start_step,
-        shuffle_buffer_size=shuffle_buffer_size)
-    return (_split_for_devices(batch, num_devices) for batch in tfds.as_numpy(dataset))
+
+    def from_step(step: int) -> Iterator[Batch]:
+        return iter(tfds.as_numpy(train_dataset(
+            shard, batch_size=batch_size, image_size=image_size, seed=seed,
+            process_index=process_index, start_step=step, shuffle_buffer_size=shuffle_buffer_size)))
+
+    return TrainBatches(from_step)
 
 
-def create_eval_iterator(
-        spec: str, *, per_process_batch_size: int, image_size: int | Sequence[int],
-        crop_pct: float, interpolation: str, mean: Sequence[float], std: Sequence[float],
-        dtype: Any = np.float32, data_dir: str | None = None, eval_split: str | None = None,
-        num_local_devices: int | None = None, manual_dir: str | None = None,
-        process_index: int | None = None, process_count: int | None = None) -> Iterator[Batch]:
-    """One pass over this process's shard: {"image", "label", "mask"}, mask False on padding.
+class TrainBatches:
+    """An endless batch iterator whose state is the number of batches it has given."""
 
-    Every process yields ceil(largest shard / batch) batches, so pmap collectives stay in step.
+    def __init__(self, from_step):
+        self._from_step = from_step
+        self._step = 0
+        self._batches = from_step(0)
+
+    def __iter__(self) -> "TrainBatches":
+        return self
+
+    def __next__(self) -> Batch:
+        batch = next(self._batches)
+        self._step += 1
+        return batch
+
+    def get_state(self) -> dict[str, int]:
+        return {"batches": self._step}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        self._step = int(state["batches"])
+        self._batches = self._from_step(self._step)
+
+
+def eval_batches(spec: str, *, batch_size: int, image_size: int | Sequence[int], crop_pct: float,
+                 interpolation: str, data_dir: str | None = None, eval_split: str | None = None,
+                 manual_dir: str | None = None, process_index: int | None = None,
+                 process_count: int | None = None) -> Iterator[Batch]:
+    """One pass over this process's shard: {"image": uint8, "label", "mask"}, mask False on padding.
+
+    Every process yields ceil(largest shard / batch) batches, so collectives stay in step.
     Undecodable images are skipped, counted and reported in a warning at the end.
     """
-    num_devices, process_index, process_count = _topology(
-        per_process_batch_size, num_local_devices, process_index, process_count)
+    process_index, process_count = _process(process_index, process_count)
     reader = _reader(spec, data_dir, manual_dir)
     split = eval_split or reader.default_eval_split
     shard = reader.shard(split, process_index, process_count)
-    dataset = eval_dataset(shard, batch_size=per_process_batch_size, image_size=image_size,
-                           crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std,
-                           dtype=dtype)
-    num_batches = math.ceil(shard.largest_shard_size / per_process_batch_size)
-    padding = {"image": np.zeros((per_process_batch_size, *size_pair(image_size), 3), dtype),
-               "label": np.zeros(per_process_batch_size, np.int32),
-               "mask": np.zeros(per_process_batch_size, bool)}
-    batches = _padded_eval_batches(
+    dataset = eval_dataset(shard, batch_size=batch_size, image_size=image_size,
+                           crop_pct=crop_pct, interpolation=interpolation)
+    num_batches = math.ceil(shard.largest_shard_size / batch_size)
+    padding = {"image": np.zeros((batch_size, *size_pair(image_size), 3), np.uint8),
+               "label": np.zeros(batch_size, np.int32),
+               "mask": np.zeros(batch_size, bool)}
+    return _padded_eval_batches(
         iter(tfds.as_numpy(dataset)), num_batches=num_batches, padding=padding,
         expected=shard.num_examples, what=f"{spec} {split}")
-    return (_split_for_devices(batch, num_devices) for batch in batches)
-
-
-def prefetch_to_device(iterator: Iterator[Batch], size: int = 2,
-                       devices: Sequence[Any] | None = None) -> Iterator[Any]:
-    """Keep `size` batches on the local devices ahead of the consumer, sharded in pmap order."""
-    return flax.jax_utils.prefetch_to_device(iterator, size, devices)
 
 
 def train_dataset(shard: Shard, *, batch_size: int, image_size: int | Sequence[int],
-                  mean: Sequence[float], std: Sequence[float], dtype: Any = np.float32,
                   seed: int = 0, process_index: int = 0, start_step: int = 0,
                   shuffle_buffer_size: int = 16_384) -> tf.data.Dataset:
-    """Endless per-process batches of randomly cropped, flipped, normalised images.
+    """Endless per-process batches of randomly cropped, flipped uint8 images.
 
     Exact resume: example number i of the stream depends only on (seed, process, i), and
     `start_step` starts at example start_step * batch_size by reading (not decoding) at most
@@ -136,7 +147,7 @@ def train_dataset(shard: Shard, *, batch_size: int, image_size: int | Sequence[i
         image = tf.image.resize(image, (height, width), method="bicubic", antialias=True)
         image = tf.image.stateless_random_flip_left_right(tf.clip_by_value(image, 0.0, 255.0),
                                                           flip_seed)
-        return {"image": _normalize(image, mean, std, dtype), "label": example["label"]}
+        return {"image": tf.cast(tf.round(image), tf.uint8), "label": example["label"]}
 
     stream = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch)
     dataset = (shard.load(stream.skip(offset))
@@ -148,11 +159,10 @@ def train_dataset(shard: Shard, *, batch_size: int, image_size: int | Sequence[i
 
 
 def eval_dataset(shard: Shard, *, batch_size: int, image_size: int | Sequence[int],
-                 crop_pct: float, interpolation: str, mean: Sequence[float],
-                 std: Sequence[float], dtype: Any = np.float32) -> tf.data.Dataset:
+                 crop_pct: float, interpolation: str) -> tf.data.Dataset:
     """This shard, transformed exactly like timm at evaluation, in batches (last one short)."""
-    transform = functools.partial(decode_and_eval_transform, image_size=image_size,
-                                  crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
+    transform = functools.partial(decode_and_eval_crop, image_size=image_size,
+                                  crop_pct=crop_pct, interpolation=interpolation)
     height, width = size_pair(image_size)
 
     def transform_or_flag(encoded: bytes, name: bytes) -> tuple[np.ndarray, bool]:
@@ -160,13 +170,13 @@ def eval_dataset(shard: Shard, *, batch_size: int, image_size: int | Sequence[in
             return transform(encoded, name.decode()), True
         except ValueError as error:  # names the file and what is wrong with it
             log.warning("skipping undecodable image %s", error)
-            return np.zeros((height, width, 3), np.float32), False
+            return np.zeros((height, width, 3), np.uint8), False
 
     def preprocess(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         image, decoded = tf.numpy_function(transform_or_flag, [example["image"], example["id"]],
-                                           (tf.float32, tf.bool), stateful=False)
+                                           (tf.uint8, tf.bool), stateful=False)
         image = tf.ensure_shape(image, (height, width, 3))
-        return {"image": tf.cast(image, _tf_dtype(dtype)), "label": example["label"],
+        return {"image": image, "label": example["label"],
                 "decoded": decoded}
 
     dataset = (shard.load(shard.examples).map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
@@ -220,12 +230,6 @@ def _random_crop_window(shape: tf.Tensor, seed: tf.Tensor, scale: tuple[float, f
     return tf.cast(tf.stack([top, left, crop_h, crop_w]), tf.int32)
 
 
-def _normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float],
-               dtype: Any) -> tf.Tensor:
-    normalized = (image / 255.0 - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
-    return tf.cast(normalized, _tf_dtype(dtype))
-
-
 def _padded_eval_batches(batches: Iterator[Batch], *, num_batches: int, padding: Batch,
                          expected: int, what: str) -> Iterator[Batch]:
     """`num_batches` batches the size of `padding` (an all-masked batch), real examples first."""
@@ -250,21 +254,6 @@ def _pad(batch: Batch | None, padding: Batch, count: int) -> Batch:
         padded["image"][:count], padded["label"][:count] = batch["image"], batch["label"]
         padded["mask"][:count] = True
     return padded
-
-
-def _split_for_devices(batch: Batch, num_devices: int) -> Batch:
-    return {key: value.reshape(num_devices, -1, *value.shape[1:]) for key, value in batch.items()}
-
-
-def _topology(per_process_batch_size: int, num_local_devices: int | None,
-              process_index: int | None, process_count: int | None) -> tuple[int, int, int]:
-    num_devices = num_local_devices or jax.local_device_count()
-    if per_process_batch_size <= 0 or per_process_batch_size % num_devices:
-        raise ValueError(f"per-process batch size {per_process_batch_size} must be a positive "
-                         f"multiple of the {num_devices} local devices")
-    return (num_devices,
-            jax.process_index() if process_index is None else process_index,
-            jax.process_count() if process_count is None else process_count)
 
 
 def _reader(spec: str, data_dir: str | None, manual_dir: str | None) -> Reader:
@@ -293,5 +282,6 @@ def _data_options() -> tf.data.Options:
     return options
 
 
-def _tf_dtype(dtype: Any) -> tf.DType:
-    return tf.as_dtype(np.dtype(dtype))
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    return (jax.process_index() if process_index is None else process_index,
+            jax.process_count() if process_count is None else process_count)

@@ -1,95 +1,128 @@
-"""Top-1 / top-5 / loss of a DPN over a dataset, on all devices: `evaluate()` behind `dpn-evaluate`.
+"""Loss, top-1 and top-5 of a DPN over a dataset: the one evaluation behind the trainer and `dpn-evaluate`.
 
-Datasets are the input pipeline's specs (`imagenet2012`, `tfds:NAME`, `folder:PATH`, `digits`);
-each validation example is counted exactly once (the pipeline pads the last batch and masks it).
+Every device runs `make_eval_step`'s per-device step under the runner and the sums are added
+over devices (`psum`) and batches; each example is counted exactly once (the pipeline pads the
+last batches and masks the padding). Metrics are fractions; percent is only for people to read.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import Any
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax import lax
 from tqdm import tqdm
 
-from dpn_jax.models.dpn import DPN
+from dpn_jax.data import pipeline
+from dpn_jax.data.transforms import normalize
+from dpn_jax.errors import DataError
 from dpn_jax.infer.predict import DataConfig
+from dpn_jax.models.dpn import DPN
+from dpn_jax.runtime.runner import AXIS, REPLICATED, SHARDED, Runner
 
 
-def _batch_metrics(model: DPN, variables: dict[str, Any], images: jax.Array, labels: jax.Array,
-                   mask: jax.Array) -> dict[str, jax.Array]:
-    """Sums over the unmasked examples of a batch: correct top-1, correct top-5, loss, count."""
-    logits = model.apply(variables, images, train=False)
-    k = min(5, logits.shape[-1])
-    top_k = jax.lax.top_k(logits, k)[1]
-    hits = top_k == labels[:, None]
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return {"correct_top1": jnp.sum(hits[:, 0] & mask, dtype=jnp.int32),
-            "correct_top5": jnp.sum(jnp.any(hits, axis=-1) & mask, dtype=jnp.int32),
-            "loss": jnp.sum(jnp.where(mask, loss, 0.0)),
-            "count": jnp.sum(mask, dtype=jnp.int32)}
+def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+    """1.0 where the label is among the k highest logits, per example."""
+    k = min(k, logits.shape[-1])
+    return jnp.any(lax.top_k(logits, k)[1] == labels[:, None], axis=-1).astype(jnp.float32)
 
 
-def evaluate(model: DPN, variables: dict[str, Any], dataset: str, data_config: DataConfig, *,
-             batch_size: int = 256, data_dir: str | None = None, manual_dir: str | None = None,
-             split: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Accuracy (percent, as timm's `validate.py`) and mean cross-entropy of `model` on `dataset`.
+def make_eval_step(model: DPN, mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """One device's sums of loss / top-1 / top-5 / count over real (mask True) examples, psummed.
 
-    `batch_size` is global: split over processes, then over each process's devices. The batch
-    is sharded over all devices of all processes with `jit`; sums come back replicated.
-    `skipped` counts the images the pipeline could not decode (left out of every metric).
+    Takes uint8 images and normalises them on the device.
     """
-    from dpn_jax.data import pipeline  # TensorFlow: imported only when there is data to read
+    def eval_step(variables: dict, batch: dict) -> dict:
+        images = normalize(batch["image"], mean, std, model.dtype)
+        logits = model.apply(variables, images, train=False)
+        mask = batch["mask"].astype(jnp.float32)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        sums = {"loss": jnp.sum(losses * mask),
+                "top1": jnp.sum(top_k_correct(logits, batch["label"], 1) * mask),
+                "top5": jnp.sum(top_k_correct(logits, batch["label"], 5) * mask),
+                "count": jnp.sum(mask)}
+        return lax.psum(sums, AXIS)
 
-    devices = jax.devices()
-    if batch_size % len(devices):
-        raise ValueError(f"batch size {batch_size} is not divisible by the {len(devices)} devices")
-    info = pipeline.dataset_info(dataset, data_dir=data_dir, eval_split=split,
-                                       manual_dir=manual_dir)
-    if info.num_classes != model.num_classes:
-        raise ValueError(f"dataset {dataset} has {info.num_classes} classes, the model "
-                         f"{model.num_classes}")
+    return eval_step
 
-    mesh = Mesh(np.asarray(devices), ("batch",))
-    batch_sharding, replicated = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
-    step = jax.jit(lambda v, x, y, m: _batch_metrics(model, v, x, y, m), out_shardings=replicated)
-    variables = jax.device_put(variables, replicated)
 
-    def to_global(local: np.ndarray) -> jax.Array:
-        """[local devices, per device, ...] on each process -> one [global batch, ...] array."""
-        return jax.make_array_from_process_local_data(batch_sharding,
-                                                      local.reshape(-1, *local.shape[2:]))
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+    loss: float  # mean cross-entropy
+    top1: float  # fraction of examples whose label is the top logit
+    top5: float
+    count: int  # examples evaluated
+    img_per_sec: float  # after the first batch (which includes compilation)
+    seconds: float
 
-    batches = pipeline.create_eval_iterator(
-        dataset, per_process_batch_size=batch_size // jax.process_count(),
-        image_size=data_config.image_size, crop_pct=data_config.crop_pct,
-        interpolation=data_config.interpolation, mean=data_config.mean, std=data_config.std,
-        data_dir=data_dir, manual_dir=manual_dir, eval_split=split,
-        num_local_devices=jax.local_device_count())
-    num_steps = -(-info.num_eval_examples // batch_size)
-    totals = dict.fromkeys(("correct_top1", "correct_top5", "loss", "count"), 0)
-    bar = tqdm(batches, total=num_steps, unit="batch", disable=not progress or jax.process_index() != 0)
+    def metrics(self, suffix: str = "") -> dict[str, float]:
+        """The trainer's record of this evaluation: eval_loss{suffix}, eval_top1{suffix}, ..."""
+        return {f"eval_loss{suffix}": self.loss, f"eval_top1{suffix}": self.top1,
+                f"eval_top5{suffix}": self.top5, f"eval_examples{suffix}": self.count}
+
+
+def compile_eval_step(runner: Runner, model: DPN, mean: Sequence[float],
+                      std: Sequence[float]) -> Callable:
+    """`make_eval_step` over the runner's devices: (replicated variables, sharded batch) -> sums."""
+    return runner.compile(make_eval_step(model, mean, std), in_specs=(REPLICATED, SHARDED),
+                          out_specs=REPLICATED)
+
+
+def run_evaluation(runner: Runner, eval_step: Callable, variables: Any,
+                   batches: Iterable[dict], *, progress: tqdm | None = None) -> EvalResult:
+    """Evaluate `variables` (replicated) over this process's `batches`; sums stay on the devices
+    until the end, so the loop never waits for a batch to finish."""
     start = time.perf_counter()
-    compiled_at = compiled_count = None  # throughput is timed after the first step (compilation)
-    for batch in bar:
-        metrics = step(variables, to_global(batch["image"]), to_global(batch["label"]),
-                       to_global(batch["mask"]))
-        for key, value in metrics.items():
-            totals[key] += value.addressable_data(0).item()
-        if compiled_at is None:
-            compiled_at, compiled_count = time.perf_counter(), totals["count"]
-        bar.set_postfix(top1=f"{100 * totals['correct_top1'] / max(totals['count'], 1):.2f}")
+    totals, first_done = None, None
+    for batch in batches:
+        sums = eval_step(variables, runner.put_batch(batch))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        if first_done is None:
+            jax.block_until_ready(totals)
+            first_done = (time.perf_counter(), float(Runner.value(totals["count"])))
+        if progress is not None:
+            progress.update(1)
     end = time.perf_counter()
-
-    count = totals["count"]
+    if totals is None:
+        raise DataError("the evaluation split has no examples")
+    total = Runner.value(totals)
+    count = float(total["count"])
     if count == 0:
-        raise ValueError(f"dataset {dataset} has no evaluation examples")
-    timed = count - compiled_count
-    top1, top5 = 100 * totals["correct_top1"] / count, 100 * totals["correct_top5"] / count
-    return {"top1": top1, "top1_err": 100 - top1, "top5": top5, "top5_err": 100 - top5,
-            "loss": totals["loss"] / count, "count": count, "skipped": info.num_eval_examples - count,
-            "img_per_sec": timed / (end - compiled_at) if timed else count / (end - start),
-            "seconds": end - start}
+        raise DataError("no evaluation example could be decoded")
+    timed = count - first_done[1]
+    rate = timed / (end - first_done[0]) if timed and end > first_done[0] else count / (end - start)
+    return EvalResult(loss=float(total["loss"]) / count, top1=float(total["top1"]) / count,
+                      top5=float(total["top5"]) / count, count=int(count), img_per_sec=rate,
+                      seconds=end - start)
+
+
+def evaluate_dataset(model: DPN, variables: Any, dataset: str, data_config: DataConfig, *,
+                     batch_size: int = 256, data_dir: str | None = None,
+                     manual_dir: str | None = None, split: str | None = None,
+                     parallelism: str = "shard_map", progress: bool = True
+                     ) -> tuple[EvalResult, int]:
+    """(result, images skipped as undecodable) of `model` on a dataset spec's evaluation split.
+
+    `batch_size` is global: split over processes, then over each process's devices.
+    """
+    runner = Runner(parallelism)
+    per_process = runner.check_batch_size(batch_size, "batch size")
+    info = pipeline.dataset_info(dataset, data_dir=data_dir, eval_split=split,
+                                 manual_dir=manual_dir)
+    if info.num_classes != model.num_classes:
+        raise DataError(f"dataset {dataset} has {info.num_classes} classes, the model "
+                        f"{model.num_classes}")
+    batches = pipeline.eval_batches(
+        dataset, batch_size=per_process, image_size=data_config.image_size,
+        crop_pct=data_config.crop_pct, interpolation=data_config.interpolation,
+        data_dir=data_dir, manual_dir=manual_dir, eval_split=split)
+    bar = tqdm(total=-(-info.num_eval_examples // batch_size), unit="batch",
+               disable=not progress or jax.process_index() != 0)
+    with bar:
+        result = run_evaluation(runner, compile_eval_step(runner, model, data_config.mean,
+                                                          data_config.std),
+                                runner.replicate(variables), batches, progress=bar)
+    return result, info.num_eval_examples - result.count

@@ -17,10 +17,11 @@ import numpy as np
 from PIL import Image
 
 from dpn_jax.models.dpn import DPN
+from dpn_jax.runtime.runner import REPLICATED, SHARDED, Runner
 from dpn_jax.data.labels import class_names as resolve_class_names
 from dpn_jax.weights.pretrained import cached_pretrained, load_model_dir, model_from_metadata
 from dpn_jax.models.registry import split_model_name
-from dpn_jax.data.transforms import eval_transform, load_image
+from dpn_jax.data.transforms import eval_crop, load_image, normalize
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm",
                     ".pgm", ".pbm")
@@ -92,24 +93,38 @@ class FileResult:
     error: str | None = None  # one line naming the file, when it could not be classified
 
 
+def make_predict_step(model: DPN, mean: Sequence[float], std: Sequence[float]):
+    """One device's class probabilities for its rows of a batch of uint8 images."""
+    def predict_step(variables: dict[str, Any], images: jax.Array) -> jax.Array:
+        logits = model.apply(variables, normalize(images, mean, std, model.dtype), train=False)
+        return jax.nn.softmax(logits, axis=-1)
+
+    return predict_step
+
+
 class Predictor:
     """Runs a DPN on images: timm's eval preprocessing, batching, one compile per batch shape.
 
-    Batches are padded up to a power of two (at most `batch_size`), so a stream of inputs of
-    any length compiles only a handful of shapes.
+    Images cross to the devices as uint8 and are normalised there. A batch is spread over this
+    process's devices (`Runner`) and padded up to a power of two (at most `batch_size`, rounded
+    up to a multiple of the device count), so a stream of inputs of any length compiles only a
+    handful of shapes.
     """
 
     def __init__(self, model: DPN, variables: dict[str, Any], data_config: DataConfig,
-                 class_names: Sequence[str] | None = None, batch_size: int = 32):
+                 class_names: Sequence[str] | None = None, batch_size: int = 32,
+                 parallelism: str = "shard_map"):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
-        self.variables = jax.device_put(variables)
+        self.runner = Runner(parallelism, jax.local_devices())
+        self.variables = self.runner.replicate(variables)
         self.data_config = data_config
         self.class_names = resolve_class_names(model.num_classes, class_names)
         self.batch_size = batch_size
-        self._probabilities = jax.jit(
-            lambda v, x: jax.nn.softmax(model.apply(v, x, train=False), axis=-1))
+        self._probabilities = self.runner.compile(
+            make_predict_step(model, data_config.mean, data_config.std),
+            in_specs=(REPLICATED, SHARDED), out_specs=SHARDED)
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, *, img_size: int | None = None,
@@ -130,27 +145,29 @@ class Predictor:
         return cls.from_loaded(load_pretrained_tag(name), **kwargs)
 
     def preprocess(self, image: ImageInput) -> np.ndarray:
-        """A path or PIL image -> normalised HWC float32 pixels (timm's eval transform).
+        """A path or PIL image -> HWC uint8 pixels, resized and cropped as timm's eval transform.
 
         Files go through `load_image` (EXIF, 16-bit, bounded memory); a PIL image is taken as
         it is and converted to RGB first, as timm does.
         """
         image = load_image(image) if not isinstance(image, Image.Image) else image.convert("RGB")
         c = self.data_config
-        return eval_transform(image, image_size=c.image_size, crop_pct=c.crop_pct,
-                              interpolation=c.interpolation, mean=c.mean, std=c.std)
+        return eval_crop(image, image_size=c.image_size, crop_pct=c.crop_pct,
+                         interpolation=c.interpolation)
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        """Softmax over classes for preprocessed images [N, H, W, 3] -> [N, num_classes]."""
+        """Softmax over classes for preprocessed uint8 images [N, H, W, 3] -> [N, num_classes]."""
         if len(pixels) == 0:
             return np.zeros((0, self.model.num_classes), np.float32)
         return np.concatenate([self._padded_batch(pixels[start:start + self.batch_size])
                                for start in range(0, len(pixels), self.batch_size)])
 
     def _padded_batch(self, batch: np.ndarray) -> np.ndarray:
-        size = min(self.batch_size, 1 << (len(batch) - 1).bit_length())
+        devices = self.runner.num_devices
+        size = -(-min(self.batch_size, 1 << (len(batch) - 1).bit_length()) // devices) * devices
         padded = np.pad(batch, [(0, size - len(batch))] + [(0, 0)] * (batch.ndim - 1))
-        return np.asarray(self._probabilities(self.variables, padded))[:len(batch)]
+        probabilities = self._probabilities(self.variables, self.runner.put_batch(padded))
+        return self.runner.local(probabilities)[:len(batch)]
 
     def top_k(self, probabilities: np.ndarray, k: int = 5) -> list[list[dict[str, Any]]]:
         """[{"index", "label", "prob"}, ...] per image, most probable first."""

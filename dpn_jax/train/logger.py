@@ -1,62 +1,89 @@
 """Training records: WORKDIR/metrics.jsonl, TensorBoard scalars and a PNG of the curves.
 
-Only process 0 writes. `metrics.jsonl` is appended to, so a resumed run continues the same file.
-TensorBoard events are written with TensorFlow's own `tf.summary.write` and the scalars plugin's
-metadata: `tf.summary.scalar` would need the `tensorboard` package, which is not a dependency.
+Only process 0 writes. A resumed run continues the same records from the step it resumed at:
+lines of later steps (written by the interrupted run after its last checkpoint) are dropped
+from metrics.jsonl, and TensorBoard is told to discard them (`purge_step`), so no step is
+recorded twice. TensorBoard events are written with tensorboardX (no TensorFlow needed).
 """
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import jax
 
+from dpn_jax.errors import OutputError
+
+METRICS_FILE = "metrics.jsonl"
+
 
 class MetricsLogger:
-    def __init__(self, workdir: str | os.PathLike):
-        self.workdir = os.fspath(workdir)
+    def __init__(self, workdir: str | os.PathLike, *, resume_step: int = 0):
+        self.workdir = Path(workdir)
         self.enabled = jax.process_index() == 0
         self._writer = None
         if self.enabled:
-            import tensorflow as tf
-            from tensorflow.core.framework import summary_pb2
-            self._tf = tf
-            self._writer = tf.summary.create_file_writer(os.path.join(self.workdir, "tensorboard"))
-            self._scalar_metadata = summary_pb2.SummaryMetadata(
-                plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+            from tensorboardX import SummaryWriter
+
+            self._keep_records_up_to(resume_step)
+            self._writer = SummaryWriter(str(self.workdir / "tensorboard"),
+                                         purge_step=resume_step + 1 if resume_step else None)
 
     @property
-    def jsonl_path(self) -> str:
-        return os.path.join(self.workdir, "metrics.jsonl")
+    def jsonl_path(self) -> Path:
+        return self.workdir / METRICS_FILE
+
+    def _records(self) -> list[dict[str, Any]]:
+        if not self.jsonl_path.exists():
+            return []
+        with open(self.jsonl_path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def _keep_records_up_to(self, step: int) -> None:
+        """Rewrite metrics.jsonl (atomically) without the records of steps after `step`."""
+        records = self._records()
+        kept = [r for r in records if r["step"] <= step]
+        if len(kept) == len(records):
+            return
+        staging = self.jsonl_path.with_name(f".{METRICS_FILE}.{os.getpid()}.tmp")
+        try:
+            staging.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(staging, self.jsonl_path)
+        except OSError as error:
+            staging.unlink(missing_ok=True)
+            raise OutputError(f"cannot rewrite {self.jsonl_path}: {error.strerror}") from None
 
     def write(self, step: int, scalars: dict[str, Any], **context: Any) -> None:
         """One JSON line {"step", **context, **scalars} and one TensorBoard scalar per entry."""
         if not self.enabled:
             return
         scalars = {k: v if isinstance(v, int) else float(v) for k, v in scalars.items()}
-        with open(self.jsonl_path, "a") as f:
-            f.write(json.dumps({"step": int(step), **context, **scalars}) + "\n")
-        with self._writer.as_default(step=int(step)):
+        try:
+            with open(self.jsonl_path, "a") as f:
+                f.write(json.dumps({"step": int(step), **context, **scalars}) + "\n")
             for name, value in scalars.items():
-                self._tf.summary.write(name, self._tf.constant(float(value), self._tf.float32),
-                                       metadata=self._scalar_metadata)
-        self._writer.flush()
+                self._writer.add_scalar(name, value, int(step))
+            self._writer.flush()
+        except OSError as error:
+            raise OutputError(f"cannot write the training records in {self.workdir}: "
+                              f"{error.strerror}") from None
 
-    def plot_curves(self, path: str | os.PathLike | None = None) -> str | None:
+    def plot_curves(self) -> Path | None:
         """Loss, top-1 and learning rate against step, from the whole metrics.jsonl, as a PNG."""
-        if not self.enabled or not os.path.exists(self.jsonl_path):
+        records = self._records() if self.enabled else []
+        if not records:
             return None
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        with open(self.jsonl_path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
         panels = (("loss", ("train_loss", "eval_loss", "eval_loss_ema")),
                   ("top-1", ("train_top1", "eval_top1", "eval_top1_ema")),
-                  ("learning rate", ("lr",)))
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+                  ("learning rate", ("lr",)),
+                  ("input wait (fraction of the step)", ("data_wait",)))
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
         for ax, (title, keys) in zip(axes, panels):
             for key in keys:
                 points = [(r["step"], r[key]) for r in records if key in r]
@@ -66,7 +93,7 @@ class MetricsLogger:
             ax.set_xlabel("step")
             ax.legend()
         fig.tight_layout()
-        path = os.fspath(path or os.path.join(self.workdir, "training_curves.png"))
+        path = self.workdir / "training_curves.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return path

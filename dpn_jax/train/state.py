@@ -1,21 +1,18 @@
-"""Everything a run needs to continue exactly: the train state and its orbax checkpoints.
+"""The train state: everything besides the data position that a run needs to continue exactly.
 
-The state on the host is one numpy copy (no device axis); runners replicate it onto devices.
-`step` counts batches consumed, so it is also the input pipeline's resume position.
+It is created on the host (numpy) and lives on the devices as replicated global arrays
+(`Runner.replicate`); `dpn_jax.train.checkpoints` saves and restores it.
 """
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import flax.struct
 import flax.traverse_util
 import jax
-import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
@@ -77,40 +74,3 @@ def merge_for_finetuning(fresh: Variables, loaded: Variables, source: str) -> Va
     if reset:
         log.info("fine-tuning from %s with a new classifier head (%s)", source, ", ".join(reset))
     return flax.traverse_util.unflatten_dict(merged, sep="/")
-
-
-def checkpoint_manager(workdir: str | os.PathLike,
-                       config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-    """Asynchronous orbax manager in WORKDIR/checkpoints keeping `keep_checkpoints` steps.
-
-    Orbax writes each step into a temporary directory and renames it when complete, so a save
-    cut off by preemption leaves no step behind and `latest_step()` is the last whole one.
-    """
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=config.keep_checkpoints, create=True, enable_async_checkpointing=True,
-        cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                                 options=options, item_names=("state", "meta"))
-
-
-def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, meta: dict) -> None:
-    """Start an asynchronous save of the host state; refuses a state with NaN/Inf parameters."""
-    step = int(state.step)
-    for path, leaf in jax.tree_util.tree_flatten_with_path(state.variables())[0]:
-        if not np.isfinite(leaf).all():
-            raise FloatingPointError(f"not saving step {step}: {jax.tree_util.keystr(path)} "
-                                     "has NaN/Inf values")
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               meta=ocp.args.JsonSave(meta)), force=True)
-
-
-def restore_latest(manager: ocp.CheckpointManager,
-                   template: TrainState) -> tuple[TrainState, dict] | None:
-    """The latest complete checkpoint as (host state, meta), or None when there is none."""
-    step = manager.latest_step()
-    if step is None:
-        return None
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
-    return jax.tree.map(np.asarray, restored.state), dict(restored.meta)
-

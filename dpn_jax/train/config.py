@@ -1,0 +1,120 @@
+"""The training config's rules, checked before any data is read or anything compiles.
+
+`configs/default.py` defines every key; this module says which values each accepts. A bad
+value is a ConfigError naming the key, the value and what is allowed.
+"""
+from __future__ import annotations
+
+import numbers
+import re
+from typing import Any, Callable
+
+import ml_collections
+
+from dpn_jax.data.transforms import PIL_INTERPOLATION
+from dpn_jax.errors import ConfigError
+from dpn_jax.runtime.runner import PARALLELISMS
+from dpn_jax.train.optim import SCHEDULES
+
+DTYPES = ("float32", "bfloat16")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _positive_int(value: Any) -> bool:
+    return _is_int(value) and value > 0
+
+
+def _choice(*allowed: Any) -> tuple[Callable[[Any], bool], str]:
+    return (lambda value: value in allowed), "one of " + ", ".join(map(repr, allowed))
+
+
+def _interval(low: float, high: float, *, low_open: bool = False,
+              high_open: bool = True) -> tuple[Callable[[Any], bool], str]:
+    def check(value: Any) -> bool:
+        return (_is_number(value) and (value > low if low_open else value >= low)
+                and (value < high if high_open else value <= high))
+    return check, f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def _optional(rule: tuple[Callable[[Any], bool], str]) -> tuple[Callable[[Any], bool], str]:
+    check, allowed = rule
+    return (lambda value: value is None or check(value)), f"unset or {allowed}"
+
+
+def _triple_of(check: Callable[[Any], bool], what: str) -> tuple[Callable[[Any], bool], str]:
+    return (lambda value: value is not None and len(value) == 3 and all(map(check, value))), \
+        f"three {what}"
+
+
+def _valid_regex(value: Any) -> bool:
+    try:
+        re.compile(value)
+    except (re.error, TypeError):
+        return False
+    return True
+
+
+POSITIVE_INT = (_positive_int, "a positive integer")
+NON_NEGATIVE = _interval(0, float("inf"))
+POSITIVE = _interval(0, float("inf"), low_open=True)
+FRACTION = _interval(0, 1)  # [0, 1)
+BOOL = ((lambda value: isinstance(value, bool)), "True or False")
+
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "dtype": _choice(*DTYPES),
+    "drop_rate": FRACTION,
+    "dataset": ((lambda value: isinstance(value, str) and bool(value)), "a dataset spec"),
+    "image_size": ((lambda value: _is_int(value) and value >= 32), "an integer >= 32"),
+    "mean": _optional(_triple_of(_is_number, "numbers")),
+    "std": _optional(_triple_of(lambda v: _is_number(v) and v > 0, "positive numbers")),
+    "crop_pct": _optional(_interval(0, 1, low_open=True, high_open=False)),
+    "interpolation": _optional(_choice(*PIL_INTERPOLATION)),
+    "num_epochs": NON_NEGATIVE,
+    "num_train_steps": ((lambda value: _is_int(value)), "an integer (<= 0: use num_epochs)"),
+    "batch_size": POSITIVE_INT,
+    "eval_batch_size": POSITIVE_INT,
+    "grad_accum_steps": POSITIVE_INT,
+    "learning_rate": POSITIVE,
+    "base_batch_size": POSITIVE_INT,
+    "schedule": _choice(*SCHEDULES),
+    "warmup_epochs": NON_NEGATIVE,
+    "step_decay_epochs": ((lambda value: all(_is_number(v) and v >= 0 for v in value)),
+                          "a list of epochs >= 0"),
+    "step_decay_factor": POSITIVE,
+    "momentum": FRACTION,
+    "nesterov": BOOL,
+    "weight_decay": NON_NEGATIVE,
+    "weight_decay_pattern": (_valid_regex, "a regular expression"),
+    "label_smoothing": FRACTION,
+    "ema_decay": FRACTION,
+    "skip_nonfinite_updates": BOOL,
+    "parallelism": _choice(*PARALLELISMS),
+    "deterministic": BOOL,
+    "seed": ((lambda value: _is_int(value) and 0 <= value < 2**31), "an integer in [0, 2**31)"),
+    "log_every_steps": POSITIVE_INT,
+    "checkpoint_every_steps": POSITIVE_INT,
+    "keep_checkpoints": POSITIVE_INT,
+}
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raise ConfigError for the first value a rule refuses, or for a run of no steps."""
+    for key, (check, allowed) in RULES.items():
+        value = config.get(key)
+        if not check(value):
+            raise ConfigError(f"--config.{key}={value!r}: must be {allowed}")
+    if config.num_train_steps <= 0 and config.num_epochs <= 0:
+        raise ConfigError("nothing to train: set --config.num_epochs > 0 or "
+                          "--config.num_train_steps > 0")
+    if config.nesterov and not config.momentum:
+        raise ConfigError("--config.nesterov=True needs --config.momentum > 0")
+    if config.init_from == "":
+        raise ConfigError("this config fine-tunes: set --config.init_from=DIR (a model directory "
+                          "written by dpn-convert or by train.py)")

@@ -1,0 +1,56 @@
+"""One run per workdir: a lock that a second `train.py` meets at once, and a killed run leaves free.
+
+The lock is an exclusive `flock` on WORKDIR/train.lock, held for the run's lifetime. The kernel
+drops it when the process ends, however it ends (kill -9 included), so a lock left by a killed
+run is simply taken over; the file's content (pid, host, start time) only tells the second run
+whom it met. The file itself stays: removing it would let two runs lock two different files.
+"""
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import socket
+from pathlib import Path
+
+from dpn_jax.errors import ConfigError
+
+LOCK_FILE = "train.lock"
+
+
+class WorkdirLock:
+    """`with WorkdirLock(workdir):` - ConfigError if another live run holds the workdir."""
+
+    def __init__(self, workdir: str | os.PathLike):
+        self.path = Path(workdir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def __enter__(self) -> "WorkdirLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _describe(os.read(fd, 4096))
+            os.close(fd)
+            raise ConfigError(f"{self.path.parent} is in use by another train.py ({holder}); wait "
+                              "for it to finish or use another --workdir") from None
+        record = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the flock
+            self._fd = None
+
+
+def _describe(content: bytes) -> str:
+    try:
+        record = json.loads(content)
+        return f"pid {record['pid']} on {record['host']}, started {record['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "no details recorded"

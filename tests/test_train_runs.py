@@ -1,0 +1,175 @@
+"""Whole training runs in subprocesses (tests/train_worker.py, train.py) on 4 simulated devices:
+records, exact resume after SIGKILL and SIGTERM, NaN, fine-tuning, one run per workdir,
+damaged checkpoints and a full disk.
+
+Every run uses the same tiny config, so with the shared persistent compilation cache the train
+step compiles once for the whole module.
+"""
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runs import (ROOT, assert_same_variables, checkpoint_steps, flat, metrics_of,
+                  metrics_records, model_variables, run_worker, start_worker, subprocess_env)
+from train_worker import STALLED_MARKER, TINY
+
+DIGITS_RUN = {"num_train_steps": 66, "checkpoint_every_steps": 33}
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return subprocess_env(tmp_path_factory.mktemp("jax_cache"))
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, env):
+    workdir = tmp_path_factory.mktemp("straight")
+    return workdir, metrics_of(run_worker(workdir, DIGITS_RUN, env=env).stdout)
+
+
+def test_digits_run_learns_and_writes_records(straight_run):
+    workdir, metrics = straight_run
+    assert metrics["eval_examples"] == 360
+    assert metrics["eval_top1"] > 0.3, metrics  # chance is 0.1
+    records = metrics_records(workdir)
+    evals = [r for r in records if "eval_top1" in r]
+    assert [r["step"] for r in evals] == [44, 66]  # every epoch (44 steps) and at the end
+    assert {"step", "epoch", "eval_top1", "eval_top5", "eval_loss", "eval_examples"} <= set(evals[-1])
+    assert 0.0 <= evals[-1]["eval_top1"] <= evals[-1]["eval_top5"] <= 1.0
+    train = [r for r in records if "train_loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 67))
+    assert all(0.0 <= r["data_wait"] <= 1.0 for r in train)  # the input wait is measured
+    assert (workdir / "training_curves.png").stat().st_size > 1000
+    assert list((workdir / "tensorboard").iterdir())
+    assert checkpoint_steps(workdir) == [33, 66]
+    _, metadata = model_variables(workdir)
+    assert metadata["class_names"] == [str(d) for d in range(10)]
+    assert metadata["num_classes"] == 10 and metadata["architecture"] == "dpn68"
+
+
+def test_resume_after_sigkill_equals_straight_run(straight_run, tmp_path, env):
+    reference, _ = straight_run
+    killed = run_worker(tmp_path, DIGITS_RUN, "--kill-after-checkpoint", 33, env=env, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    assert checkpoint_steps(tmp_path) == [33] and not (tmp_path / "model").exists()
+    assert (tmp_path / "train.lock").exists()  # left by the killed run, taken over below
+    # A save cut off mid-way (orbax's temporary directory) must be ignored.
+    (tmp_path / "checkpoints" / "50.orbax-checkpoint-tmp-123").mkdir()
+    run_worker(tmp_path, DIGITS_RUN, env=env)
+    assert_same_variables(model_variables(tmp_path)[0], model_variables(reference)[0])
+    steps = [r["step"] for r in metrics_records(tmp_path) if "train_loss" in r]
+    assert steps == list(range(1, 67))  # each step recorded once, across the kill
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_one_before(straight_run, tmp_path, env):
+    reference, _ = straight_run
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    shutil.rmtree(workdir / "model")
+    for file in (workdir / "checkpoints" / "66" / "state").rglob("*"):
+        if file.is_file():
+            file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])  # truncated
+    result = run_worker(workdir, DIGITS_RUN, "--print-restored", env=env)
+    assert "checkpoint step 66" in result.stderr and "cannot be read" in result.stderr
+    assert result.stdout.count("RESTORED 33 ") == 1
+    assert (workdir / "checkpoints" / "66.corrupt").is_dir()  # kept for inspection
+    assert checkpoint_steps(workdir) == [33, 66]  # trained on from 33 and saved 66 anew
+    assert_same_variables(model_variables(workdir)[0], model_variables(reference)[0])
+
+
+def tiny_train_py_flags(workdir: Path, **overrides) -> list[str]:
+    settings = {"image_size": 32, "batch_size": 32, "base_batch_size": 32, "eval_batch_size": 40,
+                "schedule": "constant", "warmup_epochs": 0, "learning_rate": 0.05,
+                "log_every_steps": 1, **overrides}
+    return ["train.py", "--workdir", str(workdir),
+            *[f"--config.model_kwargs.{k}={v}" for k, v in TINY.items()],
+            *[f"--config.{k}={v}" for k, v in settings.items()]]
+
+
+def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 400) -> None:
+    deadline = time.time() + seconds
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    assert path.exists(), f"{path} never appeared"
+
+
+def test_sigterm_saves_and_exits_0_and_a_second_run_is_refused(tmp_path, env):
+    flags = tiny_train_py_flags(tmp_path, num_train_steps=100000)
+    proc = subprocess.Popen([sys.executable, *flags], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(tmp_path / "metrics.jsonl", proc)
+    second = subprocess.run([sys.executable, *flags], env=env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr
+    [error] = [line for line in second.stderr.splitlines() if line.startswith("train.py: error: ")]
+    assert f"is in use by another train.py (pid {proc.pid} on " in error
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    steps = checkpoint_steps(tmp_path)
+    assert len(steps) == 1 and 0 < steps[0] < 100000
+    assert f"saved step {steps[0]}" in err + out
+
+
+def test_sigterm_while_waiting_for_data_saves_and_exits_0(tmp_path, env):
+    proc = start_worker(tmp_path, {"num_train_steps": 100}, "--synthetic-data",
+                        "--stall-data-after", 5, env=env)
+    wait_for(tmp_path / STALLED_MARKER, proc)
+    time.sleep(1)  # the feeder reads ahead: the trainer is now waiting for batch 6
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "while waiting for data: saved step 5" in err + out
+    assert checkpoint_steps(tmp_path) == [5]
+
+
+def test_nan_fails_naming_the_step_and_is_never_saved(tmp_path, env):
+    result = run_worker(tmp_path, {"num_train_steps": 20, "checkpoint_every_steps": 3},
+                        "--poison-step", 5, env=env, check=False)
+    assert result.returncode != 0
+    assert "FloatingPointError: loss or gradient became NaN/Inf at step 6 " in result.stderr
+    assert checkpoint_steps(tmp_path) == [3]
+
+
+def test_nan_step_skipped_when_configured(tmp_path, env):
+    result = run_worker(tmp_path, {"num_train_steps": 8, "skip_nonfinite_updates": True},
+                        "--poison-step", 2, env=env)
+    assert np.isfinite(metrics_of(result.stdout)["eval_loss"])
+    variables, _ = model_variables(tmp_path)
+    assert all(np.isfinite(v).all() for v in flat(variables).values())
+
+
+def test_finetune_from_converted_checkpoint_with_new_head(tmp_path, env):
+    import jax
+    from dpn_jax import create_model
+    from dpn_jax.weights.pretrained import save_model_dir
+
+    _, source = create_model("dpn68", num_classes=7, rng=jax.random.key(42), **TINY)
+    source_dir = tmp_path / "converted"
+    save_model_dir(source_dir, source, {
+        "architecture": "dpn68", "num_classes": 7, "model_kwargs": TINY,
+        "pretrained_cfg": {"input_size": [32, 32], "crop_pct": 1.0, "interpolation": "bilinear",
+                           "mean": [0.5] * 3, "std": [0.25] * 3, "test_input_size": None,
+                           "test_crop_pct": None},
+        "class_names": None, "source": "test", "sha256": None, "dpn_jax_version": "0"})
+    workdir = tmp_path / "run"
+    run_worker(workdir, {"init_from": str(source_dir), "num_train_steps": 1, "model": "dpn92",
+                         "model_kwargs": {}}, env=env)
+    tuned, metadata = model_variables(workdir)
+    assert metadata["num_classes"] == 10 and metadata["architecture"] == "dpn68"
+    assert list(metadata["pretrained_cfg"]["mean"]) == [0.5] * 3  # preprocessing of the source
+    assert tuned["params"]["classifier"]["kernel"].shape[-1] == 10
+    stem, stem_source = (v["params"]["features"]["conv1_1"]["conv"]["kernel"] for v in (tuned, source))
+    _, fresh = create_model("dpn68", num_classes=10, rng=jax.random.key(0), **TINY)
+    stem_fresh = fresh["params"]["features"]["conv1_1"]["conv"]["kernel"]
+    assert np.abs(stem - stem_source).mean() < 0.5 * np.abs(stem - stem_fresh).mean()
