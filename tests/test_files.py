@@ -200,3 +200,16 @@ def test_a_run_killed_between_the_fallback_renames_gets_its_old_version_back(tmp
         write(out, "new")
     assert (out / OURS).read_text() == "previous" and listing(tmp_path) == ["out", f"out/{OURS}"]
 
+
+def test_training_refuses_a_workdir_model_holding_a_users_files(tmp_path):
+    """train.py exports to WORKDIR/model at the end; a user's files there used to be deleted."""
+    from train_worker import tiny_config
+
+    from dpn_jax.train.trainer import train_and_evaluate
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match=rf"refusing to replace {re.escape(str(tmp_path))}/model: "
+                                          r"it is not a dpn_jax model directory \(it holds notes.txt\)"):
+        train_and_evaluate(tiny_config(num_train_steps=1), tmp_path)
+    assert listing(tmp_path) == ["model", "model/notes.txt"]  # refused before any work

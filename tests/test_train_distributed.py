@@ -51,8 +51,9 @@ def metrics_of(result) -> dict:
 
 
 def model_variables(workdir):
-    from dpn_jax.weights.pretrained import load_model_dir
-    return load_model_dir(Path(workdir) / "model")
+    from dpn_jax.weights.model_dir import ModelDir
+    model_dir = ModelDir.load(Path(workdir) / "model")
+    return model_dir.variables, model_dir
 
 
 def flat(tree, prefix=""):
@@ -88,9 +89,9 @@ def test_digits_run_learns_and_writes_records(straight_run):
     assert (workdir / "training_curves.png").stat().st_size > 1000
     assert list((workdir / "tensorboard").iterdir())
     assert checkpoint_steps(workdir) == [33, 66]
-    _, metadata = model_variables(workdir)
-    assert metadata["class_names"] == [str(d) for d in range(10)]
-    assert metadata["num_classes"] == 10 and metadata["architecture"] == "dpn68"
+    _, model_dir = model_variables(workdir)
+    assert model_dir.class_names == tuple(str(d) for d in range(10))
+    assert model_dir.num_classes == 10 and model_dir.architecture == "dpn68"
 
 
 def test_resume_after_sigkill_equals_straight_run(straight_run, tmp_path, env):
@@ -146,22 +147,20 @@ def test_nan_step_skipped_when_configured(tmp_path, env):
 def test_finetune_from_converted_checkpoint_with_new_head(tmp_path, env):
     import jax
     from dpn_jax import create_model
-    from dpn_jax.weights.pretrained import save_model_dir
+    from dpn_jax.weights.model_dir import ModelDir, Preprocessing
 
     _, source = create_model("dpn68", num_classes=7, rng=jax.random.key(42), **TINY)
     source_dir = tmp_path / "converted"
-    save_model_dir(source_dir, source, {
-        "architecture": "dpn68", "num_classes": 7, "model_kwargs": TINY,
-        "pretrained_cfg": {"input_size": [32, 32], "crop_pct": 1.0, "interpolation": "bilinear",
-                           "mean": [0.5] * 3, "std": [0.25] * 3, "test_input_size": None,
-                           "test_crop_pct": None},
-        "class_names": None, "source": "test", "sha256": None, "dpn_jax_version": "0"})
+    ModelDir(architecture="dpn68", num_classes=7, model_kwargs=TINY, variables=source,
+             preprocessing=Preprocessing(input_size=(32, 32), crop_pct=1.0, interpolation="bilinear",
+                                         mean=(0.5,) * 3, std=(0.25,) * 3),
+             source="test").save(source_dir)
     workdir = tmp_path / "run"
     worker(workdir, {"init_from": str(source_dir), "num_train_steps": 1, "model": "dpn92",
                      "model_kwargs": {}}, env=env)
-    tuned, metadata = model_variables(workdir)
-    assert metadata["num_classes"] == 10 and metadata["architecture"] == "dpn68"
-    assert list(metadata["pretrained_cfg"]["mean"]) == [0.5] * 3  # preprocessing of the source
+    tuned, model_dir = model_variables(workdir)
+    assert model_dir.num_classes == 10 and model_dir.architecture == "dpn68"
+    assert model_dir.preprocessing.mean == (0.5,) * 3  # preprocessing of the source
     assert tuned["params"]["classifier"]["kernel"].shape[-1] == 10
     stem, stem_source = (v["params"]["features"]["conv1_1"]["conv"]["kernel"] for v in (tuned, source))
     _, fresh = create_model("dpn68", num_classes=10, rng=jax.random.key(0), **TINY)

@@ -15,6 +15,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
+from dpn_jax.errors import ConfigError, DataError
 from dpn_jax.models.dpn import DPN
 from dpn_jax.infer.predict import DataConfig
 
@@ -46,11 +47,11 @@ def evaluate(model: DPN, variables: dict[str, Any], dataset: str, data_config: D
 
     devices = jax.devices()
     if batch_size % len(devices):
-        raise ValueError(f"batch size {batch_size} is not divisible by the {len(devices)} devices")
+        raise ConfigError(f"batch size {batch_size} is not divisible by the {len(devices)} devices")
     info = pipeline.dataset_info(dataset, data_dir=data_dir, eval_split=split,
                                        manual_dir=manual_dir)
     if info.num_classes != model.num_classes:
-        raise ValueError(f"dataset {dataset} has {info.num_classes} classes, the model "
+        raise DataError(f"dataset {dataset} has {info.num_classes} classes, the model "
                          f"{model.num_classes}")
 
     mesh = Mesh(np.asarray(devices), ("batch",))
@@ -86,7 +87,7 @@ def evaluate(model: DPN, variables: dict[str, Any], dataset: str, data_config: D
 
     count = totals["count"]
     if count == 0:
-        raise ValueError(f"dataset {dataset} has no evaluation examples")
+        raise DataError(f"dataset {dataset} has no evaluation examples")
     timed = count - compiled_count
     top1, top5 = 100 * totals["correct_top1"] / count, 100 * totals["correct_top5"] / count
     return {"top1": top1, "top1_err": 100 - top1, "top5": top5, "top5_err": 100 - top5,

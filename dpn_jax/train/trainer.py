@@ -31,6 +31,7 @@ from dpn_jax.models.registry import pretrained_cfg
 from dpn_jax.train.logger import MetricsLogger
 from dpn_jax.train.state import (TrainState, checkpoint_manager, create_train_state,
                                  merge_for_finetuning, restore_latest, save_checkpoint)
+from dpn_jax.weights.model_dir import ModelDir, Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -175,11 +176,10 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
         raise ValueError("this config fine-tunes: set --config.init_from=DIR (a model directory "
                          "written by dpn-convert or by train.py)")
     if config.init_from:
-        from dpn_jax.weights.pretrained import load_model_dir
-        loaded, metadata = load_model_dir(config.init_from)
-        arch = metadata["architecture"]
-        model_kwargs = {**metadata.get("model_kwargs", {}), **model_kwargs}
-        base_cfg = metadata.get("pretrained_cfg")
+        source = ModelDir.load(config.init_from)
+        arch, loaded = source.architecture, source.variables
+        model_kwargs = {**source.model_kwargs, **model_kwargs}
+        base_cfg = source.preprocessing.as_dict()
     model, variables = create_model(
         arch, num_classes=num_classes, dtype=DTYPES[config.dtype], drop_rate=config.drop_rate,
         rng=jax.random.key(config.seed), axis_name=AXIS, **model_kwargs)
@@ -210,6 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         raise ValueError(f"dtype={config.dtype!r}; choose from {sorted(DTYPES)}")
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
+    ModelDir.check_output(os.path.join(workdir, "model"), overwrite=True)  # a user's files there
     runner = Runner(config.parallelism)
     is_main = jax.process_index() == 0
 
@@ -327,14 +328,9 @@ def export_model(path: str, variables: dict, *, arch: str, model_kwargs: dict, n
     Process 0 writes it; the others wait, so none exits while it is being written.
     """
     if jax.process_index() == 0:
-        from dpn_jax import __version__
-        from dpn_jax.weights.pretrained import save_model_dir
-        pretrained = {k: data_cfg[k] for k in ("input_size", "crop_pct", "interpolation", "mean",
-                                               "std", "test_input_size", "test_crop_pct")}
-        metadata = {"architecture": arch, "num_classes": num_classes, "model_kwargs": model_kwargs,
-                    "pretrained_cfg": pretrained, "class_names": list(class_names),
-                    "source": f"dpn_jax train.py, workdir {workdir}", "sha256": None,
-                    "dpn_jax_version": __version__}
-        save_model_dir(path, variables, metadata, overwrite=True)
+        ModelDir(architecture=arch, num_classes=num_classes, model_kwargs=model_kwargs,
+                 preprocessing=Preprocessing.from_cfg(data_cfg), variables=variables,
+                 class_names=tuple(class_names), source=f"dpn_jax train.py, workdir {workdir}",
+                 ).save(path, overwrite=True)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("dpn_jax export_model")
