@@ -9,7 +9,9 @@ import errno
 import functools
 import os
 import pickle
+import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -460,6 +462,24 @@ def test_full_disk_during_conversion_leaves_nothing(existing, tmp_path, monkeypa
     assert_one_line_error(rc, capsys.readouterr().err,
                           f"dpn-convert: error: cannot write {out}: No space left on device")
     assert snapshot(tmp_path) == before
+
+
+def test_a_real_write_failure_during_conversion_is_one_line(tmp_path):
+    """The kernel refuses the write (RLIMIT_FSIZE: EFBIG, as ENOSPC would), deep in orbax's
+    tensorstore writer thread: still one line naming the output, and nothing left behind."""
+    write_safetensors("dpn68", tmp_path)
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write() instead of the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # the variables are 7.8 MB
+
+    result = subprocess.run([sys.executable, "convert_weights.py", str(tmp_path / "model.safetensors"),
+                             "--output", str(tmp_path / "out")], cwd=REPO_ROOT,
+                            env={**os.environ, "DPN_JAX_CACHE_DIR": "off"},
+                            preexec_fn=limit_file_size, capture_output=True, text=True, timeout=300)
+    assert_one_line_error(result.returncode, result.stderr,
+                          f"dpn-convert: error: cannot write {tmp_path / 'out'}: File too large")
+    assert os.listdir(tmp_path) == ["model.safetensors"]
 
 
 def test_to_torch_replaces_only_its_own_export(tmp_path, monkeypatch, capsys):

@@ -61,7 +61,7 @@ def check_output(path: str | os.PathLike, *, overwrite: bool, replaceable: Calla
                                 "replace it")
     if path.is_symlink() or not replaceable(path):
         raise OutputError(f"refusing to replace {path}: it is not {what} ({_describe(path)}); "
-                          "dpn_jax replaces only what it wrote - choose another output")
+                          "dpn_jax replaces only what it wrote; move it away or choose another output")
     return path
 
 

@@ -13,12 +13,14 @@ under "pretrained_cfg") still load. Writing is atomic and replaces only a model 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import numbers
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +31,7 @@ from dpn_jax.errors import ConfigError, WeightsError
 from dpn_jax.models.dpn import DPN, MODEL_CONFIGS, DPNConfig
 from dpn_jax.models.registry import build_dpn
 from dpn_jax.runtime.files import atomic_output, check_output
-from dpn_jax.weights.convert import (Variables, abstract_variables, check_variables,
-                                     num_classes_in)
+from dpn_jax.weights.convert import Variables, abstract_variables, check_variables, num_classes_in
 from dpn_jax.weights.sources import first_line
 
 FORMAT_VERSION = 1
@@ -178,7 +179,8 @@ class ModelDir:
             # orbax must not wait for the other processes at its barriers.
             this_process = ocp.options.MultiprocessingOptions(
                 primary_host=jax.process_index(), active_processes={jax.process_index()})
-            with ocp.StandardCheckpointer(multiprocessing_options=this_process) as checkpointer:
+            with _orbax_write_errors_as_os_errors(staging), \
+                    ocp.StandardCheckpointer(multiprocessing_options=this_process) as checkpointer:
                 checkpointer.save(staging / VARIABLES_DIR, host_variables)
                 checkpointer.wait_until_finished()
             (staging / METADATA_FILE).write_text(json.dumps(self.to_json(), indent=2) + "\n")
@@ -272,6 +274,29 @@ def parse_metadata(text: str, origin: Path) -> dict[str, Any]:
     except ConfigError as error:
         raise WeightsError(f"{origin}: preprocessing: {error}") from None
     return {**raw, "format_version": version}
+
+
+@contextlib.contextmanager
+def _orbax_write_errors_as_os_errors(directory: Path) -> Iterator[None]:
+    """Orbax (tensorstore) reports a failed write - a full disk, a quota - as a ValueError carrying
+    `[os_error_code='28']`, after logging it with a traceback from its writer thread. Raise it as
+    the OSError it is, so that it becomes one line naming the output, and keep those log records
+    (they name `directory`) quiet."""
+    logger = logging.getLogger("absl")  # orbax logs through absl
+
+    def not_about_directory(record: logging.LogRecord) -> bool:
+        return str(directory) not in record.getMessage()
+
+    logger.addFilter(not_about_directory)
+    try:
+        yield
+    except ValueError as error:
+        code = re.search(r"os_error_code='(\d+)'", str(error))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(directory)) from error
+    finally:
+        logger.removeFilter(not_about_directory)
 
 
 def is_model_dir(path: Path) -> bool:
