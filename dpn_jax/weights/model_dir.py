@@ -219,8 +219,8 @@ class ModelDir:
             with ocp.StandardCheckpointer() as checkpointer:
                 variables = checkpointer.restore(variables_dir)
         except (OSError, ValueError) as error:
-            raise WeightsError(f"{variables_dir}: not a readable orbax checkpoint "
-                               f"({first_line(error)})") from None
+            reason = re.sub(r" \[tensorstore_spec=.*\]", "", first_line(error))  # a page of JSON
+            raise WeightsError(f"{variables_dir}: not a readable orbax checkpoint ({reason})") from None
         variables = jax.tree_util.tree_map(np.asarray, variables)
         try:
             model_dir = cls(variables=variables, **metadata)
