@@ -80,8 +80,9 @@ def test_interrupt_exits_130_quietly(monkeypatch, capsys):
 
 
 def test_tensor_names_from_a_file_are_printed_escaped(tmp_path, capsys):
-    save_file({f"features.{HOSTILE}.weight": np.zeros(3, np.float32)}, tmp_path / "evil.safetensors")
-    assert convert_cli.main([str(tmp_path / "evil.safetensors"), "--output", str(tmp_path / "o")]) == 1
+    evil = tmp_path / "evil.safetensors"
+    save_file({f"features.{HOSTILE}.weight": np.zeros(3, np.float32)}, evil)
+    assert convert_cli.main([str(evil), "--output", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert "\x1b" not in err and "\x07" not in err and "features.\\x1b]0;owned\\x07.weight" in err
     assert err.count("\n") == 1
@@ -94,9 +95,10 @@ def test_unreadable_source_names_the_file(tmp_path, monkeypatch, capsys):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
 
     monkeypatch.setattr(sources, "open", denied, raising=False)
-    assert convert_cli.main([str(tmp_path / "model.safetensors"), "--output", str(tmp_path / "o")]) == 1
-    assert capsys.readouterr().err == (f"dpn-convert: error: {tmp_path / 'model.safetensors'}: "
-                                       "cannot be read (Permission denied)\n")
+    source = tmp_path / "model.safetensors"
+    assert convert_cli.main([str(source), "--output", str(tmp_path / "o")]) == 1
+    assert capsys.readouterr().err == (f"dpn-convert: error: {source}: cannot be read "
+                                       "(Permission denied)\n")
 
 
 def test_unwritable_output_names_the_path(tmp_path, monkeypatch, capsys):

@@ -25,13 +25,13 @@ import timm
 import torch
 from safetensors.numpy import save_file
 from safetensors.torch import load_file as load_torch_safetensors
+from timm_reference import numpy_state_dict, random_timm_dpn, relative_error, run_timm
 
 import dpn_jax
 from dpn_jax.cli import convert as convert_cli
 from dpn_jax.errors import WeightsError
 from dpn_jax.weights.convert import detect_architecture, detect_variant, timm_to_flax
 from dpn_jax.weights.model_dir import ModelDir
-from timm_reference import numpy_state_dict, random_timm_dpn, relative_error, run_timm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = {"k_sec": (1, 1, 1, 1)}
@@ -173,8 +173,9 @@ def test_hub_reference_from_offline_cache(arch, tmp_path):
         files = {"pytorch_model.bin": pth.read_bytes()}
         src, expected_file = f"hf-hub:timm/{tag}", "pytorch_model.bin"
     populate_hub_cache(tmp_path / "hf", f"timm/{tag}", files)
-    result = subprocess.run([sys.executable, "convert_weights.py", src, "--output", str(tmp_path / "out")],
-                            cwd=REPO_ROOT, env=offline_env(tmp_path / "hf"), capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "convert_weights.py", src, "--output",
+                             str(tmp_path / "out")], check=False, cwd=REPO_ROOT,
+                            env=offline_env(tmp_path / "hf"), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     model_dir = ModelDir.load(tmp_path / "out")
     assert model_dir.source == f"hf-hub:timm/{tag}/{expected_file}"
@@ -184,8 +185,8 @@ def test_hub_reference_from_offline_cache(arch, tmp_path):
 
 def test_hub_reference_missing_from_offline_cache(tmp_path):
     result = subprocess.run([sys.executable, "convert_weights.py", "timm/dpn92.mx_in1k", "--output",
-                             str(tmp_path / "out")], cwd=REPO_ROOT, env=offline_env(tmp_path / "hf"),
-                            capture_output=True, text=True)
+                             str(tmp_path / "out")], check=False, cwd=REPO_ROOT,
+                            env=offline_env(tmp_path / "hf"), capture_output=True, text=True)
     assert result.returncode == 1
     assert "timm/dpn92.mx_in1k" in result.stderr and "cache" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -354,11 +355,12 @@ BAD_SOURCES = {
     "non-DPN": (_non_dpn, [],
                 "not a DPN state dict: no 4-d features.conv1_1.conv.weight (first keys: conv1.weight"),
     "wrong --model": (_dpn_with(lambda sd: None), ["--model", "dpn92"],
-                      "does not fit dpn92 (its shapes are those of dpn68 with {'k_sec': (1, 1, 1, 1)}): "
-                      "tensor features.conv1_1.bn.running_mean has shape (10,), dpn92 expects (64,)"),
+                      ("does not fit dpn92 (its shapes are those of dpn68 with "
+                       "{'k_sec': (1, 1, 1, 1)}): tensor features.conv1_1.bn.running_mean has "
+                       "shape (10,), dpn92 expects (64,)")),
     "missing tensor": (_dpn_with(lambda sd: sd.pop("features.conv3_1.c3x3_b.bn.weight")), [],
-                       "does not fit dpn68: missing tensor features.conv3_1.c3x3_b.bn.weight (expected for dpn68, "
-                       "shape (256,))"),
+                       ("does not fit dpn68: missing tensor features.conv3_1.c3x3_b.bn.weight "
+                        "(expected for dpn68, shape (256,))")),
     "extra tensor": (_dpn_with(lambda sd: sd.update({"head.fc.weight": np.ones((3, 4), np.float32)})), [],
                      "unexpected tensor head.fc.weight with shape (3, 4) for dpn68"),
     "directory": (_directory, [], "is a directory, not a checkpoint file"),
@@ -473,8 +475,9 @@ def test_a_real_write_failure_during_conversion_is_one_line(tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write() instead of the process
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # the variables are 7.8 MB
 
-    result = subprocess.run([sys.executable, "convert_weights.py", str(tmp_path / "model.safetensors"),
-                             "--output", str(tmp_path / "out")], cwd=REPO_ROOT,
+    argv = [sys.executable, "convert_weights.py", str(tmp_path / "model.safetensors"), "--output",
+            str(tmp_path / "out")]
+    result = subprocess.run(argv, check=False, cwd=REPO_ROOT,
                             env={**os.environ, "DPN_JAX_CACHE_DIR": "off"},
                             preexec_fn=limit_file_size, capture_output=True, text=True, timeout=300)
     assert_one_line_error(result.returncode, result.stderr,
@@ -509,7 +512,8 @@ def test_to_torch_replaces_only_its_own_export(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(safetensors.numpy, "save_file", disk_full)
     rc = run_cli(tmp_path / "jax", "--to-torch", out, "--overwrite")
-    assert_one_line_error(rc, capsys.readouterr().err, f"cannot write {out}: No space left on device")
+    assert_one_line_error(rc, capsys.readouterr().err,
+                          f"cannot write {out}: No space left on device")
     assert snapshot(tmp_path) == before  # the previous export intact, no staging file left
 
 
@@ -521,8 +525,8 @@ def test_to_torch_replaces_only_its_own_export(tmp_path, monkeypatch, capsys):
     ("./dpn68", "./dpn68: no such file"),
     ("~/no/such/dpn68.pth", "~/no/such/dpn68.pth: no such file"),
     ("timm/dpn92.mx_in1k", "timm/dpn92.mx_in1k: no such file"),  # ./timm is a local folder here
-    ("someone/dpn68", "someone/dpn68: no such file (a hub repository is written "
-                      "hf-hub:someone/dpn68)"),
+    ("someone/dpn68", ("someone/dpn68: no such file (a hub repository is written "
+                      "hf-hub:someone/dpn68)")),
     ("hf-hub:no_slash", "hf-hub:no_slash: not a hub repository name"),
 ])
 def test_missing_paths_fail_at_once_without_asking_the_hub(src, message, tmp_path, monkeypatch,
@@ -574,8 +578,8 @@ def test_unreachable_hub_fails_fast_naming_the_alternatives(endpoint, silent_end
     del env["HF_HUB_OFFLINE"]
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "convert_weights.py", "timm/dpn68.mx_in1k", "--output",
-                             str(tmp_path / "out")], cwd=REPO_ROOT, env=env, capture_output=True,
-                            text=True, timeout=120)
+                             str(tmp_path / "out")], check=False, cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
     elapsed = time.perf_counter() - start
     print(f"{endpoint} hub endpoint {url}: failed after {elapsed:.1f} s (process start included)")
     assert_one_line_error(result.returncode, result.stderr, "hub repository timm/dpn68.mx_in1k: ")
@@ -591,8 +595,8 @@ def test_cached_hub_file_works_with_an_unreachable_hub(tmp_path):
     env = offline_env(tmp_path / "hf", HF_ENDPOINT=closed_port_endpoint())
     del env["HF_HUB_OFFLINE"]
     result = subprocess.run([sys.executable, "convert_weights.py", "timm/dpn68.mx_in1k", "--output",
-                             str(tmp_path / "out")], cwd=REPO_ROOT, env=env, capture_output=True,
-                            text=True, timeout=300)
+                             str(tmp_path / "out")], check=False, cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert logits_error(tmp_path / "out", "dpn68") <= 1e-4
 

@@ -75,8 +75,8 @@ def test_existing_output_needs_overwrite(tmp_path):
 def test_what_is_not_ours_is_refused_even_with_overwrite(make, description, tmp_path, rename_mode):
     make(tmp_path / "out")
     before = {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")}
-    with pytest.raises(OutputError, match=rf"refusing to replace {re.escape(str(tmp_path))}/out: it "
-                                          rf"is not our output \({description}\)") as error:
+    with pytest.raises(OutputError, match=rf"refusing to replace {re.escape(str(tmp_path))}/out: "
+                                          rf"it is not our output \({description}\)") as error:
         write(tmp_path / "out", "new", overwrite=True)
     assert "\n" not in str(error.value)
     assert {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")} == before
@@ -157,7 +157,7 @@ def test_file_output(tmp_path, rename_mode):
     assert listing(tmp_path) == ["out.bin"]
 
 
-# --- leftovers of killed runs -------------------------------------------------------------------------
+# --- leftovers of killed runs ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def dead_pid() -> int:
@@ -209,7 +209,8 @@ def test_training_refuses_a_workdir_model_holding_a_users_files(tmp_path):
 
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "notes.txt").write_text("mine")
-    with pytest.raises(OutputError, match=rf"refusing to replace {re.escape(str(tmp_path))}/model: "
-                                          r"it is not a dpn_jax model directory \(it holds notes.txt\)"):
+    refusal = (rf"refusing to replace {re.escape(str(tmp_path))}/model: it is not a dpn_jax model "
+               r"directory \(it holds notes.txt\)")
+    with pytest.raises(OutputError, match=refusal):
         train_and_evaluate(tiny_config(num_train_steps=1), tmp_path)
     assert listing(tmp_path) == ["model", "model/notes.txt"]  # refused before any work

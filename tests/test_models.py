@@ -20,7 +20,7 @@ TINY = {"k_sec": (1, 1, 1, 1)}
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
-# --- one architecture config, construction by keyword ----------------------------------------------
+# --- one architecture config, construction by keyword ------------------------------------
 
 def test_config_is_shared_by_dpn_and_features_and_accepts_json_lists():
     config = dpn_jax.MODEL_CONFIGS["dpn68"].replace(k_sec=[1, 1, 1, 1], inc_sec=[8, 8, 8, 8])
@@ -73,7 +73,7 @@ def test_dpn_needs_its_config_by_keyword():
         dpn_jax.DPN()  # no silent default architecture
 
 
-# --- init_variables is model.init in tree and distribution -------------------------------------------
+# --- init_variables is model.init in tree and distribution ---------------------------------
 
 INIT_CASES = {
     "dpn68 with a head": ("dpn68", {"num_classes": 10}),
@@ -119,14 +119,15 @@ def test_init_variables_equals_model_init_in_tree_and_distribution(case):
 
 def test_init_variables_is_reproducible_per_key():
     model = dpn_jax.create_model("dpn68", num_classes=4, **TINY)[0]
-    first, again, other = (_leaves(init_variables(model, jax.random.key(seed))) for seed in (0, 0, 1))
+    first, again, other = (_leaves(init_variables(model, jax.random.key(seed)))
+                           for seed in (0, 0, 1))
     for name, value in first.items():
         np.testing.assert_array_equal(value, again[name], err_msg=name)
     assert not np.array_equal(first["['params']['classifier']['kernel']"],
                               other["['params']['classifier']['kernel']"])
 
 
-# --- remat ---------------------------------------------------------------------------------------------
+# --- remat -----------------------------------------------------------------------------------
 
 def test_remat_gives_the_same_outputs_statistics_and_gradients():
     plain, variables = dpn_jax.create_model("dpn68", num_classes=10, k_sec=(1, 2, 1, 1))

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from timm_reference import numpy_state_dict, random_timm_dpn, relative_error, run_timm
 
 import dpn_jax
 from dpn_jax.weights.convert import ConversionError, flax_to_timm, timm_to_flax
-from timm_reference import numpy_state_dict, random_timm_dpn, relative_error, run_timm
 
 TIMM_PARAM_COUNTS = {
     "dpn48b": 9_126_226, "dpn68": 12_611_602, "dpn68b": 12_611_602, "dpn92": 37_668_392,
@@ -37,7 +37,7 @@ def test_public_names_resolve_from_the_lazy_package():
     for name in dpn_jax.__all__:
         assert getattr(dpn_jax, name) is not None, name
     with pytest.raises(AttributeError, match="no_such_name"):
-        dpn_jax.no_such_name
+        _ = dpn_jax.no_such_name
 
 
 @pytest.mark.parametrize("name", ALL_VARIANTS)
@@ -104,7 +104,7 @@ def run_timm_forward_features(model, x_nhwc):
     return out.numpy().transpose(0, 2, 3, 1)
 
 
-SHALLOW = dict(k_sec=(1, 2, 1, 1))  # every block type, a fraction of the compile time
+SHALLOW = {"k_sec": (1, 2, 1, 1)}  # every block type, a fraction of the compile time
 
 
 @pytest.mark.parametrize("name", ["dpn68b", "dpn48b", "dpn92"])

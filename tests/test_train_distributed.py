@@ -152,8 +152,9 @@ def test_finetune_from_converted_checkpoint_with_new_head(tmp_path, env):
     _, source = create_model("dpn68", num_classes=7, rng=jax.random.key(42), **TINY)
     source_dir = tmp_path / "converted"
     ModelDir(architecture="dpn68", num_classes=7, model_kwargs=TINY, variables=source,
-             preprocessing=Preprocessing(input_size=(32, 32), crop_pct=1.0, interpolation="bilinear",
-                                         mean=(0.5,) * 3, std=(0.25,) * 3),
+             preprocessing=Preprocessing(input_size=(32, 32), crop_pct=1.0,
+                                         interpolation="bilinear", mean=(0.5,) * 3,
+                                         std=(0.25,) * 3),
              source="test").save(source_dir)
     workdir = tmp_path / "run"
     worker(workdir, {"init_from": str(source_dir), "num_train_steps": 1, "model": "dpn92",

@@ -31,7 +31,7 @@ def run_timm(model: torch.nn.Module, x_nhwc: np.ndarray):
     """Forward an NHWC batch through timm; outputs come back NHWC (maps) or (N, C)."""
     with torch.no_grad():
         out = model(torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2))))
-    to_numpy = lambda t: t.numpy().transpose(0, 2, 3, 1) if t.ndim == 4 else t.numpy()  # noqa: E731
+    to_numpy = lambda t: t.numpy().transpose(0, 2, 3, 1) if t.ndim == 4 else t.numpy()
     return [to_numpy(t) for t in out] if isinstance(out, (list, tuple)) else to_numpy(out)
 
 

@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_classes is not None and args.num_classes < 0:
         parser.error(f"--num-classes must be >= 0, got {args.num_classes}")
     enable_compilation_cache()  # $DPN_JAX_CACHE_DIR=off disables it
-    return run_command(parser.prog, lambda: export_to_torch(args) if args.to_torch else convert(args))
+    command = export_to_torch if args.to_torch else convert
+    return run_command(parser.prog, lambda: command(args))
 
 
 def convert(args: argparse.Namespace) -> int:
@@ -102,7 +103,8 @@ def export_to_torch(args: argparse.Namespace) -> int:
     echo(f"{args.src}: {_describe(model_dir)}, {len(state_dict)} tensors, "
          f"{_size(model_dir.variables)}")
     echo(f"wrote {out} in {time.perf_counter() - start:.1f} s; load it with "
-         f"timm.create_model({model_dir.architecture!r}, num_classes={model_dir.num_classes}{kwargs})"
+         f"timm.create_model({model_dir.architecture!r}, "
+         f"num_classes={model_dir.num_classes}{kwargs})"
          f".load_state_dict(safetensors.torch.load_file({str(out)!r}))")
     return 0
 

@@ -52,7 +52,7 @@ def evaluate(model: DPN, variables: dict[str, Any], dataset: str, data_config: D
                                        manual_dir=manual_dir)
     if info.num_classes != model.num_classes:
         raise DataError(f"dataset {dataset} has {info.num_classes} classes, the model "
-                         f"{model.num_classes}")
+                        f"{model.num_classes}")
 
     mesh = Mesh(np.asarray(devices), ("batch",))
     batch_sharding, replicated = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())

@@ -74,7 +74,8 @@ def load_checkpoint(path: str | os.PathLike, model_name: str | None = None) -> L
                           f"{arch} ({path})")
     model = model_dir.build_model()
     return LoadedModel(model, model_dir.variables, model_dir.preprocessing.as_dict(),
-                       resolve_class_names(model.num_classes, model_dir.class_names), name=str(path))
+                       resolve_class_names(model.num_classes, model_dir.class_names),
+                       name=str(path))
 
 
 def load_pretrained_tag(name: str) -> LoadedModel:

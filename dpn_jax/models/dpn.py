@@ -44,9 +44,10 @@ class DPNConfig:
     def __post_init__(self) -> None:
         for name in ("k_sec", "inc_sec"):
             value = getattr(self, name)
-            if (isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 4
-                    or not all(_positive_int(v) for v in value)):
-                raise ConfigError(f"{name} must be 4 positive integers (one per stage), got {value!r}")
+            if (isinstance(value, (str, bytes)) or not isinstance(value, Sequence)
+                    or len(value) != 4 or not all(_positive_int(v) for v in value)):
+                raise ConfigError(f"{name} must be 4 positive integers (one per stage), "
+                                  f"got {value!r}")
             object.__setattr__(self, name, tuple(int(v) for v in value))
         for name in ("k_r", "groups", "num_init_features"):
             if not _positive_int(getattr(self, name)):

@@ -61,13 +61,15 @@ def check_output(path: str | os.PathLike, *, overwrite: bool, replaceable: Calla
                                 "replace it")
     if path.is_symlink() or not replaceable(path):
         raise OutputError(f"refusing to replace {path}: it is not {what} ({_describe(path)}); "
-                          "dpn_jax replaces only what it wrote; move it away or choose another output")
+                          "dpn_jax replaces only what it wrote; move it away or choose another "
+                          "output")
     return path
 
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, *, overwrite: bool,
-                  replaceable: Callable[[Path], bool], what: str, directory: bool) -> Iterator[Path]:
+                  replaceable: Callable[[Path], bool], what: str,
+                  directory: bool) -> Iterator[Path]:
     """Yield a staging path (an empty directory, or a file name if not `directory`) next to
     `path`; when the block completes it takes `path`'s place atomically.
 
@@ -130,18 +132,20 @@ def _describe(path: Path) -> str:
         return f"unreadable: {error.strerror}"
     if not names:
         return "an empty directory"
-    return "it holds " + ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    more = f" and {len(names) - 4} more" if len(names) > 4 else ""
+    return "it holds " + ", ".join(names[:4]) + more
 
 
 # --- staging names and leftovers -----------------------------------------------------------------
 
 def _staging_name(path: Path, kind: str) -> Path:
-    return path.with_name(f".{path.name}.dpn_jax-{kind}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    token = uuid.uuid4().hex[:8]
+    return path.with_name(f".{path.name}.dpn_jax-{kind}-{_HOST}-{os.getpid()}-{token}")
 
 
 def _leftover_pattern(path: Path) -> re.Pattern[str]:
-    return re.compile(rf"\.{re.escape(path.name)}\.dpn_jax-(?P<kind>tmp|old)-(?P<host>[0-9a-f]{{8}})"
-                      rf"-(?P<pid>\d+)-[0-9a-f]{{8}}")
+    return re.compile(rf"\.{re.escape(path.name)}\.dpn_jax-(?P<kind>tmp|old)"
+                      rf"-(?P<host>[0-9a-f]{{8}})-(?P<pid>\d+)-[0-9a-f]{{8}}")
 
 
 def _clean_leftovers(path: Path) -> None:
@@ -191,7 +195,8 @@ def _libc_renameat2() -> Callable[..., int] | None:
         function = ctypes.CDLL(None, use_errno=True).renameat2
     except (AttributeError, OSError):  # not glibc >= 2.28 / musl >= 1.2.3, or not Linux
         return None
-    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                         ctypes.c_uint]
     return function
 
 

@@ -79,7 +79,8 @@ class Preprocessing:
         for name in ("mean", "std"):
             value = getattr(self, name)
             if not _sequence_of(value, 3, _is_number) or (name == "std" and min(value) <= 0):
-                raise ConfigError(f"{name} must be 3 numbers (per RGB channel{', > 0' * (name == 'std')}), "
+                positive = ", > 0" if name == "std" else ""
+                raise ConfigError(f"{name} must be 3 numbers (per RGB channel{positive}), "
                                   f"got {value!r}")
             object.__setattr__(self, name, tuple(float(v) for v in value))
 
@@ -138,7 +139,8 @@ class ModelDir:
             raise ConfigError(f"source must be a string, got {self.source!r}")
         if self.sha256 is not None and not (isinstance(self.sha256, str)
                                             and _SHA256.fullmatch(self.sha256)):
-            raise ConfigError(f"sha256 must be 64 lowercase hex digits or null, got {self.sha256!r}")
+            raise ConfigError(f"sha256 must be 64 lowercase hex digits or null, "
+                              f"got {self.sha256!r}")
         if not isinstance(self.dpn_jax_version, str):
             raise ConfigError(f"dpn_jax_version must be a string, got {self.dpn_jax_version!r}")
         if not (_is_int(self.format_version) and 0 <= self.format_version <= FORMAT_VERSION):
@@ -165,7 +167,8 @@ class ModelDir:
     def check_output(path: str | os.PathLike, *, overwrite: bool) -> Path:
         """The absolute path, or an OutputError if `save(path, overwrite=overwrite)` would refuse
         (it exists and is not a model directory, ...). For failing before slow work."""
-        return check_output(path, overwrite=overwrite, replaceable=is_model_dir, what=MODEL_DIR_WHAT)
+        return check_output(path, overwrite=overwrite, replaceable=is_model_dir,
+                            what=MODEL_DIR_WHAT)
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the directory atomically; an existing one is replaced only with `overwrite` and
@@ -220,7 +223,8 @@ class ModelDir:
                 variables = checkpointer.restore(variables_dir)
         except (OSError, ValueError) as error:
             reason = re.sub(r" \[tensorstore_spec=.*\]", "", first_line(error))  # a page of JSON
-            raise WeightsError(f"{variables_dir}: not a readable orbax checkpoint ({reason})") from None
+            raise WeightsError(f"{variables_dir}: not a readable orbax checkpoint "
+                               f"({reason})") from None
         variables = jax.tree_util.tree_map(np.asarray, variables)
         try:
             model_dir = cls(variables=variables, **metadata)
@@ -245,7 +249,8 @@ def parse_metadata(text: str, origin: Path) -> dict[str, Any]:
         raise WeightsError(f"{origin}: expected a JSON object, got {type(raw).__name__}")
     version = raw.pop("format_version", 0)
     if not _is_int(version) or version < 0:
-        raise WeightsError(f"{origin}: format_version must be a non-negative integer, got {version!r}")
+        raise WeightsError(f"{origin}: format_version must be a non-negative integer, "
+                           f"got {version!r}")
     if version > FORMAT_VERSION:
         raise WeightsError(f"{origin}: format_version {version} was written by a newer dpn_jax "
                            f"(this one reads up to {FORMAT_VERSION}); upgrade dpn_jax")
@@ -254,7 +259,8 @@ def parse_metadata(text: str, origin: Path) -> dict[str, Any]:
     fields = {f.name for f in dataclasses.fields(ModelDir)} - {"variables", "format_version"}
     unknown = sorted(set(raw) - fields)
     if unknown:
-        raise WeightsError(f"{origin}: unknown key {unknown[0]!r} (known: {', '.join(sorted(fields))})")
+        raise WeightsError(f"{origin}: unknown key {unknown[0]!r} "
+                           f"(known: {', '.join(sorted(fields))})")
     for key in ("architecture", "num_classes", "preprocessing"):
         if key not in raw:
             raise WeightsError(f"{origin}: missing key {key!r}")

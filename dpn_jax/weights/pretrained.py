@@ -125,8 +125,8 @@ def load_pretrained(model: DPN, tag: str, pretrained: bool | str | os.PathLike,
         raise WeightsError(f"{path} holds a {model_dir.architecture}, not a {arch}")
     if model_dir.config != model.config:
         saved = model_dir.config.overrides_from(model.config)
-        raise WeightsError(f"{path} was saved from a {arch} with {model_dir.model_kwargs}; pass the "
-                           f"same architecture fields to create_model (differing: {saved})")
+        raise WeightsError(f"{path} was saved from a {arch} with {model_dir.model_kwargs}; pass "
+                           f"the same architecture fields to create_model (differing: {saved})")
     variables = model_dir.variables
     expected = abstract_variables(model)
     want = expected["params"].get("classifier")

@@ -128,9 +128,9 @@ def download_from_hub(repo: str) -> Source:
                           f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set: unset it to "
                           f"download, {alternative}")
     if unreachable is not None:
-        raise SourceError(f"hub repository {repo}: cannot reach {constants.ENDPOINT} ({unreachable}) "
-                          f"and it is not in the Hugging Face cache; without network set "
-                          f"HF_HUB_OFFLINE=1 (cache only), {alternative}")
+        raise SourceError(f"hub repository {repo}: cannot reach {constants.ENDPOINT} "
+                          f"({unreachable}) and it is not in the Hugging Face cache; without "
+                          f"network set HF_HUB_OFFLINE=1 (cache only), {alternative}")
     raise SourceError(f"hub repository {repo} has none of {', '.join(HUB_FILENAMES)}")
 
 
@@ -158,7 +158,8 @@ def read_state_dict(path: Path, *, ema: bool = False) -> StateDict:
         with open(path, "rb") as file:
             empty = not file.read(1)
     except OSError as error:  # permission, a special file, ...
-        raise SourceError(f"{path}: cannot be read ({error.strerror or first_line(error)})") from None
+        reason = error.strerror or first_line(error)
+        raise SourceError(f"{path}: cannot be read ({reason})") from None
     if empty:
         raise SourceError(f"{path}: file is empty")
     name = path.name.lower()
@@ -198,8 +199,9 @@ def _read_torch(path: Path) -> Any:
             raise SourceError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
         raise SourceError(f"{path}: refused by torch's weights-only unpickler ({reason}); "
                           "nothing in it was run (prefer .safetensors)") from None
-    except Exception as error:  # noqa: BLE001 - torch raises RuntimeError, EOFError, ... for damaged files
-        raise SourceError(f"{path}: not a readable PyTorch checkpoint ({first_line(error)})") from None
+    except Exception as error:  # noqa: BLE001 - damaged files: RuntimeError, EOFError, ...
+        raise SourceError(f"{path}: not a readable PyTorch checkpoint "
+                          f"({first_line(error)})") from None
     return _tensors_to_numpy(checkpoint)
 
 

@@ -1,4 +1,4 @@
-"""A model directory's weights as a timm state dict in a safetensors file (`dpn-convert --to-torch`).
+"""A model directory's weights as a timm state dict in a safetensors file (dpn-convert --to-torch).
 
 The file carries `dpn_jax_version` in its safetensors metadata: that is how a later
 `--overwrite` knows the file is one dpn_jax wrote, and the only kind it replaces.
