@@ -9,9 +9,7 @@ import errno
 import functools
 import os
 import pickle
-import resource
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -470,16 +468,16 @@ def test_a_real_write_failure_during_conversion_is_one_line(tmp_path):
     """The kernel refuses the write (RLIMIT_FSIZE: EFBIG, as ENOSPC would), deep in orbax's
     tensorstore writer thread: still one line naming the output, and nothing left behind."""
     write_safetensors("dpn68", tmp_path)
-
-    def limit_file_size():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write() instead of the process
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # the variables are 7.8 MB
-
-    argv = [sys.executable, "convert_weights.py", str(tmp_path / "model.safetensors"), "--output",
-            str(tmp_path / "out")]
+    # The limit is set by the child itself (a preexec_fn would fork this multithreaded process).
+    limited = ("import resource, runpy, signal, sys; "
+               "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "  # fail write(), not the process
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); "  # variables: 7.8 MB
+               "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    argv = [sys.executable, "-c", limited, "convert_weights.py",
+            str(tmp_path / "model.safetensors"), "--output", str(tmp_path / "out")]
     result = subprocess.run(argv, check=False, cwd=REPO_ROOT,
-                            env={**os.environ, "DPN_JAX_CACHE_DIR": "off"},
-                            preexec_fn=limit_file_size, capture_output=True, text=True, timeout=300)
+                            env={**os.environ, "DPN_JAX_CACHE_DIR": "off"}, capture_output=True,
+                            text=True, timeout=300)
     assert_one_line_error(result.returncode, result.stderr,
                           f"dpn-convert: error: cannot write {tmp_path / 'out'}: File too large")
     assert os.listdir(tmp_path) == ["model.safetensors"]
