@@ -14,10 +14,11 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _EXPORTS = {
     "flax_to_timm": "dpn_jax.weights.convert", "timm_to_flax": "dpn_jax.weights.convert",
-    "DPN": "dpn_jax.models.dpn", "DualPathBlock": "dpn_jax.models.dpn", "MODEL_ARGS": "dpn_jax.models.dpn",
+    "DPN": "dpn_jax.models.dpn", "DPNConfig": "dpn_jax.models.dpn",
+    "DualPathBlock": "dpn_jax.models.dpn", "MODEL_CONFIGS": "dpn_jax.models.dpn",
     "PRETRAINED_CFGS": "dpn_jax.models.dpn", "feature_info": "dpn_jax.models.dpn",
     "conv2d": "dpn_jax.ops.conv",
-    "load_model_dir": "dpn_jax.weights.pretrained", "save_model_dir": "dpn_jax.weights.pretrained",
+    "ModelDir": "dpn_jax.weights.model_dir", "Preprocessing": "dpn_jax.weights.model_dir",
     "create_model": "dpn_jax.factory", "init_variables": "dpn_jax.models.registry",
     "list_models": "dpn_jax.models.registry", "pretrained_cfg": "dpn_jax.models.registry",
     "Predictor": "dpn_jax.infer.predict",
@@ -26,13 +27,20 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from dpn_jax.weights.convert import flax_to_timm, timm_to_flax
-    from dpn_jax.models.dpn import DPN, MODEL_ARGS, PRETRAINED_CFGS, DualPathBlock, feature_info
-    from dpn_jax.ops.conv import conv2d
-    from dpn_jax.infer.predict import Predictor
-    from dpn_jax.weights.pretrained import load_model_dir, save_model_dir
     from dpn_jax.factory import create_model
+    from dpn_jax.infer.predict import Predictor
+    from dpn_jax.models.dpn import (
+        DPN,
+        MODEL_CONFIGS,
+        PRETRAINED_CFGS,
+        DPNConfig,
+        DualPathBlock,
+        feature_info,
+    )
     from dpn_jax.models.registry import init_variables, list_models, pretrained_cfg
+    from dpn_jax.ops.conv import conv2d
+    from dpn_jax.weights.convert import flax_to_timm, timm_to_flax
+    from dpn_jax.weights.model_dir import ModelDir, Preprocessing
 
 
 def __getattr__(name: str) -> Any:

@@ -53,8 +53,10 @@ def restored_of(output: str) -> tuple[int, str]:
 
 
 def model_variables(workdir):
-    from dpn_jax.weights.pretrained import load_model_dir
-    return load_model_dir(Path(workdir) / "model")
+    """(variables, ModelDir) of the model a run exported to WORKDIR/model."""
+    from dpn_jax.weights.model_dir import ModelDir
+    model_dir = ModelDir.load(Path(workdir) / "model")
+    return model_dir.variables, model_dir
 
 
 def flat(tree, prefix: str = "") -> dict[str, np.ndarray]:

@@ -5,12 +5,15 @@ per block, and XLA compiles a one-block-per-stage DPN in seconds); nothing is do
 """
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import pickle
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -20,12 +23,13 @@ import timm
 import torch
 from safetensors.numpy import save_file
 from safetensors.torch import load_file as load_torch_safetensors
+from timm_reference import numpy_state_dict, random_timm_dpn, relative_error, run_timm
 
 import dpn_jax
 from dpn_jax.cli import convert as convert_cli
+from dpn_jax.errors import WeightsError
 from dpn_jax.weights.convert import detect_architecture, detect_variant, timm_to_flax
-from dpn_jax.weights.pretrained import load_model_dir
-from timm_reference import numpy_state_dict, random_timm_dpn, relative_error, run_timm
+from dpn_jax.weights.model_dir import ModelDir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = {"k_sec": (1, 1, 1, 1)}
@@ -103,11 +107,11 @@ def test_source_converts_to_timm_logits(kind, arch, tmp_path, capsys):
     assert run_cli(src, "--output", tmp_path / "out", *model_flag) == 0
     out = capsys.readouterr().out
     assert f"{arch} k_sec=(1, 1, 1, 1), {NUM_CLASSES} classes" in out and "wrote" in out
-    _, metadata = load_model_dir(tmp_path / "out")
-    assert metadata["architecture"] == arch and metadata["model_kwargs"] == TINY
-    assert metadata["pretrained_cfg"] == {k: dpn_jax.pretrained_cfg(arch)[k]
-                                          for k in metadata["pretrained_cfg"]}
-    assert len(metadata["sha256"]) == 64 and metadata["dpn_jax_version"] == dpn_jax.__version__
+    model_dir = ModelDir.load(tmp_path / "out")
+    assert model_dir.architecture == arch and model_dir.model_kwargs == TINY
+    preprocessing = model_dir.preprocessing.as_dict()
+    assert preprocessing == {k: dpn_jax.pretrained_cfg(arch)[k] for k in preprocessing}
+    assert len(model_dir.sha256) == 64 and model_dir.dpn_jax_version == dpn_jax.__version__
     assert logits_error(tmp_path / "out", arch) <= 1e-4
 
 
@@ -123,7 +127,7 @@ def test_model_key_and_torch_compile_prefixes_are_unwrapped(tmp_path):
     state_dict = {f"module._orig_mod.{k}": v for k, v in torch_state_dict("dpn68").items()}
     torch.save({"model": state_dict, "epoch": 3}, tmp_path / "checkpoint.pt")
     assert run_cli(tmp_path / "checkpoint.pt", "--output", tmp_path / "out") == 0
-    variables, _ = load_model_dir(tmp_path / "out")
+    variables = ModelDir.load(tmp_path / "out").variables
     expected = timm_to_flax(numpy_state_dict(reference("dpn68")), "dpn68", **TINY)
     jax.tree_util.tree_map(np.testing.assert_array_equal, variables, expected)
 
@@ -167,19 +171,20 @@ def test_hub_reference_from_offline_cache(arch, tmp_path):
         files = {"pytorch_model.bin": pth.read_bytes()}
         src, expected_file = f"hf-hub:timm/{tag}", "pytorch_model.bin"
     populate_hub_cache(tmp_path / "hf", f"timm/{tag}", files)
-    result = subprocess.run([sys.executable, "convert_weights.py", src, "--output", str(tmp_path / "out")],
-                            cwd=REPO_ROOT, env=offline_env(tmp_path / "hf"), capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "convert_weights.py", src, "--output",
+                             str(tmp_path / "out")], check=False, cwd=REPO_ROOT,
+                            env=offline_env(tmp_path / "hf"), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    _, metadata = load_model_dir(tmp_path / "out")
-    assert metadata["source"] == f"hf-hub:timm/{tag}/{expected_file}"
-    assert metadata["pretrained_cfg"]["mean"] == dpn_jax.pretrained_cfg(tag)["mean"]
+    model_dir = ModelDir.load(tmp_path / "out")
+    assert model_dir.source == f"hf-hub:timm/{tag}/{expected_file}"
+    assert model_dir.preprocessing.mean == dpn_jax.pretrained_cfg(tag)["mean"]
     assert logits_error(tmp_path / "out", arch) <= 1e-4
 
 
 def test_hub_reference_missing_from_offline_cache(tmp_path):
     result = subprocess.run([sys.executable, "convert_weights.py", "timm/dpn92.mx_in1k", "--output",
-                             str(tmp_path / "out")], cwd=REPO_ROOT, env=offline_env(tmp_path / "hf"),
-                            capture_output=True, text=True)
+                             str(tmp_path / "out")], check=False, cwd=REPO_ROOT,
+                            env=offline_env(tmp_path / "hf"), capture_output=True, text=True)
     assert result.returncode == 1
     assert "timm/dpn92.mx_in1k" in result.stderr and "cache" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -231,9 +236,10 @@ def test_num_classes_gives_a_fresh_head_that_exports_to_timm(tmp_path, capsys):
     write_pth("dpn68", tmp_path)
     assert run_cli(tmp_path / "model.pth", "--num-classes", "5", "--output", tmp_path / "ft") == 0
     assert "classifier replaced: checkpoint has 12 classes, new head for 5 classes" in capsys.readouterr().out
-    variables, metadata = load_model_dir(tmp_path / "ft")
+    model_dir = ModelDir.load(tmp_path / "ft")
+    variables = model_dir.variables
     head = variables["params"].pop("classifier")
-    assert metadata["num_classes"] == 5 and head["kernel"].shape == (704, 5)
+    assert model_dir.num_classes == 5 and head["kernel"].shape == (704, 5)
     np.testing.assert_array_equal(head["bias"], np.zeros(5))
     assert 0.01 < np.std(head["kernel"]) < 0.1  # LeCun normal: 1 / sqrt(704) = 0.038
 
@@ -257,7 +263,7 @@ def test_create_model_with_other_num_classes_warns_and_fits_a_head(tmp_path):
     with pytest.warns(UserWarning, match="checkpoint has 12 classes, the model 5: the classifier is freshly"):
         model, variables = dpn_jax.create_model("dpn68", num_classes=5, pretrained=tmp_path / "jax", **TINY)
     assert forward(model, variables, image_batch()).shape == (2, 5)
-    with pytest.raises(ValueError, match="saved from a DPN with {'k_sec': \\(1, 1, 1, 1\\)}"):
+    with pytest.raises(WeightsError, match="saved from a dpn68 with {'k_sec': \\(1, 1, 1, 1\\)}"):
         dpn_jax.create_model("dpn68", num_classes=NUM_CLASSES, pretrained=tmp_path / "jax")
 
 
@@ -347,11 +353,12 @@ BAD_SOURCES = {
     "non-DPN": (_non_dpn, [],
                 "not a DPN state dict: no 4-d features.conv1_1.conv.weight (first keys: conv1.weight"),
     "wrong --model": (_dpn_with(lambda sd: None), ["--model", "dpn92"],
-                      "does not fit dpn92 (its shapes are those of dpn68 with {'k_sec': (1, 1, 1, 1)}): "
-                      "tensor features.conv1_1.bn.running_mean has shape (10,), dpn92 expects (64,)"),
+                      ("does not fit dpn92 (its shapes are those of dpn68 with "
+                       "{'k_sec': (1, 1, 1, 1)}): tensor features.conv1_1.bn.running_mean has "
+                       "shape (10,), dpn92 expects (64,)")),
     "missing tensor": (_dpn_with(lambda sd: sd.pop("features.conv3_1.c3x3_b.bn.weight")), [],
-                       "does not fit dpn68: missing tensor features.conv3_1.c3x3_b.bn.weight (expected for dpn68, "
-                       "shape (256,))"),
+                       ("does not fit dpn68: missing tensor features.conv3_1.c3x3_b.bn.weight "
+                        "(expected for dpn68, shape (256,))")),
     "extra tensor": (_dpn_with(lambda sd: sd.update({"head.fc.weight": np.ones((3, 4), np.float32)})), [],
                      "unexpected tensor head.fc.weight with shape (3, 4) for dpn68"),
     "directory": (_directory, [], "is a directory, not a checkpoint file"),
@@ -384,16 +391,211 @@ def test_unwritable_output_location(tmp_path, capsys):
     assert sorted(tmp_path.rglob("*")) == before
 
 
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every entry under `folder` (hidden ones too) with its content: nothing lost, nothing left."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+            for p in sorted(folder.rglob("*"))}
+
+
 def test_existing_output_is_kept_unless_overwrite(tmp_path, capsys):
     write_safetensors("dpn68", tmp_path)
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "precious.txt").write_text("keep me")
-    rc = run_cli(tmp_path / "model.safetensors", "--output", tmp_path / "out")
-    assert_one_line_error(rc, capsys.readouterr().err, "already exists (pass --overwrite to replace it)")
-    assert (tmp_path / "out" / "precious.txt").read_text() == "keep me"
-    assert run_cli(tmp_path / "model.safetensors", "--output", tmp_path / "out", "--overwrite") == 0
-    assert not (tmp_path / "out" / "precious.txt").exists()
+    src = tmp_path / "model.safetensors"
+    assert run_cli(src, "--output", tmp_path / "out", "--model", "dpn68") == 0
+    before = snapshot(tmp_path)
+    rc = run_cli(src, "--output", tmp_path / "out")
+    assert_one_line_error(rc, capsys.readouterr().err, "out already exists; pass --overwrite")
+    assert snapshot(tmp_path) == before
+    assert run_cli(src, "--output", tmp_path / "out", "--overwrite") == 0  # ours: replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "out"]
+    assert ModelDir.load(tmp_path / "out").model_kwargs == TINY
+    assert logits_error(tmp_path / "out", "dpn68") <= 1e-4
+
+
+@pytest.mark.parametrize("target", ["current directory", "workdir", "model dir with notes",
+                                    "a file", "an empty directory"])
+def test_overwrite_never_replaces_what_dpn_jax_did_not_write(target, tmp_path, monkeypatch, capsys):
+    """`dpn-convert SRC --output . --overwrite` in a project used to delete the project."""
+    write_safetensors("dpn68", tmp_path)
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "notes.txt").write_text("my notes")
+    (project / "src" / "main.py").write_text("print('mine')")
+    if target == "current directory":
+        monkeypatch.chdir(project)
+        output = "."
+    elif target == "workdir":  # a training workdir: checkpoints, logs
+        output = project
+    elif target == "model dir with notes":  # a converted directory a user added a file to
+        assert run_cli(tmp_path / "model.safetensors", "--output", project / "model") == 0
+        (project / "model" / "README.txt").write_text("my notes on this model")
+        output = project / "model"
+    elif target == "a file":
+        output = project / "notes.txt"
+    else:
+        (project / "empty").mkdir()
+        output = project / "empty"
+    capsys.readouterr()
+    before = snapshot(tmp_path)
+    rc = run_cli(tmp_path / "model.safetensors", "--output", output, "--overwrite")
+    assert_one_line_error(rc, capsys.readouterr().err, "refusing to replace ")
+    assert snapshot(tmp_path) == before  # nothing replaced, no .old / .tmp entry left
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "replacing"])
+def test_full_disk_during_conversion_leaves_nothing(existing, tmp_path, monkeypatch, capsys):
+    write_safetensors("dpn68", tmp_path)
+    out = tmp_path / "out"
+    if existing:
+        assert run_cli(tmp_path / "model.safetensors", "--output", out) == 0
+    before = snapshot(tmp_path)
+    write_text = Path.write_text
+
+    def disk_full_at_metadata(self, data, *args, **kwargs):  # the variables are written by then
+        if self.name == "metadata.json":
+            write_text(self, data[:10], *args, **kwargs)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return write_text(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", disk_full_at_metadata)
+    capsys.readouterr()
+    rc = run_cli(tmp_path / "model.safetensors", "--output", out, "--overwrite")
+    assert_one_line_error(rc, capsys.readouterr().err,
+                          f"dpn-convert: error: cannot write {out}: No space left on device")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_real_write_failure_during_conversion_is_one_line(tmp_path):
+    """The kernel refuses the write (RLIMIT_FSIZE: EFBIG, as ENOSPC would), deep in orbax's
+    tensorstore writer thread: still one line naming the output, and nothing left behind."""
+    write_safetensors("dpn68", tmp_path)
+    # The limit is set by the child itself (a preexec_fn would fork this multithreaded process).
+    limited = ("import resource, runpy, signal, sys; "
+               "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "  # fail write(), not the process
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); "  # variables: 7.8 MB
+               "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    argv = [sys.executable, "-c", limited, "convert_weights.py",
+            str(tmp_path / "model.safetensors"), "--output", str(tmp_path / "out")]
+    result = subprocess.run(argv, check=False, cwd=REPO_ROOT,
+                            env={**os.environ, "DPN_JAX_CACHE_DIR": "off"}, capture_output=True,
+                            text=True, timeout=300)
+    assert_one_line_error(result.returncode, result.stderr,
+                          f"dpn-convert: error: cannot write {tmp_path / 'out'}: File too large")
+    assert os.listdir(tmp_path) == ["model.safetensors"]
+
+
+def test_to_torch_replaces_only_its_own_export(tmp_path, monkeypatch, capsys):
+    write_safetensors("dpn68", tmp_path)
+    assert run_cli(tmp_path / "model.safetensors", "--output", tmp_path / "jax") == 0
+    out = tmp_path / "back.safetensors"
+    assert run_cli(tmp_path / "jax", "--to-torch", out) == 0
+    capsys.readouterr()
+    assert_one_line_error(run_cli(tmp_path / "jax", "--to-torch", out), capsys.readouterr().err,
+                          "back.safetensors already exists; pass --overwrite")
+    assert run_cli(tmp_path / "jax", "--to-torch", out, "--overwrite") == 0  # ours: replaced
+    capsys.readouterr()
+
+    before = snapshot(tmp_path)
+    user_file = tmp_path / "model.safetensors"  # the user's timm checkpoint
+    rc = run_cli(tmp_path / "jax", "--to-torch", user_file, "--overwrite")
+    assert_one_line_error(rc, capsys.readouterr().err, f"refusing to replace {user_file}: it is "
+                          "not a safetensors file written by dpn-convert --to-torch (a file)")
+    assert_one_line_error(run_cli(tmp_path / "jax", "--to-torch", tmp_path / "x.pth"),
+                          capsys.readouterr().err, "the export is a .safetensors file")
+
+    import safetensors.numpy
+
+    def disk_full(state_dict, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", disk_full)
+    rc = run_cli(tmp_path / "jax", "--to-torch", out, "--overwrite")
+    assert_one_line_error(rc, capsys.readouterr().err,
+                          f"cannot write {out}: No space left on device")
+    assert snapshot(tmp_path) == before  # the previous export intact, no staging file left
+
+
+# --- sources: paths are never sent to the hub; an unreachable hub fails fast ----------------------
+
+@pytest.mark.parametrize("src, message", [
+    ("files/dpn68.safetensor", "files/dpn68.safetensor: no such file"),  # a typo, files/ exists
+    ("dpn68.safetensors", "dpn68.safetensors: no such file"),
+    ("./dpn68", "./dpn68: no such file"),
+    ("~/no/such/dpn68.pth", "~/no/such/dpn68.pth: no such file"),
+    ("timm/dpn92.mx_in1k", "timm/dpn92.mx_in1k: no such file"),  # ./timm is a local folder here
+    ("someone/dpn68", ("someone/dpn68: no such file (a hub repository is written "
+                      "hf-hub:someone/dpn68)")),
+    ("hf-hub:no_slash", "hf-hub:no_slash: not a hub repository name"),
+])
+def test_missing_paths_fail_at_once_without_asking_the_hub(src, message, tmp_path, monkeypatch,
+                                                           capsys):
+    from dpn_jax.weights import sources
+
+    def hub(repo):
+        raise AssertionError(f"asked the hub for {repo}")
+
+    monkeypatch.setattr(sources, "download_from_hub", hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "files").mkdir()
+    (tmp_path / "timm").mkdir()
+    assert_one_line_error(run_cli(src, "--output", "out"), capsys.readouterr().err,
+                          f"dpn-convert: error: {message}")
+    assert sorted(os.listdir(tmp_path)) == ["files", "timm"]
+
+
+def test_hub_sources_are_timm_repos_hf_hub_and_tags(monkeypatch):
+    from dpn_jax.weights import sources
+
+    asked = []
+    monkeypatch.setattr(sources, "download_from_hub", lambda repo: asked.append(repo))
+    for src in ("timm/dpn92.mx_in1k", "hf-hub:someone/my-dpn", "dpn68b.ra_in1k"):
+        sources.resolve_source(src)
+    assert asked == ["timm/dpn92.mx_in1k", "someone/my-dpn", "timm/dpn68b.ra_in1k"]
+
+
+@pytest.fixture
+def silent_endpoint():
+    """A hub endpoint that accepts connections and never answers (a black-holed route)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+
+
+def closed_port_endpoint() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}"  # closed when this returns
+
+
+@pytest.mark.parametrize("endpoint", ["closed port", "silent", "non-routable"])
+def test_unreachable_hub_fails_fast_naming_the_alternatives(endpoint, silent_endpoint, tmp_path):
+    url = {"closed port": closed_port_endpoint(), "silent": silent_endpoint,
+           "non-routable": "http://10.255.255.1"}[endpoint]
+    env = {**offline_env(tmp_path / "hf", HF_ENDPOINT=url)}
+    del env["HF_HUB_OFFLINE"]
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "convert_weights.py", "timm/dpn68.mx_in1k", "--output",
+                             str(tmp_path / "out")], check=False, cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    elapsed = time.perf_counter() - start
+    print(f"{endpoint} hub endpoint {url}: failed after {elapsed:.1f} s (process start included)")
+    assert_one_line_error(result.returncode, result.stderr, "hub repository timm/dpn68.mx_in1k: ")
+    assert "HF_HUB_OFFLINE=1" in result.stderr and "local checkpoint file" in result.stderr
+    assert elapsed < 20, f"{elapsed:.1f} s: hub retries?"  # a hang guard; was 47 s
+    assert not (tmp_path / "out").exists()
+
+
+def test_cached_hub_file_works_with_an_unreachable_hub(tmp_path):
+    write_safetensors("dpn68", tmp_path)
+    populate_hub_cache(tmp_path / "hf", "timm/dpn68.mx_in1k",
+                       {"model.safetensors": (tmp_path / "model.safetensors").read_bytes()})
+    env = offline_env(tmp_path / "hf", HF_ENDPOINT=closed_port_endpoint())
+    del env["HF_HUB_OFFLINE"]
+    result = subprocess.run([sys.executable, "convert_weights.py", "timm/dpn68.mx_in1k", "--output",
+                             str(tmp_path / "out")], check=False, cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
     assert logits_error(tmp_path / "out", "dpn68") <= 1e-4
 
 

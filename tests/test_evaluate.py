@@ -17,7 +17,7 @@ import dpn_jax
 from dpn_jax.cli import evaluate as evaluate_cli
 from dpn_jax.infer import evaluate
 from dpn_jax.infer.predict import resolve_data_config
-from dpn_jax.weights.pretrained import pretrained_cfg_record, save_model_dir
+from dpn_jax.weights.model_dir import ModelDir, Preprocessing
 from dpn_jax.data.transforms import eval_transform, load_image
 
 NUM_CLASSES = 8
@@ -25,7 +25,8 @@ TINY = {"k_sec": (1, 1, 1, 1), "groups": 4}
 # Image i goes to the class its logits rank RANKS[i]-th (0 = top-1): 4 top-1 hits, 3 more top-5
 # hits, 4 misses. 11 images: batches of 4 and 8 both end with padding.
 RANKS = [0, 0, 0, 0, 2, 3, 4, 5, 6, 7, 7]
-CFG = {**pretrained_cfg_record("dpn68.mx_in1k"), "input_size": (32, 32), "crop_pct": 1.0}
+CFG = {**Preprocessing.from_cfg(dpn_jax.pretrained_cfg("dpn68.mx_in1k")).as_dict(),
+       "input_size": (32, 32), "crop_pct": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +61,9 @@ def dataset(model_and_variables, tmp_path_factory):
 
 
 def save_tiny_model(path, variables) -> None:
-    save_model_dir(path, variables, {
-        "architecture": "dpn68", "num_classes": NUM_CLASSES, "model_kwargs": TINY, "pretrained_cfg": CFG,
-        "class_names": [f"c{c}" for c in range(NUM_CLASSES)], "source": "test", "sha256": None,
-        "dpn_jax_version": dpn_jax.__version__})
+    ModelDir(architecture="dpn68", num_classes=NUM_CLASSES, model_kwargs=TINY,
+             preprocessing=Preprocessing(**CFG), variables=variables,
+             class_names=[f"c{c}" for c in range(NUM_CLASSES)], source="test").save(path)
 
 
 def hand_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from dpn_jax.models.dpn import MODEL_ARGS, stage_widths
+from dpn_jax.models.dpn import MODEL_CONFIGS, stage_widths
 from dpn_jax.ops import conv
 from dpn_jax.ops.conv import (conv2d, cpu_kernel_merge, cpu_kernels_available,
                                   groups_per_cpu_conv, symmetric_padding)
@@ -19,10 +19,10 @@ from dpn_jax.ops.conv import (conv2d, cpu_kernel_merge, cpu_kernels_available,
 def _variant_group_shapes() -> list[tuple[int, int]]:
     """Every (channels per group, groups) pair of the 3x3 convs of the registered variants."""
     pairs = set()
-    for args in MODEL_ARGS.values():
+    for config in MODEL_CONFIGS.values():
         for stage in range(4):
-            _, r = stage_widths(args.get("small", False), args["k_r"], stage)
-            pairs.add((r // args["groups"], args["groups"]))
+            _, r = stage_widths(config.small, config.k_r, stage)
+            pairs.add((r // config.groups, config.groups))
     return sorted(pairs)
 
 

@@ -20,19 +20,19 @@ from dpn_jax.cli import predict as predict_cli
 from dpn_jax.infer import predict
 from dpn_jax.weights.convert import timm_to_flax
 from dpn_jax.data.labels import class_names, imagenet_classes
-from dpn_jax.weights.pretrained import save_model_dir
+from dpn_jax.weights.model_dir import ModelDir, Preprocessing
 from timm_reference import numpy_state_dict, random_timm_dpn
 
 ARCH = "dpn68b"  # its default tag dpn68b.ra_in1k has a test size (288, crop 1.0) and ImageNet mean/std
 TINY = {"k_sec": (1, 1, 1, 1), "groups": 4}  # groups=4: XLA CPU compiles in seconds, not a minute
-CFG_KEYS = ("input_size", "crop_pct", "interpolation", "mean", "std", "test_input_size", "test_crop_pct")
 
 
-def metadata(arch: str, num_classes: int, class_names=None, **model_kwargs) -> dict:
-    cfg = dpn_jax.pretrained_cfg(arch)
-    return {"architecture": arch, "num_classes": num_classes, "model_kwargs": model_kwargs,
-            "pretrained_cfg": {k: cfg[k] for k in CFG_KEYS}, "class_names": class_names,
-            "source": "random timm model (test)", "sha256": None, "dpn_jax_version": dpn_jax.__version__}
+def model_dir(arch: str, variables: dict, num_classes: int, class_names=None,
+              **model_kwargs) -> ModelDir:
+    return ModelDir(architecture=arch, num_classes=num_classes, model_kwargs=model_kwargs,
+                    preprocessing=Preprocessing.from_cfg(dpn_jax.pretrained_cfg(arch)),
+                    variables=variables, class_names=class_names,
+                    source="random timm model (test)")
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +46,8 @@ def reference() -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def checkpoint(reference, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("checkpoints") / "dpn68b_tiny"
-    save_model_dir(path, timm_to_flax(numpy_state_dict(reference), ARCH, **TINY),
-                   metadata(ARCH, 1000, **TINY))
+    model_dir(ARCH, timm_to_flax(numpy_state_dict(reference), ARCH, **TINY), 1000,
+              **TINY).save(path)
     return path
 
 
@@ -165,7 +165,7 @@ def test_pretrained_reads_the_converted_weights_cache(checkpoint, predictor, pho
 
 def test_fine_tuned_checkpoint_uses_its_class_names(tmp_path, photos, capsys):
     model, variables = dpn_jax.create_model("dpn68", num_classes=3, **TINY)
-    save_model_dir(tmp_path / "ft", variables, metadata("dpn68", 3, ["cat", "dog", "fish"], **TINY))
+    model_dir("dpn68", variables, 3, ["cat", "dog", "fish"], **TINY).save(tmp_path / "ft")
     code, out, err = run_main(capsys, "--checkpoint", tmp_path / "ft", "--json", "--img-size", 32,
                               photos / "flower.jpg")
     assert code == 0, err
@@ -220,7 +220,7 @@ def test_bad_and_huge_files_are_reported_one_line_each_and_the_rest_is_processed
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--checkpoint", "{tmp}/nowhere"], "nowhere: checkpoint directory not found"),
+    (["--checkpoint", "{tmp}/nowhere"], "nowhere: no such model directory"),
     (["--checkpoint", "{ckpt}", "--model", "dpn92"], "does not match the checkpoint's architecture dpn68b"),
 ])
 def test_bad_checkpoint_arguments(argv, message, checkpoint, photos, tmp_path, capsys):

@@ -57,6 +57,15 @@ def test_each_rule_names_key_value_and_what_is_allowed(key, value, allowed):
     assert "\n" not in message
 
 
+def test_unknown_model_and_model_kwargs_are_named():
+    with pytest.raises(ConfigError, match="--config.model='dpn69': must be one of dpn48b"):
+        validate_config(config_with(model="dpn69"))
+    config = config_with()
+    config.model_kwargs.update(k_sek=(1, 1, 1, 1))
+    with pytest.raises(ConfigError, match="--config.model_kwargs.k_sek: not an architecture field"):
+        validate_config(config)
+
+
 def test_a_run_of_no_steps_is_refused():
     with pytest.raises(ConfigError, match="nothing to train"):
         validate_config(config_with(num_epochs=0.0))

@@ -52,9 +52,9 @@ def test_digits_run_learns_and_writes_records(straight_run):
     assert (workdir / "training_curves.png").stat().st_size > 1000
     assert list((workdir / "tensorboard").iterdir())
     assert checkpoint_steps(workdir) == [33, 66]
-    _, metadata = model_variables(workdir)
-    assert metadata["class_names"] == [str(d) for d in range(10)]
-    assert metadata["num_classes"] == 10 and metadata["architecture"] == "dpn68"
+    _, model_dir = model_variables(workdir)
+    assert model_dir.class_names == tuple(str(d) for d in range(10))
+    assert model_dir.num_classes == 10 and model_dir.architecture == "dpn68"
 
 
 def test_resume_after_sigkill_equals_straight_run(straight_run, tmp_path, env):
@@ -85,6 +85,18 @@ def test_damaged_latest_checkpoint_falls_back_to_the_one_before(straight_run, tm
     assert (workdir / "checkpoints" / "66.corrupt").is_dir()  # kept for inspection
     assert checkpoint_steps(workdir) == [33, 66]  # trained on from 33 and saved 66 anew
     assert_same_variables(model_variables(workdir)[0], model_variables(reference)[0])
+
+
+def test_full_disk_ends_with_one_line_and_keeps_earlier_checkpoints(tmp_path, env):
+    result = run_worker(tmp_path, DIGITS_RUN, "--disk-full-after-checkpoint", 33, env=env,
+                        check=False)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "ERROR" not in result.stderr, result.stderr[-3000:]
+    [error] = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert error.startswith("train_worker: error: saving a checkpoint in ")
+    assert checkpoint_steps(tmp_path) == [33]  # intact
+    leftovers = [p.name for p in (tmp_path / "checkpoints").iterdir() if not p.name.isdigit()]
+    assert leftovers == []  # no orbax staging directory left behind
 
 
 def tiny_train_py_flags(workdir: Path, **overrides) -> list[str]:
@@ -152,22 +164,21 @@ def test_nan_step_skipped_when_configured(tmp_path, env):
 def test_finetune_from_converted_checkpoint_with_new_head(tmp_path, env):
     import jax
     from dpn_jax import create_model
-    from dpn_jax.weights.pretrained import save_model_dir
+    from dpn_jax.weights.model_dir import ModelDir, Preprocessing
 
     _, source = create_model("dpn68", num_classes=7, rng=jax.random.key(42), **TINY)
     source_dir = tmp_path / "converted"
-    save_model_dir(source_dir, source, {
-        "architecture": "dpn68", "num_classes": 7, "model_kwargs": TINY,
-        "pretrained_cfg": {"input_size": [32, 32], "crop_pct": 1.0, "interpolation": "bilinear",
-                           "mean": [0.5] * 3, "std": [0.25] * 3, "test_input_size": None,
-                           "test_crop_pct": None},
-        "class_names": None, "source": "test", "sha256": None, "dpn_jax_version": "0"})
+    ModelDir(architecture="dpn68", num_classes=7, model_kwargs=TINY, variables=source,
+             preprocessing=Preprocessing(input_size=(32, 32), crop_pct=1.0,
+                                         interpolation="bilinear", mean=(0.5,) * 3,
+                                         std=(0.25,) * 3),
+             source="test").save(source_dir)
     workdir = tmp_path / "run"
     run_worker(workdir, {"init_from": str(source_dir), "num_train_steps": 1, "model": "dpn92",
                          "model_kwargs": {}}, env=env)
-    tuned, metadata = model_variables(workdir)
-    assert metadata["num_classes"] == 10 and metadata["architecture"] == "dpn68"
-    assert list(metadata["pretrained_cfg"]["mean"]) == [0.5] * 3  # preprocessing of the source
+    tuned, model_dir = model_variables(workdir)
+    assert model_dir.num_classes == 10 and model_dir.architecture == "dpn68"
+    assert model_dir.preprocessing.mean == (0.5,) * 3  # preprocessing of the source
     assert tuned["params"]["classifier"]["kernel"].shape[-1] == 10
     stem, stem_source = (v["params"]["features"]["conv1_1"]["conv"]["kernel"] for v in (tuned, source))
     _, fresh = create_model("dpn68", num_classes=10, rng=jax.random.key(0), **TINY)

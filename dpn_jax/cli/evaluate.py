@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 
+from dpn_jax.cli.common import echo, run_command
 from dpn_jax.cli.predict import add_model_arguments, load_from_arguments
 from dpn_jax.infer.evaluate import evaluate_dataset
 from dpn_jax.infer.predict import resolve_data_config
@@ -36,33 +37,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    enable_compilation_cache()  # $DPN_JAX_CACHE_DIR=off disables it
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
-    try:
-        loaded = load_from_arguments(parser, args)
-        data_config = resolve_data_config(loaded.pretrained_cfg, img_size=args.img_size,
-                                          crop_pct=args.crop_pct, use_test_size=not args.use_train_size)
-        result, skipped = evaluate_dataset(
-            loaded.model, loaded.variables, args.dataset, data_config, batch_size=args.batch_size,
-            data_dir=args.data_dir, manual_dir=args.manual_dir, split=args.split,
-            parallelism=args.parallelism, progress=not args.no_progress)
-    except (OSError, ValueError) as error:
-        print(f"dpn-evaluate: error: {error}", file=sys.stderr)
-        return 1
+    enable_compilation_cache()  # $DPN_JAX_CACHE_DIR=off disables it
+    return run_command(parser.prog, lambda: evaluate_model(parser, args))
+
+
+def evaluate_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    loaded = load_from_arguments(parser, args)
+    data_config = resolve_data_config(loaded.pretrained_cfg, img_size=args.img_size,
+                                      crop_pct=args.crop_pct, use_test_size=not args.use_train_size)
+    result, skipped = evaluate_dataset(
+        loaded.model, loaded.variables, args.dataset, data_config, batch_size=args.batch_size,
+        data_dir=args.data_dir, manual_dir=args.manual_dir, split=args.split,
+        parallelism=args.parallelism, progress=not args.no_progress)
     results = {"model": loaded.name, "dataset": args.dataset, "top1": result.top1,
                "top5": result.top5, "loss": result.loss, "count": result.count,
                "skipped": skipped, "img_per_sec": result.img_per_sec, "seconds": result.seconds,
                "img_size": data_config.image_size, "crop_pct": data_config.crop_pct,
                "interpolation": data_config.interpolation}
     if jax.process_index() == 0:
-        if args.json:
+        if args.json:  # fractions, for programs
             print(json.dumps(results, indent=2))
-        else:
-            print(f"{results['model']} on {args.dataset}: top-1 {100 * result.top1:.3f}%  "
-                  f"top-5 {100 * result.top5:.3f}%  loss {result.loss:.4f}  "
-                  f"({result.count} images, {result.img_per_sec:.1f} img/s, "
-                  f"{data_config.image_size}px crop {data_config.crop_pct})")
+        else:  # percent, for people
+            echo(f"{loaded.name} on {args.dataset}: top-1 {100 * result.top1:.3f}%  "
+                 f"top-5 {100 * result.top5:.3f}%  loss {result.loss:.4f}  "
+                 f"({result.count} images, {result.img_per_sec:.1f} img/s, "
+                 f"{data_config.image_size}px crop {data_config.crop_pct})")
         if skipped:
             print(f"dpn-evaluate: warning: {skipped} undecodable images were skipped",
                   file=sys.stderr)

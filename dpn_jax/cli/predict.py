@@ -8,10 +8,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from dpn_jax.infer.predict import (LoadedModel, Predictor, expand_inputs, load_checkpoint,
-                                   load_pretrained_tag)
+from dpn_jax.cli.common import EXIT_ERROR, printable, report_error, run_command
+from dpn_jax.infer.predict import (
+    LoadedModel,
+    Predictor,
+    expand_inputs,
+    load_checkpoint,
+    load_pretrained_tag,
+)
 from dpn_jax.runtime.compilation_cache import enable_compilation_cache
 
 
@@ -43,7 +50,7 @@ def load_from_arguments(parser: argparse.ArgumentParser, args: argparse.Namespac
 
 def format_table(file: str, top_k: list[dict[str, Any]]) -> str:
     rows = [f"{p['prob']:8.4f}  {p['index']:>5}  {p['label'] or ''}".rstrip() for p in top_k]
-    return "\n".join([file, *rows])
+    return "\n".join(printable(line) for line in [file, *rows])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,33 +62,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     parser.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDERS")
     args = parser.parse_args(argv)
-    enable_compilation_cache()  # $DPN_JAX_CACHE_DIR=off disables it
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be >= 1")
-    try:
-        predictor = Predictor.from_loaded(
-            load_from_arguments(parser, args), img_size=args.img_size, crop_pct=args.crop_pct,
-            use_test_size=not args.use_train_size, batch_size=args.batch_size)
-    except (OSError, ValueError) as error:
-        print(f"dpn-predict: error: {error}", file=sys.stderr)
-        return 1
+    enable_compilation_cache()  # $DPN_JAX_CACHE_DIR=off disables it
+    return run_command(parser.prog, lambda: predict(parser, args))
 
+
+def predict(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    predictor = Predictor.from_loaded(
+        load_from_arguments(parser, args), img_size=args.img_size, crop_pct=args.crop_pct,
+        use_test_size=not args.use_train_size, batch_size=args.batch_size)
     results, failures = [], 0
     for result in predictor.predict_files(expand_inputs(args.inputs), args.top_k):
         if result.error:
-            print(f"dpn-predict: error: {result.error}", file=sys.stderr, flush=True)
+            report_error(parser.prog, result.error)
             failures += 1
         else:
             results.append({"file": result.file, "top_k": result.top_k})
             if not args.json:
                 print(format_table(result.file, result.top_k), flush=True)
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(results, indent=2))  # JSON escapes control characters itself
     if not results and not failures:
-        print("dpn-predict: error: no images found in the given folders", file=sys.stderr)
-        return 1
-    return 1 if failures else 0
-
+        report_error(parser.prog, "no images found in the given folders")
+        return EXIT_ERROR
+    return EXIT_ERROR if failures else 0
 
 
 if __name__ == "__main__":

@@ -16,10 +16,12 @@ import jax
 import numpy as np
 from PIL import Image
 
+from dpn_jax.errors import ConfigError
 from dpn_jax.models.dpn import DPN
 from dpn_jax.runtime.runner import REPLICATED, SHARDED, Runner
 from dpn_jax.data.labels import class_names as resolve_class_names
-from dpn_jax.weights.pretrained import cached_pretrained, load_model_dir, model_from_metadata
+from dpn_jax.weights.model_dir import ModelDir
+from dpn_jax.weights.pretrained import cached_pretrained
 from dpn_jax.models.registry import split_model_name
 from dpn_jax.data.transforms import eval_crop, load_image, normalize
 
@@ -46,7 +48,7 @@ def resolve_data_config(cfg: dict[str, Any], *, img_size: int | None = None,
         size = cfg["test_input_size"]
     size = tuple(size[-2:]) if not isinstance(size, int) else (size, size)
     if img_size is None and size[0] != size[1]:
-        raise ValueError(f"non-square input_size {size} in the pretrained config; pass --img-size")
+        raise ConfigError(f"non-square input_size {size} in the pretrained config; pass --img-size")
     if crop_pct is None:
         crop_pct = (cfg.get("test_crop_pct") if use_test_size else None) or cfg["crop_pct"]
     return DataConfig(image_size=img_size or size[0], crop_pct=float(crop_pct),
@@ -66,17 +68,15 @@ class LoadedModel:
 
 def load_checkpoint(path: str | os.PathLike, model_name: str | None = None) -> LoadedModel:
     """A model directory (`dpn-convert` output or a trainer export); `model_name` is checked."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"{path}: checkpoint directory not found")
-    variables, metadata = load_model_dir(path)
-    arch = metadata["architecture"]
+    model_dir = ModelDir.load(path)
+    arch = model_dir.architecture
     if model_name is not None and split_model_name(model_name)[0] != arch:
-        raise ValueError(f"--model {model_name} does not match the checkpoint's architecture {arch} "
-                         f"({path})")
-    model = model_from_metadata(metadata)
-    return LoadedModel(model, variables, metadata["pretrained_cfg"],
-                       resolve_class_names(model.num_classes, metadata.get("class_names")), name=str(path))
+        raise ConfigError(f"--model {model_name} does not match the checkpoint's architecture "
+                          f"{arch} ({path})")
+    model = model_dir.build_model()
+    return LoadedModel(model, model_dir.variables, model_dir.preprocessing.as_dict(),
+                       resolve_class_names(model.num_classes, model_dir.class_names),
+                       name=str(path))
 
 
 def load_pretrained_tag(name: str) -> LoadedModel:
@@ -136,7 +136,7 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, **kwargs: Any) -> "Predictor":
-        """Predictor for a `save_model_dir` directory; kwargs as `from_loaded`."""
+        """Predictor for a model directory (`ModelDir`); kwargs as `from_loaded`."""
         return cls.from_loaded(load_checkpoint(path), **kwargs)
 
     @classmethod

@@ -7,32 +7,98 @@ residual path, the rest the densely growing path.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import dataclasses
+import numbers
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dpn_jax.models.layers import BnAct, BnActConv2d, Conv2d, ConvBnAct, kernel_init
+from dpn_jax.errors import ConfigError
+from dpn_jax.models.layers import ACTIVATIONS, BnAct, BnActConv2d, Conv2d, ConvBnAct, kernel_init
 
 Dtype = Any
 
-# Variants are data: each row is the keyword arguments of `DPN`, as timm's `model_args`.
-MODEL_ARGS: dict[str, dict[str, Any]] = {
-    "dpn48b": dict(small=True, num_init_features=10, k_r=128, groups=32, b=True,
-                   k_sec=(3, 4, 6, 3), inc_sec=(16, 32, 32, 64), act="silu"),
-    "dpn68": dict(small=True, num_init_features=10, k_r=128, groups=32,
-                  k_sec=(3, 4, 12, 3), inc_sec=(16, 32, 32, 64)),
-    "dpn68b": dict(small=True, num_init_features=10, k_r=128, groups=32, b=True,
-                   k_sec=(3, 4, 12, 3), inc_sec=(16, 32, 32, 64)),
-    "dpn92": dict(num_init_features=64, k_r=96, groups=32,
-                  k_sec=(3, 4, 20, 3), inc_sec=(16, 32, 24, 128)),
-    "dpn98": dict(num_init_features=96, k_r=160, groups=40,
-                  k_sec=(3, 6, 20, 3), inc_sec=(16, 32, 32, 128)),
-    "dpn131": dict(num_init_features=128, k_r=160, groups=40,
-                   k_sec=(4, 8, 28, 3), inc_sec=(16, 32, 32, 128)),
-    "dpn107": dict(num_init_features=128, k_r=200, groups=50,
-                   k_sec=(4, 8, 20, 3), inc_sec=(20, 64, 64, 128)),
+
+@dataclasses.dataclass(frozen=True)
+class DPNConfig:
+    """The architecture of a DPN: what the weights' shapes (and activations) depend on.
+
+    One value shared by `DPN` and `DPNFeatures`; variants are rows of `MODEL_CONFIGS` (timm's
+    `model_args`). Fields are checked on construction, so a bad value fails here with its name
+    instead of deep inside a trace. Lists are accepted and kept as tuples (JSON has no tuples).
+    """
+    k_sec: tuple[int, ...] = (3, 4, 20, 3)  # blocks per stage
+    inc_sec: tuple[int, ...] = (16, 32, 24, 128)  # dense growth per block, per stage
+    k_r: int = 96  # bottleneck width of stage 1 (doubles per stage)
+    groups: int = 32  # groups of the 3x3 convolutions
+    small: bool = False  # 3x3 stem and 1x residual widths (dpn48b/68/68b) instead of 7x7 and 4x
+    num_init_features: int = 64  # stem width
+    b: bool = False  # `c1x1_c` as BN-act and two convs (the 'b' variants)
+    act: str = "relu"  # stem and final BN-act (timm's `act_layer` reaches only these two)
+    head_act: str | None = None  # final BN-act; None: same as `act` (timm today), 'elu': timm <= 0.6
+    block_act: str = "relu"  # inside the dual path blocks (timm: always ReLU)
+
+    def __post_init__(self) -> None:
+        for name in ("k_sec", "inc_sec"):
+            value = getattr(self, name)
+            if (isinstance(value, (str, bytes)) or not isinstance(value, Sequence)
+                    or len(value) != 4 or not all(_positive_int(v) for v in value)):
+                raise ConfigError(f"{name} must be 4 positive integers (one per stage), "
+                                  f"got {value!r}")
+            object.__setattr__(self, name, tuple(int(v) for v in value))
+        for name in ("k_r", "groups", "num_init_features"):
+            if not _positive_int(getattr(self, name)):
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("small", "b"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("act", "head_act", "block_act"):
+            value = getattr(self, name)
+            if not (value in ACTIVATIONS or (name == "head_act" and value is None)):
+                raise ConfigError(f"{name} must be one of {sorted(ACTIVATIONS)}, got {value!r}")
+        if self.k_r % self.groups:
+            raise ConfigError(f"k_r={self.k_r} must be divisible by groups={self.groups} "
+                              "(the grouped 3x3 convolutions split k_r channels)")
+
+    def replace(self, **overrides: Any) -> DPNConfig:
+        """This config with some fields changed; an unknown field is named."""
+        unknown = sorted(set(overrides) - set(CONFIG_FIELDS))
+        if unknown:
+            raise ConfigError(f"unknown architecture field {unknown[0]!r}; "
+                              f"fields: {', '.join(CONFIG_FIELDS)}")
+        return dataclasses.replace(self, **overrides)
+
+    def overrides_from(self, base: DPNConfig) -> dict[str, Any]:
+        """The fields in which this config differs from `base` (an architecture's row)."""
+        return {name: getattr(self, name) for name in CONFIG_FIELDS
+                if getattr(self, name) != getattr(base, name)}
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+
+CONFIG_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(DPNConfig))
+
+# Variants are data, as timm's `model_args`.
+MODEL_CONFIGS: dict[str, DPNConfig] = {
+    "dpn48b": DPNConfig(small=True, num_init_features=10, k_r=128, groups=32, b=True,
+                        k_sec=(3, 4, 6, 3), inc_sec=(16, 32, 32, 64), act="silu"),
+    "dpn68": DPNConfig(small=True, num_init_features=10, k_r=128, groups=32,
+                       k_sec=(3, 4, 12, 3), inc_sec=(16, 32, 32, 64)),
+    "dpn68b": DPNConfig(small=True, num_init_features=10, k_r=128, groups=32, b=True,
+                        k_sec=(3, 4, 12, 3), inc_sec=(16, 32, 32, 64)),
+    "dpn92": DPNConfig(num_init_features=64, k_r=96, groups=32,
+                       k_sec=(3, 4, 20, 3), inc_sec=(16, 32, 24, 128)),
+    "dpn98": DPNConfig(num_init_features=96, k_r=160, groups=40,
+                       k_sec=(3, 6, 20, 3), inc_sec=(16, 32, 32, 128)),
+    "dpn131": DPNConfig(num_init_features=128, k_r=160, groups=40,
+                        k_sec=(4, 8, 28, 3), inc_sec=(16, 32, 32, 128)),
+    "dpn107": DPNConfig(num_init_features=128, k_r=200, groups=50,
+                        k_sec=(4, 8, 20, 3), inc_sec=(20, 64, 64, 128)),
 }
 
 IMAGENET_DPN_MEAN = (124 / 255, 117 / 255, 104 / 255)
@@ -42,9 +108,9 @@ IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
 
 def _cfg(tag: str, **overrides: Any) -> dict[str, Any]:
-    cfg = dict(num_classes=1000, input_size=(224, 224), crop_pct=0.875, interpolation="bicubic",
-               mean=IMAGENET_DPN_MEAN, std=IMAGENET_DPN_STD, hf_hub_id=f"timm/{tag}",
-               test_input_size=None, test_crop_pct=None)
+    cfg = {"num_classes": 1000, "input_size": (224, 224), "crop_pct": 0.875,
+           "interpolation": "bicubic", "mean": IMAGENET_DPN_MEAN, "std": IMAGENET_DPN_STD,
+           "hf_hub_id": f"timm/{tag}", "test_input_size": None, "test_crop_pct": None}
     cfg.update(overrides)
     return cfg
 
@@ -79,24 +145,26 @@ class DualPathBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        unit = dict(act=self.act, dtype=self.dtype, axis_name=self.axis_name)
+        unit = {"act": self.act, "dtype": self.dtype, "axis_name": self.axis_name}
         stride = 2 if self.block_type == "down" else 1
         bw = self.num_1x1_c
         if self.block_type == "normal":
             x_s = x
         else:
             name = "c1x1_w_s2" if stride == 2 else "c1x1_w_s1"
-            x_s = BnActConv2d(bw + 2 * self.inc, 1, stride, **unit, name=name)(x, train)
+            x_s = BnActConv2d(features=bw + 2 * self.inc, kernel_size=1, stride=stride, **unit,
+                              name=name)(x, train)
         resid, dense = x_s[..., :bw], x_s[..., bw:]
 
-        x = BnActConv2d(self.num_1x1_a, 1, **unit, name="c1x1_a")(x, train)
-        x = BnActConv2d(self.num_3x3_b, 3, stride, self.groups, **unit, name="c3x3_b")(x, train)
+        x = BnActConv2d(features=self.num_1x1_a, kernel_size=1, **unit, name="c1x1_a")(x, train)
+        x = BnActConv2d(features=self.num_3x3_b, kernel_size=3, stride=stride, groups=self.groups,
+                        **unit, name="c3x3_b")(x, train)
         if self.b:
             x = BnAct(**unit, name="c1x1_c")(x, train)
-            out_resid = Conv2d(bw, dtype=self.dtype, name="c1x1_c1")(x)
-            out_dense = Conv2d(self.inc, dtype=self.dtype, name="c1x1_c2")(x)
+            out_resid = Conv2d(features=bw, dtype=self.dtype, name="c1x1_c1")(x)
+            out_dense = Conv2d(features=self.inc, dtype=self.dtype, name="c1x1_c2")(x)
         else:
-            x = BnActConv2d(bw + self.inc, 1, **unit, name="c1x1_c")(x, train)
+            x = BnActConv2d(features=bw + self.inc, kernel_size=1, **unit, name="c1x1_c")(x, train)
             out_resid, out_dense = x[..., :bw], x[..., bw:]
         return jnp.concatenate([resid + out_resid, dense, out_dense], axis=-1)
 
@@ -113,16 +181,7 @@ class DPNFeatures(nn.Module):
     Returns the final map and the five feature taps (strides 2, 4, 8, 16, 32): the stem
     conv's output and each stage's last block, as timm's `feature_info`.
     """
-    k_sec: Sequence[int]
-    inc_sec: Sequence[int]
-    k_r: int
-    groups: int
-    small: bool = False
-    num_init_features: int = 64
-    b: bool = False
-    act: str = "relu"
-    head_act: str | None = None
-    block_act: str = "relu"
+    config: DPNConfig
     dtype: Dtype = jnp.float32
     axis_name: str | None = None
     remat: bool = False
@@ -130,26 +189,27 @@ class DPNFeatures(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, final_norm: bool = True
                  ) -> tuple[jax.Array, list[jax.Array]]:
-        unit = dict(act=self.block_act, dtype=self.dtype, axis_name=self.axis_name)
+        cfg = self.config
+        unit = {"dtype": self.dtype, "axis_name": self.axis_name}
         block_cls = nn.remat(DualPathBlock, static_argnums=(2,)) if self.remat else DualPathBlock
 
         # Stem: conv -> BN -> act (post-activation), then a 3x3/2 max pool padded with -inf.
-        x = ConvBnAct(self.num_init_features, 3 if self.small else 7, 2, self.act, self.dtype,
-                      self.axis_name, name="conv1_1")(x, train)
+        x = ConvBnAct(features=cfg.num_init_features, kernel_size=3 if cfg.small else 7, stride=2,
+                      act=cfg.act, **unit, name="conv1_1")(x, train)
         taps = [x]
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
-        for i, (depth, inc) in enumerate(zip(self.k_sec, self.inc_sec)):
-            bw, r = stage_widths(self.small, self.k_r, i)
+        for i, (depth, inc) in enumerate(zip(cfg.k_sec, cfg.inc_sec)):
+            bw, r = stage_widths(cfg.small, cfg.k_r, i)
             for j in range(1, depth + 1):
                 block_type = "normal" if j > 1 else ("proj" if i == 0 else "down")
-                x = block_cls(r, r, bw, inc, self.groups, block_type, self.b, **unit,
+                x = block_cls(num_1x1_a=r, num_3x3_b=r, num_1x1_c=bw, inc=inc, groups=cfg.groups,
+                              block_type=block_type, b=cfg.b, act=cfg.block_act, **unit,
                               name=f"conv{i + 2}_{j}")(x, train)
             taps.append(x)
 
         if final_norm:
-            head_act = self.head_act or self.act
-            x = BnAct(head_act, self.dtype, self.axis_name, name="conv5_bn_ac")(x, train)
+            x = BnAct(act=cfg.head_act or cfg.act, **unit, name="conv5_bn_ac")(x, train)
         return x, taps
 
 
@@ -170,19 +230,12 @@ def global_pool(x: jax.Array, pool_type: str) -> jax.Array:
 class DPN(nn.Module):
     """A Dual Path Network classifier; `features_only=True` returns the five feature maps instead.
 
-    Input is NHWC, normalised with the pretrained config's mean/std. Logits are float32 whatever
-    the compute `dtype`; parameters and BatchNorm statistics are always float32.
+    `config` is the architecture (`MODEL_CONFIGS[name]`, possibly `.replace(...)`d); the other
+    fields say how it runs. Input is NHWC, normalised with the pretrained config's mean/std.
+    Logits are float32 whatever the compute `dtype`; parameters and BatchNorm statistics are
+    always float32.
     """
-    k_sec: Sequence[int] = (3, 4, 20, 3)
-    inc_sec: Sequence[int] = (16, 32, 24, 128)
-    k_r: int = 96
-    groups: int = 32
-    small: bool = False
-    num_init_features: int = 64
-    b: bool = False
-    act: str = "relu"  # stem and final BN-act (timm's `act_layer` reaches only these two)
-    head_act: str | None = None  # final BN-act; None: same as `act` (timm today), 'elu': timm <= 0.6
-    block_act: str = "relu"  # inside the dual path blocks (timm: always ReLU)
+    config: DPNConfig
     num_classes: int = 1000
     drop_rate: float = 0.0
     global_pool: str = "avg"
@@ -194,13 +247,13 @@ class DPN(nn.Module):
 
     def setup(self) -> None:
         if self.global_pool not in POOL_TYPES:
-            raise ValueError(f"global_pool={self.global_pool!r}; choose from {POOL_TYPES}")
-        self.features = DPNFeatures(
-            self.k_sec, self.inc_sec, self.k_r, self.groups, self.small, self.num_init_features,
-            self.b, self.act, self.head_act, self.block_act, self.dtype, self.axis_name, self.remat)
+            raise ConfigError(f"global_pool={self.global_pool!r}; choose from {POOL_TYPES}")
+        self.features = DPNFeatures(config=self.config, dtype=self.dtype,
+                                    axis_name=self.axis_name, remat=self.remat)
         if self.num_classes and not self.features_only:
-            self.classifier = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=kernel_init)
-        self.head_drop = nn.Dropout(self.drop_rate)
+            self.classifier = nn.Dense(features=self.num_classes, dtype=self.dtype,
+                                       kernel_init=kernel_init)
+        self.head_drop = nn.Dropout(rate=self.drop_rate)
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | list[jax.Array]:
         if self.features_only:
@@ -224,12 +277,17 @@ class DPN(nn.Module):
         return self.classifier(x).astype(jnp.float32)
 
 
-def feature_info(arch: str) -> list[dict[str, Any]]:
+# The `DPN` fields that say how a model runs, as opposed to its architecture (`config`).
+MODULE_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(DPN) if f.name not in ("config", "parent", "name"))
+
+
+def feature_info(arch: str | DPNConfig) -> list[dict[str, Any]]:
     """timm's `feature_info` for an architecture: channels and reduction of each feature tap."""
-    args = MODEL_ARGS[arch]
-    info = [dict(num_chs=args["num_init_features"], reduction=2, module="features.conv1_1")]
-    for i, (depth, inc) in enumerate(zip(args["k_sec"], args["inc_sec"])):
-        bw, _ = stage_widths(args.get("small", False), args["k_r"], i)
-        info.append(dict(num_chs=bw + (depth + 2) * inc, reduction=4 << i,
-                         module=f"features.conv{i + 2}_{depth}"))
+    cfg = MODEL_CONFIGS[arch] if isinstance(arch, str) else arch
+    info = [{"num_chs": cfg.num_init_features, "reduction": 2, "module": "features.conv1_1"}]
+    for i, (depth, inc) in enumerate(zip(cfg.k_sec, cfg.inc_sec)):
+        bw, _ = stage_widths(cfg.small, cfg.k_r, i)
+        info.append({"num_chs": bw + (depth + 2) * inc, "reduction": 4 << i,
+                     "module": f"features.conv{i + 2}_{depth}"})
     return info

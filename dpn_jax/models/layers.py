@@ -1,7 +1,8 @@
 """Building blocks shared by every DPN: convolution, PyTorch-exact BatchNorm, BN-act-conv units."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -145,8 +146,8 @@ class BnActConv2d(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = batch_norm_act(x, train, self.act, self.dtype, self.axis_name)
-        return Conv2d(self.features, self.kernel_size, self.stride, self.groups, dtype=self.dtype,
-                      name="conv")(x)
+        return Conv2d(features=self.features, kernel_size=self.kernel_size, stride=self.stride,
+                      groups=self.groups, dtype=self.dtype, name="conv")(x)
 
 
 class ConvBnAct(nn.Module):
@@ -160,5 +161,6 @@ class ConvBnAct(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = Conv2d(self.features, self.kernel_size, self.stride, dtype=self.dtype, name="conv")(x)
+        x = Conv2d(features=self.features, kernel_size=self.kernel_size, stride=self.stride,
+                   dtype=self.dtype, name="conv")(x)
         return batch_norm_act(x, train, self.act, self.dtype, self.axis_name)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint.handlers import DefaultCheckpointHandlerRegistry, JsonCheckpointHandler
 
 from dpn_jax.errors import ConfigError, OutputError
+from dpn_jax.runtime.orbax_io import ignore_closed_loop_aftermath, os_error_of, quiet_about
 from dpn_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,8 @@ class Checkpoints:
             cleanup_tmp_directories=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               handler_registry=registry)
-        self._quiet = _QuietAbout(self.directory)
-        logging.getLogger("absl").addFilter(self._quiet)  # orbax logs through absl
+        self._quiet = quiet_about(self.directory)  # asynchronous saves report failures late
+        self._quiet.__enter__()
 
     def restore_latest(self, target: Any) -> tuple[TrainState, dict | None] | None:
         """(state, this process's data state) of the newest intact step, or None without one.
@@ -68,6 +68,7 @@ class Checkpoints:
             except ConfigError:
                 raise
             except Exception as error:  # orbax and tensorstore raise many types for bad files
+                ignore_closed_loop_aftermath()
                 log.warning("checkpoint step %d in %s cannot be read (%s); trying the one before",
                             step, self.directory, _first_line(error))
                 self._set_aside(step)
@@ -112,23 +113,19 @@ class Checkpoints:
         try:
             self._guard(self._manager.close)
         finally:
-            logging.getLogger("absl").removeFilter(self._quiet)
+            self._quiet.__exit__(None, None, None)
 
     def _guard(self, operation) -> None:
-        """Run an orbax operation; a write the system refused becomes one line (OutputError).
-
-        Tensorstore reports such a write (a full disk, a quota) as a ValueError carrying
-        `[os_error_code='28']`; it is the OSError it names.
-        """
+        """Run an orbax operation; a write the system refused becomes one line (OutputError)."""
         try:
             operation()
         except (OSError, ValueError) as error:
-            code = error.errno if isinstance(error, OSError) else _os_error_code(error)
-            if code is None:
+            refused = os_error_of(error, self.directory)
+            if refused is None:
                 raise
             self._remove_unfinished()
             raise OutputError(f"saving a checkpoint in {self.directory} failed: "
-                              f"{os.strerror(code)}") from None
+                              f"{refused.strerror}") from None
 
     def _remove_unfinished(self) -> None:
         """Orbax's temporary step directories (never a finished step: those have no tmp mark)."""
@@ -136,23 +133,6 @@ class Checkpoints:
             for entry in self.directory.iterdir():
                 if _ORBAX_TMP_MARK in entry.name:
                     shutil.rmtree(entry, ignore_errors=True)
-
-
-def _os_error_code(error: ValueError) -> int | None:
-    code = re.search(r"os_error_code='(\d+)'", str(error))
-    return None if code is None else int(code[1])
-
-
-class _QuietAbout(logging.Filter):
-    """Drops log records that name `directory`: orbax logs a failed asynchronous write with a
-    traceback from its writer thread; the trainer reports it as one line instead."""
-
-    def __init__(self, directory: Path):
-        super().__init__()
-        self.directory = str(directory)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.directory not in record.getMessage()
 
 
 def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:

@@ -13,6 +13,7 @@ import ml_collections
 
 from dpn_jax.data.transforms import PIL_INTERPOLATION
 from dpn_jax.errors import ConfigError
+from dpn_jax.models.dpn import CONFIG_FIELDS, MODEL_CONFIGS
 from dpn_jax.runtime.runner import PARALLELISMS
 from dpn_jax.train.optim import SCHEDULES
 
@@ -106,6 +107,13 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raise ConfigError for the first value a rule refuses, or for a run of no steps."""
+    if config.model not in MODEL_CONFIGS:
+        raise ConfigError(f"--config.model={config.model!r}: must be one of "
+                          f"{', '.join(MODEL_CONFIGS)}")
+    unknown = sorted(set(config.model_kwargs) - set(CONFIG_FIELDS))
+    if unknown:
+        raise ConfigError(f"--config.model_kwargs.{unknown[0]}: not an architecture field; "
+                          f"choose from {', '.join(CONFIG_FIELDS)}")
     for key, (check, allowed) in RULES.items():
         value = config.get(key)
         if not check(value):

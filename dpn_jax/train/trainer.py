@@ -39,6 +39,7 @@ from dpn_jax.train.state import TrainState, create_train_state, merge_for_finetu
 from dpn_jax.train.step import make_train_step
 from dpn_jax.train.stop import StopRequest
 from dpn_jax.train.workdir import WorkdirLock
+from dpn_jax.weights.model_dir import ModelDir, Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,10 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
     """
     arch, model_kwargs, base_cfg, loaded = config.model, dict(config.model_kwargs), None, None
     if config.init_from:
-        from dpn_jax.weights.pretrained import load_model_dir
-        loaded, metadata = load_model_dir(config.init_from)
-        arch = metadata["architecture"]
-        model_kwargs = {**metadata.get("model_kwargs", {}), **model_kwargs}
-        base_cfg = metadata.get("pretrained_cfg")
+        source = ModelDir.load(config.init_from)
+        arch, loaded = source.architecture, source.variables
+        model_kwargs = {**source.model_kwargs, **model_kwargs}
+        base_cfg = source.preprocessing.as_dict()
     model, variables = create_model(
         arch, num_classes=num_classes, dtype=DTYPES[config.dtype], drop_rate=config.drop_rate,
         rng=jax.random.key(config.seed), axis_name=AXIS, **model_kwargs)
@@ -110,6 +110,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OutputError(f"cannot create the workdir {workdir}: {error.strerror}") from None
+    ModelDir.check_output(workdir / "model", overwrite=True)  # refuses a user's files there
     with WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
         return _train(config, workdir)
 
@@ -249,14 +250,9 @@ def export_model(path: Path, variables: dict, *, arch: str, model_kwargs: dict, 
     exits while it is being written.
     """
     if jax.process_index() == 0:
-        from dpn_jax import __version__
-        from dpn_jax.weights.pretrained import save_model_dir
-        pretrained = {k: data_cfg[k] for k in ("input_size", "crop_pct", "interpolation", "mean",
-                                               "std", "test_input_size", "test_crop_pct")}
-        metadata = {"architecture": arch, "num_classes": num_classes, "model_kwargs": model_kwargs,
-                    "pretrained_cfg": pretrained, "class_names": list(class_names),
-                    "source": f"dpn_jax train.py, workdir {workdir}", "sha256": None,
-                    "dpn_jax_version": __version__}
-        save_model_dir(path, Runner.value(variables), metadata, overwrite=True)
+        ModelDir(architecture=arch, num_classes=num_classes, model_kwargs=model_kwargs,
+                 preprocessing=Preprocessing.from_cfg(data_cfg), variables=Runner.value(variables),
+                 class_names=tuple(class_names), source=f"dpn_jax train.py, workdir {workdir}",
+                 ).save(path, overwrite=True)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("dpn_jax export_model")

@@ -7,12 +7,15 @@ layout changes: conv kernels OIHW <-> HWIO, the 1x1-conv classifier (N, C, 1, 1)
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
 
-from dpn_jax.models.dpn import DPN, MODEL_ARGS
+from dpn_jax.errors import WeightsError
+from dpn_jax.models.dpn import DPN, MODEL_CONFIGS
+from dpn_jax.models.registry import build_dpn
 
 Variables = dict[str, Any]
 Shape = tuple[int, ...]
@@ -22,7 +25,7 @@ _LEAF_TO_TIMM = {"kernel": "weight", "scale": "weight", "bias": "bias",
 OPTIONAL_SUFFIX = ".num_batches_tracked"
 
 
-class ConversionError(ValueError):
+class ConversionError(WeightsError):
     """A state dict that does not fit the requested DPN (names the tensor and the shapes)."""
 
 
@@ -62,6 +65,12 @@ def num_classes_of(state_dict: Mapping[str, np.ndarray]) -> int:
     return 0 if weight is None else int(weight.shape[0])
 
 
+def num_classes_in(variables: Variables) -> int:
+    """The classifier size of Flax variables (0: no classifier)."""
+    head = variables["params"].get("classifier")
+    return 0 if head is None else int(np.shape(head["bias"])[0])
+
+
 def abstract_variables(model: DPN) -> Variables:
     """Shapes and dtypes of `model`'s variables, without computing anything."""
     dummy = jax.ShapeDtypeStruct((1, 64, 64, 3), np.float32)
@@ -75,11 +84,10 @@ def timm_to_flax(state_dict: Mapping[str, np.ndarray], name: str, **model_kwargs
     The classifier size is read from the state dict (no `classifier.*`: `num_classes=0`).
     """
     arch = name.partition(".")[0]
-    if arch not in MODEL_ARGS:
+    if arch not in MODEL_CONFIGS:
         raise ConversionError(f"unknown DPN architecture {name!r}")
     model_kwargs.setdefault("num_classes", num_classes_of(state_dict))
-    model = DPN(**{**MODEL_ARGS[arch], **model_kwargs})
-    abstract = abstract_variables(model)
+    abstract = abstract_variables(build_dpn(arch, **model_kwargs))
 
     consumed = set()
     converted: dict[str, dict] = {}
@@ -147,7 +155,7 @@ OVERRIDABLE_FIELDS = ("k_sec", "inc_sec")
 
 
 def dpn_structure(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """The `DPN` fields that tensor shapes show (numpy, torch or meta tensors alike).
+    """The `DPNConfig` fields that tensor shapes show (numpy, torch or meta tensors alike).
 
     The stem kernel gives `small` and `num_init_features`, stage 1's bottleneck `k_r` and
     `groups`, the projections `inc_sec`, the highest block numbers `k_sec`, `c1x1_c1` the
@@ -173,17 +181,17 @@ def dpn_structure(state_dict: Mapping[str, Any]) -> dict[str, Any]:
         bw = (64 << stage) * (1 if small else 4)
         return None if proj is None else (proj[0] - bw) // 2
 
-    return dict(small=small, num_init_features=stem[0],
-                k_r=bottleneck and bottleneck[0],
-                groups=grouped and grouped[0] // grouped[1],
-                b="features.conv2_1.c1x1_c1.weight" in state_dict,
-                k_sec=tuple(depths.get(s, 0) for s in (2, 3, 4, 5)),
-                inc_sec=tuple(growth(i) for i in range(4)))
+    return {"small": small, "num_init_features": stem[0],
+            "k_r": bottleneck and bottleneck[0],
+            "groups": grouped and grouped[0] // grouped[1],
+            "b": "features.conv2_1.c1x1_c1.weight" in state_dict,
+            "k_sec": tuple(depths.get(s, 0) for s in (2, 3, 4, 5)),
+            "inc_sec": tuple(growth(i) for i in range(4))}
 
 
 def detect_architecture(state_dict: Mapping[str, Any], arch: str | None = None
                         ) -> tuple[str, dict[str, Any]]:
-    """(architecture, `DPN` overrides) that fit the tensor shapes.
+    """(architecture, `DPNConfig` overrides) that fit the tensor shapes.
 
     A variant whose structure matches exactly gives no overrides; one that differs only in
     `k_sec` / `inc_sec` gives them as overrides, if it is the only such variant (dpn48b and
@@ -191,11 +199,10 @@ def detect_architecture(state_dict: Mapping[str, Any], arch: str | None = None
     fit, returns (arch, {}) so that the strict conversion names the offending tensor.
     """
     found = dpn_structure(state_dict)
-    candidates = [arch] if arch else list(MODEL_ARGS)
+    candidates = [arch] if arch else list(MODEL_CONFIGS)
 
     def matches(name: str, fields) -> bool:
-        args = {"small": False, "b": False, **MODEL_ARGS[name]}
-        return all(args[f] == found[f] for f in fields)
+        return all(getattr(MODEL_CONFIGS[name], f) == found[f] for f in fields)
 
     exact = [name for name in candidates if matches(name, found)]
     if exact:
@@ -204,7 +211,8 @@ def detect_architecture(state_dict: Mapping[str, Any], arch: str | None = None
     plausible = all(found["k_sec"]) and None not in found["inc_sec"]
     near = [name for name in candidates if plausible and matches(name, fixed)]
     if len(near) == 1:
-        return near[0], {f: found[f] for f in OVERRIDABLE_FIELDS if MODEL_ARGS[near[0]][f] != found[f]}
+        return near[0], {f: found[f] for f in OVERRIDABLE_FIELDS
+                         if getattr(MODEL_CONFIGS[near[0]], f) != found[f]}
     if arch:
         return arch, {}
     described = ", ".join(f"{k}={v}" for k, v in found.items())
@@ -215,7 +223,7 @@ def detect_architecture(state_dict: Mapping[str, Any], arch: str | None = None
 
 
 def detect_variant(state_dict: Mapping[str, Any]) -> str:
-    """The `MODEL_ARGS` architecture whose structure the shapes show exactly (dpn48b, the only
+    """The `MODEL_CONFIGS` architecture whose structure the shapes show exactly (dpn48b, the only
     variant with SiLU, is also the only one with its block counts)."""
     arch, overrides = detect_architecture(state_dict)
     if overrides:

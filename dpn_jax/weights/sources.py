@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import pickle
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
+
+from dpn_jax.errors import WeightsError
+from dpn_jax.models.dpn import PRETRAINED_CFGS
 
 StateDict = dict[str, np.ndarray]
 
@@ -22,6 +27,10 @@ SAFETENSORS_SUFFIX = ".safetensors"
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".tar", ".ckpt")
 HUB_PREFIX = "hf-hub:"
 HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")  # preferred first, as timm
+TIMM_HUB_OWNER = "timm/"
+# How long the hub may take to answer before only the cache is used ($HF_HUB_ETAG_TIMEOUT, the
+# hub's own setting for this request, overrides it).
+HUB_PROBE_TIMEOUT_S = 3
 _HUB_REPO = re.compile(r"[\w.-]+/[\w.-]+")
 # Wrapper prefixes of DDP and torch.compile, in any order (timm's `clean_state_dict`).
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -29,7 +38,7 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _RENAMES = {"last_linear.": "classifier."}
 
 
-class SourceError(ValueError):
+class SourceError(WeightsError):
     """A weights source that cannot be read; the message is one line naming the source."""
 
 
@@ -42,44 +51,116 @@ class Source:
 
 
 def resolve_source(src: str) -> Source:
-    """A local file, or `owner/repo` / `hf-hub:owner/repo` fetched into the Hugging Face cache."""
+    """A local checkpoint file, or a Hugging Face hub repository fetched into its cache.
+
+    Only `hf-hub:owner/name`, `timm/<name>` and pretrained tags (`dpn92.mx_in1k`: its timm
+    repository) are hub sources. Anything else, and anything that looks like a path (starts with
+    `.`, `/` or `~`, ends in a checkpoint suffix, or sits in an existing directory), is a local
+    file: a missing one fails at once instead of asking the hub.
+    """
+    if src.startswith(HUB_PREFIX):
+        repo = src.removeprefix(HUB_PREFIX)
+        if not _HUB_REPO.fullmatch(repo):
+            raise SourceError(f"{src}: not a hub repository name (expected hf-hub:owner/name)")
+        return download_from_hub(repo)
     path = Path(src).expanduser()
-    if not src.startswith(HUB_PREFIX) and path.exists():
+    if path.exists():
         if path.is_dir():
             hint = (" (a dpn_jax model directory: export it with --to-torch)"
                     if (path / "metadata.json").exists() else "")
             raise SourceError(f"{src} is a directory, not a checkpoint file{hint}")
         return Source(path, src)
-    repo = src.removeprefix(HUB_PREFIX)
-    if src.startswith(HUB_PREFIX) or _HUB_REPO.fullmatch(repo):
-        return download_from_hub(repo)
-    raise SourceError(f"{src}: no such file")
+    if not _looks_like_path(src):
+        if src.startswith(TIMM_HUB_OWNER) and _HUB_REPO.fullmatch(src):
+            return download_from_hub(src)
+        hub_id = PRETRAINED_CFGS.get(src, {}).get("hf_hub_id")
+        if hub_id:
+            return download_from_hub(hub_id)
+    hint = (f" (a hub repository is written {HUB_PREFIX}{src})"
+            if _HUB_REPO.fullmatch(src) and not _looks_like_path(src) else "")
+    raise SourceError(f"{src}: no such file{hint}")
+
+
+def _looks_like_path(src: str) -> bool:
+    separators = tuple(sep for sep in (os.sep, os.altsep) if sep)
+    if src.startswith((".", "~", *separators)):
+        return True
+    if src.lower().endswith((SAFETENSORS_SUFFIX, *TORCH_SUFFIXES)):
+        return True
+    parent = Path(src).parent
+    return any(sep in src for sep in separators) and parent.is_dir()
 
 
 def download_from_hub(repo: str) -> Source:
     """`model.safetensors` (else `pytorch_model.bin`) of a hub repo, through huggingface_hub's cache.
 
-    huggingface_hub honours `HF_HUB_OFFLINE` / `HF_HOME` / `HF_HUB_CACHE`: offline, a cached
-    file is used and nothing else is tried.
+    huggingface_hub honours `HF_HUB_OFFLINE` / `HF_HOME` / `HF_HUB_CACHE` / `HF_ENDPOINT`. Its
+    download retries a failed connection for tens of seconds, so the hub is first asked once,
+    briefly: if it does not answer, only the cache is used, and a repository that is not there
+    fails at once naming HF_HUB_OFFLINE and the local-file alternative.
     """
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
+    offline = bool(constants.HF_HUB_OFFLINE)
+    unreachable = None if offline else _hub_unreachable(repo)
+    local_only = offline or unreachable is not None
     for filename in HUB_FILENAMES:
         try:
-            path = hf_hub_download(repo, filename)
-        except (EntryNotFoundError, LocalEntryNotFoundError):
+            path = hf_hub_download(repo, filename, local_files_only=local_only)
+        except LocalEntryNotFoundError as error:
+            if local_only:
+                continue
+            unreachable = first_line(error.__cause__ or error)  # the connection failed later on
+            break
+        except EntryNotFoundError:
             continue
         except RepositoryNotFoundError:
             raise SourceError(f"hub repository {repo} not found (or private / gated)") from None
         return Source(Path(path), f"{HUB_PREFIX}{repo}/{filename}", hub_repo=repo)
-    raise SourceError(f"hub repository {repo}: none of {', '.join(HUB_FILENAMES)} could be downloaded "
-                      "or found in the local Hugging Face cache (offline: HF_HUB_OFFLINE=1?)")
+    alternative = "or give a local checkpoint file (.safetensors / .pth) instead"
+    if offline:
+        raise SourceError(f"hub repository {repo} is not in the Hugging Face cache "
+                          f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set: unset it to "
+                          f"download, {alternative}")
+    if unreachable is not None:
+        raise SourceError(f"hub repository {repo}: cannot reach {constants.ENDPOINT} "
+                          f"({unreachable}) and it is not in the Hugging Face cache; without "
+                          f"network set HF_HUB_OFFLINE=1 (cache only), {alternative}")
+    raise SourceError(f"hub repository {repo} has none of {', '.join(HUB_FILENAMES)}")
+
+
+def _hub_unreachable(repo: str) -> str | None:
+    """Why the hub did not answer one quick, unretried request about `repo`; None if it did."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
+
+    # A failed connection raises the HTTP client's own error (httpx's, requests'), which is a
+    # base class of HfHubHTTPError; an answer that is not the hub's (a proxy) is an HfHubHTTPError.
+    no_answer = (OSError, HfHubHTTPError, *HfHubHTTPError.__bases__)
+    timeout = float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or HUB_PROBE_TIMEOUT_S)
+    try:
+        get_hf_file_metadata(hf_hub_url(repo, HUB_FILENAMES[0]), timeout=timeout)
+    except (EntryNotFoundError, RepositoryNotFoundError):
+        return None  # the hub answered; the download reports what is missing
+    except no_answer as error:
+        return first_line(error)
+    return None
 
 
 def read_state_dict(path: Path, *, ema: bool = False) -> StateDict:
     """The timm-named state dict in a checkpoint file, unwrapped and with wrapper prefixes removed."""
-    if path.stat().st_size == 0:
+    try:
+        with open(path, "rb") as file:
+            empty = not file.read(1)
+    except OSError as error:  # permission, a special file, ...
+        reason = error.strerror or first_line(error)
+        raise SourceError(f"{path}: cannot be read ({reason})") from None
+    if empty:
         raise SourceError(f"{path}: file is empty")
     name = path.name.lower()
     if name.endswith(SAFETENSORS_SUFFIX):
@@ -99,7 +180,7 @@ def _read_safetensors(path: Path) -> StateDict:
     try:
         return load_file(path)
     except (SafetensorError, ValueError, TypeError) as error:
-        raise SourceError(f"{path}: not a valid safetensors file ({_first_line(error)})") from None
+        raise SourceError(f"{path}: not a valid safetensors file ({first_line(error)})") from None
 
 
 def _read_torch(path: Path) -> Any:
@@ -118,8 +199,9 @@ def _read_torch(path: Path) -> Any:
             raise SourceError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
         raise SourceError(f"{path}: refused by torch's weights-only unpickler ({reason}); "
                           "nothing in it was run (prefer .safetensors)") from None
-    except Exception as error:  # torch raises RuntimeError, EOFError, ... for damaged files
-        raise SourceError(f"{path}: not a readable PyTorch checkpoint ({_first_line(error)})") from None
+    except Exception as error:  # noqa: BLE001 - damaged files: RuntimeError, EOFError, ...
+        raise SourceError(f"{path}: not a readable PyTorch checkpoint "
+                          f"({first_line(error)})") from None
     return _tensors_to_numpy(checkpoint)
 
 
@@ -128,7 +210,7 @@ def _refusal_reason(error: pickle.UnpicklingError) -> str:
     `Unsupported operand 102` for bytes that are no pickle)."""
     reasons = [line.rpartition("error:")[2].strip() for line in str(error).splitlines()
                if "GLOBAL" in line or "Unsupported" in line]
-    return reasons[0].split(". ")[0].rstrip(".") if reasons else _first_line(error)
+    return reasons[0].split(". ")[0].rstrip(".") if reasons else first_line(error)
 
 
 def _tensors_to_numpy(value: Any) -> Any:
@@ -178,6 +260,7 @@ def sha256_of(path: Path) -> str:
         return hashlib.file_digest(file, "sha256").hexdigest()
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """'ErrorType: first line of the message', for reporting a library's error in one line."""
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__

@@ -1,0 +1,46 @@
+"""The edge every dpn_jax command shares: errors reported in one line, file text printed safely.
+
+A mistake of the user's is a `DpnJaxError` (dpn_jax.errors): printed as `PROG: error: MESSAGE`,
+exit status 1. Any other exception is a bug in dpn_jax and keeps its traceback. Text that comes
+from files - class names, tensor names, file names - may hold terminal control sequences
+(`"\\x1b]0;owned\\x07"` retitles a terminal); `printable` shows them escaped instead.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from dpn_jax.errors import DpnJaxError
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130  # as a shell reports a command ended by SIGINT
+
+
+def printable(text: str) -> str:
+    """`text` with every non-printable character (controls, bidi overrides, line breaks)
+    written as its Python escape, e.g. ESC as `\\x1b`."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
+def echo(text: str) -> None:
+    """Print a line that may hold text from files."""
+    print(printable(text), flush=True)
+
+
+def report_error(prog: str, message: str) -> None:
+    print(f"{prog}: error: {printable(message)}", file=sys.stderr, flush=True)
+
+
+def run_command(prog: str, command: Callable[[], int]) -> int:
+    """Run a command's body: its exit status, or 1 after one line for a DpnJaxError (130 on
+    Ctrl-C); anything else propagates with its traceback."""
+    try:
+        return command()
+    except DpnJaxError as error:
+        report_error(prog, str(error))
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,75 @@
+"""Orbax's failed reads and writes, as a user should see them: one line, not pages of tracebacks.
+
+Orbax reads and writes arrays with tensorstore, on background threads. When the system refuses
+a write (a full disk, a quota, a file size limit) tensorstore raises a ValueError carrying
+`[os_error_code='28']`, orbax logs it with a traceback from each writer thread, and operations
+still in flight may complete after orbax's event loop has closed, each printing a
+"RuntimeError: Event loop is closed" traceback. `quiet_about(directory)` keeps that noise out of
+the user's terminal while dpn_jax works in `directory`; `os_error_of` recovers the OSError the
+ValueError stands for, which the caller reports in one line.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'")
+
+
+def os_error_of(error: BaseException, path: str | os.PathLike) -> OSError | None:
+    """The OSError a failed orbax operation stands for (about `path`), or None if it is not one."""
+    if isinstance(error, OSError):
+        return error
+    code = _OS_ERROR_CODE.search(str(error))
+    if code is None:
+        return None
+    ignore_closed_loop_aftermath()
+    return OSError(int(code[1]), os.strerror(int(code[1])), os.fspath(path))
+
+
+class _RecordsAbout(logging.Filter):
+    """Drops log records whose message or exception names `directory`."""
+
+    def __init__(self, directory: str | os.PathLike):
+        super().__init__()
+        self.directory = os.fspath(Path(directory).absolute())
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += str(record.exc_info[1])
+        return self.directory not in text
+
+
+@contextlib.contextmanager
+def quiet_about(directory: str | os.PathLike) -> Iterator[None]:
+    """While the block runs, orbax's log records about `directory` are not shown."""
+    logger = logging.getLogger("absl")  # orbax logs through absl
+    records = _RecordsAbout(directory)
+    logger.addFilter(records)
+    try:
+        yield
+    finally:
+        logger.removeFilter(records)
+
+
+def ignore_closed_loop_aftermath() -> None:
+    """After a failed orbax operation, tensorstore may still complete reads or writes whose results
+    can no longer reach orbax's closed event loop; it prints each RuntimeError through
+    `sys.excepthook`, even after dpn_jax reported the failure. Those are dropped from then on."""
+    if getattr(sys.excepthook, "_drops_closed_loop_errors", False):
+        return
+    previous = sys.excepthook
+
+    def excepthook(kind, value, traceback) -> None:
+        if kind is RuntimeError and str(value) == "Event loop is closed":
+            return
+        previous(kind, value, traceback)
+
+    excepthook._drops_closed_loop_errors = True
+    sys.excepthook = excepthook

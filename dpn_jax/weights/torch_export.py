@@ -1,0 +1,55 @@
+"""A model directory's weights as a timm state dict in a safetensors file (dpn-convert --to-torch).
+
+The file carries `dpn_jax_version` in its safetensors metadata: that is how a later
+`--overwrite` knows the file is one dpn_jax wrote, and the only kind it replaces.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from dpn_jax.errors import ConfigError
+from dpn_jax.runtime.files import atomic_output, check_output
+from dpn_jax.weights.sources import SAFETENSORS_SUFFIX
+
+EXPORT_MARKER = "dpn_jax_version"
+EXPORT_WHAT = "a safetensors file written by dpn-convert --to-torch"
+
+
+def is_state_dict_export(path: Path) -> bool:
+    """Whether `path` is a safetensors file dpn_jax exported (marked in its metadata)."""
+    from safetensors import SafetensorError, safe_open
+
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        with safe_open(path, "np") as file:
+            metadata = file.metadata() or {}
+    except (OSError, SafetensorError, ValueError):
+        return False
+    return EXPORT_MARKER in metadata
+
+
+def check_export_output(path: str | os.PathLike, *, overwrite: bool) -> Path:
+    """The absolute output path, or a ConfigError / OutputError before any work is done."""
+    if not str(path).endswith(SAFETENSORS_SUFFIX):
+        raise ConfigError(f"--to-torch {path}: the export is a {SAFETENSORS_SUFFIX} file")
+    return check_output(path, overwrite=overwrite, replaceable=is_state_dict_export,
+                        what=EXPORT_WHAT)
+
+
+def save_state_dict(path: str | os.PathLike, state_dict: dict[str, np.ndarray], *,
+                    overwrite: bool = False) -> None:
+    """Write `state_dict` atomically; an existing file is replaced only with `overwrite` and only
+    if dpn_jax exported it."""
+    from safetensors.numpy import save_file
+
+    from dpn_jax import __version__
+
+    check_export_output(path, overwrite=overwrite)
+    with atomic_output(path, overwrite=overwrite, replaceable=is_state_dict_export,
+                       what=EXPORT_WHAT, directory=False) as staging:
+        # "format": "pt" is what transformers / timm's hub loaders expect of a torch state dict.
+        save_file(state_dict, staging, metadata={"format": "pt", EXPORT_MARKER: __version__})
