@@ -39,19 +39,19 @@ def tiny_config(**overrides):
 WORKER_SETTINGS = dict(schedule="constant", learning_rate=0.05, log_every_steps=1)
 
 
-def synthetic_train_iterator(spec, *, per_process_batch_size, start_step=0, **_):
+def synthetic_train_batches(spec, *, batch_size, start_batch=0, **_):
+    """uint8 images that depend only on the step, this process's slice of the global batch."""
     import jax
     count, index = jax.process_count(), jax.process_index()
-    devices = jax.local_device_count()
-    step = start_step
+    step = start_batch
     while True:
         rng = np.random.RandomState(step)
-        labels = rng.randint(0, 10, per_process_batch_size * count).astype(np.int32)
-        images = rng.normal(0, 1, (len(labels), 32, 32, 3)).astype(np.float32)
-        images += (labels[:, None, None, None] - 4.5).astype(np.float32) * 0.3
-        part = slice(index * per_process_batch_size, (index + 1) * per_process_batch_size)
-        yield {"image": images[part].reshape(devices, -1, 32, 32, 3),
-               "label": labels[part].reshape(devices, -1)}
+        labels = rng.randint(0, 10, batch_size * count).astype(np.int32)
+        images = rng.normal(128, 40, (len(labels), 32, 32, 3))
+        images += (labels[:, None, None, None] - 4.5) * 10
+        images = np.clip(np.rint(images), 0, 255).astype(np.uint8)
+        part = slice(index * batch_size, (index + 1) * batch_size)
+        yield {"image": images[part], "label": labels[part]}
         step += 1
 
 
@@ -75,17 +75,18 @@ def main() -> None:
     from dpn_jax.train import trainer
 
     if args.synthetic_data:
-        pipeline.create_train_iterator = synthetic_train_iterator
+        pipeline.train_batches = synthetic_train_batches
     if args.poison_step is not None:
-        real = pipeline.create_train_iterator
+        real = pipeline.train_batches
 
-        def poisoned(*a, start_step=0, **kw):
-            for i, batch in enumerate(real(*a, start_step=start_step, **kw), start=start_step):
+        def poisoned(*a, start_batch=0, **kw):  # float images: uint8 cannot hold a NaN
+            for i, batch in enumerate(real(*a, start_batch=start_batch, **kw), start=start_batch):
+                batch["image"] = batch["image"].astype(np.float32)
                 if i == args.poison_step:
-                    batch["image"][0, 0, 0, 0, 0] = np.nan
+                    batch["image"][0, 0, 0, 0] = np.nan
                 yield batch
 
-        pipeline.create_train_iterator = poisoned
+        pipeline.train_batches = poisoned
     if args.kill_after_checkpoint is not None:
         save = trainer.save_checkpoint
 

@@ -42,7 +42,8 @@ def evaluate(model: DPN, variables: dict[str, Any], dataset: str, data_config: D
     is sharded over all devices of all processes with `jit`; sums come back replicated.
     `skipped` counts the images the pipeline could not decode (left out of every metric).
     """
-    from dpn_jax.data import pipeline  # TensorFlow: imported only when there is data to read
+    from dpn_jax.data import pipeline  # grain: imported only when there is data to read
+    from dpn_jax.data.transforms import normalize
 
     devices = jax.devices()
     if batch_size % len(devices):
@@ -55,20 +56,20 @@ def evaluate(model: DPN, variables: dict[str, Any], dataset: str, data_config: D
 
     mesh = Mesh(np.asarray(devices), ("batch",))
     batch_sharding, replicated = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
-    step = jax.jit(lambda v, x, y, m: _batch_metrics(model, v, x, y, m), out_shardings=replicated)
+    c = data_config
+    step = jax.jit(lambda v, x, y, m: _batch_metrics(model, v, normalize(x, c.mean, c.std), y, m),
+                   out_shardings=replicated)
     variables = jax.device_put(variables, replicated)
 
     def to_global(local: np.ndarray) -> jax.Array:
-        """[local devices, per device, ...] on each process -> one [global batch, ...] array."""
-        return jax.make_array_from_process_local_data(batch_sharding,
-                                                      local.reshape(-1, *local.shape[2:]))
+        """This process's [per-process batch, ...] -> one [global batch, ...] array."""
+        return jax.make_array_from_process_local_data(batch_sharding, local)
 
-    batches = pipeline.create_eval_iterator(
-        dataset, per_process_batch_size=batch_size // jax.process_count(),
+    batches = pipeline.eval_batches(
+        dataset, batch_size=batch_size // jax.process_count(),
         image_size=data_config.image_size, crop_pct=data_config.crop_pct,
-        interpolation=data_config.interpolation, mean=data_config.mean, std=data_config.std,
-        data_dir=data_dir, manual_dir=manual_dir, eval_split=split,
-        num_local_devices=jax.local_device_count())
+        interpolation=data_config.interpolation, data_dir=data_dir, manual_dir=manual_dir,
+        eval_split=split)
     num_steps = -(-info.num_eval_examples // batch_size)
     totals = dict.fromkeys(("correct_top1", "correct_top5", "loss", "count"), 0)
     bar = tqdm(batches, total=num_steps, unit="batch", disable=not progress or jax.process_index() != 0)

@@ -20,7 +20,7 @@ from dpn_jax.models.dpn import DPN
 from dpn_jax.data.labels import class_names as resolve_class_names
 from dpn_jax.weights.pretrained import cached_pretrained, load_model_dir, model_from_metadata
 from dpn_jax.models.registry import split_model_name
-from dpn_jax.data.transforms import eval_transform, load_image
+from dpn_jax.data.transforms import eval_crop, load_image, normalize
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm",
                     ".pgm", ".pbm")
@@ -108,8 +108,9 @@ class Predictor:
         self.data_config = data_config
         self.class_names = resolve_class_names(model.num_classes, class_names)
         self.batch_size = batch_size
-        self._probabilities = jax.jit(
-            lambda v, x: jax.nn.softmax(model.apply(v, x, train=False), axis=-1))
+        mean, std = data_config.mean, data_config.std
+        self._probabilities = jax.jit(lambda v, x: jax.nn.softmax(
+            model.apply(v, normalize(x, mean, std), train=False), axis=-1))
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, *, img_size: int | None = None,
@@ -130,18 +131,19 @@ class Predictor:
         return cls.from_loaded(load_pretrained_tag(name), **kwargs)
 
     def preprocess(self, image: ImageInput) -> np.ndarray:
-        """A path or PIL image -> normalised HWC float32 pixels (timm's eval transform).
+        """A path or PIL image -> HWC uint8 pixels: timm's eval transform up to ToTensor (the
+        normalisation runs on the device, in `probabilities`).
 
         Files go through `load_image` (EXIF, 16-bit, bounded memory); a PIL image is taken as
         it is and converted to RGB first, as timm does.
         """
         image = load_image(image) if not isinstance(image, Image.Image) else image.convert("RGB")
         c = self.data_config
-        return eval_transform(image, image_size=c.image_size, crop_pct=c.crop_pct,
-                              interpolation=c.interpolation, mean=c.mean, std=c.std)
+        return eval_crop(image, image_size=c.image_size, crop_pct=c.crop_pct,
+                         interpolation=c.interpolation)
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        """Softmax over classes for preprocessed images [N, H, W, 3] -> [N, num_classes]."""
+        """Softmax over classes for preprocessed uint8 images [N, H, W, 3] -> [N, num_classes]."""
         if len(pixels) == 0:
             return np.zeros((0, self.model.num_classes), np.float32)
         return np.concatenate([self._padded_batch(pixels[start:start + self.batch_size])

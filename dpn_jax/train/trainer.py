@@ -24,6 +24,7 @@ from jax import lax
 from jax.experimental import multihost_utils
 
 from dpn_jax.data import pipeline
+from dpn_jax.data.transforms import normalize
 from dpn_jax.train.optim import create_optimizer
 from dpn_jax.runtime.runner import AXIS, Runner
 from dpn_jax.factory import create_model
@@ -229,12 +230,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                  "model_kwargs": model_kwargs, "dataset": config.dataset, "seed": config.seed,
                  "steps_per_epoch": steps_per_epoch, "config": config.to_dict()}
 
+    def for_devices(batches):  # per-process batches -> [local devices, per device, ...]
+        n = runner.num_local_devices
+        return ({k: v.reshape(n, -1, *v.shape[1:]) for k, v in b.items()} for b in batches)
+
     def eval_batches():
-        return runner.prefetch(pipeline.create_eval_iterator(
-            config.dataset, per_process_batch_size=_per_process(config.eval_batch_size, "eval_batch_size"),
+        return runner.prefetch(for_devices(pipeline.eval_batches(
+            config.dataset, batch_size=_per_process(config.eval_batch_size, "eval_batch_size"),
             image_size=config.image_size, crop_pct=data_cfg["crop_pct"],
-            interpolation=data_cfg["interpolation"], mean=data_cfg["mean"], std=data_cfg["std"],
-            data_dir=config.data_dir, eval_split=config.eval_split))
+            interpolation=data_cfg["interpolation"], data_dir=config.data_dir,
+            eval_split=config.eval_split)))
+
+    def on_model_input(step):  # uint8 images are normalised on the device, inside the step
+        def normalized_step(first, batch):
+            image = normalize(batch["image"], data_cfg["mean"], data_cfg["std"], jnp.float32)
+            return step(first, {**batch, "image": image})
+        return normalized_step
 
     def check_finite(state) -> None:
         bad = int(Runner.first(state.nonfinite_step))
@@ -244,8 +255,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 f"{(bad - 1) // steps_per_epoch + 1}); that update was not applied. Lower the "
                 "learning rate, or set --config.skip_nonfinite_updates=True to skip such steps")
 
-    p_train_step = runner.compile(make_train_step(model, tx, schedule, config), donate_first=True)
-    p_eval_step = runner.compile(make_eval_step(model))
+    p_train_step = runner.compile(on_model_input(make_train_step(model, tx, schedule, config)),
+                                  donate_first=True)
+    p_eval_step = runner.compile(on_model_input(make_eval_step(model)))
 
     with contextlib.ExitStack() as stack:  # closing the manager waits for pending saves
         manager = stack.enter_context(checkpoint_manager(workdir, config))
@@ -257,10 +269,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             log.info("resuming from %s at step %d", manager.directory, int(host_state.step))
         start_step = step = int(host_state.step)
         state = runner.replicate(host_state)
-        train_batches = runner.prefetch(pipeline.create_train_iterator(
-            config.dataset, per_process_batch_size=_per_process(config.batch_size, "batch_size"),
-            image_size=config.image_size, mean=data_cfg["mean"], std=data_cfg["std"],
-            seed=config.seed, start_step=start_step, data_dir=config.data_dir))
+        train_batches = runner.prefetch(for_devices(pipeline.train_batches(
+            config.dataset, batch_size=_per_process(config.batch_size, "batch_size"),
+            image_size=config.image_size, interpolation=data_cfg["interpolation"],
+            seed=config.seed, data_dir=config.data_dir, start_batch=start_step)))
         progress = stack.enter_context(tqdm.tqdm(
             total=total_steps, initial=start_step, disable=not is_main, desc="train", unit="step",
             dynamic_ncols=True))
