@@ -76,7 +76,8 @@ def load_image(path_or_file: str | os.PathLike | BinaryIO,
                 scale = math.sqrt(image.width * image.height / max_pixels)
                 image.draft("RGB", (int(image.width / scale), int(image.height / scale)))
             image.load()
-            return _to_rgb(ImageOps.exif_transpose(image))
+            ImageOps.exif_transpose(image, in_place=True)  # (not in place: a copy of every image)
+            return _to_rgb(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as err:  # UnidentifiedImageError is an OSError
         if isinstance(err, UnidentifiedImageError):
@@ -100,7 +101,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         pixels = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if image.mode.startswith("I;16") or pixels.max(initial=0) > 255 else 255.0
         image = Image.fromarray(np.clip(np.rint(pixels * (255.0 / peak)), 0, 255).astype(np.uint8))
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert("RGB") would copy
 
 
 def size_pair(size: int | Sequence[int]) -> tuple[int, int]:
