@@ -69,17 +69,19 @@ def write_jpeg_folder(root: str, num_images: int) -> float:
 
 # ------------------------------------------------------------------------------------- workers
 
-def images_per_second(batches, num_batches: int, count) -> float:
-    """Throughput after the first batch (which includes the pipeline's start-up)."""
+def images_per_second(batches, num_batches: int, count) -> dict[str, float]:
+    """Images per wall-clock second and per CPU-second of this process (all its threads, not
+    its worker processes) after the first batch (which includes the pipeline's start-up)."""
     iterator = iter(batches)
     next(iterator)
-    start, images = time.perf_counter(), 0
+    wall, cpu, images = time.perf_counter(), time.process_time(), 0
     for _, batch in zip(range(num_batches), iterator):
         images += count(batch)
-    return images / (time.perf_counter() - start)
+    return {"wall": images / (time.perf_counter() - wall),
+            "cpu": images / (time.process_time() - cpu)}
 
 
-def run_dpn_jax(root: str, mode: str, args, num_workers: int) -> float:
+def run_dpn_jax(root: str, mode: str, args, num_workers: int) -> dict[str, float]:
     from dpn_jax.data import pipeline
 
     common = dict(batch_size=args.batch_size, image_size=args.image_size,
@@ -92,7 +94,8 @@ def run_dpn_jax(root: str, mode: str, args, num_workers: int) -> float:
     return images_per_second(batches, args.num_batches, lambda b: int(b["mask"].sum()))
 
 
-def run_timm(root: str, mode: str, args, num_workers: int, color_jitter: float | None) -> float:
+def run_timm(root: str, mode: str, args, num_workers: int,
+             color_jitter: float | None) -> dict[str, float]:
     import timm.data
     import torch
     import torchvision
@@ -113,7 +116,7 @@ def run_timm(root: str, mode: str, args, num_workers: int, color_jitter: float |
     return images_per_second(loader, args.num_batches, lambda b: len(b[1]))
 
 
-def run_tf_data(root: str, mode: str, args) -> float:
+def run_tf_data(root: str, mode: str, args) -> dict[str, float]:
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
@@ -170,7 +173,6 @@ def old_tf_train_dataset(paths, labels, *, batch_size: int, image_size: int, see
 
 def old_tf_eval_dataset(paths, labels, *, batch_size: int, image_size: int):
     import tensorflow as tf
-
     from dpn_jax.data.transforms import decode_image, eval_transform
 
     def transform(encoded: bytes, name: bytes) -> np.ndarray:
@@ -227,8 +229,10 @@ def _old_random_crop_window(shape, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
                       tf.where(in_ratio < ratio[0], tf.round(width / ratio[0]), height))
     crop_w, crop_h = tf.maximum(crop_w, 1.0), tf.maximum(crop_h, 1.0)
     place = tf.random.stateless_uniform([2], place_seed)
-    top = tf.where(found, tf.floor(place[0] * (height - crop_h + 1)), tf.floor((height - crop_h) / 2))
-    left = tf.where(found, tf.floor(place[1] * (width - crop_w + 1)), tf.floor((width - crop_w) / 2))
+    top = tf.where(found, tf.floor(place[0] * (height - crop_h + 1)),
+                   tf.floor((height - crop_h) / 2))
+    left = tf.where(found, tf.floor(place[1] * (width - crop_w + 1)),
+                    tf.floor((width - crop_w) / 2))
     return tf.cast(tf.stack([top, left, crop_h, crop_w]), tf.int32)
 
 
@@ -259,7 +263,7 @@ def worker(args) -> None:
                         color_jitter=0.4 if engine == "timm_jitter" else None)
     else:
         raise SystemExit(f"unknown engine {engine}")
-    print(json.dumps({"rate": rate}))
+    print(json.dumps(rate))
 
 
 # ---------------------------------------------------------------------------------- the driver
@@ -274,13 +278,35 @@ LABELS = {
 
 
 def configurations(all_cores: int) -> list[tuple[str, str, int]]:
+    """(engine, mode, cores): every engine on one core, then on all cores."""
     configs = []
     for mode in ("train", "eval"):
         engines = ["dpn_jax", "tf_data", "timm"] + (["timm_jitter"] if mode == "train" else [])
-        for cores in sorted({1, all_cores}):
-            for engine in engines + (["dpn_jax_workers"] if cores > 1 else []):
-                configs.append((engine, mode, cores))
+        configs += [(engine, mode, 1) for engine in engines]
+        if all_cores > 1:
+            configs += [(engine, mode, all_cores) for engine in engines + ["dpn_jax_workers"]]
     return configs
+
+
+def print_tables(median: dict, all_cores: int) -> None:
+    """Markdown: per core (img per CPU-second, pinned to one core), then all cores (wall)."""
+    print("| transform | pipeline | img/CPU-s, 1 core | vs tf.data | vs timm | "
+          "img/s wall, 1 core |")
+    print("|---|---|---|---|---|---|")
+    for (engine, mode, cores), rate in median.items():
+        if cores == 1:
+            print(f"| {mode} | {LABELS[engine]} | {rate['cpu']:.0f} | "
+                  f"{rate['cpu'] / median[('tf_data', mode, 1)]['cpu']:.2f}x | "
+                  f"{rate['cpu'] / median[('timm', mode, 1)]['cpu']:.2f}x | {rate['wall']:.0f} |")
+    if all_cores > 1:
+        print(f"\n| transform | pipeline | img/s wall, {all_cores} cores |\n|---|---|---|")
+        for (engine, mode, cores), rate in median.items():
+            if cores > 1:
+                print(f"| {mode} | {LABELS[engine]} | {rate['wall']:.0f} |")
+    per_core = median[("dpn_jax", "train", 1)]["cpu"]
+    for model, gpu_rate in GPU_TRAIN_RATES.items():
+        print(f"{model} on one H200 ({gpu_rate} img/s) needs {gpu_rate / per_core:.1f} cores of "
+              f"dpn_jax training input ({per_core:.0f} img per CPU-second)")
 
 
 def main() -> None:
@@ -302,7 +328,7 @@ def main() -> None:
     all_cores = len(os.sched_getaffinity(0))
     num_batches = args.num_images // args.batch_size - 1
     configs = configurations(all_cores)
-    rates: dict[tuple[str, str, int], list[float]] = {c: [] for c in configs}
+    runs: dict[tuple[str, str, int], list[dict[str, float]]] = {c: [] for c in configs}
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
     with tempfile.TemporaryDirectory() as root:
         mean_bytes = write_jpeg_folder(root, args.num_images)
@@ -319,33 +345,18 @@ def main() -> None:
                 if result.returncode:
                     raise SystemExit(f"{engine} {mode} on {cores} cores failed:\n"
                                      f"{result.stderr[-3000:]}")
-                rate = json.loads(result.stdout.strip().splitlines()[-1])["rate"]
-                rates[(engine, mode, cores)].append(rate)
+                rate = json.loads(result.stdout.strip().splitlines()[-1])
+                runs[(engine, mode, cores)].append(rate)
                 print(f"round {round_ + 1}: {LABELS[engine]:>36} {mode:>5} {cores} cores: "
-                      f"{rate:7.1f} img/s", flush=True)
+                      f"{rate['wall']:7.1f} img/s wall, {rate['cpu']:7.1f} img/CPU-s", flush=True)
     print(f"load average {os.getloadavg()[0]:.1f} at the end\n")
-    median = {config: statistics.median(values) for config, values in rates.items()}
-    print("| transform | pipeline | img/s, 1 core | per core vs tf.data | per core vs timm | "
-          f"img/s, {all_cores} cores |")
-    print("|---|---|---|---|---|---|")
-    for engine, mode, cores in configs:
-        if cores != 1 and engine != "dpn_jax_workers":
-            continue
-        one = median.get((engine, mode, 1))
-        many = median.get((engine, mode, all_cores))
-        versus = [f"{one / median[(other, mode, 1)]:.2f}x" if one else "-"
-                  for other in ("tf_data", "timm")]
-        print(f"| {mode} | {LABELS[engine]} | {one:.0f} | {versus[0]} | {versus[1]} | "
-              if one else f"| {mode} | {LABELS[engine]} | - | - | - | ", end="")
-        print(f"{many:.0f} |" if many and all_cores > 1 else "- |")
-    train_per_core = median[("dpn_jax", "train", 1)]
-    for model, gpu_rate in GPU_TRAIN_RATES.items():
-        print(f"{model} on one H200 ({gpu_rate} img/s) needs {gpu_rate / train_per_core:.1f} "
-              f"cores of dpn_jax training input at {train_per_core:.0f} img/s per core")
+    median = {config: {key: statistics.median(run[key] for run in values)
+                       for key in ("wall", "cpu")} for config, values in runs.items()}
+    print_tables(median, all_cores)
     if args.json:
         with open(args.json, "w") as file:
             json.dump({"args": vars(args), "cpus": all_cores, "mean_jpeg_bytes": mean_bytes,
-                       "rates": {" ".join(map(str, c)): v for c, v in rates.items()}}, file,
+                       "runs": {" ".join(map(str, c)): v for c, v in runs.items()}}, file,
                       indent=1)
 
 

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from dpn_jax.data import pipeline
 from dpn_jax.data.folder import FileRecords
 from dpn_jax.data.transforms import eval_crop, load_image
 from dpn_jax.errors import ConfigError, DataError
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_KWARGS = dict(crop_pct=1.0, interpolation="bicubic", process_index=0, process_count=1)
@@ -45,7 +44,7 @@ def numbers_of(images: np.ndarray) -> list[int]:
 
 
 def eval_numbers(batches) -> list[int]:
-    return sum((numbers_of(batch["image"][batch["mask"]]) for batch in batches), [])
+    return [n for batch in batches for n in numbers_of(batch["image"][batch["mask"]])]
 
 
 def write_numbered_folder(root: Path, split: str, count: int, classes=("cat", "dog", "zebra"),
@@ -174,6 +173,10 @@ def test_batches_do_not_depend_on_worker_processes():
     workers.set_state({**state, "next_batch": 1})
     assert_same_batches(take(workers, 4), expected[1:])
     workers.close()
+    evaluation = pipeline.eval_batches("digits", batch_size=128, image_size=24, num_workers=1,
+                                       **EVAL_KWARGS)
+    assert_same_batches(list(evaluation), list(pipeline.eval_batches(
+        "digits", batch_size=128, image_size=24, **EVAL_KWARGS)))
 
 
 def test_resume_reads_nothing_before_its_position(tmp_path, monkeypatch):
@@ -260,8 +263,8 @@ def test_folder_labels_classes_and_corrupt_files(image_folder, caplog):
         assert list(batch["label"]) == [n % 3 for n in numbers_of(batch["image"])]
     broken = image_folder / "train" / "dog" / "broken.jpg"
     warnings = [r.getMessage() for r in caplog.records if "undecodable" in r.getMessage()]
-    assert warnings == [f"skipping undecodable image {broken} (1 so far): not an image Pillow "
-                        "can read"]  # named once, however often it is drawn
+    why = "not an image Pillow can read"
+    assert warnings == [f"skipping undecodable image {broken} (1 so far): {why}"]  # named once
 
 
 def test_a_dataset_without_decodable_training_images_fails_at_once(tmp_path):
@@ -279,7 +282,7 @@ def test_a_dataset_without_decodable_training_images_fails_at_once(tmp_path):
 
 
 def test_imagenet2012_prepared_as_array_record(imagenet):
-    data_dir, manual_dir, validation = imagenet
+    data_dir, _, validation = imagenet
     info = pipeline.dataset_info("imagenet2012", data_dir=data_dir)
     assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (1000, 6, 3)
     assert info.class_names[:2] == tuple(SYNSETS)
@@ -415,7 +418,7 @@ try:
     pipeline.dataset_info("imagenet2012", data_dir=empty)
 except DataError as error:
     out["unprepared"] = str(error)
-out["tensorflow"] = sorted(m for m in sys.modules if m == "tensorflow" or m.startswith("tensorflow."))
+out["tensorflow"] = sorted(m for m in sys.modules if m.split(".")[0] == "tensorflow")
 print(json.dumps(out))
 '''
 
@@ -442,6 +445,6 @@ def test_reading_needs_no_tensorflow(tmp_path, imagenet):
     prepare = subprocess.run([sys.executable, "-m", "dpn_jax.cli.prepare_data", "imagenet2012",
                               "--data-dir", empty], env=env, capture_output=True, text=True)
     assert prepare.returncode == 1
-    assert prepare.stderr.strip().splitlines() == [
+    assert prepare.stderr.strip().splitlines() == [(
         "dpn-prepare-data: error: preparing a TFDS dataset needs TensorFlow: "
-        "pip install 'dpn_jax[prepare]'"]
+        "pip install 'dpn_jax[prepare]'")]

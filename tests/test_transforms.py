@@ -6,11 +6,17 @@ import random
 import numpy as np
 import pytest
 import sklearn.datasets
+from dpn_jax.data.transforms import (
+    UndecodableImage,
+    eval_crop,
+    eval_transform,
+    load_image,
+    normalize,
+    random_resized_crop_window,
+    resized_crop,
+    train_crop,
+)
 from PIL import Image
-
-from dpn_jax.data.transforms import (UndecodableImage, eval_crop, eval_transform, load_image,
-                                     normalize, random_resized_crop_window, resized_crop,
-                                     train_crop)
 
 timm_data = pytest.importorskip("timm.data")
 

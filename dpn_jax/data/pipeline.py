@@ -27,18 +27,26 @@ import dataclasses
 import logging
 import math
 import os
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import absl.flags
 import grain
 import numpy as np
 
 from dpn_jax.data.sources import Dataset, RecordSource, even_shard_bounds, open_dataset
-from dpn_jax.data.transforms import (UndecodableImage, check_eval_settings, decode_image,
-                                     eval_crop, pil_filter, size_pair, train_crop)
+from dpn_jax.data.transforms import (
+    UndecodableImage,
+    check_eval_settings,
+    decode_image,
+    eval_crop,
+    pil_filter,
+    size_pair,
+    train_crop,
+)
 from dpn_jax.errors import ConfigError, DataError
 
-__all__ = ["DatasetInfo", "dataset_info", "train_batches", "eval_batches", "TrainBatches"]
+__all__ = ["DatasetInfo", "TrainBatches", "dataset_info", "eval_batches", "train_batches"]
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +75,9 @@ def dataset_info(spec: str, *, data_dir: str | None = None, train_split: str = "
         num_train = dataset.num_examples(train_split)
     except DataError:  # no such split: an evaluation-only dataset
         num_train = 0
+    num_eval = dataset.num_examples(eval_split or dataset.default_eval_split)
     return DatasetInfo(num_classes=len(dataset.class_names), class_names=dataset.class_names,
-                       num_train_examples=num_train,
-                       num_eval_examples=dataset.num_examples(eval_split or dataset.default_eval_split))
+                       num_train_examples=num_train, num_eval_examples=num_eval)
 
 
 def train_batches(spec: str, *, batch_size: int, image_size: int | Sequence[int],

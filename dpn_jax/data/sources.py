@@ -8,7 +8,8 @@ are the pipeline's business. Nothing here imports TensorFlow.
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence, TypedDict
+from collections.abc import Sequence
+from typing import Protocol, TypedDict
 
 from dpn_jax.errors import DataError
 

@@ -66,8 +66,9 @@ class TfdsDataset:
         self.builder = _builder(name, data_dir)
         where = os.fspath(self.builder.data_dir_root)
         if not self.builder.is_prepared():
+            command = prepare_command(spec, data_dir=data_dir, manual_dir=manual_dir)
             raise DataError(f"{spec} is not prepared in {where}; prepare it once (needs "
-                            f"TensorFlow): {prepare_command(spec, data_dir=data_dir, manual_dir=manual_dir)}")
+                            f"TensorFlow): {command}")
         info = self.builder.info
         if ARRAY_RECORD not in info.available_file_formats():
             raise DataError(

@@ -17,7 +17,8 @@ import io
 import math
 import os
 import warnings
-from typing import Any, BinaryIO, Sequence
+from collections.abc import Sequence
+from typing import Any, BinaryIO
 
 import jax
 import jax.numpy as jnp
@@ -115,7 +116,8 @@ def size_pair(size: int | Sequence[int]) -> tuple[int, int]:
 def pil_filter(interpolation: str) -> Image.Resampling:
     """The Pillow filter for one of timm's interpolation names."""
     if interpolation not in PIL_INTERPOLATION:
-        raise ConfigError(f"interpolation {interpolation!r} is not one of {sorted(PIL_INTERPOLATION)}")
+        raise ConfigError(f"interpolation {interpolation!r} is not one of "
+                          f"{sorted(PIL_INTERPOLATION)}")
     return PIL_INTERPOLATION[interpolation]
 
 
@@ -167,7 +169,7 @@ def eval_transform(image: Image.Image, *, image_size: int | Sequence[int], crop_
 
 
 def _center_crop(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """torchvision `center_crop`: zero-pads when the image is smaller, Python rounding of offsets."""
+    """torchvision `center_crop`: zero-pads a smaller image, Python rounding of offsets."""
     crop_h, crop_w = size
     height, width = pixels.shape[:2]
     if crop_h > height or crop_w > width:
@@ -175,7 +177,7 @@ def _center_crop(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         pixels = np.pad(pixels, ((pad_h // 2, (pad_h + 1) // 2), (pad_w // 2, (pad_w + 1) // 2),
                                  (0, 0)))
         height, width = pixels.shape[:2]
-    top, left = int(round((height - crop_h) / 2.0)), int(round((width - crop_w) / 2.0))
+    top, left = round((height - crop_h) / 2.0), round((width - crop_w) / 2.0)
     return pixels[top:top + crop_h, left:left + crop_w]
 
 
@@ -198,17 +200,17 @@ def random_resized_crop_window(height: int, width: int, rng: np.random.Generator
     for _ in range(attempts):
         target_area = rng.uniform(*scale) * area
         aspect_ratio = math.exp(rng.uniform(*log_ratio))
-        crop_w = int(round(math.sqrt(target_area * aspect_ratio)))
-        crop_h = int(round(math.sqrt(target_area / aspect_ratio)))
+        crop_w = round(math.sqrt(target_area * aspect_ratio))
+        crop_h = round(math.sqrt(target_area / aspect_ratio))
         if crop_w <= width and crop_h <= height:
             top = int(rng.integers(0, height - crop_h + 1))
             left = int(rng.integers(0, width - crop_w + 1))
             return top, left, max(crop_h, 1), max(crop_w, 1)
     in_ratio = width / height
     if in_ratio < min(ratio):
-        crop_w, crop_h = width, int(round(width / min(ratio)))
+        crop_w, crop_h = width, round(width / min(ratio))
     elif in_ratio > max(ratio):
-        crop_w, crop_h = int(round(height * max(ratio))), height
+        crop_w, crop_h = round(height * max(ratio)), height
     else:
         crop_w, crop_h = width, height
     return (height - crop_h) // 2, (width - crop_w) // 2, max(crop_h, 1), max(crop_w, 1)
