@@ -310,16 +310,23 @@ def test_imagenet2012_prepared_as_array_record(imagenet):
                                                        **eval_config))
 
 
-def test_unprepared_tfds_datasets_name_the_command(tmp_path, imagenet):
+def test_unprepared_tfds_datasets_name_the_command(tmp_path, imagenet, capsys):
+    from dpn_jax.cli.prepare_data import main as prepare_main
+
     _, manual_dir, _ = imagenet
     empty = str(tmp_path / "empty")
     with pytest.raises(DataError, match=f"imagenet2012 is not prepared in {empty}; prepare it "
                                         f"once .*: dpn-prepare-data imagenet2012 --data-dir "
                                         f"{empty} --manual-dir {manual_dir}$"):
         pipeline.dataset_info("imagenet2012", data_dir=empty, manual_dir=manual_dir)
-    assert not os.path.exists(empty)  # reading created nothing
     with pytest.raises(DataError, match="no such TFDS dataset"):
         pipeline.dataset_info("tfds:no_such_dataset_xyz", data_dir=empty)
+    assert prepare_main(["imagenet2012", "--data-dir", empty]) == 1  # no tars in the manual dir
+    assert capsys.readouterr().err.startswith(
+        f"dpn-prepare-data: error: imagenet2012 is built from files you download yourself, and "
+        f"{empty}/downloads/manual is missing or empty (pass --manual-dir): manual_dir should "
+        "contain two files: ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar.")
+    assert not os.path.exists(empty)  # neither reading nor the refused preparing wrote anything
 
 
 def test_tfrecord_only_dataset_names_the_command(tmp_path, imagenet):
@@ -423,16 +430,19 @@ print(json.dumps(out))
 '''
 
 
-def test_reading_needs_no_tensorflow(tmp_path, imagenet):
-    """Training and evaluation reads in a Python where `import tensorflow` fails (hidden from
-    every import finder; tfds checks sys.modules, so it cannot simply be set to None there)."""
+@pytest.mark.parametrize("tensorflow", ["hidden", "installed"])
+def test_reading_needs_no_tensorflow(tmp_path, imagenet, tensorflow):
+    """Training, evaluation and inference read data in a Python where `import tensorflow` fails
+    (hidden from every import finder; tfds checks sys.modules, so it cannot simply be set to None
+    there), and never import it where it is installed."""
     data_dir, _, _ = imagenet
-    (tmp_path / "sitecustomize.py").write_text(HIDE_TENSORFLOW)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]),
-               JAX_PLATFORMS="cpu")
-    check = subprocess.run([sys.executable, "-c", "import tensorflow"], env=env,
-                           capture_output=True, text=True)
-    assert "No module named 'tensorflow'" in check.stderr
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    if tensorflow == "hidden":
+        (tmp_path / "sitecustomize.py").write_text(HIDE_TENSORFLOW)
+        env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(ROOT)])
+        check = subprocess.run([sys.executable, "-c", "import tensorflow"], env=env,
+                               capture_output=True, text=True)
+        assert "No module named 'tensorflow'" in check.stderr
     empty = str(tmp_path / "empty")
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(WITHOUT_TENSORFLOW), data_dir,
                              empty], env=env, capture_output=True, text=True, timeout=300)
@@ -442,6 +452,8 @@ def test_reading_needs_no_tensorflow(tmp_path, imagenet):
     assert out["imagenet2012"] == [6, [4, 16, 16, 3], 3]
     assert out["unprepared"].endswith(f"dpn-prepare-data imagenet2012 --data-dir {empty}")
     assert out["tensorflow"] == []
+    if tensorflow == "installed":
+        return
     prepare = subprocess.run([sys.executable, "-m", "dpn_jax.cli.prepare_data", "imagenet2012",
                               "--data-dir", empty], env=env, capture_output=True, text=True)
     assert prepare.returncode == 1

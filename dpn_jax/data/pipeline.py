@@ -5,8 +5,9 @@ Dataset specs (see `dpn_jax.data.sources`): `digits` (offline, bundled with scik
 `dpn-prepare-data`) and `folder:PATH`. No TensorFlow is imported.
 
 Batches are this process's, uint8 images [batch, H, W, 3] plus int32 labels; normalisation
-happens on the device (`dpn_jax.data.transforms.normalize`). Decoding runs in `num_threads`
-threads, in this process or, with `num_workers` > 0, in that many grain worker processes.
+happens on the device (`dpn_jax.data.transforms.normalize`). Whole batches are decoded in
+threads of this process (one per CPU it may use) or, with `num_workers` > 0, in that many grain
+worker processes (spawned: a script using them needs an `if __name__ == "__main__":` guard).
 
 Training (`train_batches`): each process reads its own contiguous shard of the split as an
 endless stream of examples, reshuffled every epoch from (seed, process); example i of the stream

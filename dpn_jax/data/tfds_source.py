@@ -1,7 +1,8 @@
 """`imagenet2012` and `tfds:NAME`: any TFDS dataset with (image, label) supervised keys.
 
-Reading needs no TensorFlow: the dataset must be prepared once as ArrayRecord, which
-`tfds.data_source` reads with random access; images stay encoded (`SkipDecoding`). Preparing
+Reading needs no TensorFlow: the dataset must be prepared once as ArrayRecord, which TFDS's
+data source (`builder.as_data_source`, as `tfds.data_source`) reads with random access; images
+stay encoded (`SkipDecoding`). Preparing
 (downloading, or for ImageNet building from the ILSVRC2012 tars in the manual dir) needs
 TensorFlow and is `prepare()`, behind `dpn-prepare-data`; training and evaluation never prepare,
 they say which command would.
@@ -136,6 +137,12 @@ def prepare(spec: str, *, data_dir: str | None = None, download_dir: str | None 
             + prepare_command(spec, data_dir="NEW_DATA_DIR",
                               download_dir=os.path.join(where, "downloads"),
                               manual_dir=manual_dir))
+    download_dir = download_dir or os.path.join(builder.data_dir_root, "downloads")
+    manual_dir = manual_dir or os.path.join(download_dir, "manual")
+    instructions = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+    if instructions and not (os.path.isdir(manual_dir) and os.listdir(manual_dir)):
+        raise DataError(f"{spec} is built from files you download yourself, and {manual_dir} is "
+                        f"missing or empty (pass --manual-dir): {' '.join(instructions.split())}")
     builder.download_and_prepare(
         download_dir=download_dir, file_format="array_record",
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
