@@ -156,6 +156,7 @@ class TrainBatches(grain.DatasetIterator):
         self._report = _SkipReport()
 
     def __next__(self) -> Batch:
+        self._assert_not_closed()
         if self._iterator is None:
             self._iterator = _iterate(self._batches[self._next_batch:], self._num_workers)
         batch = next(self._iterator)
