@@ -209,6 +209,21 @@ def test_load_image_drafts_huge_jpegs():
     assert load_image(encoded(photo, "JPEG")).size == (640, 427)
 
 
+def test_load_image_refuses_decompression_bombs_without_touching_warning_filters(monkeypatch):
+    """Above Pillow's MAX_IMAGE_PIXELS (where Pillow only warns) the image is refused; the
+    process's warning filters stay as they were (decoding runs in several threads)."""
+    import warnings
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    filters = list(warnings.filters)
+    file = encoded(Image.fromarray(gradient()), "PNG")  # 40x30 = 1200 pixels
+    file.name = "big.png"
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(
+            UndecodableImage, match="big.png: 40x30 pixels exceeds the decompression-bomb limit"):
+        load_image(file)
+    assert warnings.filters == filters
+
+
 def test_load_image_errors_name_the_file(tmp_path):
     with pytest.raises(UndecodableImage, match="missing.jpg: no such file") as missing:
         load_image(tmp_path / "missing.jpg")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import warnings
 from collections.abc import Sequence
 from typing import Any, BinaryIO
 
@@ -70,17 +69,21 @@ def load_image(path_or_file: str | os.PathLike | BinaryIO,
     else:
         name = getattr(path_or_file, "name", "<image bytes>")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path_or_file)
-            if image.format == "JPEG" and image.width * image.height > max_pixels:
-                scale = math.sqrt(image.width * image.height / max_pixels)
-                image.draft("RGB", (int(image.width / scale), int(image.height / scale)))
-            image.load()
-            ImageOps.exif_transpose(image, in_place=True)  # (not in place: a copy of every image)
-            return _to_rgb(image)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as err:  # UnidentifiedImageError is an OSError
+        image = Image.open(path_or_file)  # raises DecompressionBombError above 2x the limit
+        pixels = image.width * image.height
+        if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:
+            # Pillow only warns here; a check, not warnings.catch_warnings, which would change
+            # the process's warning filters under the pipeline's other decoding threads.
+            raise ValueError(f"{image.width}x{image.height} pixels exceeds the "
+                             f"decompression-bomb limit of {Image.MAX_IMAGE_PIXELS}")
+        if image.format == "JPEG" and pixels > max_pixels:
+            scale = math.sqrt(pixels / max_pixels)
+            image.draft("RGB", (int(image.width / scale), int(image.height / scale)))
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)  # (not in place: a copy of every image)
+        return _to_rgb(image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        # (UnidentifiedImageError is an OSError)
         if isinstance(err, UnidentifiedImageError):
             why = "not an image Pillow can read"
         elif isinstance(err, OSError) and err.strerror:
