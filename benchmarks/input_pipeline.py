@@ -16,7 +16,7 @@ core (the process pinned to one core) and with all of this process's cores:
 All cores: dpn_jax with its threads in the process and with grain worker processes
 (`num_workers` = cores), tf.data with its thread pool, timm with `num_workers` = cores.
 Each measurement is its own process; rounds interleave the configurations and the table shows
-each one's median. The first batch (start-up) is not timed.
+each one's median. Start-up is not timed (the first batch, or each worker process's first).
 """
 from __future__ import annotations
 
@@ -69,13 +69,16 @@ def write_jpeg_folder(root: str, num_images: int) -> float:
 
 # ------------------------------------------------------------------------------------- workers
 
-def images_per_second(batches, num_batches: int, count) -> dict[str, float]:
+def images_per_second(batches, num_batches: int, count, num_workers: int = 0) -> dict[str, float]:
     """Images per wall-clock second and per CPU-second of this process (all its threads, not
-    its worker processes) after the first batch (which includes the pipeline's start-up)."""
+    its worker processes), timed after the start-up: the first batch of each worker process
+    (or the first batch) is not timed."""
     iterator = iter(batches)
-    next(iterator)
+    warmup = max(1, num_workers)
+    for _ in range(warmup):
+        next(iterator)
     wall, cpu, images = time.perf_counter(), time.process_time(), 0
-    for _, batch in zip(range(num_batches), iterator):
+    for _, batch in zip(range(num_batches - warmup + 1), iterator):
         images += count(batch)
     return {"wall": images / (time.perf_counter() - wall),
             "cpu": images / (time.process_time() - cpu)}
@@ -89,9 +92,11 @@ def run_dpn_jax(root: str, mode: str, args, num_workers: int) -> dict[str, float
                   num_workers=num_workers)
     if mode == "train":
         batches = pipeline.train_batches(f"folder:{root}", seed=0, **common)
-        return images_per_second(batches, args.num_batches, lambda b: len(b["label"]))
+        return images_per_second(batches, args.num_batches, lambda b: len(b["label"]),
+                                 num_workers)
     batches = pipeline.eval_batches(f"folder:{root}", crop_pct=CROP_PCT, **common)
-    return images_per_second(batches, args.num_batches, lambda b: int(b["mask"].sum()))
+    return images_per_second(batches, args.num_batches, lambda b: int(b["mask"].sum()),
+                             num_workers)
 
 
 def run_timm(root: str, mode: str, args, num_workers: int,
@@ -113,7 +118,7 @@ def run_timm(root: str, mode: str, args, num_workers: int,
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, sampler=sampler, num_workers=num_workers,
         multiprocessing_context="forkserver" if num_workers else None)
-    return images_per_second(loader, args.num_batches, lambda b: len(b[1]))
+    return images_per_second(loader, args.num_batches, lambda b: len(b[1]), num_workers)
 
 
 def run_tf_data(root: str, mode: str, args) -> dict[str, float]:
