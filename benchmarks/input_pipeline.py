@@ -1,120 +1,368 @@
-"""Input pipeline throughput (img/s) on JPEGs, against timm's transforms in a torch DataLoader.
+"""Input pipeline throughput (img/s): dpn_jax (grain) vs its old tf.data pipeline vs timm.
 
-    python benchmarks/pipeline.py [--num-images 512] [--image-size 224] [--batch-size 64]
+    python benchmarks/input_pipeline.py [--num-images 1024] [--image-size 224] [--batch-size 64]
+        [--rounds 3] [--json results.json]
 
-Writes a folder dataset of ImageNet-sized JPEGs (500x375 / 375x500, quality 90, cut from
-scikit-learn's sample photos) to a temporary directory, then times:
-  train: dpn_jax random-resized-crop + flip (fused JPEG decode-and-crop, tf.data) vs
-         timm's `create_transform(is_training=True)` in a torch DataLoader;
-  eval:  dpn_jax eval iterator (Pillow inside tf.data) vs timm's eval transform in a DataLoader.
-Both sides use every CPU of the process. Also reports how far TensorFlow's bicubic resize is
-from Pillow's (the reason evaluation uses Pillow).
+Writes a folder dataset of ImageNet-like JPEGs (500x375 and 375x500, ~100 KB: scikit-learn's
+sample photos with sensor-like noise, quality 95) to a temporary directory, then times, per CPU
+core (the process pinned to one core) and with all of this process's cores:
+  train: dpn_jax `train_batches` (Pillow decode, timm's random-resized crop + flip, uint8 out);
+         the tf.data pipeline dpn_jax had before (fused JPEG decode-and-crop, TF bicubic resize,
+         flip, float32 normalised out; copied below from git a437895, it is nowhere else now);
+         timm's `create_transform(is_training=True)` in a torch DataLoader, without and with
+         its default ColorJitter(0.4) (dpn_jax does no colour jitter);
+  eval:  dpn_jax `eval_batches` (timm's eval transform, uint8 out); the old tf.data eval
+         (the same Pillow transform inside tf.data, float32 out); timm's eval transform.
+All cores: dpn_jax with its threads in the process and with grain worker processes
+(`num_workers` = cores), tf.data with its thread pool, timm with `num_workers` = cores.
+Each measurement is its own process; rounds interleave the configurations and the table shows
+each one's median. Start-up is not timed (the first batch, or each worker process's first).
 """
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
 import numpy as np
-import sklearn.datasets
-from PIL import Image
-
-try:  # torchvision (triton) must load before TensorFlow
-    import timm.data
-    import torch
-    import torchvision
-except ImportError:
-    timm = None
-
-from dpn_jax.data import pipeline  # noqa: E402  (after torch, see above)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CPUS = len(os.sched_getaffinity(0))
+CROP_PCT = 0.875
+# One H200 trains at these rates (bf16, batch 256; BENCHMARKS.md "NVIDIA H200").
+GPU_TRAIN_RATES = {"dpn68": 5500, "dpn92": 1700}
 
 
-def write_jpeg_folder(root: str, num_images: int) -> None:
-    """`num_images` JPEGs in train/ and the same in val/, two classes."""
-    photos = [Image.fromarray(p) for p in sklearn.datasets.load_sample_images().images]
+def write_jpeg_folder(root: str, num_images: int) -> float:
+    """`num_images` JPEGs in train/ and the same in val/, two classes; returns the mean size."""
+    import sklearn.datasets
+    from PIL import Image
+
+    photos = [p.astype(np.float32) for p in sklearn.datasets.load_sample_images().images]
     rng = np.random.default_rng(0)
+    sizes = []
     for split in ("train", "val"):
         for i in range(num_images):
             photo = photos[i % 2]
             width, height = (500, 375) if i % 3 else (375, 500)
-            left, top = rng.integers(0, photo.width - 300), rng.integers(0, photo.height - 300)
-            image = photo.crop((left, top, left + 300, top + 300)).resize((width, height))
+            if height > photo.shape[0]:  # portrait: rotate the landscape photo
+                photo = photo.transpose(1, 0, 2)
+            top = rng.integers(0, photo.shape[0] - height + 1)
+            left = rng.integers(0, photo.shape[1] - width + 1)
+            pixels = photo[top:top + height, left:left + width]
+            pixels = pixels + rng.normal(0, 6, pixels.shape)  # ImageNet-like JPEG sizes
+            buffer = io.BytesIO()
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG",
+                                                                          quality=95)
             path = os.path.join(root, split, f"class{i % 2}", f"{i:05d}.jpg")
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            image.save(path, quality=90)
+            with open(path, "wb") as file:
+                file.write(buffer.getvalue())
+            sizes.append(len(buffer.getvalue()))
+    return float(np.mean(sizes))
 
 
-def images_per_second(batches, num_batches: int, batch_size_of) -> float:
-    """Throughput after the first batch (which includes pipeline start-up)."""
+# ------------------------------------------------------------------------------------- workers
+
+def images_per_second(batches, num_batches: int, count, num_workers: int = 0) -> dict[str, float]:
+    """Images per wall-clock second and per CPU-second of this process (all its threads, not
+    its worker processes), timed after the start-up: the first batch of each worker process
+    (or the first batch) is not timed."""
     iterator = iter(batches)
-    next(iterator)
-    start, count = time.perf_counter(), 0
-    for _, batch in zip(range(num_batches), iterator):
-        count += batch_size_of(batch)
-    return count / (time.perf_counter() - start)
+    warmup = max(1, num_workers)
+    for _ in range(warmup):
+        next(iterator)
+    wall, cpu, images = time.perf_counter(), time.process_time(), 0
+    for _, batch in zip(range(num_batches - warmup + 1), iterator):
+        images += count(batch)
+    return {"wall": images / (time.perf_counter() - wall),
+            "cpu": images / (time.process_time() - cpu)}
 
 
-def timm_loader(root: str, split: str, batch_size: int, image_size: int, training: bool):
+def run_dpn_jax(root: str, mode: str, args, num_workers: int) -> dict[str, float]:
+    from dpn_jax.data import pipeline
+
+    common = dict(batch_size=args.batch_size, image_size=args.image_size,
+                  interpolation="bicubic", process_index=0, process_count=1,
+                  num_workers=num_workers)
+    if mode == "train":
+        batches = pipeline.train_batches(f"folder:{root}", seed=0, **common)
+        return images_per_second(batches, args.num_batches, lambda b: len(b["label"]),
+                                 num_workers)
+    batches = pipeline.eval_batches(f"folder:{root}", crop_pct=CROP_PCT, **common)
+    return images_per_second(batches, args.num_batches, lambda b: int(b["mask"].sum()),
+                             num_workers)
+
+
+def run_timm(root: str, mode: str, args, num_workers: int,
+             color_jitter: float | None) -> dict[str, float]:
+    import timm.data
+    import torch
+    import torchvision
+
+    torch.set_num_threads(1)  # ToTensor / Normalize in the main process: this core only
+    training = mode == "train"
     transform = timm.data.create_transform(
-        input_size=(3, image_size, image_size), is_training=training, crop_pct=0.875,
-        interpolation="bicubic", mean=MEAN, std=STD)
-    dataset = torchvision.datasets.ImageFolder(os.path.join(root, split), transform=transform)
-    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10 ** 9) \
-        if training else None
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                                       num_workers=CPUS, multiprocessing_context="forkserver")
+        input_size=(3, args.image_size, args.image_size), is_training=training,
+        crop_pct=CROP_PCT, interpolation="bicubic", mean=MEAN, std=STD,
+        **({"color_jitter": color_jitter} if training else {}))
+    dataset = torchvision.datasets.ImageFolder(os.path.join(root, mode if training else "val"),
+                                               transform=transform)
+    sampler = (torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10 ** 9)
+               if training else None)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=num_workers,
+        multiprocessing_context="forkserver" if num_workers else None)
+    return images_per_second(loader, args.num_batches, lambda b: len(b[1]), num_workers)
 
 
-def tf_vs_pil_bicubic() -> tuple[float, float]:
-    """Max and mean |TF - Pillow| (8-bit levels) resizing the sample photos' shorter side to 256."""
+def run_tf_data(root: str, mode: str, args) -> dict[str, float]:
     import tensorflow as tf
-    diffs = []
-    for pixels in sklearn.datasets.load_sample_images().images:
-        height, width = 256, int(256 * pixels.shape[1] / pixels.shape[0])
-        pil = np.asarray(Image.fromarray(pixels).resize((width, height), Image.Resampling.BICUBIC))
-        tf_out = tf.image.resize(pixels, (height, width), method="bicubic", antialias=True)
-        tf_out = np.clip(np.rint(tf_out.numpy()), 0, 255)
-        diffs.append(np.abs(tf_out - pil.astype(np.float64)))
-    return max(d.max() for d in diffs), float(np.mean([d.mean() for d in diffs]))
+
+    tf.config.set_visible_devices([], "GPU")
+    from dpn_jax.data.folder import FolderDataset
+
+    records = FolderDataset(root).records("train" if mode == "train" else "val")
+    paths = tf.constant(records.paths)
+    labels = tf.constant(records.labels, tf.int32)
+    if mode == "train":
+        dataset = old_tf_train_dataset(paths, labels, batch_size=args.batch_size,
+                                       image_size=args.image_size)
+    else:
+        dataset = old_tf_eval_dataset(paths, labels, batch_size=args.batch_size,
+                                      image_size=args.image_size)
+    return images_per_second(dataset.as_numpy_iterator(), args.num_batches,
+                             lambda b: len(b["label"]))
+
+
+# The tf.data pipeline of dpn_jax before grain (git a437895, dpn_jax/data/pipeline.py), reduced to
+# a folder shard (file paths shuffled whole, read with tf.io.read_file) and kept only to compare.
+
+def old_tf_train_dataset(paths, labels, *, batch_size: int, image_size: int, seed: int = 0):
+    import tensorflow as tf
+
+    num_examples = len(paths)
+    base_seed = tf.constant([seed, 0], tf.int64)
+    examples = tf.data.Dataset.from_tensor_slices({"image": paths, "label": labels})
+
+    def epoch(index):
+        order_seed = tf.random.experimental.stateless_fold_in(base_seed, index)[0]
+        shuffled = examples.shuffle(num_examples, seed=order_seed, reshuffle_each_iteration=False)
+        numbered = shuffled.enumerate(start=index * num_examples)
+        return numbered.map(lambda number, example: {**example, "number": number})
+
+    def augment(example):
+        example_seed = tf.random.experimental.stateless_fold_in(base_seed, example["number"])
+        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(example_seed, 2))
+        image = _old_decode_random_crop(example["image"], crop_seed)
+        image = tf.image.resize(image, (image_size, image_size), method="bicubic", antialias=True)
+        image = tf.image.stateless_random_flip_left_right(tf.clip_by_value(image, 0.0, 255.0),
+                                                          flip_seed)
+        image = (image / 255.0 - tf.constant(MEAN, tf.float32)) / tf.constant(STD, tf.float32)
+        return {"image": image, "label": example["label"]}
+
+    stream = tf.data.Dataset.range(0, np.iinfo(np.int64).max).flat_map(epoch)
+    stream = stream.map(lambda ex: {**ex, "image": tf.io.read_file(ex["image"])},
+                        num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = (stream.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+               .ignore_errors(log_warning=True)
+               .batch(batch_size, drop_remainder=True)
+               .prefetch(tf.data.AUTOTUNE))
+    return dataset.with_options(_old_data_options())
+
+
+def old_tf_eval_dataset(paths, labels, *, batch_size: int, image_size: int):
+    import tensorflow as tf
+    from dpn_jax.data.transforms import decode_image, eval_transform
+
+    def transform(encoded: bytes, name: bytes) -> np.ndarray:
+        return eval_transform(decode_image(encoded, name.decode()), image_size=image_size,
+                              crop_pct=CROP_PCT, interpolation="bicubic", mean=MEAN, std=STD)
+
+    def preprocess(example):
+        image = tf.numpy_function(transform, [example["image"], example["name"]], tf.float32,
+                                  stateful=False)
+        return {"image": tf.ensure_shape(image, (image_size, image_size, 3)),
+                "label": example["label"]}
+
+    examples = tf.data.Dataset.from_tensor_slices({"name": paths, "label": labels})
+    examples = examples.map(lambda ex: {**ex, "image": tf.io.read_file(ex["name"])},
+                            num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = (examples.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+               .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+    return dataset.with_options(_old_data_options())
+
+
+def _old_decode_random_crop(encoded, seed):
+    import tensorflow as tf
+
+    def jpeg():
+        return tf.io.decode_and_crop_jpeg(
+            encoded, _old_random_crop_window(tf.io.extract_jpeg_shape(encoded), seed), channels=3)
+
+    def other():
+        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+        top, left, height, width = tf.unstack(_old_random_crop_window(tf.shape(image), seed))
+        return image[top:top + height, left:left + width]
+
+    return tf.cond(tf.strings.substr(encoded, 0, 3) == b"\xff\xd8\xff", jpeg, other)
+
+
+def _old_random_crop_window(shape, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts=10):
+    import math
+
+    import tensorflow as tf
+
+    height, width = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+    area_seed, ratio_seed, place_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    area = tf.random.stateless_uniform([attempts], area_seed, *scale) * height * width
+    aspect = tf.exp(tf.random.stateless_uniform([attempts], ratio_seed, math.log(ratio[0]),
+                                                math.log(ratio[1])))
+    crop_w, crop_h = tf.round(tf.sqrt(area * aspect)), tf.round(tf.sqrt(area / aspect))
+    fits = (crop_w <= width) & (crop_h <= height)
+    first = tf.argmax(tf.cast(fits, tf.int32))
+    found = tf.reduce_any(fits)
+    in_ratio = width / height
+    crop_w = tf.where(found, crop_w[first],
+                      tf.where(in_ratio > ratio[1], tf.round(height * ratio[1]), width))
+    crop_h = tf.where(found, crop_h[first],
+                      tf.where(in_ratio < ratio[0], tf.round(width / ratio[0]), height))
+    crop_w, crop_h = tf.maximum(crop_w, 1.0), tf.maximum(crop_h, 1.0)
+    place = tf.random.stateless_uniform([2], place_seed)
+    top = tf.where(found, tf.floor(place[0] * (height - crop_h + 1)),
+                   tf.floor((height - crop_h) / 2))
+    left = tf.where(found, tf.floor(place[1] * (width - crop_w + 1)),
+                    tf.floor((width - crop_w) / 2))
+    return tf.cast(tf.stack([top, left, crop_h, crop_w]), tf.int32)
+
+
+def _old_data_options():
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.deterministic = True
+    options.threading.private_threadpool_size = len(os.sched_getaffinity(0))
+    options.threading.max_intra_op_parallelism = 1
+    return options
+
+
+def worker(args) -> None:
+    """One measurement in this process: pinned to the first `--cores` CPUs, prints img/s."""
+    cpus = sorted(os.sched_getaffinity(0))[:args.cores]
+    os.sched_setaffinity(0, cpus)  # before any library sizes a thread pool
+    engine, mode = args.worker.split(":")
+    all_cores = len(cpus)
+    if engine == "dpn_jax":
+        rate = run_dpn_jax(args.root, mode, args, num_workers=0)
+    elif engine == "dpn_jax_workers":
+        rate = run_dpn_jax(args.root, mode, args, num_workers=all_cores)
+    elif engine == "tf_data":
+        rate = run_tf_data(args.root, mode, args)
+    elif engine in ("timm", "timm_jitter"):
+        rate = run_timm(args.root, mode, args, num_workers=0 if all_cores == 1 else all_cores,
+                        color_jitter=0.4 if engine == "timm_jitter" else None)
+    else:
+        raise SystemExit(f"unknown engine {engine}")
+    print(json.dumps(rate))
+
+
+# ---------------------------------------------------------------------------------- the driver
+
+LABELS = {
+    "dpn_jax": "dpn_jax grain (threads)",
+    "dpn_jax_workers": "dpn_jax grain (worker processes)",
+    "tf_data": "old tf.data pipeline",
+    "timm": "timm DataLoader",
+    "timm_jitter": "timm DataLoader + ColorJitter(0.4)",
+}
+
+
+def configurations(all_cores: int) -> list[tuple[str, str, int]]:
+    """(engine, mode, cores): every engine on one core, then on all cores."""
+    configs = []
+    for mode in ("train", "eval"):
+        engines = ["dpn_jax", "tf_data", "timm"] + (["timm_jitter"] if mode == "train" else [])
+        configs += [(engine, mode, 1) for engine in engines]
+        if all_cores > 1:
+            configs += [(engine, mode, all_cores) for engine in engines + ["dpn_jax_workers"]]
+    return configs
+
+
+def print_tables(median: dict, all_cores: int) -> None:
+    """Markdown: per core (img per CPU-second, pinned to one core), then all cores (wall)."""
+    print("| transform | pipeline | img/CPU-s, 1 core | vs tf.data | vs timm | "
+          "img/s wall, 1 core |")
+    print("|---|---|---|---|---|---|")
+    for (engine, mode, cores), rate in median.items():
+        if cores == 1:
+            print(f"| {mode} | {LABELS[engine]} | {rate['cpu']:.0f} | "
+                  f"{rate['cpu'] / median[('tf_data', mode, 1)]['cpu']:.2f}x | "
+                  f"{rate['cpu'] / median[('timm', mode, 1)]['cpu']:.2f}x | {rate['wall']:.0f} |")
+    if all_cores > 1:
+        print(f"\n| transform | pipeline | img/s wall, {all_cores} cores |\n|---|---|---|")
+        for (engine, mode, cores), rate in median.items():
+            if cores > 1:
+                print(f"| {mode} | {LABELS[engine]} | {rate['wall']:.0f} |")
+    per_core = median[("dpn_jax", "train", 1)]["cpu"]
+    for model, gpu_rate in GPU_TRAIN_RATES.items():
+        print(f"{model} on one H200 ({gpu_rate} img/s) needs {gpu_rate / per_core:.1f} cores of "
+              f"dpn_jax training input ({per_core:.0f} img per CPU-second)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-images", type=int, default=512)
+    parser.add_argument("--num-images", type=int, default=1024)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", help="write the measurements here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--root", help=argparse.SUPPRESS)
+    parser.add_argument("--cores", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--num-batches", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    size, batch = args.image_size, args.batch_size
-    num_batches = args.num_images // batch - 1
+    if args.worker:
+        worker(args)
+        return
+
+    all_cores = len(os.sched_getaffinity(0))
+    num_batches = args.num_images // args.batch_size - 1
+    configs = configurations(all_cores)
+    runs: dict[tuple[str, str, int], list[dict[str, float]]] = {c: [] for c in configs}
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
     with tempfile.TemporaryDirectory() as root:
-        write_jpeg_folder(root, args.num_images)
-        spec = f"folder:{root}"
-        print(f"{args.num_images} JPEGs 500x375, {size}px, batch {batch}, {CPUS} CPUs, "
-              f"load average {os.getloadavg()[0]:.1f} at start")
-        results = {}
-        train = pipeline.create_train_iterator(
-            spec, per_process_batch_size=batch, image_size=size, mean=MEAN, std=STD,
-            num_local_devices=1)
-        results["dpn_jax train"] = images_per_second(train, num_batches,
-                                                     lambda b: b["label"].size)
-        evaluation = pipeline.create_eval_iterator(
-            spec, per_process_batch_size=batch, image_size=size, crop_pct=0.875,
-            interpolation="bicubic", mean=MEAN, std=STD, num_local_devices=1)
-        results["dpn_jax eval"] = images_per_second(evaluation, num_batches,
-                                                    lambda b: int(b["mask"].sum()))
-        if timm is not None:
-            for name, training in (("timm train", True), ("timm eval", False)):
-                loader = timm_loader(root, "train" if training else "val", batch, size, training)
-                results[name] = images_per_second(loader, num_batches, lambda b: len(b[1]))
-        for name, rate in results.items():
-            print(f"{name:>14}: {rate:8.1f} img/s")
-        worst, mean = tf_vs_pil_bicubic()
-        print(f"TF bicubic (antialias) vs Pillow, 8-bit levels: max {worst:.0f}, mean {mean:.3f}")
+        mean_bytes = write_jpeg_folder(root, args.num_images)
+        print(f"{args.num_images} JPEGs per split, 500x375 / 375x500, mean {mean_bytes / 1024:.0f}"
+              f" KB; {args.image_size} px, batch {args.batch_size}, {all_cores} CPUs; load "
+              f"average {os.getloadavg()[0]:.1f} at start", flush=True)
+        for round_ in range(args.rounds):
+            for engine, mode, cores in configs:
+                command = [sys.executable, __file__, "--worker", f"{engine}:{mode}", "--root",
+                           root, "--cores", str(cores), "--num-batches", str(num_batches),
+                           "--image-size", str(args.image_size), "--batch-size",
+                           str(args.batch_size)]
+                result = subprocess.run(command, env=env, capture_output=True, text=True)
+                if result.returncode:
+                    raise SystemExit(f"{engine} {mode} on {cores} cores failed:\n"
+                                     f"{result.stderr[-3000:]}")
+                rate = json.loads(result.stdout.strip().splitlines()[-1])
+                runs[(engine, mode, cores)].append(rate)
+                print(f"round {round_ + 1}: {LABELS[engine]:>36} {mode:>5} {cores} cores: "
+                      f"{rate['wall']:7.1f} img/s wall, {rate['cpu']:7.1f} img/CPU-s", flush=True)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end\n")
+    median = {config: {key: statistics.median(run[key] for run in values)
+                       for key in ("wall", "cpu")} for config, values in runs.items()}
+    print_tables(median, all_cores)
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"args": vars(args), "cpus": all_cores, "mean_jpeg_bytes": mean_bytes,
+                       "runs": {" ".join(map(str, c)): v for c, v in runs.items()}}, file,
+                      indent=1)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.std = config_dict.placeholder(tuple)
     config.crop_pct = config_dict.placeholder(float)
     config.interpolation = config_dict.placeholder(str)
+    config.data_workers = 0  # grain worker processes decoding batches (0: threads of the trainer)
 
     # Optimisation: `learning_rate` is for `base_batch_size` and scales linearly with the
     # effective batch (batch_size * grad_accum_steps).

@@ -9,23 +9,25 @@ import functools
 import io
 
 import numpy as np
-import sklearn.datasets
 from PIL import Image
 
-from dpn_jax.data.sources import Shard, in_memory_shard
+from dpn_jax.data.sources import InMemoryRecords
+from dpn_jax.errors import DataError
 
 IMAGE_SIZE = 64
 NUM_VALIDATION = 360
 
 
 @functools.cache
-def _encoded_splits() -> dict[str, tuple[list[bytes], list[int], list[str]]]:
+def _encoded_splits() -> dict[str, InMemoryRecords]:
+    import sklearn.datasets
+
     digits = sklearn.datasets.load_digits()
     order = np.random.RandomState(0).permutation(len(digits.images))
     splits = {"train": order[:-NUM_VALIDATION], "validation": order[-NUM_VALIDATION:]}
-    return {name: ([_to_png(digits.images[i]) for i in indices],
-                   [int(digits.target[i]) for i in indices],
-                   [f"digits/{i}" for i in indices])
+    return {name: InMemoryRecords([_to_png(digits.images[i]) for i in indices],
+                                  [int(digits.target[i]) for i in indices],
+                                  [f"digits/{i}" for i in indices])
             for name, indices in splits.items()}
 
 
@@ -37,18 +39,16 @@ def _to_png(pixels_0_16: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-class DigitsReader:
+class DigitsDataset:
+    spec = "digits"
     class_names = tuple(str(d) for d in range(10))
     default_eval_split = "validation"
 
-    def _split(self, split: str):
+    def records(self, split: str) -> InMemoryRecords:
         splits = _encoded_splits()
         if split not in splits:
-            raise ValueError(f"digits has splits {sorted(splits)}, not {split!r}")
+            raise DataError(f"digits has splits {sorted(splits)}, not {split!r}")
         return splits[split]
 
     def num_examples(self, split: str) -> int:
-        return len(self._split(split)[0])
-
-    def shard(self, split: str, process_index: int, process_count: int) -> Shard:
-        return in_memory_shard(*self._split(split), process_index, process_count)
+        return len(self.records(split))

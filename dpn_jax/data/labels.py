@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from importlib import resources
-from typing import Sequence
+from collections.abc import Sequence
 
 IMAGENET_NUM_CLASSES = 1000
 

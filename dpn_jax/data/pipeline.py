@@ -1,287 +1,326 @@
-"""Train and eval batches of uint8 images for a dataset spec, per process (tf.data; being replaced by grain).
+"""Training and evaluation batches for a dataset spec: grain over random-access records.
 
 Dataset specs (see `dpn_jax.data.sources`): `digits` (offline, bundled with scikit-learn),
-`imagenet2012`, `tfds:NAME` (e.g. `tfds:imagenette/320px`) and `folder:PATH`.
+`imagenet2012`, `tfds:NAME` (e.g. `tfds:imagenette/320px`, prepared once as ArrayRecord by
+`dpn-prepare-data`) and `folder:PATH`. No TensorFlow is imported.
 
-Training: each process reads its own shard, reshuffled every epoch from (seed, epoch), with
-random-resized crop (fused decode-and-crop for JPEG) and a horizontal flip drawn from
-(seed, process, example number) - so batch k is the same whether or not the run restarted at k.
-Evaluation: timm's eval transform (Pillow, `dpn_jax.data.transforms`), one pass over this process's
-shard, the last batches padded and masked so every example counts exactly once and every
-process runs the same number of batches.
+Batches are this process's, uint8 images [batch, H, W, 3] plus int32 labels; normalisation
+happens on the device (`dpn_jax.data.transforms.normalize`). Whole batches are decoded in
+threads of this process (one per CPU it may use) or, with `num_workers` > 0, in that many grain
+worker processes (spawned: a script using them needs an `if __name__ == "__main__":` guard).
+
+Training (`train_batches`): each process reads its own contiguous shard of the split as an
+endless stream of examples, reshuffled every epoch from (seed, process); example i of the stream
+is cropped and flipped (timm's augmentation, `transforms.train_crop`) with a generator seeded by
+(seed, process, i), and batch k holds examples [k * batch, (k + 1) * batch). So batch k depends
+only on (seed, process, process_count, k), not on threads, workers or restarts, and the
+iterator's JSON state (the next k) restores the position without reading anything before it.
+An undecodable image is replaced by the next example of the stream (as timm's datasets do),
+named once in a warning; a stream where no image decodes ends with a DataError.
+
+Evaluation (`eval_batches`): timm's eval transform (`transforms.eval_crop`) over one pass of this
+process's shard, padded to ceil(largest shard / batch) batches so every process runs the same
+number; padding and undecodable images carry mask False.
 """
 from __future__ import annotations
 
-import functools
+import dataclasses
 import logging
 import math
 import os
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
-import jax
+import absl.flags
+import grain
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
-from dpn_jax.data.sources import DatasetInfo, Reader, Shard, open_reader
-from dpn_jax.data.transforms import decode_and_eval_crop, size_pair
+from dpn_jax.data.sources import Dataset, RecordSource, even_shard_bounds, open_dataset
+from dpn_jax.data.transforms import (
+    UndecodableImage,
+    check_eval_settings,
+    decode_image,
+    eval_crop,
+    pil_filter,
+    size_pair,
+    train_crop,
+)
+from dpn_jax.errors import ConfigError, DataError
 
-__all__ = ["DatasetInfo", "dataset_info", "train_batches", "eval_batches", "train_dataset",
-           "eval_dataset"]
+__all__ = ["DatasetInfo", "TrainBatches", "dataset_info", "eval_batches", "train_batches"]
 
 log = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
-_JPEG_MAGIC = b"\xff\xd8\xff"
+
+# timm's datasets give up after 50 consecutive unreadable samples; so does the training stream.
+MAX_CONSECUTIVE_FAILURES = 50
+# Threads decoding whole batches in each worker process (they overlap file reads with decoding;
+# the processes use the cores). Without workers, one thread per CPU of this process.
+THREADS_PER_WORKER = 2
 
 
-def dataset_info(spec: str, *, data_dir: str | None = None, eval_split: str | None = None,
-                 train_split: str = "train", manual_dir: str | None = None) -> DatasetInfo:
-    """Classes and split sizes of a dataset spec (prepares a TFDS dataset if needed)."""
-    reader = _reader(spec, data_dir, manual_dir)
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int
+    class_names: tuple[str, ...]
+    num_train_examples: int  # 0 for an evaluation-only dataset (e.g. a folder with just val/)
+    num_eval_examples: int
+
+
+def dataset_info(spec: str, *, data_dir: str | None = None, train_split: str = "train",
+                 eval_split: str | None = None, manual_dir: str | None = None) -> DatasetInfo:
+    """Classes and split sizes of a dataset spec; DataError (one line) if it cannot be read."""
+    dataset = open_dataset(spec, data_dir=data_dir, manual_dir=manual_dir)
     try:
-        num_train = reader.num_examples(train_split)
-    except (KeyError, ValueError):  # an evaluation-only dataset, e.g. a folder with just val/
+        num_train = dataset.num_examples(train_split)
+    except DataError:  # no such split: an evaluation-only dataset
         num_train = 0
-    return DatasetInfo(num_classes=len(reader.class_names), class_names=reader.class_names,
-                       num_train_examples=num_train,
-                       num_eval_examples=reader.num_examples(eval_split or reader.default_eval_split))
+    num_eval = dataset.num_examples(eval_split or dataset.default_eval_split)
+    return DatasetInfo(num_classes=len(dataset.class_names), class_names=dataset.class_names,
+                       num_train_examples=num_train, num_eval_examples=num_eval)
 
 
 def train_batches(spec: str, *, batch_size: int, image_size: int | Sequence[int],
-                  interpolation: str = "bicubic", seed: int = 0, data_dir: str | None = None,
-                  train_split: str = "train", manual_dir: str | None = None,
-                  process_index: int | None = None, process_count: int | None = None,
-                  shuffle_buffer_size: int = 16_384) -> "TrainBatches":
-    """Endless batches {"image": uint8 [batch_size, H, W, 3], "label": int32 [batch_size]} of
-    this process's shard; `get_state()` / `set_state()` give and restore the position."""
-    process_index, process_count = _process(process_index, process_count)
-    shard = _reader(spec, data_dir, manual_dir).shard(train_split, process_index, process_count)
+                  interpolation: str, seed: int, data_dir: str | None = None,
+                  train_split: str = "train", process_index: int | None = None,
+                  process_count: int | None = None, num_workers: int = 0,
+                  manual_dir: str | None = None, start_batch: int = 0) -> TrainBatches:
+    """Endless {"image": uint8 [batch_size, H, W, 3], "label": int32 [batch_size]} batches of
+    this process's shard (see the module docstring); `get_state()` / `set_state()` resume.
 
-    def from_step(step: int) -> Iterator[Batch]:
-        return iter(tfds.as_numpy(train_dataset(
-            shard, batch_size=batch_size, image_size=image_size, seed=seed,
-            process_index=process_index, start_step=step, shuffle_buffer_size=shuffle_buffer_size)))
+    `start_batch` k starts at batch k, as `set_state` to k would (for a checkpoint that saved
+    its step but no input state).
+    """
+    _check_batch_size(batch_size)
+    pil_filter(interpolation)  # a bad name fails here, not in a worker
+    process_index, process_count = _topology(process_index, process_count)
+    dataset = open_dataset(spec, data_dir=data_dir, manual_dir=manual_dir)
+    shard, split_size = _shard(dataset, train_split, process_index, process_count)
+    if len(shard) == 0:
+        raise DataError(f"{spec} {train_split}: {split_size} examples leave none for process "
+                        f"{process_index} of {process_count}")
+    seed_words = (seed, process_index)
+    stream = shard.shuffle(seed=_grain_seed(seed_words)).repeat()
+    examples = grain.MapDataset.range(len(stream)).map(_TrainExample(
+        stream, seed_words, image_size=size_pair(image_size), interpolation=interpolation,
+        what=f"{spec} {train_split}"))
+    fingerprint = {"seed": int(seed), "process_count": int(process_count),
+                   "batch_size": int(batch_size), "split_size": int(split_size)}
+    batches = TrainBatches(examples.batch(batch_size, drop_remainder=True, batch_fn=_collate),
+                           fingerprint=fingerprint, num_workers=num_workers)
+    batches.set_state({**fingerprint, "next_batch": start_batch})
+    return batches
 
-    return TrainBatches(from_step)
+
+def eval_batches(spec: str, *, batch_size: int, image_size: int | Sequence[int],
+                 crop_pct: float, interpolation: str, data_dir: str | None = None,
+                 eval_split: str | None = None, process_index: int | None = None,
+                 process_count: int | None = None, num_workers: int = 0,
+                 manual_dir: str | None = None) -> Iterator[Batch]:
+    """One pass over this process's shard: {"image": uint8, "label": int32, "mask": bool}.
+
+    Every process yields ceil(largest shard / batch_size) batches, so collectives stay in step;
+    mask is False on padding and on undecodable images (each named in a warning, and counted in
+    one at the end).
+    """
+    _check_batch_size(batch_size)
+    check_eval_settings(crop_pct, interpolation)  # fails here, not in a worker
+    process_index, process_count = _topology(process_index, process_count)
+    dataset = open_dataset(spec, data_dir=data_dir, manual_dir=manual_dir)
+    split = eval_split or dataset.default_eval_split
+    shard, split_size = _shard(dataset, split, process_index, process_count)
+    num_batches = math.ceil(math.ceil(split_size / process_count) / batch_size)
+    transform = _EvalExample(shard, image_size=size_pair(image_size), crop_pct=crop_pct,
+                             interpolation=interpolation)
+    batches = (grain.MapDataset.range(num_batches * batch_size).map(transform)
+               .batch(batch_size, batch_fn=_collate))
+    return _reported_eval_batches(_iterate(batches, num_workers), len(shard), f"{spec} {split}")
 
 
-class TrainBatches:
-    """An endless batch iterator whose state is the number of batches it has given."""
+class TrainBatches(grain.DatasetIterator):
+    """The training batch iterator; its state is {"next_batch": k, ...what the stream is}.
 
-    def __init__(self, from_step):
-        self._from_step = from_step
-        self._step = 0
-        self._batches = from_step(0)
+    `set_state` moves to batch k in O(1): the batches are a random-access grain `MapDataset`,
+    and iteration restarts from its slice [k:]. A state from a stream with another seed, batch
+    size, process count or split size is refused (DataError): it would not resume exactly.
+    The state is the same on every process, so one process's saved state restores them all.
+    """
 
-    def __iter__(self) -> "TrainBatches":
-        return self
+    def __init__(self, batches: grain.MapDataset, *, fingerprint: dict[str, int],
+                 num_workers: int = 0):
+        super().__init__()
+        self._batches, self._fingerprint, self._num_workers = batches, fingerprint, num_workers
+        self._next_batch = 0
+        self._iterator: grain.DatasetIterator | None = None
+        self._report = _SkipReport()
 
     def __next__(self) -> Batch:
-        batch = next(self._batches)
-        self._step += 1
+        self._assert_not_closed()
+        if self._iterator is None:
+            self._iterator = _iterate(self._batches[self._next_batch:], self._num_workers)
+        batch = next(self._iterator)
+        self._next_batch += 1
+        self._report(batch.pop("skipped"))
         return batch
 
     def get_state(self) -> dict[str, int]:
-        return {"batches": self._step}
+        return {"next_batch": self._next_batch, **self._fingerprint}
 
-    def set_state(self, state: dict[str, int]) -> None:
-        self._step = int(state["batches"])
-        self._batches = self._from_step(self._step)
+    def set_state(self, state: dict[str, Any]) -> None:
+        saved = {key: state.get(key) for key in self._fingerprint}
+        if saved != self._fingerprint:
+            differ = ", ".join(f"{key} {saved[key]} (now {value})"
+                               for key, value in self._fingerprint.items() if saved[key] != value)
+            raise DataError(f"the saved input state is from another training stream ({differ}); "
+                            "it cannot resume exactly")
+        next_batch = state.get("next_batch")
+        if not isinstance(next_batch, (int, np.integer)) or next_batch < 0:
+            raise DataError(f"input state: next_batch must be an integer >= 0, got {next_batch!r}")
+        self._close_iterator()
+        self._next_batch = int(next_batch)
 
+    def close(self) -> None:
+        self._close_iterator()
+        super().close()
 
-def eval_batches(spec: str, *, batch_size: int, image_size: int | Sequence[int], crop_pct: float,
-                 interpolation: str, data_dir: str | None = None, eval_split: str | None = None,
-                 manual_dir: str | None = None, process_index: int | None = None,
-                 process_count: int | None = None) -> Iterator[Batch]:
-    """One pass over this process's shard: {"image": uint8, "label", "mask"}, mask False on padding.
+    def _close_iterator(self) -> None:
+        if self._iterator is not None:
+            self._iterator.close()
+            self._iterator = None
 
-    Every process yields ceil(largest shard / batch) batches, so collectives stay in step.
-    Undecodable images are skipped, counted and reported in a warning at the end.
-    """
-    process_index, process_count = _process(process_index, process_count)
-    reader = _reader(spec, data_dir, manual_dir)
-    split = eval_split or reader.default_eval_split
-    shard = reader.shard(split, process_index, process_count)
-    dataset = eval_dataset(shard, batch_size=batch_size, image_size=image_size,
-                           crop_pct=crop_pct, interpolation=interpolation)
-    num_batches = math.ceil(shard.largest_shard_size / batch_size)
-    padding = {"image": np.zeros((batch_size, *size_pair(image_size), 3), np.uint8),
-               "label": np.zeros(batch_size, np.int32),
-               "mask": np.zeros(batch_size, bool)}
-    return _padded_eval_batches(
-        iter(tfds.as_numpy(dataset)), num_batches=num_batches, padding=padding,
-        expected=shard.num_examples, what=f"{spec} {split}")
+    def __str__(self) -> str:
+        return f"TrainBatches(next_batch={self._next_batch}, {self._fingerprint})"
 
 
-def train_dataset(shard: Shard, *, batch_size: int, image_size: int | Sequence[int],
-                  seed: int = 0, process_index: int = 0, start_step: int = 0,
-                  shuffle_buffer_size: int = 16_384) -> tf.data.Dataset:
-    """Endless per-process batches of randomly cropped, flipped uint8 images.
+# ------------------------------------------------------------------ per example (in workers)
 
-    Exact resume: example number i of the stream depends only on (seed, process, i), and
-    `start_step` starts at example start_step * batch_size by reading (not decoding) at most
-    one epoch of TFDS records (folder images are not even read). Corrupt images are skipped with a TF warning, which shifts later
-    batches (deterministically) relative to a resume.
-    """
-    num_examples = shard.num_examples
-    if num_examples == 0:
-        raise ValueError("this process's training shard is empty")
-    start_epoch, offset = divmod(start_step * batch_size, num_examples)
-    buffer_size = num_examples if shard.in_memory else min(num_examples, shuffle_buffer_size)
-    base_seed = tf.constant([seed, process_index], tf.int64)
+class _TrainExample:
+    """Stream index -> augmented example; an undecodable image is replaced by the next one."""
 
-    def epoch(index: tf.Tensor) -> tf.data.Dataset:
-        order_seed = tf.random.experimental.stateless_fold_in(base_seed, index)[0]
-        shuffled = shard.examples.shuffle(buffer_size, seed=order_seed,
-                                          reshuffle_each_iteration=False)
-        numbered = shuffled.enumerate(start=index * num_examples)
-        return numbered.map(lambda number, example: {**example, "number": number})
+    def __init__(self, stream: grain.MapDataset, seed_words: tuple[int, int], *,
+                 image_size: tuple[int, int], interpolation: str, what: str):
+        self.stream, self.seed_words, self.what = stream, seed_words, what
+        self.image_size, self.interpolation = image_size, interpolation
 
-    height, width = size_pair(image_size)
-
-    def augment(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        example_seed = tf.random.experimental.stateless_fold_in(base_seed, example["number"])
-        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(example_seed, 2))
-        image = _decode_random_crop(example["image"], crop_seed)
-        image = tf.image.resize(image, (height, width), method="bicubic", antialias=True)
-        image = tf.image.stateless_random_flip_left_right(tf.clip_by_value(image, 0.0, 255.0),
-                                                          flip_seed)
-        return {"image": tf.cast(tf.round(image), tf.uint8), "label": example["label"]}
-
-    stream = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch)
-    dataset = (shard.load(stream.skip(offset))
-               .map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-               .ignore_errors(log_warning=True)
-               .batch(batch_size, drop_remainder=True)
-               .prefetch(tf.data.AUTOTUNE))
-    return dataset.with_options(_data_options())
+    def __call__(self, index: int) -> dict[str, Any]:
+        rng = np.random.default_rng((*self.seed_words, index))
+        skipped = []
+        for offset in range(MAX_CONSECUTIVE_FAILURES):
+            record = self.stream[index + offset]
+            try:
+                image = decode_image(record["image"], record["name"])
+            except UndecodableImage as error:
+                skipped.append((error.name, error.why))
+                continue
+            pixels = train_crop(image, image_size=self.image_size,
+                                interpolation=self.interpolation, rng=rng)
+            return {"image": pixels, "label": np.int32(record["label"]), "skipped": skipped}
+        name, why = skipped[-1]
+        raise DataError(f"{self.what}: no training image decodes ({len(skipped)} tried in a row, "
+                        f"{len(set(skipped))} files; the last, {name}: {why})")
 
 
-def eval_dataset(shard: Shard, *, batch_size: int, image_size: int | Sequence[int],
-                 crop_pct: float, interpolation: str) -> tf.data.Dataset:
-    """This shard, transformed exactly like timm at evaluation, in batches (last one short)."""
-    transform = functools.partial(decode_and_eval_crop, image_size=image_size,
-                                  crop_pct=crop_pct, interpolation=interpolation)
-    height, width = size_pair(image_size)
+class _EvalExample:
+    """Shard index -> eval-transformed example; past the shard (padding) or undecodable: masked."""
 
-    def transform_or_flag(encoded: bytes, name: bytes) -> tuple[np.ndarray, bool]:
-        try:
-            return transform(encoded, name.decode()), True
-        except ValueError as error:  # names the file and what is wrong with it
-            log.warning("skipping undecodable image %s", error)
-            return np.zeros((height, width, 3), np.uint8), False
+    def __init__(self, shard: grain.MapDataset, *, image_size: tuple[int, int], crop_pct: float,
+                 interpolation: str):
+        self.shard, self.image_size = shard, image_size
+        self.crop_pct, self.interpolation = crop_pct, interpolation
 
-    def preprocess(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        image, decoded = tf.numpy_function(transform_or_flag, [example["image"], example["id"]],
-                                           (tf.uint8, tf.bool), stateful=False)
-        image = tf.ensure_shape(image, (height, width, 3))
-        return {"image": image, "label": example["label"],
-                "decoded": decoded}
-
-    dataset = (shard.load(shard.examples).map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-               .filter(lambda example: example["decoded"])
-               .map(lambda example: {"image": example["image"], "label": example["label"]})
-               .batch(batch_size)
-               .prefetch(tf.data.AUTOTUNE))
-    return dataset.with_options(_data_options())
+    def __call__(self, index: int) -> dict[str, Any]:
+        skipped = []
+        if index < len(self.shard):
+            record = self.shard[index]
+            try:
+                image = decode_image(record["image"], record["name"])
+                pixels = eval_crop(image, image_size=self.image_size, crop_pct=self.crop_pct,
+                                   interpolation=self.interpolation)
+                return {"image": pixels, "label": np.int32(record["label"]),
+                        "mask": np.bool_(True), "skipped": skipped}
+            except UndecodableImage as error:
+                skipped.append((error.name, error.why))
+        return {"image": np.zeros((*self.image_size, 3), np.uint8), "label": np.int32(0),
+                "mask": np.bool_(False), "skipped": skipped}
 
 
-def _decode_random_crop(encoded: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """Decode a random-resized-crop window: only the window for JPEG, the whole image (then
-    sliced) for other formats."""
-    def jpeg() -> tf.Tensor:
-        return tf.io.decode_and_crop_jpeg(
-            encoded, _random_crop_window(tf.io.extract_jpeg_shape(encoded), seed), channels=3)
-
-    def other() -> tf.Tensor:
-        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-        top, left, height, width = tf.unstack(_random_crop_window(tf.shape(image), seed))
-        return image[top:top + height, left:left + width]
-
-    return tf.cond(tf.strings.substr(encoded, 0, 3) == _JPEG_MAGIC, jpeg, other)
+def _collate(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack arrays along a new batch axis; concatenate the examples' lists of skipped images."""
+    batch = {key: np.stack([example[key] for example in examples])
+             for key in examples[0] if key != "skipped"}
+    batch["skipped"] = [entry for example in examples for entry in example["skipped"]]
+    return batch
 
 
-def _random_crop_window(shape: tf.Tensor, seed: tf.Tensor, scale: tuple[float, float] = (0.08, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3), attempts: int = 10) -> tf.Tensor:
-    """timm's `RandomResizedCropAndInterpolation.get_params` as TF ops: [top, left, h, w].
+# ------------------------------------------------------------------------------ in this process
 
-    Up to `attempts` draws of (area uniform in `scale`, log-uniform aspect `ratio`); the first fit
-    is placed uniformly, else the center crop clamped to `ratio`.
-    """
-    height, width = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
-    area_seed, ratio_seed, place_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-    area = tf.random.stateless_uniform([attempts], area_seed, *scale) * height * width
-    aspect = tf.exp(tf.random.stateless_uniform([attempts], ratio_seed, math.log(ratio[0]),
-                                                math.log(ratio[1])))
-    crop_w, crop_h = tf.round(tf.sqrt(area * aspect)), tf.round(tf.sqrt(area / aspect))
-    fits = (crop_w <= width) & (crop_h <= height)
-    first = tf.argmax(tf.cast(fits, tf.int32))
-    found = tf.reduce_any(fits)
-    in_ratio = width / height
-    crop_w = tf.where(found, crop_w[first],
-                      tf.where(in_ratio > ratio[1], tf.round(height * ratio[1]), width))
-    crop_h = tf.where(found, crop_h[first],
-                      tf.where(in_ratio < ratio[0], tf.round(width / ratio[0]), height))
-    crop_w, crop_h = tf.maximum(crop_w, 1.0), tf.maximum(crop_h, 1.0)
-    place = tf.random.stateless_uniform([2], place_seed)
-    top = tf.where(found, tf.floor(place[0] * (height - crop_h + 1)), tf.floor((height - crop_h) / 2))
-    left = tf.where(found, tf.floor(place[1] * (width - crop_w + 1)), tf.floor((width - crop_w) / 2))
-    return tf.cast(tf.stack([top, left, crop_h, crop_w]), tf.int32)
+class _SkipReport:
+    """Names each undecodable image once, with a running count."""
+
+    def __init__(self):
+        self.names: set[str] = set()
+
+    def __call__(self, skipped: list[tuple[str, str]]) -> None:
+        for name, why in skipped:
+            if name not in self.names:
+                self.names.add(name)
+                log.warning("skipping undecodable image %s (%d so far): %s", name,
+                            len(self.names), why)
 
 
-def _padded_eval_batches(batches: Iterator[Batch], *, num_batches: int, padding: Batch,
-                         expected: int, what: str) -> Iterator[Batch]:
-    """`num_batches` batches the size of `padding` (an all-masked batch), real examples first."""
-    seen = 0
-    for _ in range(num_batches):
-        batch = next(batches, None)
-        count = 0 if batch is None else len(batch["label"])
-        if count == len(padding["mask"]):
-            batch["mask"] = np.ones(count, bool)
-        else:
-            batch = _pad(batch, padding, count)
-        seen += count
-        yield batch
-    if seen < expected:
-        log.warning("%s: skipped %d of %d images that could not be decoded (named above)",
-                    what, expected - seen, expected)
-
-
-def _pad(batch: Batch | None, padding: Batch, count: int) -> Batch:
-    padded = {key: value.copy() for key, value in padding.items()}
-    if count:
-        padded["image"][:count], padded["label"][:count] = batch["image"], batch["label"]
-        padded["mask"][:count] = True
-    return padded
-
-
-def _reader(spec: str, data_dir: str | None, manual_dir: str | None) -> Reader:
-    _configure_tensorflow()
-    return open_reader(spec, data_dir=data_dir, manual_dir=manual_dir)
-
-
-@functools.cache
-def _configure_tensorflow() -> None:
-    """TensorFlow is only the input pipeline: it must never allocate accelerator memory."""
+def _reported_eval_batches(batches: Iterator[dict[str, Any]], num_examples: int,
+                           what: str) -> Iterator[Batch]:
+    report = _SkipReport()
     try:
-        tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:  # TensorFlow's runtime was started before the input pipeline
-        if tf.config.list_logical_devices("GPU"):
-            log.warning("TensorFlow was initialised before dpn_jax.data.pipeline and sees a GPU; "
-                        "it may take GPU memory that JAX needs")
+        for batch in batches:
+            report(batch.pop("skipped"))
+            yield batch
+    finally:
+        batches.close()
+    if report.names:
+        log.warning("%s: skipped %d of %d images that could not be decoded (named above)",
+                    what, len(report.names), num_examples)
 
 
-def _data_options() -> tf.data.Options:
-    """Deterministic order; one private pool sized to the CPUs this process may use."""
-    options = tf.data.Options()
-    options.deterministic = True
-    options.threading.private_threadpool_size = (
-        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    options.threading.max_intra_op_parallelism = 1
-    return options
+def _iterate(batches: grain.MapDataset, num_workers: int) -> grain.DatasetIterator:
+    """Iterate `batches` in threads of this process, or of `num_workers` worker processes."""
+    if num_workers < 0:
+        raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
+    threads = THREADS_PER_WORKER if num_workers else len(os.sched_getaffinity(0))
+    dataset = batches.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                                        prefetch_buffer_size=threads))
+    if num_workers:
+        if not absl.flags.FLAGS.is_parsed():  # grain's worker start reads its absl flags
+            absl.flags.FLAGS.mark_as_parsed()
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter(dataset)
 
 
-def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-    return (jax.process_index() if process_index is None else process_index,
-            jax.process_count() if process_count is None else process_count)
+def _shard(dataset: Dataset, split: str, process_index: int,
+           process_count: int) -> tuple[grain.MapDataset, int]:
+    """This process's contiguous slice of a split, and the split's size."""
+    records: RecordSource = dataset.records(split)
+    start, end = even_shard_bounds(len(records), process_index, process_count)
+    return grain.MapDataset.source(records)[start:end], len(records)
+
+
+def _grain_seed(seed_words: tuple[int, ...]) -> int:
+    """A 32-bit seed for grain's shuffle from (seed, process)."""
+    return int(np.random.SeedSequence(seed_words).generate_state(1)[0])
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
+
+
+def _topology(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ConfigError(f"process_index {process_index} not in [0, {process_count})")
+    return process_index, process_count
+

@@ -1,69 +1,61 @@
-"""Readers behind the dataset specs: `digits`, `folder:PATH`, `imagenet2012`, `tfds:NAME`.
+"""The datasets behind the specs `digits`, `folder:PATH`, `imagenet2012` and `tfds:NAME`.
 
-A reader knows a dataset's classes and split sizes and yields one process's shard of a split
-as a fixed-order `tf.data.Dataset` of {"image": encoded bytes, "label": int32, "id": str}
-(for folders "image" holds the path until `Shard.load`, so shuffling moves only paths);
-decoding and augmentation are the input pipeline's business.
+A dataset knows its classes and splits and gives each split as a random-access record source
+(grain's `RandomAccessDataSource`: `len()` and `[index]`) of `Record`s: the encoded image, its
+label and a name for messages (a path, a file name). Records are read only when indexed, so a
+pipeline that starts at example k reads nothing before it. Decoding, augmentation and batching
+are the pipeline's business. Nothing here imports TensorFlow.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable, Protocol
+from collections.abc import Sequence
+from typing import Protocol, TypedDict
 
-import tensorflow as tf
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-    num_classes: int
-    class_names: tuple[str, ...]
-    num_train_examples: int
-    num_eval_examples: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Shard:
-    """One process's part of a split. Shards are disjoint and together cover the split."""
-    examples: tf.data.Dataset
-    num_examples: int
-    largest_shard_size: int  # over all processes: every process runs this many eval examples
-    in_memory: bool = False  # elements are small: shuffle the whole shard, not a window
-    read_image: Callable[[tf.Tensor], tf.Tensor] | None = None  # "image" reference -> bytes
-
-    def load(self, examples: tf.data.Dataset) -> tf.data.Dataset:
-        """`examples` (this shard's, possibly shuffled or skipped) with encoded images."""
-        if self.read_image is None:
-            return examples
-        return examples.map(lambda ex: {**ex, "image": self.read_image(ex["image"])},
-                            num_parallel_calls=tf.data.AUTOTUNE)
-
-
-class Reader(Protocol):
-    class_names: tuple[str, ...]
-    default_eval_split: str
-
-    def num_examples(self, split: str) -> int: ...
-
-    def shard(self, split: str, process_index: int, process_count: int) -> Shard: ...
-
+from dpn_jax.errors import DataError
 
 SPEC_FORMS = "'digits', 'imagenet2012', 'tfds:NAME' or 'folder:PATH'"
 
 
-def open_reader(spec: str, *, data_dir: str | None = None,
-                manual_dir: str | None = None) -> Reader:
-    """The reader for a dataset spec string (see the module docstring)."""
+class Record(TypedDict):
+    image: bytes  # encoded (JPEG, PNG, ...)
+    label: int
+    name: str  # names the image in warnings: a path, a TFDS file name
+
+
+class RecordSource(Protocol):
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Record: ...
+
+
+class Dataset(Protocol):
+    spec: str
+    class_names: tuple[str, ...]
+    default_eval_split: str  # may raise DataError when the dataset has no evaluation split
+
+    def num_examples(self, split: str) -> int: ...
+
+    def records(self, split: str) -> RecordSource: ...
+
+
+def open_dataset(spec: str, *, data_dir: str | None = None,
+                 manual_dir: str | None = None) -> Dataset:
+    """The dataset for a spec string (see the module docstring); DataError if it cannot be used.
+
+    `manual_dir` only completes the `dpn-prepare-data` command suggested for an unprepared
+    TFDS dataset; reading needs nothing but the prepared files in `data_dir`.
+    """
     kind, _, arg = spec.partition(":")
     if spec == "digits":
-        from dpn_jax.data.digits import DigitsReader
-        return DigitsReader()
+        from dpn_jax.data.digits import DigitsDataset
+        return DigitsDataset()
     if spec == "imagenet2012" or (kind == "tfds" and arg):
-        from dpn_jax.data.tfds_source import TfdsReader
-        return TfdsReader(arg or spec, data_dir=data_dir, manual_dir=manual_dir)
+        from dpn_jax.data.tfds_source import TfdsDataset
+        return TfdsDataset(arg or spec, spec=spec, data_dir=data_dir, manual_dir=manual_dir)
     if kind == "folder" and arg:
-        from dpn_jax.data.folder import FolderReader
-        return FolderReader(arg)
-    raise ValueError(f"unknown dataset spec {spec!r}; expected {SPEC_FORMS}")
+        from dpn_jax.data.folder import FolderDataset
+        return FolderDataset(arg)
+    raise DataError(f"unknown dataset spec {spec!r}; expected {SPEC_FORMS}")
 
 
 def even_shard_bounds(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
@@ -75,15 +67,14 @@ def even_shard_bounds(num_examples: int, process_index: int, process_count: int)
     return start, start + base + (process_index < extra)
 
 
-def in_memory_shard(images: list[bytes] | list[str], labels: list[int], ids: list[str],
-                    process_index: int, process_count: int,
-                    read_image: Callable[[tf.Tensor], tf.Tensor] | None = None) -> Shard:
-    """Shard of a split held as lists (digits' PNGs, folder paths)."""
-    start, end = even_shard_bounds(len(images), process_index, process_count)
-    examples = tf.data.Dataset.from_tensor_slices({
-        "image": tf.constant(images[start:end], tf.string),
-        "label": tf.constant(labels[start:end], tf.int32),
-        "id": tf.constant(ids[start:end], tf.string),
-    })
-    largest = -(-len(images) // process_count)
-    return Shard(examples, end - start, largest, in_memory=True, read_image=read_image)
+class InMemoryRecords:
+    """A split held as lists (digits' PNGs)."""
+
+    def __init__(self, images: Sequence[bytes], labels: Sequence[int], names: Sequence[str]):
+        self.images, self.labels, self.names = images, labels, names
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Record:
+        return Record(image=self.images[index], label=self.labels[index], name=self.names[index])

@@ -77,6 +77,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "std": _optional(_triple_of(lambda v: _is_number(v) and v > 0, "positive numbers")),
     "crop_pct": _optional(_interval(0, 1, low_open=True, high_open=False)),
     "interpolation": _optional(_choice(*PIL_INTERPOLATION)),
+    "data_workers": ((lambda value: _is_int(value) and value >= 0), "an integer >= 0"),
     "num_epochs": NON_NEGATIVE,
     "num_train_steps": ((lambda value: _is_int(value)), "an integer (<= 0: use num_epochs)"),
     "batch_size": POSITIVE_INT,

@@ -71,5 +71,9 @@ class BatchFeeder:
         return FedBatch(batch, data_state, time.perf_counter() - start)
 
     def close(self) -> None:
+        """Stop feeding and close the pipeline (its worker processes, if any)."""
         self._closed.set()
         self._thread.join(timeout=5)
+        close_batches = getattr(self._batches, "close", None)
+        if close_batches is not None:
+            close_batches()

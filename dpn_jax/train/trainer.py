@@ -148,7 +148,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
             return pipeline.eval_batches(
                 config.dataset, batch_size=eval_batch_size, image_size=config.image_size,
                 crop_pct=data_cfg["crop_pct"], interpolation=data_cfg["interpolation"],
-                data_dir=config.data_dir, eval_split=config.eval_split)
+                data_dir=config.data_dir, eval_split=config.eval_split,
+                num_workers=config.data_workers)
         metrics = run_evaluation(runner, eval_step, state.variables(), batches()).metrics()
         if state.ema is not None:
             ema = run_evaluation(runner, eval_step, state.variables(ema=True), batches())
@@ -176,7 +177,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
         stop = stack.enter_context(StopRequest().installed())
         train_batches = pipeline.train_batches(
             config.dataset, batch_size=batch_size, image_size=config.image_size,
-            interpolation=data_cfg["interpolation"], seed=config.seed, data_dir=config.data_dir)
+            interpolation=data_cfg["interpolation"], seed=config.seed, data_dir=config.data_dir,
+            num_workers=config.data_workers)
         if data_state is not None:
             train_batches.set_state(data_state)
         data_state = train_batches.get_state()
