@@ -22,6 +22,7 @@ from dpn_jax.export.exporter import (
     ExportOptions,
     export_model,
 )
+from dpn_jax.ops.conv import CONV_LOWERINGS
 
 
 def _batch_size(text: str) -> int | None:
@@ -58,9 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--platforms", default=",".join(DEFAULT_PLATFORMS),
                         help="stablehlo/savedmodel: comma-separated platforms the artifact runs "
                              "on (default %(default)s)")
-    parser.add_argument("--cpu-kernels", action="store_true",
-                        help="stablehlo with --platforms cpu: keep dpn_jax's CPU kernels "
-                             "(faster; loading it needs dpn_jax)")
+    parser.add_argument("--conv-lowering", metavar="{" + ",".join(CONV_LOWERINGS) + "}",
+                        help="how convolutions lower: xla (default; per backend, no custom "
+                             "calls), native (one convolution op everywhere: onnx, TFLite), "
+                             "kernels (stablehlo --platforms cpu: dpn_jax's CPU kernels, "
+                             "loading needs dpn_jax)")
     parser.add_argument("--opset", type=int, help=f"onnx opset (default {DEFAULT_OPSET})")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace OUTPUT if it is an earlier dpn-export output")
@@ -77,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size, img_size=args.img_size, crop_pct=args.crop_pct,
             use_test_size=not args.use_train_size, dtype=args.dtype, softmax=args.softmax,
             platforms=tuple(p.strip() for p in args.platforms.split(",") if p.strip()),
-            cpu_kernels=args.cpu_kernels,
+            conv_lowering=args.conv_lowering,
             opset=DEFAULT_OPSET if args.opset is None else args.opset)
         export_model(args.source, args.format, args.output, options, overwrite=args.overwrite,
                      log=print)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from dpn_jax.data.labels import class_names as resolve_class_names
 from dpn_jax.errors import ConfigError, WeightsError
 from dpn_jax.export.artifact_dir import check_output, staged_output
-from dpn_jax.export.serving import EntryPoint, TensorSpec, write_serving_config
+from dpn_jax.export.serving import Artifact, EntryPoint, TensorSpec, write_serving_config
 from dpn_jax.infer.predict import DataConfig, LoadedModel, resolve_data_config
 from dpn_jax.models.registry import Variables, split_model_name
 from dpn_jax.weights.pretrained import (
@@ -47,6 +47,11 @@ REQUIREMENTS: dict[str, tuple[tuple[str, ...], str | None]] = {
 }
 
 
+# format -> the convolution lowerings (`dpn_jax.ops.conv.CONV_LOWERINGS`) it can take, default first
+FORMAT_LOWERINGS = {"stablehlo": ("xla", "native", "kernels"), "onnx": ("native",),
+                    "savedmodel": ("xla", "native")}
+
+
 @dataclass(frozen=True)
 class ExportOptions:
     """How to export; `batch_size` None is a symbolic (dynamic) batch dimension."""
@@ -57,8 +62,11 @@ class ExportOptions:
     dtype: str = "float32"  # compute dtype; inputs and outputs stay float32
     softmax: bool = False  # the graph ends in a softmax (probabilities instead of logits)
     platforms: tuple[str, ...] = DEFAULT_PLATFORMS  # stablehlo / savedmodel
-    cpu_kernels: bool = False  # stablehlo, CPU only: dpn_jax's CPU kernels as custom calls
+    conv_lowering: str | None = None  # None: the format's default (FORMAT_LOWERINGS)
     opset: int = DEFAULT_OPSET  # onnx
+
+    def lowering(self, format: str) -> str:
+        return self.conv_lowering or FORMAT_LOWERINGS[format][0]
 
     def check(self, format: str) -> None:
         """ConfigError naming the first setting `format` cannot take."""
@@ -76,13 +84,17 @@ class ExportOptions:
         if unknown or not self.platforms:
             raise ConfigError(f"unknown platform {unknown[0] if unknown else '(none)'!r}; "
                               f"choose from {', '.join(PLATFORMS)}")
-        if self.cpu_kernels and (format != "stablehlo" or self.platforms != ("cpu",)):
-            raise ConfigError("CPU kernels go only into a stablehlo artifact for platform cpu "
-                              "alone (--format stablehlo --platforms cpu --cpu-kernels)")
+        lowering = self.lowering(format)
+        if lowering not in FORMAT_LOWERINGS[format]:
+            raise ConfigError(f"--format {format} takes conv lowering "
+                              f"{' or '.join(FORMAT_LOWERINGS[format])}, not {lowering!r}")
+        if lowering == "kernels" and self.platforms != ("cpu",):
+            raise ConfigError("conv lowering 'kernels' (dpn_jax's CPU kernels) makes a CPU-only "
+                              "artifact: pass --platforms cpu")
         if format == "onnx" and self.dtype != "float32":
-            raise ConfigError("onnx exports float32 only (onnxruntime's CPU provider has no "
-                              "bfloat16 convolution); let the runtime lower the precision, "
-                              "e.g. TensorRT's --bf16")
+            raise ConfigError("onnx exports float32 only (jax2onnx 0.17 cannot convert DPN's "
+                              "bfloat16 graph); let the runtime lower the precision, e.g. "
+                              "TensorRT's --fp16 / --bf16")
         if format == "onnx" and self.opset < MIN_OPSET:
             raise ConfigError(f"opset must be >= {MIN_OPSET}, got {self.opset}")
 
@@ -190,7 +202,7 @@ def build_graph(loaded: LoadedModel, data_config: DataConfig, options: ExportOpt
                  output_size)
 
 
-def _writer(format: str) -> Callable[..., list[EntryPoint]]:
+def _writer(format: str) -> Callable[[Graph, Path, ExportOptions], Artifact]:
     module = importlib.import_module(f"dpn_jax.export.{format}")
     return module.write
 
@@ -218,19 +230,16 @@ def export_model(source: str | os.PathLike, format: str, output: str | os.PathLi
         raise ConfigError(f"{loaded.name}: {error}") from None
     graph = build_graph(loaded, data_config, options)
     settings = {"batch_size": options.batch_size, "image_size": data_config.image_size,
-                "dtype": options.dtype, "softmax": options.softmax}
-    if format in ("stablehlo", "savedmodel"):
-        settings.update(platforms=list(options.platforms), cpu_kernels=options.cpu_kernels)
-    if format == "onnx":
-        settings["opset"] = options.opset
+                "dtype": options.dtype, "softmax": options.softmax,
+                "conv_lowering": options.lowering(format)}
     from dpn_jax import __version__
     manifest = {"format": format, "dpn_jax_version": __version__, "source": str(source)}
     with staged_output(output, manifest, overwrite) as staging:
-        entry_points = _writer(format)(graph, staging, options)
-        write_serving_config(staging, format=format, entry_points=entry_points,
+        artifact = _writer(format)(graph, staging, options)
+        write_serving_config(staging, format=format, entry_points=artifact.entry_points,
                              data_config=data_config, class_names=loaded.class_names,
-                             model=description, export=settings)
-    log(f"wrote {output} ({format}, {_describe(entry_points)}) "
+                             model=description, export={**settings, **artifact.details})
+    log(f"wrote {output} ({format}, {_describe(artifact.entry_points)}) "
         f"in {time.perf_counter() - start:.1f} s")
     return output
 

@@ -12,6 +12,7 @@ which ONNX cannot express). Two workarounds for jax2onnx 0.17.1:
 """
 from __future__ import annotations
 
+import importlib.metadata
 import os
 from pathlib import Path
 
@@ -21,13 +22,13 @@ from jax.extend.core import jaxpr_as_fun
 
 from dpn_jax.errors import WeightsError
 from dpn_jax.export.exporter import ExportOptions, Graph
-from dpn_jax.export.serving import EntryPoint, read_serving_config
+from dpn_jax.export.serving import Artifact, EntryPoint, read_serving_config
 from dpn_jax.ops.conv import conv_lowering
 
 ARTIFACT_FILE = "model.onnx"
 
 
-def write(graph: Graph, directory: Path, options: ExportOptions) -> list[EntryPoint]:
+def write(graph: Graph, directory: Path, options: ExportOptions) -> Artifact:
     import jax2onnx
     import onnx
 
@@ -40,7 +41,9 @@ def write(graph: Graph, directory: Path, options: ExportOptions) -> list[EntryPo
     model = _two_dimensional_max_pools(model)
     onnx.checker.check_model(model)
     onnx.save_model(model, directory / ARTIFACT_FILE)
-    return [EntryPoint("main", graph.pixels_spec("NCHW"), output)]
+    return Artifact([EntryPoint("main", graph.pixels_spec("NCHW"), output)],
+                    {"opset": options.opset,
+                     "converter": f"jax2onnx {importlib.metadata.version('jax2onnx')}"})
 
 
 def _two_dimensional_max_pools(model):

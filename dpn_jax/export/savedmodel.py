@@ -18,13 +18,13 @@ import jax
 import numpy as np
 
 from dpn_jax.export.exporter import ExportOptions, Graph
-from dpn_jax.export.serving import EntryPoint, TensorSpec
+from dpn_jax.export.serving import Artifact, EntryPoint, TensorSpec
 from dpn_jax.ops.conv import conv_lowering
 
 SAVED_MODEL_DIR = "saved_model"
 
 
-def write(graph: Graph, directory: Path, options: ExportOptions) -> list[EntryPoint]:
+def write(graph: Graph, directory: Path, options: ExportOptions) -> Artifact:
     import tensorflow as tf
     from jax.experimental import jax2tf
 
@@ -36,7 +36,7 @@ def write(graph: Graph, directory: Path, options: ExportOptions) -> list[EntryPo
         lambda a: tf.Variable(np.asarray(a), trainable=False), graph.variables)
     mean, std = (tf.constant(np.asarray(v, np.float32)) for v in (graph.data_config.mean,
                                                                   graph.data_config.std))
-    with conv_lowering("xla"):
+    with conv_lowering(options.lowering("savedmodel")):
         model = jax2tf.convert(graph.apply, with_gradient=False,
                                polymorphic_shapes=[None, f"({batch_dim}, {size}, {size}, 3)"],
                                native_serialization_platforms=options.platforms)
@@ -59,5 +59,7 @@ def write(graph: Graph, directory: Path, options: ExportOptions) -> list[EntryPo
     images = TensorSpec("images", (graph.batch_size, size, size, 3), "uint8",
                         "NHWC RGB, resized and center-cropped as serving.json's preprocessing "
                         "says; scaled and normalised inside")
-    return [EntryPoint("serving_default", graph.pixels_spec("NHWC"), output),
-            EntryPoint("serving_uint8", images, output)]
+    return Artifact([EntryPoint("serving_default", graph.pixels_spec("NHWC"), output),
+                     EntryPoint("serving_uint8", images, output)],
+                    {"platforms": list(options.platforms),
+                     "tensorflow_version": tf.__version__})

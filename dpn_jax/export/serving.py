@@ -39,6 +39,13 @@ class EntryPoint:
     output: TensorSpec
 
 
+@dataclass(frozen=True)
+class Artifact:
+    """What a format's writer made: its entry points and format details for serving.json."""
+    entry_points: list[EntryPoint]
+    details: dict[str, Any]
+
+
 def preprocessing_record(config: DataConfig) -> dict[str, Any]:
     """timm's eval transform for `config`, as numbers and in words."""
     resize = math.floor(config.image_size / config.crop_pct)
