@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from dpn_jax import __version__
 from dpn_jax.data.labels import class_names as resolve_class_names
 from dpn_jax.errors import ConfigError, WeightsError
 from dpn_jax.export.artifact_dir import check_output, staged_output
@@ -122,7 +123,8 @@ class Graph:
         size = (self.image_size, self.image_size)
         shape = (self.batch_size, *size, 3) if layout == "NHWC" else (self.batch_size, 3, *size)
         return TensorSpec("pixels", shape, "float32",
-                          f"{layout} RGB pixels preprocessed as serving.json's preprocessing says")
+                          f"{layout} RGB, preprocessed as `preprocessing` says (timm's eval "
+                          f"transform)")
 
     def output_spec(self) -> TensorSpec:
         meaning = {"logits": "class logits", "probabilities": "softmax over the classes",
@@ -232,7 +234,6 @@ def export_model(source: str | os.PathLike, format: str, output: str | os.PathLi
     settings = {"batch_size": options.batch_size, "image_size": data_config.image_size,
                 "dtype": options.dtype, "softmax": options.softmax,
                 "conv_lowering": options.lowering(format)}
-    from dpn_jax import __version__
     manifest = {"format": format, "dpn_jax_version": __version__, "source": str(source)}
     with staged_output(output, manifest, overwrite) as staging:
         artifact = _writer(format)(graph, staging, options)

@@ -17,7 +17,6 @@ import os
 from pathlib import Path
 
 import jax
-import numpy as np
 from jax.extend.core import jaxpr_as_fun
 
 from dpn_jax.errors import WeightsError
@@ -107,8 +106,3 @@ def onnxruntime_session(directory: str | os.PathLike, threads: int = 0):
     return onnxruntime.InferenceSession(str(directory / ARTIFACT_FILE), options,
                                         providers=["CPUExecutionProvider"])
 
-
-def run_nhwc(session, pixels: np.ndarray) -> np.ndarray:
-    """The session's output for NHWC pixels (as dpn_jax takes them)."""
-    nchw = np.ascontiguousarray(np.asarray(pixels, np.float32).transpose(0, 3, 1, 2))
-    return session.run(None, {"pixels": nchw})[0]

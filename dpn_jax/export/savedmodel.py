@@ -57,8 +57,8 @@ def write(graph: Graph, directory: Path, options: ExportOptions) -> Artifact:
             "serving_default": serve_pixels.get_concrete_function(),
             "serving_uint8": serve_images.get_concrete_function()})
     images = TensorSpec("images", (graph.batch_size, size, size, 3), "uint8",
-                        "NHWC RGB, resized and center-cropped as serving.json's preprocessing "
-                        "says; scaled and normalised inside")
+                        "NHWC RGB, resized and center-cropped as `preprocessing` says; the "
+                        "signature scales and normalises it")
     return Artifact([EntryPoint("serving_default", graph.pixels_spec("NHWC"), output),
                      EntryPoint("serving_uint8", images, output)],
                     {"platforms": list(options.platforms),
