@@ -30,7 +30,7 @@ from dpn_jax.export.artifact_dir import MANIFEST_FILE
 from dpn_jax.export.onnx import onnxruntime_session
 from dpn_jax.infer.predict import resolve_data_config
 from dpn_jax.models.registry import pretrained_cfg
-from dpn_jax.ops.conv import cpu_kernel_targets
+from dpn_jax.ops.conv import CONV_LOWERINGS, conv2d, conv_lowering, cpu_kernel_targets
 from dpn_jax.weights.convert import timm_to_flax
 from dpn_jax.weights.pretrained import (
     load_model_dir,
@@ -233,6 +233,24 @@ def test_pretrained_tag_source(model_dir, tmp_path, monkeypatch, capsys):
     assert f"wrote {tmp_path / 'out'} (stablehlo, main: pixels float32[batch, {IMG_SIZE}" in \
         capsys.readouterr().out
     assert read_serving_config(tmp_path / "out")["model"]["source"] == "dpn68"
+
+
+@pytest.mark.parametrize("lowering", CONV_LOWERINGS)
+def test_conv_lowering_switch(lowering):
+    """Only the "kernels" lowering calls dpn_jax's CPU kernels; all compute the same conv."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 8, 8, 32)).astype(np.float32)
+    kernel = rng.standard_normal((3, 3, 8, 32)).astype(np.float32)  # 4 groups of 8 channels
+    with conv_lowering(lowering):
+        lowered = jax.jit(lambda x, k: conv2d(x, k, groups=4)).lower(x, kernel)
+    text = lowered.as_text()
+    assert ("dpn_grouped_conv_forward" in text) == (lowering == "kernels")
+    # the XLA CPU form splits the groups into dense convolutions; native keeps one grouped conv
+    assert ("feature_group_count = 4" in text) == (lowering == "native")
+    expected = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            feature_group_count=4)
+    np.testing.assert_allclose(lowered.compile()(x, kernel), expected, rtol=1e-5, atol=1e-5)
 
 
 # --- bad input: one line, exit 1, nothing written or deleted -----------------------------------
