@@ -3,8 +3,8 @@
     python benchmarks/benchmark.py --models dpn68 --batch-sizes 16 --resolutions 224
 
 For every (model, batch, resolution) each engine (dpn_jax, timm eager NCHW, timm eager
-channels_last, timm torch.compile; for inference also dpn_jax's ONNX export in ONNX Runtime and
-its StableHLO export through `jax.export`) and mode runs in its own worker process on the same
+channels_last, timm torch.compile; on request, for inference, dpn_jax's exports: ONNX in ONNX
+Runtime, StableHLO through `jax.export`) and mode runs in its own worker process on the same
 threads;
 the driver times them in interleaved rounds, so load from other processes hits every engine
 alike. Peak host memory is measured in one fresh worker per engine and mode; on a GPU the timing
@@ -27,9 +27,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-ENGINES = ("dpn_jax", "timm", "timm_cl", "timm_compile", "onnxruntime", "stablehlo")
+# dpn_jax's exports (inference only; opt-in with --engines): ONNX in ONNX Runtime, StableHLO in
+# JAX with each convolution lowering (`stablehlo`: the default, portable one)
+EXPORT_ENGINES = ("onnxruntime", "stablehlo", "stablehlo_native", "stablehlo_kernels")
+DEFAULT_ENGINES = ("dpn_jax", "timm", "timm_cl", "timm_compile")
+ENGINES = DEFAULT_ENGINES + EXPORT_ENGINES
 MODES = ("infer", "train")
-INFERENCE_ONLY = ("onnxruntime", "stablehlo")
 # Large buffers come from mmap and go back to the OS when freed, so resident memory tracks what
 # each framework really holds (set for the memory workers only: it costs page faults).
 MEMORY_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
@@ -185,10 +188,12 @@ class ExportedEngine(Engine):
     """A `dpn-export` artifact of the model (dynamic batch), loaded without dpn_jax's model code.
 
     `onnxruntime`: the ONNX export (NCHW input) in ONNX Runtime's CPU provider, with as many
-    threads as the worker has cores; `stablehlo`: the StableHLO export (portable convolution
-    lowering, no dpn_jax kernels) through `jax.export.deserialize`. `create s` is
-    `create_model` plus the export (jax2onnx's own start-up included), `compile s` loading the
-    artifact (ONNX Runtime's graph optimisation, XLA's compile). Inference only.
+    threads as the worker has cores; `stablehlo`: the StableHLO export through
+    `jax.export.deserialize`, with the portable convolution lowering (`stablehlo_native`: one
+    grouped convolution op per layer; `stablehlo_kernels`: a CPU-only artifact calling dpn_jax's
+    kernels). `create s` is `create_model` plus the export (jax2onnx's own start-up included),
+    `compile s` loading the artifact (ONNX Runtime's graph optimisation, XLA's compile).
+    Inference only.
     """
 
     def build(self) -> None:
@@ -197,6 +202,7 @@ class ExportedEngine(Engine):
 
         import dpn_jax
         from dpn_jax.export import ExportOptions, export_model, read_stablehlo
+        from dpn_jax.export.exporter import DEFAULT_PLATFORMS
         from dpn_jax.export.onnx import onnxruntime_session
         from dpn_jax.models.registry import split_model_name
         from dpn_jax.weights.pretrained import pretrained_cfg_record, save_model_dir
@@ -214,8 +220,10 @@ class ExportedEngine(Engine):
             save_model_dir(f"{tmp}/model", variables, {
                 "architecture": arch, "num_classes": 1000, "model_kwargs": {},
                 "pretrained_cfg": pretrained_cfg_record(tag), "class_names": None})
-            export_model(f"{tmp}/model", format, f"{tmp}/{format}",
-                         ExportOptions(img_size=self.resolution))
+            lowering = self.result.engine.partition("_")[2] or None
+            export_model(f"{tmp}/model", format, f"{tmp}/{format}", ExportOptions(
+                img_size=self.resolution, conv_lowering=lowering,
+                platforms=("cpu",) if lowering == "kernels" else DEFAULT_PLATFORMS))
             self.result.create_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             if format == "onnx":
@@ -232,8 +240,8 @@ class ExportedEngine(Engine):
 def make_engine(args: argparse.Namespace) -> Engine:
     """The one engine and mode a worker's command line names."""
     name = args.engines[0]
-    cls = {"dpn_jax": JaxEngine, "onnxruntime": ExportedEngine,
-           "stablehlo": ExportedEngine}.get(name, TimmEngine)
+    cls = (JaxEngine if name == "dpn_jax" else ExportedEngine if name in EXPORT_ENGINES
+           else TimmEngine)
     return cls(name, args.modes[0], args.models[0], args.batch_sizes[0], args.resolutions[0],
                args.dtype, args.remat)
 
@@ -352,7 +360,7 @@ def run_interleaved(args: argparse.Namespace, model: str, batch: int, resolution
 
 
 def engines_for(mode: str, engines: list[str]) -> list[str]:
-    return [e for e in engines if mode == "infer" or e not in INFERENCE_ONLY]
+    return [e for e in engines if mode == "infer" or e not in EXPORT_ENGINES]
 
 
 def memory_worker(args: argparse.Namespace) -> list[Result]:
@@ -451,7 +459,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[16])
     p.add_argument("--resolutions", nargs="+", type=int, default=[224])
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(DEFAULT_ENGINES))
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype; bfloat16 = float32 parameters, bfloat16 compute "
                         "(timm under torch.autocast)")

@@ -333,6 +333,13 @@ def test_existing_output_needs_overwrite_and_must_be_an_export(model_dir, export
     assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "mine"]  # no leftovers
 
 
+def test_unwritable_output_location(model_dir, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a directory")
+    rc = export(model_dir, "stablehlo", tmp_path / "a_file" / "out")
+    assert_one_line_error(rc, capsys.readouterr().err, f"{tmp_path / 'a_file'} is not a directory")
+    assert tree(tmp_path) == {"a_file": b"not a directory"}
+
+
 def test_failed_export_leaves_nothing(model_dir, tmp_path, monkeypatch):
     def fail(*args):
         raise RuntimeError("converter crashed")

@@ -58,10 +58,14 @@ def staged_output(path: str | os.PathLike, manifest: dict[str, Any], overwrite: 
     check_output(path, overwrite)
     try:
         created = _make_parents(path.parent)
-        staging = _sibling(path, "tmp")
+    except OSError as error:
+        raise OutputError(str(error)) from None
+    staging = _sibling(path, "tmp")
+    try:
         staging.mkdir()
     except OSError as error:
-        raise OutputError(f"cannot write {path}: {error}") from None
+        _remove_created(created)
+        raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
     try:
         yield staging
         files = sorted(_relative_files(staging))

@@ -260,7 +260,8 @@ _conv_lowering: contextvars.ContextVar[str] = contextvars.ContextVar("dpn_jax_co
 
 @contextlib.contextmanager
 def conv_lowering(lowering: str) -> Iterator[None]:
-    """Within the block, functions traced (not already-traced jits) lower `conv2d` as `lowering`."""
+    """`conv2d` lowers as `lowering` in what is traced inside the block (a jitted function
+    traced before keeps its trace: export a fresh function)."""
     if lowering not in CONV_LOWERINGS:
         raise ValueError(f"unknown conv lowering {lowering!r}; choose from {CONV_LOWERINGS}")
     token = _conv_lowering.set(lowering)
