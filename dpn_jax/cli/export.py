@@ -60,10 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stablehlo/savedmodel: comma-separated platforms the artifact runs "
                              "on (default %(default)s)")
     parser.add_argument("--conv-lowering", metavar="{" + ",".join(CONV_LOWERINGS) + "}",
-                        help="how convolutions lower: xla (default; per backend, no custom "
-                             "calls), native (one convolution op everywhere: onnx, TFLite), "
-                             "kernels (stablehlo --platforms cpu: dpn_jax's CPU kernels, "
-                             "loading needs dpn_jax)")
+                        help="how convolutions lower: xla (stablehlo/savedmodel default: per "
+                             "backend, no custom calls), native (one convolution op everywhere; "
+                             "onnx's only one, what TFLite needs), kernels (stablehlo with "
+                             "--platforms cpu: dpn_jax's CPU kernels, loading needs dpn_jax)")
     parser.add_argument("--opset", type=int, help=f"onnx opset (default {DEFAULT_OPSET})")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace OUTPUT if it is an earlier dpn-export output")
