@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 from jax.extend.core import jaxpr_as_fun
@@ -24,6 +25,10 @@ from dpn_jax.export.exporter import ExportOptions, Graph
 from dpn_jax.export.serving import Artifact, EntryPoint, read_serving_config
 from dpn_jax.ops.conv import conv_lowering
 
+if TYPE_CHECKING:  # optional packages (the onnx extra), imported where they are used
+    import onnx
+    import onnxruntime
+
 ARTIFACT_FILE = "model.onnx"
 
 
@@ -31,10 +36,11 @@ def write(graph: Graph, directory: Path, options: ExportOptions) -> Artifact:
     import jax2onnx
     import onnx
 
+    pixels = graph.input_struct()  # one symbolic batch dimension for both traces
     with conv_lowering("native"):
-        jaxpr = jax.make_jaxpr(graph.bound())(graph.input_struct())
+        jaxpr = jax.make_jaxpr(graph.bound())(pixels)
     output = graph.output_spec()
-    model = jax2onnx.to_onnx(jaxpr_as_fun(jaxpr), [graph.input_struct()], opset=options.opset,
+    model = jax2onnx.to_onnx(jaxpr_as_fun(jaxpr), [pixels], opset=options.opset,
                              model_name="dpn", inputs_as_nchw=[0], input_names=["pixels"],
                              output_names=[output.name])
     model = _two_dimensional_max_pools(model)
@@ -45,7 +51,7 @@ def write(graph: Graph, directory: Path, options: ExportOptions) -> Artifact:
                      "converter": f"jax2onnx {importlib.metadata.version('jax2onnx')}"})
 
 
-def _two_dimensional_max_pools(model):
+def _two_dimensional_max_pools(model: onnx.ModelProto) -> onnx.ModelProto:
     """Each MaxPool over (1, 1, N, H, W, C) with a (1, kh, kw, 1) window as an NCHW 2-D MaxPool.
 
     jax2onnx lowers `reduce_window_max` by prepending two unit axes and pooling over all of the
@@ -87,7 +93,8 @@ def _two_dimensional_max_pools(model):
     return model
 
 
-def onnxruntime_session(directory: str | os.PathLike, threads: int = 0):
+def onnxruntime_session(directory: str | os.PathLike, threads: int = 0
+                        ) -> onnxruntime.InferenceSession:
     """An `onnxruntime.InferenceSession` (CPU) for an onnx export directory.
 
     Its input `pixels` is NCHW: `session.run(None, {"pixels": nhwc.transpose(0, 3, 1, 2)})`.
