@@ -3,7 +3,9 @@
     python benchmarks/benchmark.py --models dpn68 --batch-sizes 16 --resolutions 224
 
 For every (model, batch, resolution) each engine (dpn_jax, timm eager NCHW, timm eager
-channels_last, timm torch.compile) and mode runs in its own worker process on the same threads;
+channels_last, timm torch.compile; on request, for inference, dpn_jax's exports: ONNX in ONNX
+Runtime, StableHLO through `jax.export`) and mode runs in its own worker process on the same
+threads;
 the driver times them in interleaved rounds, so load from other processes hits every engine
 alike. Peak host memory is measured in one fresh worker per engine and mode; on a GPU the timing
 workers also report the device's peak. Prints a table with dpn_jax / timm ratios and writes
@@ -25,7 +27,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-ENGINES = ("dpn_jax", "dpn_jax_pmap", "timm", "timm_cl", "timm_compile")
+# The dpn_jax engines are the trainer's and dpn-predict's steps under each parallelism.
+# dpn_jax's exports (inference only; opt-in with --engines): ONNX in ONNX Runtime, StableHLO in
+# JAX with each convolution lowering (`stablehlo`: the default, portable one)
+EXPORT_ENGINES = ("onnxruntime", "stablehlo", "stablehlo_native", "stablehlo_kernels")
+DEFAULT_ENGINES = ("dpn_jax", "timm", "timm_cl", "timm_compile")
+ENGINES = DEFAULT_ENGINES + ("dpn_jax_pmap",) + EXPORT_ENGINES
 MODES = ("infer", "train")
 # Large buffers come from mmap and go back to the OS when freed, so resident memory tracks what
 # each framework really holds (set for the memory workers only: it costs page faults).
@@ -184,10 +191,64 @@ class TimmEngine(Engine):
         self.step = run
 
 
+class ExportedEngine(Engine):
+    """A `dpn-export` artifact of the model (dynamic batch), loaded without dpn_jax's model code.
+
+    `onnxruntime`: the ONNX export (NCHW input) in ONNX Runtime's CPU provider, with as many
+    threads as the worker has cores; `stablehlo`: the StableHLO export through
+    `jax.export.deserialize`, with the portable convolution lowering (`stablehlo_native`: one
+    grouped convolution op per layer; `stablehlo_kernels`: a CPU-only artifact calling dpn_jax's
+    kernels). `create s` is `create_model` plus the export (jax2onnx's own start-up included),
+    `compile s` loading the artifact (ONNX Runtime's graph optimisation, XLA's compile).
+    Inference only.
+    """
+
+    def build(self) -> None:
+        import jax
+        import numpy as np
+
+        import dpn_jax
+        from dpn_jax.export import ExportOptions, export_model, read_stablehlo
+        from dpn_jax.export.exporter import DEFAULT_PLATFORMS
+        from dpn_jax.export.onnx import onnxruntime_session
+        from dpn_jax.models.registry import split_model_name
+        from dpn_jax.weights.pretrained import pretrained_cfg_record, save_model_dir
+
+        if self.mode != "infer" or self.dtype != "float32":
+            raise ValueError(f"the {self.result.engine} engine runs float32 inference only")
+        self.result.backend = "cpu" if self.result.engine == "onnxruntime" else jax.default_backend()
+        format = "onnx" if self.result.engine == "onnxruntime" else "stablehlo"
+        arch, tag = split_model_name(self.model)
+        x = np.random.default_rng(0).standard_normal(
+            (self.batch, self.resolution, self.resolution, 3), dtype=np.float32)
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            _, variables = dpn_jax.create_model(self.model)
+            save_model_dir(f"{tmp}/model", variables, {
+                "architecture": arch, "num_classes": 1000, "model_kwargs": {},
+                "pretrained_cfg": pretrained_cfg_record(tag), "class_names": None})
+            lowering = self.result.engine.partition("_")[2] or None
+            export_model(f"{tmp}/model", format, f"{tmp}/{format}", ExportOptions(
+                img_size=self.resolution, conv_lowering=lowering,
+                platforms=("cpu",) if lowering == "kernels" else DEFAULT_PLATFORMS))
+            self.result.create_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            if format == "onnx":
+                session = onnxruntime_session(f"{tmp}/onnx", threads=len(os.sched_getaffinity(0)))
+                nchw = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+                self.step = lambda: session.run(None, {"pixels": nchw})
+            else:
+                pixels = jax.device_put(x)
+                compiled = jax.jit(read_stablehlo(f"{tmp}/stablehlo").call).lower(pixels).compile()
+                self.step = lambda: compiled(pixels).block_until_ready()
+            self.result.compile_s = time.perf_counter() - t0
+
+
 def make_engine(args: argparse.Namespace) -> Engine:
     """The one engine and mode a worker's command line names."""
     name = args.engines[0]
-    cls = JaxEngine if name.startswith("dpn_jax") else TimmEngine
+    cls = (JaxEngine if name.startswith("dpn_jax") else ExportedEngine if name in EXPORT_ENGINES
+           else TimmEngine)
     return cls(name, args.modes[0], args.models[0], args.batch_sizes[0], args.resolutions[0],
                args.dtype, args.remat)
 
@@ -262,7 +323,7 @@ def run_interleaved(args: argparse.Namespace, model: str, batch: int, resolution
     """
     workers, failed = [], []
     for mode in args.modes:
-        for name in args.engines:
+        for name in engines_for(mode, args.engines):
             proc = subprocess.Popen(_worker_command("timing", args, model, batch, resolution,
                                                     [name], [mode]),
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -303,6 +364,10 @@ def run_interleaved(args: argparse.Namespace, model: str, batch: int, resolution
             result.img_per_s = batch / (statistics.median(w.step_ms) / 1e3)
         results.append(result)
     return results
+
+
+def engines_for(mode: str, engines: list[str]) -> list[str]:
+    return [e for e in engines if mode == "infer" or e not in EXPORT_ENGINES]
 
 
 def memory_worker(args: argparse.Namespace) -> list[Result]:
@@ -401,7 +466,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[16])
     p.add_argument("--resolutions", nargs="+", type=int, default=[224])
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(DEFAULT_ENGINES))
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype; bfloat16 = float32 parameters, bfloat16 compute "
                         "(timm under torch.autocast)")
@@ -437,7 +502,7 @@ def _setup_threads(threads: int, uses_torch: bool) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
-        _setup_threads(args.threads, uses_torch=not args.engines[0].startswith("dpn_jax"))
+        _setup_threads(args.threads, uses_torch=args.engines[0].startswith("timm"))
         if args.cache_dir:
             from dpn_jax.runtime.compilation_cache import enable_compilation_cache
             enable_compilation_cache(args.cache_dir)
@@ -454,8 +519,8 @@ def main(argv: list[str] | None = None) -> None:
             for res in args.resolutions:
                 timing = run_interleaved(args, model, batch, res)
                 memory = [] if args.no_memory else [
-                    r for e in args.engines if e != "timm_compile" for m in args.modes
-                    for r in _run_memory_worker(args, model, batch, res, e, m)]
+                    r for m in args.modes for e in engines_for(m, args.engines)
+                    if e != "timm_compile" for r in _run_memory_worker(args, model, batch, res, e, m)]
                 results += _merge(timing, memory)
     print_table(results)
     record = dict(

@@ -14,10 +14,13 @@ measurements behind the CPU choices.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import functools
 import importlib.util
 import warnings
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -244,32 +247,69 @@ def _cpu_grouped(x: jax.Array, kernel: jax.Array, stride: int, padding, groups: 
     return _split_groups(x, kernel, stride, padding, groups)
 
 
+# How `conv2d` lowers, chosen for what traces inside `conv_lowering(...)`:
+#   "kernels": per backend, dpn_jax's CPU kernels (FFI custom calls) on CPU - the default;
+#   "xla":     per backend without custom calls (1x1 convs as matmuls, grouped convs split on CPU),
+#              so a `jax.export` artifact runs on any backend without dpn_jax installed;
+#   "native":  one `lax.conv_general_dilated` (no `lax.platform_dependent`), for converters that
+#              translate the jaxpr op by op (ONNX: a Conv with `group`).
+CONV_LOWERINGS = ("kernels", "xla", "native")
+_conv_lowering: contextvars.ContextVar[str] = contextvars.ContextVar("dpn_jax_conv_lowering",
+                                                                    default="kernels")
+
+
+@contextlib.contextmanager
+def conv_lowering(lowering: str) -> Iterator[None]:
+    """`conv2d` lowers as `lowering` in what is traced inside the block (a jitted function
+    traced before keeps its trace: export a fresh function)."""
+    if lowering not in CONV_LOWERINGS:
+        raise ValueError(f"unknown conv lowering {lowering!r}; choose from {CONV_LOWERINGS}")
+    token = _conv_lowering.set(lowering)
+    try:
+        yield
+    finally:
+        _conv_lowering.reset(token)
+
+
+def cpu_kernel_targets() -> tuple[str, ...]:
+    """The custom-call targets the "kernels" lowering may emit (`jax.export` must allow them)."""
+    return tuple(_KERNEL_TARGETS)
+
+
 def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, groups: int = 1,
            padding=None) -> jax.Array:
     """NHWC x HWIO convolution with timm's symmetric padding; lowering chosen per backend.
 
     `kernel` has shape (kh, kw, in_channels // groups, out_channels), like Flax's `nn.Conv`.
     On CPU, unpadded 1x1 convs become `dot_general` and grouped convs `_cpu_grouped`; every
-    other backend, and dense kxk convs on CPU, use `lax.conv_general_dilated` as is.
+    other backend, and dense kxk convs on CPU, use `lax.conv_general_dilated` as is
+    (`conv_lowering` changes this for exports).
     """
     padding = (symmetric_padding(kernel.shape[0], stride) if padding is None
                else tuple(tuple(int(v) for v in p) for p in padding))
-    return _conv2d(x, kernel, stride, groups, padding)
+    return _conv2d(x, kernel, stride, groups, padding, _conv_lowering.get())
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4), inline=True)
-def _conv2d(x: jax.Array, kernel: jax.Array, stride: int, groups: int, padding) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5), inline=True)
+def _conv2d(x: jax.Array, kernel: jax.Array, stride: int, groups: int, padding,
+            lowering: str) -> jax.Array:
     """`conv2d` traced once per distinct shape: a DPN repeats few conv shapes many times.
 
     Tracing both platform branches of every convolution was most of the time it took to trace
     a train step; this cut dpn68's from ~8.6 s to ~6 s. `inline=True` pastes the cached jaxpr
     into the caller: as a nested call instead, XLA CPU ran the step 4x slower.
     """
-    if groups == 1 and kernel.shape[:2] == (1, 1) and all(p == (0, 0) for p in padding):
+    pointwise = groups == 1 and kernel.shape[:2] == (1, 1) and all(p == (0, 0) for p in padding)
+    if lowering == "native" or not (pointwise or groups > 1):
+        return _native(x, kernel, stride, padding, groups)
+    if pointwise and lowering == "xla":  # autodiff's weight gradient: no custom call
+        cpu = lambda x, k: lax.dot_general(x[:, ::stride, ::stride], k[0, 0],
+                                           (((3,), (0,)), ((), ())))
+    elif pointwise:
         cpu = lambda x, k: _pointwise_dot(x, k, stride)
-    elif groups > 1:
-        cpu = lambda x, k: _cpu_grouped(x, k, stride, padding, groups)
+    elif lowering == "xla":
+        cpu = lambda x, k: _split_groups(x, k, stride, padding, groups)
     else:
-        return _native(x, kernel, stride, padding, 1)
+        cpu = lambda x, k: _cpu_grouped(x, k, stride, padding, groups)
     return lax.platform_dependent(
         x, kernel, cpu=cpu, default=lambda x, k: _native(x, k, stride, padding, groups))
