@@ -5,14 +5,14 @@ dpn_jax's FFI kernels (where they take the shape), the split lowering (one dense
 super-group), and torch's grouped convolution (oneDNN, channels_last), forward and forward +
 gradient (input and kernel) of the sum of squares. Median ms of `--iters`, rounds interleaved.
 
-    python benchmarks/conv.py --batch-size 16
+    python benchmarks/grouped_conv.py --batch-size 16
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -74,27 +74,33 @@ def main() -> None:
     print(f"{'size':>4s} {'C':>5s} {'ch/g':>4s} {'s':>2s}   {'dpn_jax kernels':>16s} "
           f"{'split':>14s} {'torch':>14s}")
     rng = np.random.default_rng(0)
-    for size, channels, per_group, stride in SHAPES:
-        groups = channels // per_group
-        x = rng.standard_normal((args.batch_size, size, size, channels), dtype=np.float32)
-        k = rng.standard_normal((3, 3, per_group, channels), dtype=np.float32) * 0.1
-        xj, kj = jnp.asarray(x), jnp.asarray(k)
-        xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(
-            memory_format=torch.channels_last).requires_grad_()
-        kt = torch.from_numpy(k).permute(3, 2, 0, 1).contiguous().requires_grad_()
-        padding = conv.symmetric_padding(3, stride)
-        engines = {"split": (_jax_fns(lambda x, k: conv._split_groups(
-            x, k, stride, padding, groups)), (xj, kj))}
-        merge = conv.cpu_kernel_merge(xj, kj, groups)
-        if merge is not None:
-            engines["kernels"] = (_jax_fns(lambda x, k: conv._merged_kernel_conv(
-                x, k, stride, 1, groups, merge)), (xj, kj))
-        engines["torch"] = (_torch_fns(stride, groups), (xt, kt))
-        ms = interleaved_medians(engines, args.iters)
-        cell = lambda name: ("-" if name not in engines else
-                             f"{ms[name][0]:.0f} / {ms[name][1]:.0f}")
-        print(f"{size:4d} {channels:5d} {per_group:4d} {stride:2d}   {cell('kernels'):>16s} "
-              f"{cell('split'):>14s} {cell('torch'):>14s}", flush=True)
+    for shape in SHAPES:
+        _time_shape(rng, args.batch_size, args.iters, *shape)
+
+
+def _time_shape(rng: np.random.Generator, batch_size: int, iters: int, size: int, channels: int,
+                per_group: int, stride: int) -> None:
+    """Prints one table row: every lowering of this layer, forward and forward + gradient."""
+    groups = channels // per_group
+    x = rng.standard_normal((batch_size, size, size, channels), dtype=np.float32)
+    k = rng.standard_normal((3, 3, per_group, channels), dtype=np.float32) * 0.1
+    xj, kj = jnp.asarray(x), jnp.asarray(k)
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    kt = torch.from_numpy(k).permute(3, 2, 0, 1).contiguous().requires_grad_()
+    padding = conv.symmetric_padding(3, stride)
+    engines = {"split": (_jax_fns(lambda x, k: conv._split_groups(
+        x, k, stride, padding, groups)), (xj, kj))}
+    merge = conv.cpu_kernel_merge(xj, kj, groups)
+    if merge is not None and conv.cpu_kernels_available():
+        engines["kernels"] = (_jax_fns(lambda x, k: conv._merged_kernel_conv(
+            x, k, stride, 1, groups, merge)), (xj, kj))
+    engines["torch"] = (_torch_fns(stride, groups), (xt, kt))
+    ms = interleaved_medians(engines, iters)
+    cell = lambda name: ("-" if name not in engines else
+                         f"{ms[name][0]:.0f} / {ms[name][1]:.0f}")
+    print(f"{size:4d} {channels:5d} {per_group:4d} {stride:2d}   {cell('kernels'):>16s} "
+          f"{cell('split'):>14s} {cell('torch'):>14s}", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from grouped_conv import interleaved_medians
 from jax import lax
 
-from dpn_jax.ops import conv
-from grouped_conv import interleaved_medians
+from dpn_jax.ops import cpu_kernels
 
 # (rows = batch 16 x H x W, input channels, output channels): dpn68's 1x1 layers, one per stage
 # and kind (c1x1_a in, c1x1_c out), then its classifier.
@@ -29,7 +29,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--iters", type=int, default=7)
     args = p.parse_args()
-    ours = jax.jit(lambda x, dy: conv._kernel_call(
+    ours = jax.jit(lambda x, dy: cpu_kernels.kernel_call(
         "dpn_pointwise_kernel_grad", (x.shape[1], dy.shape[1]), x, dy))
     xla = jax.jit(lambda x, dy: lax.dot_general(x, dy, (((0,), (0,)), ((), ()))))
     print(f"median of {args.iters}, GFLOP/s; torch {torch.__version__} with "
@@ -47,9 +47,9 @@ def main() -> None:
             "kernel": ([lambda a, b: ours(a, b).block_until_ready()], (xj, dyj)),
             "xla": ([lambda a, b: xla(a, b).block_until_ready()], (xj, dyj)),
             "torch": ([lambda a, b: a.t() @ b], (xt, dyt))}, args.iters)
-        rate = lambda name: 2 * rows * in_c * out_c / ms[name][0] / 1e6
-        print(f"{rows:6d} {in_c:5d} {out_c:5d}   {rate('kernel'):14.0f} {rate('xla'):8.0f} "
-              f"{rate('torch'):6.0f}", flush=True)
+        rate = {name: 2 * rows * in_c * out_c / times[0] / 1e6 for name, times in ms.items()}
+        print(f"{rows:6d} {in_c:5d} {out_c:5d}   {rate['kernel']:14.0f} {rate['xla']:8.0f} "
+              f"{rate['torch']:6.0f}", flush=True)
 
 
 if __name__ == "__main__":
