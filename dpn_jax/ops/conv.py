@@ -233,8 +233,8 @@ def _conv2d(x: jax.Array, kernel: jax.Array, stride: int, groups: int, padding) 
     """`conv2d` traced once per distinct shape: a DPN repeats few conv shapes many times.
 
     Tracing both platform branches of every convolution was most of the time it took to trace
-    a train step; this cut dpn68's from ~8.6 s to ~6 s. `inline=True` pastes the cached jaxpr
-    into the caller: as a nested call instead, XLA CPU ran the step 4x slower.
+    a train step (BENCHMARKS.md, "Where a dpn68 train-step compile goes"). `inline=True` pastes
+    the cached jaxpr into the caller: as a nested call instead, XLA CPU ran the step far slower.
     """
     if groups == 1 and kernel.shape[:2] == (1, 1) and all(p == (0, 0) for p in padding):
         cpu = lambda x, k: _pointwise_dot(x, k, stride)
