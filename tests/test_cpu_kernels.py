@@ -29,11 +29,13 @@ requires_kernels = pytest.mark.skipif(
     not cpu_kernels.cpu_kernels_available(),
     reason="dpn_jax's CPU kernels (an optional extension) are not built or are switched off")
 
-# (groups, stride, x shape, dy shape): the grouped convolutions whose weight gradient is checked.
-# 24x24 rows of 256 channels make 5 work items per image, 30 in all: more than the sums' 16
-# chunks, unevenly split. The second is the shuffle layout (4 channels per group) at stride 2.
-GROUPED_CASES = [(32, 1, (6, 24, 24, 256), (6, 24, 24, 256)),
-                 (8, 2, (3, 15, 15, 32), (3, 8, 8, 32))]
+# (groups, stride, x shape, dy shape): the grouped convolutions whose weight gradient is checked,
+# chosen for how `ParallelSum` splits them (csrc/cpu_kernels.h): 4 channels per group in one
+# part, 21 work items (16-row blocks) in 16 uneven chunks; 8 per group, stride 2, 8 parts of 32
+# channels, 8 items in 2 chunks; 32 per group, 16 parts, one chunk.
+GROUPED_CASES = [(8, 1, (7, 40, 64, 32), (7, 40, 64, 32)),
+                 (32, 2, (4, 31, 31, 256), (4, 16, 16, 256)),
+                 (16, 1, (3, 7, 7, 512), (3, 7, 7, 512))]
 # 1x1 weight gradient: 17 * 512 + 3 rows are 18 work items of 512 rows.
 POINTWISE_ROWS, POINTWISE_IN, POINTWISE_OUT = 17 * 512 + 3, 24, 40
 TOLERANCE = 2e-6  # of the largest magnitude, as test_grouped_conv.py

@@ -76,35 +76,47 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t items, const Body& body) {
   while (progress->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
 }
 
-// How many partial sums `ParallelSum` adds up at most: as many threads can share its work.
-constexpr int64_t kSumChunks = 16;
+// How many units of work `ParallelSum` makes at least, where the items allow: as many threads
+// can share its work.
+constexpr int64_t kSumUnits = 16;
 
-// out[0 .. size) = the sum over items of what body(item, sum) adds into `sum`, a zeroed buffer
-// of `size` floats (weight gradients: sums over the batch).
+// out[0 .. size) = the sum over items of what body(item, part, sum) adds into `sum`, a zeroed
+// buffer of `size` floats, for each of `parts` parts: disjoint sets of out's elements, as the
+// body defines them (weight gradients: sums over the batch, parts = ranges of channels).
 //
-// The floating-point sum runs in one order fixed by `items` alone, whichever threads run which
-// items and however many there are, so the same call gives bit-identical results: the items
-// are cut into at most kSumChunks contiguous chunks, each chunk sums its items in item order
-// into its own buffer, and the chunks' buffers are added in chunk order.
+// The floating-point sums run in one order fixed by `items` and `parts` alone, whichever threads
+// run which work and however many there are, so the same call gives bit-identical results: the
+// items are cut into `chunks` contiguous chunks, a unit of work sums one part over one chunk's
+// items in item order into the chunk's own buffer, and the chunks' buffers are added in chunk
+// order. Parts cost nothing; chunks cost a buffer of `size` floats each, so there are only as
+// many as it takes to make kSumUnits units: one where there are that many parts.
 template <typename Body>
-void ParallelSum(ffi::ThreadPool& pool, int64_t items, int64_t size, float* out,
+void ParallelSum(ffi::ThreadPool& pool, int64_t items, int64_t parts, int64_t size, float* out,
                  const Body& body) {
-  const int64_t chunks = std::min(items, kSumChunks);
+  const int64_t chunks = std::min(items, (kSumUnits + parts - 1) / parts);
   // Chunk 0 sums straight into `out`, chunk c > 0 into partials[(c - 1) * size, c * size).
   const std::unique_ptr<float[]> partials(new float[std::max<int64_t>(0, chunks - 1) * size]);
   auto chunk_sum = [&](int64_t c) { return c == 0 ? out : partials.get() + (c - 1) * size; };
-  if (chunks == 0) std::fill(out, out + size, 0.0f);
-  ParallelFor(pool, chunks, [&](int64_t c) {
-    float* sum = chunk_sum(c);
-    std::fill(sum, sum + size, 0.0f);
-    for (int64_t item = c * items / chunks; item < (c + 1) * items / chunks; ++item) {
-      body(item, sum);
+  constexpr int64_t kSlice = 4096;
+  const int64_t slices = (size + kSlice - 1) / kSlice;
+  auto for_each_slice = [&](auto&& f) {
+    ParallelFor(pool, slices, [&](int64_t slice) {
+      f(slice * kSlice, std::min(size, (slice + 1) * kSlice));
+    });
+  };
+  for_each_slice([&](int64_t begin, int64_t end) {
+    for (int64_t c = 0; c < std::max<int64_t>(1, chunks); ++c) {
+      std::fill(chunk_sum(c) + begin, chunk_sum(c) + end, 0.0f);
     }
   });
-  // out += chunk 1, chunk 2, ... in that order, for slices of `out` in parallel.
-  constexpr int64_t kSlice = 4096;
-  ParallelFor(pool, (size + kSlice - 1) / kSlice, [&](int64_t slice) {
-    const int64_t begin = slice * kSlice, end = std::min(size, begin + kSlice);
+  ParallelFor(pool, chunks * parts, [&](int64_t unit) {
+    const int64_t c = unit / parts, part = unit % parts;
+    for (int64_t item = c * items / chunks; item < (c + 1) * items / chunks; ++item) {
+      body(item, part, chunk_sum(c));
+    }
+  });
+  // out += chunk 1, chunk 2, ... in that order.
+  for_each_slice([&](int64_t begin, int64_t end) {
     for (int64_t c = 1; c < chunks; ++c) {
       const float* from = chunk_sum(c);
       for (int64_t j = begin; j < end; ++j) out[j] += from[j];

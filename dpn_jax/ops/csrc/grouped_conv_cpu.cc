@@ -369,20 +369,29 @@ void KernelGrad(ffi::ThreadPool& pool, const Image& x, const Image& dy, float* d
   const int64_t R = x.channels / groups, V = dy.channels / groups;
   const int64_t size = kKernel * kKernel * R * dy.channels;
   const Blocks blocks(layout, groups, R, V);
-  // An item reads its rows of x and dy once per channel block: keep them in cache.
+  // The sum's parts: runs of channel blocks at least kPartChannels wide in x and dy, so that
+  // parts read whole cache lines of either, none shared.
+  constexpr int64_t kPartChannels = 32;
+  const int64_t narrower = std::min(blocks.in_channels, blocks.out_channels);
+  const int64_t blocks_per_part =
+      std::min(blocks.count, (kPartChannels + narrower - 1) / narrower);
+  const int64_t parts = (blocks.count + blocks_per_part - 1) / blocks_per_part;
   const RowBlocks items(dy.height, dy.width * dy.channels * sizeof(float));
   const int64_t cols = (dy.width - 1) * stride + kKernel;
-  ParallelSum(pool, items.items(batch), size, dw, [&](int64_t item, float* partial) {
+  ParallelSum(pool, items.items(batch), parts, size, dw,
+              [&](int64_t item, int64_t part, float* sum) {
     thread_local std::vector<float> window, dy_block;
     const int64_t n = items.image(item), y0 = items.first(item), y_count = items.count(item);
     const Image xn = ImageAt(x, n), dyn = ImageAt(dy, n);
-    for (int64_t block = 0; block < blocks.count; ++block) {
+    const int64_t first = part * blocks_per_part;
+    for (int64_t block = first; block < std::min(blocks.count, first + blocks_per_part);
+         ++block) {
       PackWindow(xn, block * blocks.in_channels, blocks.in_channels, y0 * stride - pad,
                  (y_count - 1) * stride + kKernel, -pad, cols, window);
       PackWindow(dyn, block * blocks.out_channels, blocks.out_channels, y0, y_count, 0, dy.width,
                  dy_block);
       KernelGradArgs a{window.data(), cols, dy_block.data(), y_count, dy.width, stride,
-                       partial + block * blocks.out_channels, R, dy.channels};
+                       sum + block * blocks.out_channels, R, dy.channels};
       if (layout == Layout::kShuffle) {
         Dispatch<4>(V, [&](auto v) { if constexpr (kLanes % v == 0) KernelGradShuffle<v>(a); });
       } else {

@@ -68,7 +68,7 @@ void PointwiseKernelGrad(ffi::ThreadPool& pool, const float* x, const float* dy,
   const int64_t items = (m_total + kItemRows - 1) / kItemRows;
   const int64_t row_panels = (in_c + kTileRows - 1) / kTileRows;
   const int64_t col_panels = (out_c + kTileCols - 1) / kTileCols;
-  ParallelSum(pool, items, in_c * out_c, dw, [&](int64_t item, float* partial) {
+  ParallelSum(pool, items, 1, in_c * out_c, dw, [&](int64_t item, int64_t, float* partial) {
     thread_local std::vector<float> x_panels, dy_panels;
     const int64_t m0 = item * kItemRows, rows = std::min(kItemRows, m_total - m0);
     PackPanels(x, in_c, m0, rows, kTileRows, x_panels);
