@@ -141,6 +141,7 @@ def test_stride_beyond_the_kernels_matches_feature_group_count():
 def test_without_the_library_cpu_runs_the_split_lowering(monkeypatch):
     """An install that could not compile the kernels still works on CPU, and says so."""
     monkeypatch.setattr(cpu_kernels, "built_library", lambda module: None)
+    monkeypatch.delenv(cpu_kernels.CPU_KERNELS_ENV, raising=False)
     with pytest.warns(UserWarning, match="kernels were not built"):
         assert not cpu_kernels.cpu_kernels_available.__wrapped__()
     monkeypatch.setattr(conv, "cpu_kernels_available", lambda: False)
