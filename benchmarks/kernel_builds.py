@@ -4,7 +4,8 @@ Each build is a kernel library (the one `DPN_JAX_CPU_KERNELS` picks, `installed`
 build of `csrc/`: an older commit's, the baseline build) whose handlers are registered under
 their own target names; the step is traced and compiled once per build, and the timed rounds
 alternate between them (median of `--iters` rounds). Before/after comparisons of a kernel change
-and the baseline build's cost use it:
+and the baseline build's cost use it (rounds alternate, so a shared machine's load
+moves all builds alike; each round's ratio to the installed build is the robust figure):
 
     python benchmarks/kernel_builds.py --model dpn68 --batch-size 16 \\
         --build old=/tmp/old/_cpu_kernels.so \\
@@ -70,16 +71,19 @@ def main() -> None:
         engine.step()  # first-run allocations
         engines[name] = engine
     times = {name: [] for name in engines}
-    for _ in range(args.iters):
+    for round_ in range(args.iters):
         for name, engine in engines.items():
             t0 = time.perf_counter()
             engine.step()
             times[name].append(time.perf_counter() - t0)
+        print(f"round {round_ + 1}: " + "  ".join(f"{name} {t[-1]:.3f} s"
+                                                  for name, t in times.items()), flush=True)
     print(f"{args.model} {args.mode} batch {args.batch_size}, median of {args.iters} "
-          "interleaved rounds:")
+          "interleaved rounds (ratio: the median of each round's time over installed's):")
     for name, seconds in times.items():
-        print(f"  {name:12s} {statistics.median(seconds):.3f} s  "
-              f"(min {min(seconds):.3f}, max {max(seconds):.3f})")
+        ratio = statistics.median(s / i for s, i in zip(seconds, times["installed"]))
+        print(f"  {name:12s} {statistics.median(seconds):.3f} s  (min {min(seconds):.3f}, "
+              f"max {max(seconds):.3f})  ratio {ratio:.3f}")
 
 
 if __name__ == "__main__":
