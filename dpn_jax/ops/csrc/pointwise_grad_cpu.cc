@@ -68,6 +68,8 @@ void PointwiseKernelGrad(ffi::ThreadPool& pool, const float* x, const float* dy,
   const int64_t items = (m_total + kItemRows - 1) / kItemRows;
   const int64_t row_panels = (in_c + kTileRows - 1) / kTileRows;
   const int64_t col_panels = (out_c + kTileCols - 1) / kTileCols;
+  // One part: parts over dw's columns would each pack x's rows again, which costs more than the
+  // chunks' buffers (BENCHMARKS.md, "CPU kernels: fixed-order sums").
   ParallelSum(pool, items, 1, in_c * out_c, dw, [&](int64_t item, int64_t, float* partial) {
     thread_local std::vector<float> x_panels, dy_panels;
     const int64_t m0 = item * kItemRows, rows = std::min(kItemRows, m_total - m0);
