@@ -55,13 +55,19 @@ def _torch_fns(stride: int, groups: int) -> tuple[Callable, Callable]:
 
 def interleaved_medians(engines: dict[str, tuple[Sequence[Callable], tuple]], iters: int
                         ) -> dict[str, list[float]]:
-    """name -> median ms of each of its functions on its inputs, every engine once per round."""
+    """name -> median ms of each of its functions on its inputs, every engine once per round.
+
+    Each round starts one engine further on: an engine that always ran right after torch paid
+    for torch's OpenMP threads still spinning (up to a third of its speed, 2026-11-30).
+    """
     times = {name: [[] for _ in fns] for name, (fns, _) in engines.items()}
     for fns, inputs in engines.values():  # warm-up: compile, first-call allocations
         for fn in fns:
             fn(*inputs)
-    for _ in range(iters):
-        for name, (fns, inputs) in engines.items():
+    names = list(engines)
+    for round_ in range(iters):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            fns, inputs = engines[name]
             for part, fn in enumerate(fns):
                 t0 = time.perf_counter()
                 fn(*inputs)
