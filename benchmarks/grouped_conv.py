@@ -12,6 +12,7 @@ gradient (input and kernel) of the sum of squares. Median ms of `--iters`, round
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -57,16 +58,17 @@ def interleaved_medians(engines: dict[str, tuple[Sequence[Callable], tuple]], it
                         ) -> dict[str, list[float]]:
     """name -> median ms of each of its functions on its inputs, every engine once per round.
 
-    Each round starts one engine further on: an engine that always ran right after torch paid
-    for torch's OpenMP threads still spinning (up to a third of its speed, 2026-11-30).
+    Each round runs the engines in a new (seeded) random order: an engine that always ran right
+    after torch paid for torch's threads still spinning (BENCHMARKS.md, "CPU kernels:
+    fixed-order sums").
     """
     times = {name: [[] for _ in fns] for name, (fns, _) in engines.items()}
     for fns, inputs in engines.values():  # warm-up: compile, first-call allocations
         for fn in fns:
             fn(*inputs)
-    names = list(engines)
-    for round_ in range(iters):
-        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+    order = random.Random(0)
+    for _ in range(iters):
+        for name in order.sample(list(engines), len(engines)):
             fns, inputs = engines[name]
             for part, fn in enumerate(fns):
                 t0 = time.perf_counter()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import random
 import statistics
 import time
 
@@ -71,10 +72,11 @@ def main() -> None:
         engine.step()  # first-run allocations
         engines[name] = engine
     times = {name: [] for name in engines}
+    order = random.Random(0)  # a new order each round: no build always runs after another
     for round_ in range(args.iters):
-        for name, engine in engines.items():
+        for name in order.sample(list(engines), len(engines)):
             t0 = time.perf_counter()
-            engine.step()
+            engines[name].step()
             times[name].append(time.perf_counter() - t0)
         print(f"round {round_ + 1}: " + "  ".join(f"{name} {t[-1]:.3f} s"
                                                   for name, t in times.items()), flush=True)
