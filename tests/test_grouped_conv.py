@@ -162,8 +162,9 @@ def test_cpu_kernel_matches_feature_group_count(channels_per_group, groups, merg
 
 
 @requires_kernels
-@pytest.mark.parametrize("channels_per_group,groups", [(4, 4), (8, 2)])  # shuffle, broadcast
-@pytest.mark.parametrize("stride,pad", [(1, 0), (1, 2), (2, 0), (2, 2), (3, 0), (3, 1), (3, 2)])
+@pytest.mark.parametrize("stride,pad,channels_per_group,groups", [  # shuffle and broadcast layouts
+    (1, 0, 4, 4), (1, 2, 8, 2), (2, 0, 8, 2), (2, 2, 4, 4), (3, 0, 4, 4), (3, 1, 8, 2),
+    (3, 2, 8, 2)])
 def test_cpu_kernel_takes_every_stride_and_padding_it_accepts(stride, pad, channels_per_group,
                                                               groups):
     """Beyond timm's (stride 1 or 2, pad 1): every geometry the kernels' shape check lets in."""
