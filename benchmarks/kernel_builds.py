@@ -8,8 +8,14 @@ and the baseline build's cost use it (rounds alternate, so a shared machine's lo
 moves all builds alike; each round's ratio to the installed build is the robust figure):
 
     python benchmarks/kernel_builds.py --model dpn68 --batch-size 16 \\
-        --build old=/tmp/old/_cpu_kernels.so \\
+        --build old=/tmp/old/dpn_jax/ops/_cpu_kernels.cpython-311-x86_64-linux-gnu.so \\
         --build baseline=dpn_jax/ops/_cpu_kernels.cpython-311-x86_64-linux-gnu.so
+
+where an older commit's build comes from its sources, e.g. (a437895: one library, AVX2 + FMA
+where the building CPU has them):
+
+    mkdir /tmp/old && git archive a437895 setup.py pyproject.toml README.md dpn_jax \\
+        | tar -x -C /tmp/old && (cd /tmp/old && python setup.py build_ext --inplace)
 """
 from __future__ import annotations
 
