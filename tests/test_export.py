@@ -30,7 +30,8 @@ from dpn_jax.export.artifact_dir import MANIFEST_FILE
 from dpn_jax.export.onnx import onnxruntime_session
 from dpn_jax.infer.predict import resolve_data_config
 from dpn_jax.models.registry import pretrained_cfg
-from dpn_jax.ops.conv import CONV_LOWERINGS, conv2d, conv_lowering, cpu_kernel_targets
+from dpn_jax.ops.conv import CONV_LOWERINGS, conv2d, conv_lowering
+from dpn_jax.ops.cpu_kernels import cpu_kernel_targets
 from dpn_jax.weights.convert import timm_to_flax
 from dpn_jax.weights.model_dir import ModelDir, Preprocessing
 from dpn_jax.weights.pretrained import replace_head

@@ -17,7 +17,8 @@ import jax
 from dpn_jax.errors import WeightsError
 from dpn_jax.export.exporter import ExportOptions, Graph
 from dpn_jax.export.serving import Artifact, EntryPoint, read_serving_config
-from dpn_jax.ops.conv import conv_lowering, cpu_kernel_targets, cpu_kernels_available
+from dpn_jax.ops.conv import conv_lowering
+from dpn_jax.ops.cpu_kernels import cpu_kernel_targets, cpu_kernels_available
 
 ARTIFACT_FILE = "model.stablehlo"
 

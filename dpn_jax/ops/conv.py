@@ -1,37 +1,36 @@
 """The one place where DPN's convolutions are lowered.
 
-XLA's CPU backend runs `feature_group_count` convolutions tens of times slower than oneDNN (and
-its weight gradient about a hundred times slower), and even a dense 1x1 convolution's weight
-gradient is ~7x slower than the same contraction written as a `dot_general`. cuDNN and TPUs run
-all of them natively. Every convolution of the model goes through `conv2d`, which picks the
-lowering per backend at lowering time via `lax.platform_dependent`, so one jitted function is
-right everywhere. On CPU the 3x3 grouped convolutions run dpn_jax's own kernels
-(`csrc/grouped_conv_cpu.cc`, XLA FFI custom calls; narrow groups merged into block-diagonal
-ones they take), else (bfloat16, or no compiler at install) one dense convolution per
-super-group, and 1x1 convolutions are matmuls whose weight gradient is a kernel
-of its own (`csrc/pointwise_grad_cpu.cc`). BENCHMARKS.md ("Grouped convolution lowerings") has the
+XLA's CPU backend runs `feature_group_count` convolutions far slower than oneDNN (their weight
+gradient slowest of all), and even a dense 1x1 convolution's weight gradient is slower than the
+same contraction written as a `dot_general`. cuDNN and TPUs run all of them natively. Every
+convolution of the model goes through `conv2d`, which picks the lowering per backend at lowering
+time via `lax.platform_dependent`, so one jitted function is right everywhere. On CPU the 3x3
+grouped convolutions run dpn_jax's own kernels (`csrc/grouped_conv_cpu.cc`, XLA FFI custom calls
+loaded by `cpu_kernels.py`; narrow groups merged into block-diagonal ones they take), else
+(bfloat16, no kernels built, or `DPN_JAX_CPU_KERNELS=off`) one dense convolution per
+super-group, and 1x1 convolutions are matmuls whose weight gradient is a kernel of its own
+(`csrc/pointwise_grad_cpu.cc`). BENCHMARKS.md ("Grouped convolution lowerings") has the
 measurements behind the CPU choices.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import ctypes
 import functools
-import importlib.util
-import warnings
 from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
+
+from dpn_jax.ops.cpu_kernels import cpu_kernels_available, kernel_call
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 # On CPU, a dense convolution narrower than this many input channels wastes most of its time on
 # overhead; merging neighbouring groups into one block-diagonal convolution of at least this width
-# (extra zero FLOPs included) measured 2-4x faster forward and backward for 3-4 channels/group.
+# (extra zero FLOPs included) is faster forward and backward for 3-4 channels/group (BENCHMARKS.md,
+# "3x3 grouped convolution").
 MIN_CPU_CONV_CHANNELS = 16
 
 
@@ -65,8 +64,8 @@ def _channel_matmul(x: jax.Array, weight: jax.Array) -> jax.Array:
     """(N, H, W, Cin) x (Cin, Cout) -> (N, H, W, Cout).
 
     The custom VJP states the weight gradient as x^T dy contracted over (N, H, W). Autodiff's
-    form makes XLA CPU transpose dy in memory first, which made a dpn68 training step ~30%
-    slower per layer at 56x56 and 28x28 (BENCHMARKS.md, "1x1 convolution"); even this form
+    form makes XLA CPU transpose dy in memory first, which slowed a dpn68 training step's
+    56x56 and 28x28 layers (BENCHMARKS.md, "1x1 convolution gradient"); even this form
     makes it write x transposed. dpn_jax's own kernel transposes in cache instead; it pays
     where that copy is large against the product's FLOPs, i.e. for few output channels.
     """
@@ -82,8 +81,8 @@ def _channel_matmul_bwd(residuals, dy):
     dx = lax.dot_general(dy, weight, (((3,), (1,)), ((), ())))
     if (weight.shape[1] <= POINTWISE_KERNEL_MAX_OUT and x.dtype == dy.dtype == jnp.float32
             and cpu_kernels_available()):
-        dweight = _kernel_call("dpn_pointwise_kernel_grad", weight.shape,
-                               x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]))
+        dweight = kernel_call("dpn_pointwise_kernel_grad", weight.shape,
+                              x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]))
     else:
         dweight = lax.dot_general(x, dy, (((0, 1, 2), (0, 1, 2)), ((), ())))
     return dx, dweight
@@ -134,30 +133,6 @@ def _split_groups(x: jax.Array, kernel: jax.Array, stride: int, padding, groups:
                            axis=-1)
 
 
-_KERNEL_LIBRARY = "dpn_jax.ops._cpu_kernels"
-# custom-call target -> the library's handler symbol
-_KERNEL_TARGETS = {"dpn_grouped_conv_forward": "DpnGroupedConvForward",
-                   "dpn_grouped_conv_input_grad": "DpnGroupedConvInputGrad",
-                   "dpn_grouped_conv_kernel_grad": "DpnGroupedConvKernelGrad",
-                   "dpn_pointwise_kernel_grad": "DpnPointwiseKernelGrad"}
-
-
-@functools.cache
-def cpu_kernels_available() -> bool:
-    """Registers the CPU kernels with XLA once; False where the library was not built."""
-    spec = importlib.util.find_spec(_KERNEL_LIBRARY)
-    if spec is None or spec.origin is None:
-        if jax.default_backend() == "cpu":
-            warnings.warn("dpn_jax's CPU convolution kernels were not built (the install found "
-                          "no GCC >= 12 or Clang); using the slower pure-XLA lowering")
-        return False
-    library = ctypes.CDLL(spec.origin)
-    for target, symbol in _KERNEL_TARGETS.items():
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
-                                    platform="cpu")
-    return True
-
-
 def _kernel_layout_exists(in_per_group: int, out_per_group: int, channels: int) -> bool:
     """`csrc/grouped_conv_cpu.cc`'s `ChooseLayout`: the group widths it vectorises.
 
@@ -166,6 +141,11 @@ def _kernel_layout_exists(in_per_group: int, out_per_group: int, channels: int) 
     """
     return (out_per_group % 8 == 0 and out_per_group <= 32) or (
         in_per_group == out_per_group and 8 % out_per_group == 0 and channels % 8 == 0)
+
+
+def _kernel_geometry_exists(stride: int, pad: int) -> bool:
+    """`csrc/grouped_conv_cpu.cc`'s `CheckConv`: the strides and (symmetric) paddings it takes."""
+    return 1 <= stride <= 3 and 0 <= pad <= 2
 
 
 def cpu_kernel_merge(x: jax.Array, kernel: jax.Array, groups: int) -> int | None:
@@ -186,20 +166,10 @@ def cpu_kernel_merge(x: jax.Array, kernel: jax.Array, groups: int) -> int | None
     return None
 
 
-def _kernel_call(target: str, result_shape, a: jax.Array, b: jax.Array, **attributes: int
-                 ) -> jax.Array:
-    """`a` is the activation: the result varies over shard_map's axes as it does."""
-    if not cpu_kernels_available():  # registers the targets before any call is lowered
-        raise RuntimeError("dpn_jax's CPU convolution kernels are not built")
-    result = jax.typeof(a).update(shape=tuple(result_shape))
-    return jax.ffi.ffi_call(target, result, vmap_method="sequential")(
-        a, b, **{name: np.int64(value) for name, value in attributes.items()})
-
-
 def _grouped_call(product: str, result_shape, a: jax.Array, b: jax.Array, groups: int,
                   stride: int, pad: int) -> jax.Array:
-    return _kernel_call(f"dpn_grouped_conv_{product}", result_shape, a, b, groups=groups,
-                        stride=stride, pad=pad)
+    return kernel_call(f"dpn_grouped_conv_{product}", result_shape, a, b, groups=groups,
+                       stride=stride, pad=pad)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -242,7 +212,8 @@ def _cpu_grouped(x: jax.Array, kernel: jax.Array, stride: int, padding, groups: 
     """dpn_jax's kernels where they take the shape, else one dense conv per super-group."""
     (top, bottom), (left, right) = padding
     merge = cpu_kernel_merge(x, kernel, groups)
-    if merge is not None and top == bottom == left == right and cpu_kernels_available():
+    if (merge is not None and top == bottom == left == right
+            and _kernel_geometry_exists(stride, top) and cpu_kernels_available()):
         return _merged_kernel_conv(x, kernel, stride, top, groups, merge)
     return _split_groups(x, kernel, stride, padding, groups)
 
@@ -271,11 +242,6 @@ def conv_lowering(lowering: str) -> Iterator[None]:
         _conv_lowering.reset(token)
 
 
-def cpu_kernel_targets() -> tuple[str, ...]:
-    """The custom-call targets the "kernels" lowering may emit (`jax.export` must allow them)."""
-    return tuple(_KERNEL_TARGETS)
-
-
 def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, groups: int = 1,
            padding=None) -> jax.Array:
     """NHWC x HWIO convolution with timm's symmetric padding; lowering chosen per backend.
@@ -296,8 +262,8 @@ def _conv2d(x: jax.Array, kernel: jax.Array, stride: int, groups: int, padding,
     """`conv2d` traced once per distinct shape: a DPN repeats few conv shapes many times.
 
     Tracing both platform branches of every convolution was most of the time it took to trace
-    a train step; this cut dpn68's from ~8.6 s to ~6 s. `inline=True` pastes the cached jaxpr
-    into the caller: as a nested call instead, XLA CPU ran the step 4x slower.
+    a train step (BENCHMARKS.md, "Where a dpn68 train-step compile goes"). `inline=True` pastes
+    the cached jaxpr into the caller: as a nested call instead, XLA CPU ran the step far slower.
     """
     pointwise = groups == 1 and kernel.shape[:2] == (1, 1) and all(p == (0, 0) for p in padding)
     if lowering == "native" or not (pointwise or groups > 1):

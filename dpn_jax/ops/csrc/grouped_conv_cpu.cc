@@ -1,16 +1,19 @@
 // Grouped 3x3 convolution for XLA's CPU backend, NHWC x HWIO, float32, as XLA FFI handlers.
 //
-// XLA CPU runs `feature_group_count` convolutions tens of times slower than oneDNN, and splitting
-// them into dense convolutions costs a transpose and a copy per group and direction
-// (BENCHMARKS.md). Here each work item (an image's block of rows) takes the channel blocks in
-// turn: it copies the input window a block reads into a small zero-padded buffer, then
-// accumulates 8-lane vectors of output channels in registers over taps and input channels:
+// XLA CPU runs `feature_group_count` convolutions far slower than oneDNN, and splitting them
+// into dense convolutions costs a transpose and a copy per group and direction (BENCHMARKS.md,
+// "CPU grouped-convolution kernels"). Here each work item (an image's block of rows) takes the
+// channel blocks in turn: it copies the input window a block reads into a small zero-padded
+// buffer, then accumulates 8-lane vectors of output channels in registers over taps and input
+// channels:
 //   - groups of 8, 16, 24 or 32 channels ("broadcast"): each input channel is broadcast and
 //     multiplied with the 8-lane rows of the kernel;
 //   - groups of 1, 2 or 4 channels, as many in as out ("shuffle"): 8 / group-width groups fill
 //     the 8 lanes, and the input channel each lane needs is shuffled into place.
-// `ChooseLayout` is the rule (mirrored by `_kernel_layout_exists` in grouped_conv.py, which
-// merges narrower groups into block-diagonal ones of a width listed here). GCC >= 12 or Clang: vector extensions, no intrinsics.
+// `ChooseLayout` is the rule, and `CheckConv` the strides and paddings taken (mirrored by
+// `_kernel_layout_exists` and `_kernel_geometry_exists` in conv.py, which merges narrower groups
+// into block-diagonal ones of a width listed here). GCC >= 12 or Clang: vector extensions, no
+// intrinsics.
 //
 // The three products of a layer:
 //   forward:     y[n, oy, ox, g*O + o]  = sum_{ky,kx,i} x[n, oy*s+ky-p, ox*s+kx-p, g*I + i] w[ky, kx, i, g*O + o]
@@ -18,9 +21,12 @@
 //                of dy[n, oy, ox, g*O + o] w[ky, kx, i, g*O + o]: per stride phase of (iy, ix), a
 //                stride-1 product over dy with the kernel transposed per group (`InputGrad`).
 //   kernel grad: dw[ky, kx, i, g*O + o] = sum_{n,oy,ox} x[n, oy*s+ky-p, ox*s+kx-p, g*I + i] dy[n, oy, ox, g*O + o]
-// Work items run on XLA's intra-op thread pool.
+// Work items run on XLA's intra-op thread pool; the kernel gradient adds them up in a fixed
+// order (`ParallelSum`), so its result does not depend on which thread ran which.
 
+#include <string>
 #include <utility>
+#include <vector>
 
 #include "cpu_kernels.h"
 
@@ -208,7 +214,7 @@ void Forward(ffi::ThreadPool& pool, const Image& x, const float* w, float* y, in
   const Blocks blocks(layout, groups, I, O);
   const RowBlocks items(out_h, out_w * out_c * sizeof(float));
   const int64_t cols = (out_w - 1) * stride + kKernel;
-  ParallelFor(pool, items.items(batch), [&](int64_t item, int64_t) {
+  ParallelFor(pool, items.items(batch), [&](int64_t item) {
     thread_local std::vector<float> window;
     const int64_t n = items.image(item), y0 = items.first(item), y_count = items.count(item);
     const Image xn = ImageAt(x, n);
@@ -253,7 +259,7 @@ void InputGrad(ffi::ThreadPool& pool, const Image& dy, const float* w_t, float* 
   // An item: rows m of every phase, i.e. `stride` rows of dx per m.
   const RowBlocks items(m_total, stride * in_w * in_c * sizeof(float));
   const int64_t cols = k_total + e_max - e_min;
-  ParallelFor(pool, items.items(batch), [&](int64_t item, int64_t) {
+  ParallelFor(pool, items.items(batch), [&](int64_t item) {
     thread_local std::vector<float> window;
     const int64_t n = items.image(item), m0 = items.first(item), m_count = items.count(item);
     const Image dyn = ImageAt(dy, n);
@@ -289,7 +295,7 @@ void InputGrad(ffi::ThreadPool& pool, const Image& dy, const float* w_t, float* 
   });
 }
 
-// Kernel gradient of one work item, added into `dw` (this thread's own partial sum).
+// Kernel gradient of one work item, added into `dw` (its chunk's partial sum).
 struct KernelGradArgs {
   const float* window;  // x, packed: [rows][cols][block_in]
   int64_t cols;
@@ -363,20 +369,29 @@ void KernelGrad(ffi::ThreadPool& pool, const Image& x, const Image& dy, float* d
   const int64_t R = x.channels / groups, V = dy.channels / groups;
   const int64_t size = kKernel * kKernel * R * dy.channels;
   const Blocks blocks(layout, groups, R, V);
-  // An item reads its rows of x and dy once per channel block: keep them in cache.
+  // The sum's parts: runs of channel blocks at least kPartChannels wide in x and dy, so that
+  // parts read whole cache lines of either, none shared.
+  constexpr int64_t kPartChannels = 32;
+  const int64_t narrower = std::min(blocks.in_channels, blocks.out_channels);
+  const int64_t blocks_per_part =
+      std::min(blocks.count, (kPartChannels + narrower - 1) / narrower);
+  const int64_t parts = (blocks.count + blocks_per_part - 1) / blocks_per_part;
   const RowBlocks items(dy.height, dy.width * dy.channels * sizeof(float));
   const int64_t cols = (dy.width - 1) * stride + kKernel;
-  ParallelSum(pool, items.items(batch), size, dw, [&](int64_t item, float* partial) {
+  ParallelSum(pool, items.items(batch), parts, size, dw,
+              [&](int64_t item, int64_t part, float* sum) {
     thread_local std::vector<float> window, dy_block;
     const int64_t n = items.image(item), y0 = items.first(item), y_count = items.count(item);
     const Image xn = ImageAt(x, n), dyn = ImageAt(dy, n);
-    for (int64_t block = 0; block < blocks.count; ++block) {
+    const int64_t first = part * blocks_per_part;
+    for (int64_t block = first; block < std::min(blocks.count, first + blocks_per_part);
+         ++block) {
       PackWindow(xn, block * blocks.in_channels, blocks.in_channels, y0 * stride - pad,
                  (y_count - 1) * stride + kKernel, -pad, cols, window);
       PackWindow(dyn, block * blocks.out_channels, blocks.out_channels, y0, y_count, 0, dy.width,
                  dy_block);
       KernelGradArgs a{window.data(), cols, dy_block.data(), y_count, dy.width, stride,
-                       partial + block * blocks.out_channels, R, dy.channels};
+                       sum + block * blocks.out_channels, R, dy.channels};
       if (layout == Layout::kShuffle) {
         Dispatch<4>(V, [&](auto v) { if constexpr (kLanes % v == 0) KernelGradShuffle<v>(a); });
       } else {
@@ -390,12 +405,77 @@ Image AsImage(const float* data, ffi::Span<const int64_t> dims) {
   return Image{data, dims[1], dims[2], dims[3]};
 }
 
-ffi::Error CheckShapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> y,
-                       ffi::Span<const int64_t> w, int64_t groups, Layout* layout) {
-  if (x.size() != 4 || y.size() != 4 || w.size() != 4 || w[0] != kKernel || w[1] != kKernel ||
-      groups <= 0 || x[3] % groups != 0 || y[3] % groups != 0 || x[0] != y[0] ||
-      !ChooseLayout(x[3] / groups, y[3] / groups, y[3], layout)) {
-    return ffi::Error::InvalidArgument("dpn_jax grouped conv: unsupported shapes");
+// Checks everything the products rely on before they run, so that a mis-shaped call is an
+// error that names the problem and never a read or write outside a buffer. Each product is a
+// convolution from an (N, H, W, C_in) `image` to an (N, OH, OW, C_out) `out` with the
+// (3, 3, C_in / G, C_out) kernel, or for the input gradient that kernel transposed per group,
+// (3, 3, C_out / G, C_in); `layout` is set for the channels the product reads and writes.
+ffi::Error CheckConv(const char* product, const Operand& image, const Operand& out,
+                     const Operand& kernel, bool kernel_transposed, int64_t groups,
+                     int64_t stride, int64_t pad, Layout* layout) {
+  const std::string where = std::string("dpn_jax grouped conv ") + product + ": ";
+  auto invalid = [&](const std::string& what) {
+    return ffi::Error::InvalidArgument(where + what);
+  };
+  for (const Operand* operand : {&image, &out, &kernel}) {
+    if (operand->dims.size() != 4) {
+      return invalid(operand->Describe() + ", expected 4 dimensions");
+    }
+  }
+  for (const Operand* operand : {&image, &out}) {
+    const auto d = operand->dims;
+    if (d[1] < 1 || d[2] < 1 || d[3] < 1) {
+      return invalid(operand->Describe() + ", expected a non-empty image (N, H, W, C)");
+    }
+  }
+  if (groups < 1) return invalid("groups = " + std::to_string(groups) + ", expected >= 1");
+  if (stride < 1 || stride > kKernel) {
+    return invalid("stride = " + std::to_string(stride) + ", expected 1 to " +
+                   std::to_string(kKernel));
+  }
+  if (pad < 0 || pad > kKernel - 1) {
+    return invalid("pad = " + std::to_string(pad) + ", expected 0 to " +
+                   std::to_string(kKernel - 1));
+  }
+  for (const Operand* operand : {&image, &out}) {
+    if (operand->dims[3] % groups != 0) {
+      return invalid(operand->Describe() + ": its " + std::to_string(operand->dims[3]) +
+                     " channels do not split into " + std::to_string(groups) + " groups");
+    }
+  }
+  if (image.dims[0] != out.dims[0]) {
+    return invalid(image.Describe() + " and " + out.Describe() + " differ in batch size");
+  }
+  for (int axis = 1; axis <= 2; ++axis) {
+    const int64_t padded = image.dims[axis] + 2 * pad;
+    if (padded < kKernel) {
+      return invalid(image.Describe() + " padded by " + std::to_string(pad) +
+                     " is smaller than the 3x3 kernel");
+    }
+    if (out.dims[axis] != (padded - kKernel) / stride + 1) {
+      return invalid(out.Describe() + " does not match " + image.Describe() + " with stride " +
+                     std::to_string(stride) + " and pad " + std::to_string(pad) +
+                     ": expected " + std::to_string((padded - kKernel) / stride + 1) +
+                     (axis == 1 ? " rows" : " columns"));
+    }
+  }
+  const int64_t in_per_group = image.dims[3] / groups, out_per_group = out.dims[3] / groups;
+  const int64_t expected[4] = {kKernel, kKernel,
+                               kernel_transposed ? out_per_group : in_per_group,
+                               kernel_transposed ? image.dims[3] : out.dims[3]};
+  if (!std::equal(kernel.dims.begin(), kernel.dims.end(), expected)) {
+    return invalid(kernel.Describe() + ", expected " + ShapeString(expected) + " for " +
+                   image.Describe() + ", " + out.Describe() + " and " + std::to_string(groups) +
+                   " groups");
+  }
+  // The input gradient gathers from `out` (dy) into `image` (dx): it reads C_out / G channels
+  // per group and writes C_in / G.
+  const int64_t read = kernel_transposed ? out_per_group : in_per_group;
+  const int64_t written = kernel_transposed ? in_per_group : out_per_group;
+  if (!ChooseLayout(read, written, kernel_transposed ? image.dims[3] : out.dims[3], layout)) {
+    return invalid("no kernel for groups of " + std::to_string(in_per_group) + " input and " +
+                   std::to_string(out_per_group) + " output channels (" +
+                   std::to_string(groups) + " groups)");
   }
   return ffi::Error::Success();
 }
@@ -404,7 +484,8 @@ ffi::Error ForwardHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y, int64_t groups,
                           int64_t stride, int64_t pad) {
   Layout layout;
-  if (auto e = CheckShapes(x.dimensions(), y->dimensions(), w.dimensions(), groups, &layout);
+  if (auto e = CheckConv("forward", {"x", x.dimensions()}, {"y", y->dimensions()},
+                         {"kernel", w.dimensions()}, false, groups, stride, pad, &layout);
       e.failure()) {
     return e;
   }
@@ -419,7 +500,9 @@ ffi::Error InputGradHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
                             ffi::Buffer<ffi::F32> w_t, ffi::ResultBuffer<ffi::F32> dx,
                             int64_t groups, int64_t stride, int64_t pad) {
   Layout layout;
-  if (auto e = CheckShapes(dy.dimensions(), dx->dimensions(), w_t.dimensions(), groups, &layout);
+  if (auto e = CheckConv("input gradient", {"dx", dx->dimensions()}, {"dy", dy.dimensions()},
+                         {"transposed kernel", w_t.dimensions()}, true, groups, stride, pad,
+                         &layout);
       e.failure()) {
     return e;
   }
@@ -433,7 +516,8 @@ ffi::Error KernelGradHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                              ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
                              int64_t groups, int64_t stride, int64_t pad) {
   Layout layout;
-  if (auto e = CheckShapes(x.dimensions(), dy.dimensions(), dw->dimensions(), groups, &layout);
+  if (auto e = CheckConv("kernel gradient", {"x", x.dimensions()}, {"dy", dy.dimensions()},
+                         {"dw", dw->dimensions()}, false, groups, stride, pad, &layout);
       e.failure()) {
     return e;
   }
@@ -458,9 +542,7 @@ auto ConvBinding() {
 }  // namespace
 }  // namespace dpn_jax
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DpnGroupedConvForward, dpn_jax::ForwardHandler,
-                              dpn_jax::ConvBinding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DpnGroupedConvInputGrad, dpn_jax::InputGradHandler,
-                              dpn_jax::ConvBinding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DpnGroupedConvKernelGrad, dpn_jax::KernelGradHandler,
-                              dpn_jax::ConvBinding());
+DPN_JAX_FFI_HANDLER(DpnGroupedConvForward, dpn_jax::ForwardHandler, dpn_jax::ConvBinding());
+DPN_JAX_FFI_HANDLER(DpnGroupedConvInputGrad, dpn_jax::InputGradHandler, dpn_jax::ConvBinding());
+DPN_JAX_FFI_HANDLER(DpnGroupedConvKernelGrad, dpn_jax::KernelGradHandler,
+                    dpn_jax::ConvBinding());

@@ -3,12 +3,14 @@
 //
 // XLA CPU's matmul library wants the contracted dimension innermost, so for this product XLA
 // first writes x transposed: one extra pass over every 1x1 layer's input in the backward pass
-// (`copy_bitcast_fusion`, ~0.4 s of a ~3.5 s dpn68 training step, BENCHMARKS.md). Here each
+// (`copy_bitcast_fusion`; BENCHMARKS.md, "CPU 1x1 weight-gradient kernel"). Here each
 // work item, a block of rows m, copies its rows of x and dy into panels in cache (the
 // transpose happens there), runs a 6 x 16 register tile over them, and adds its product into
-// the running thread's partial sum of dw.
+// its chunk's partial sum of dw (`ParallelSum`: a fixed order, bit-identical results).
 
+#include <algorithm>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -66,7 +68,9 @@ void PointwiseKernelGrad(ffi::ThreadPool& pool, const float* x, const float* dy,
   const int64_t items = (m_total + kItemRows - 1) / kItemRows;
   const int64_t row_panels = (in_c + kTileRows - 1) / kTileRows;
   const int64_t col_panels = (out_c + kTileCols - 1) / kTileCols;
-  ParallelSum(pool, items, in_c * out_c, dw, [&](int64_t item, float* partial) {
+  // One part: parts over dw's columns would each pack x's rows again, which costs more than the
+  // chunks' buffers (BENCHMARKS.md, "CPU kernels: fixed-order sums").
+  ParallelSum(pool, items, 1, in_c * out_c, dw, [&](int64_t item, int64_t, float* partial) {
     thread_local std::vector<float> x_panels, dy_panels;
     const int64_t m0 = item * kItemRows, rows = std::min(kItemRows, m_total - m0);
     PackPanels(x, in_c, m0, rows, kTileRows, x_panels);
@@ -88,10 +92,19 @@ void PointwiseKernelGrad(ffi::ThreadPool& pool, const float* x, const float* dy,
 
 ffi::Error PointwiseKernelGradHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                       ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw) {
-  const auto xd = x.dimensions(), dyd = dy.dimensions(), dwd = dw->dimensions();
-  if (xd.size() != 2 || dyd.size() != 2 || dwd.size() != 2 || xd[0] != dyd[0] ||
-      dwd[0] != xd[1] || dwd[1] != dyd[1]) {
-    return ffi::Error::InvalidArgument("dpn_jax 1x1 kernel gradient: unsupported shapes");
+  const Operand xo{"x", x.dimensions()}, dyo{"dy", dy.dimensions()}, dwo{"dw", dw->dimensions()};
+  auto invalid = [](const std::string& what) {
+    return ffi::Error::InvalidArgument("dpn_jax 1x1 kernel gradient: " + what);
+  };
+  for (const Operand* operand : {&xo, &dyo, &dwo}) {
+    if (operand->dims.size() != 2) return invalid(operand->Describe() + ", expected 2 dimensions");
+  }
+  const auto xd = x.dimensions(), dyd = dy.dimensions();
+  if (xd[0] != dyd[0]) return invalid(xo.Describe() + " and " + dyo.Describe() + " differ in rows");
+  const int64_t expected[2] = {xd[1], dyd[1]};
+  if (!std::equal(dwo.dims.begin(), dwo.dims.end(), expected)) {
+    return invalid(dwo.Describe() + ", expected " + ShapeString(expected) + " for " +
+                   xo.Describe() + " and " + dyo.Describe());
   }
   PointwiseKernelGrad(pool, x.typed_data(), dy.typed_data(), dw->typed_data(), xd[0], xd[1],
                       dyd[1]);
@@ -101,9 +114,9 @@ ffi::Error PointwiseKernelGradHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
 }  // namespace
 }  // namespace dpn_jax
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DpnPointwiseKernelGrad, dpn_jax::PointwiseKernelGradHandler,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::ThreadPool>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>());
+DPN_JAX_FFI_HANDLER(DpnPointwiseKernelGrad, dpn_jax::PointwiseKernelGradHandler,
+                    xla::ffi::Ffi::Bind()
+                        .Ctx<xla::ffi::ThreadPool>()
+                        .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                        .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                        .Ret<xla::ffi::Buffer<xla::ffi::F32>>());
