@@ -18,7 +18,7 @@ def subprocess_env(cache_dir: str | os.PathLike, devices: int = 4) -> dict[str, 
     """CPU with `devices` simulated devices; one persistent compilation cache for every run."""
     return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
                 XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                JAX_COMPILATION_CACHE_DIR=str(cache_dir), DPN_JAX_CACHE_DIR=str(cache_dir),
+                JAX_COMPILATION_CACHE_DIR=str(cache_dir), DPN_JAX_COMPILATION_CACHE=str(cache_dir),
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONPATH=str(ROOT))
 

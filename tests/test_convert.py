@@ -201,7 +201,7 @@ def test_create_model_pretrained_true_downloads_converts_and_caches(tmp_path, mo
     # huggingface_hub reads these environment variables at import; patch what it read.
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("DPN_JAX_CACHE", str(tmp_path / "dpn_jax_cache"))
+    monkeypatch.setenv("DPN_JAX_WEIGHTS_CACHE", str(tmp_path / "dpn_jax_cache"))
     x = image_batch()
     expected = run_timm(reference("dpn68"), x)
     model, variables = dpn_jax.create_model("dpn68.mx_in1k", num_classes=NUM_CLASSES, pretrained=True, **TINY)
@@ -476,7 +476,7 @@ def test_a_real_write_failure_during_conversion_is_one_line(tmp_path):
     argv = [sys.executable, "-c", limited, "convert_weights.py",
             str(tmp_path / "model.safetensors"), "--output", str(tmp_path / "out")]
     result = subprocess.run(argv, check=False, cwd=REPO_ROOT,
-                            env={**os.environ, "DPN_JAX_CACHE_DIR": "off"}, capture_output=True,
+                            env={**os.environ, "DPN_JAX_COMPILATION_CACHE": "off"}, capture_output=True,
                             text=True, timeout=300)
     assert_one_line_error(result.returncode, result.stderr,
                           f"dpn-convert: error: cannot write {tmp_path / 'out'}: File too large")

@@ -221,7 +221,7 @@ def test_savedmodel_uint8_signature_normalises_inside(exports, model_dir):
 
 def test_pretrained_tag_source(model_dir, tmp_path, monkeypatch, capsys):
     """A tag is read from the converted-weights cache (here: planted, so nothing downloads)."""
-    monkeypatch.setenv("DPN_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DPN_JAX_WEIGHTS_CACHE", str(tmp_path / "cache"))
     shutil.copytree(model_dir, tmp_path / "cache" / "dpn68.mx_in1k")
     assert export_cli.main(["dpn68", "--format", "stablehlo", "--output",
                             str(tmp_path / "out"), "--img-size", str(IMG_SIZE)]) == 0

@@ -152,9 +152,9 @@ def test_predictor_batches_compile_once_per_shape(predictor, photos):
 
 def test_pretrained_reads_the_converted_weights_cache(checkpoint, predictor, photos, tmp_path,
                                                      monkeypatch, capsys):
-    """--pretrained resolves an architecture to its default tag in $DPN_JAX_CACHE (no network)."""
+    """--pretrained resolves an architecture to its default tag in $DPN_JAX_WEIGHTS_CACHE (no network)."""
     shutil.copytree(checkpoint, tmp_path / "dpn68b.ra_in1k")
-    monkeypatch.setenv("DPN_JAX_CACHE", str(tmp_path))
+    monkeypatch.setenv("DPN_JAX_WEIGHTS_CACHE", str(tmp_path))
     code, out, err = run_main(capsys, "--model", "dpn68b", "--pretrained", "--json", "--img-size", 64,
                               "--top-k", 1, photos / "china.jpg")
     assert code == 0, err

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--output DIR is required (or --to-torch OUT.safetensors to export)")
     if args.num_classes is not None and args.num_classes < 0:
         parser.error(f"--num-classes must be >= 0, got {args.num_classes}")
-    enable_compilation_cache()  # $DPN_JAX_CACHE_DIR=off disables it
+    enable_compilation_cache()  # $DPN_JAX_COMPILATION_CACHE=off disables it
     command = export_to_torch if args.to_torch else convert
     return run_command(parser.prog, lambda: command(args))
 

@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
-    enable_compilation_cache()  # $DPN_JAX_CACHE_DIR=off disables it
+    enable_compilation_cache()  # $DPN_JAX_COMPILATION_CACHE=off disables it
     return run_command(parser.prog, lambda: evaluate_model(parser, args))
 
 

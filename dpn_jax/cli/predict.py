@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be >= 1")
-    enable_compilation_cache()  # $DPN_JAX_CACHE_DIR=off disables it
+    enable_compilation_cache()  # $DPN_JAX_COMPILATION_CACHE=off disables it
     return run_command(parser.prog, lambda: predict(parser, args))
 
 

@@ -1,8 +1,8 @@
 """JAX's persistent compilation cache, on by default for the command-line tools.
 
-A DPN train step takes tens of seconds to compile on CPU; with the cache a second run of the
-same command loads the executable from disk instead. `DPN_JAX_CACHE_DIR` picks the directory,
-and an empty value (or `off` / `none` / `0`) turns the cache off.
+A DPN train step takes long to compile on CPU; with the cache a second run of the same command
+loads the executable from disk instead. Where it lives: `dpn_jax.runtime.cache_dirs`
+(`DPN_JAX_COMPILATION_CACHE`, `off` to disable).
 """
 from __future__ import annotations
 
@@ -11,28 +11,21 @@ from pathlib import Path
 
 import jax
 
+from dpn_jax.runtime.cache_dirs import compilation_cache_dir
 from dpn_jax.runtime.env_switches import switched_off
-
-DEFAULT_CACHE_DIR = Path("~/.cache/dpn_jax/jax_cache")
-CACHE_DIR_ENV = "DPN_JAX_CACHE_DIR"
-
-
-def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path | None:
-    """The directory to use: the argument, else `$DPN_JAX_CACHE_DIR`, else the default; None = off."""
-    if cache_dir is None:
-        cache_dir = os.environ.get(CACHE_DIR_ENV, str(DEFAULT_CACHE_DIR))
-    if switched_off(str(cache_dir)):
-        return None
-    return Path(cache_dir).expanduser()
 
 
 def enable_compilation_cache(cache_dir: str | os.PathLike | None = None) -> Path | None:
-    """Point JAX's persistent cache at `cache_dir` (see `resolve_cache_dir`); returns it or None.
+    """Point JAX's persistent cache at `cache_dir` (default: `compilation_cache_dir()`, which may
+    say off); returns the directory, or None when the cache is off.
 
     Only executables that took at least a second to compile are stored, so small helper
     functions do not litter the directory.
     """
-    path = resolve_cache_dir(cache_dir)
+    if cache_dir is None:
+        path = compilation_cache_dir()
+    else:
+        path = None if switched_off(os.fspath(cache_dir)) else Path(cache_dir).expanduser()
     if path is None:
         jax.config.update("jax_enable_compilation_cache", False)
         return None

@@ -2,7 +2,7 @@
 
 `create_model(name, pretrained=DIR)` reads a model directory (`ModelDir`);
 `create_model(tag, pretrained=True)` converts timm's hub weights once into such a directory
-under the cache (`$DPN_JAX_CACHE`, default `~/.cache/dpn_jax`) and reads it from there.
+under the weights cache (`dpn_jax.runtime.cache_dirs.weights_cache_dir`) and reads it from there.
 """
 from __future__ import annotations
 
@@ -28,15 +28,9 @@ from dpn_jax.weights.convert import (
     num_classes_in,
     timm_to_flax,
 )
+from dpn_jax.runtime.cache_dirs import weights_cache_dir
 from dpn_jax.weights.model_dir import METADATA_FILE, ModelDir, Preprocessing
 from dpn_jax.weights.sources import Source, StateDict, read_state_dict, resolve_source, sha256_of
-
-
-def cache_dir() -> Path:
-    """Where converted hub weights live: `$DPN_JAX_CACHE`, else `$XDG_CACHE_HOME/dpn_jax`."""
-    if "DPN_JAX_CACHE" in os.environ:
-        return Path(os.environ["DPN_JAX_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "dpn_jax"
 
 
 # --- Converting a source ------------------------------------------------------------------------
@@ -147,7 +141,7 @@ def cached_pretrained(tag: str) -> Path:
     if not PRETRAINED_CFGS[tag]["hf_hub_id"]:
         raise ConfigError(f"{tag} has no pretrained weights; pretrained tags: "
                           + ", ".join(t for t, c in PRETRAINED_CFGS.items() if c["hf_hub_id"]))
-    path = cache_dir() / tag
+    path = weights_cache_dir() / tag
     if not (path / METADATA_FILE).is_file():
         converted = convert_source(f"hf-hub:{PRETRAINED_CFGS[tag]['hf_hub_id']}", model=tag)
         try:
