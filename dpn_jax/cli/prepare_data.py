@@ -15,7 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from dpn_jax.errors import DpnJaxError
+from dpn_jax.cli.common import echo, run_command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,14 +29,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--manual-dir", help="where manually downloaded files are, e.g. the "
                                              "ILSVRC2012 tars (default: DOWNLOAD_DIR/manual)")
     args = parser.parse_args(argv)
-    try:
-        from dpn_jax.data.tfds_source import prepare
-        where = prepare(args.dataset, data_dir=args.data_dir, download_dir=args.download_dir,
-                        manual_dir=args.manual_dir)
-    except DpnJaxError as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 1
-    print(f"{args.dataset}: ArrayRecord in {where}")
+    return run_command(parser.prog, lambda: prepare_dataset(args))
+
+
+def prepare_dataset(args: argparse.Namespace) -> int:
+    from dpn_jax.data.tfds_source import prepare
+    where = prepare(args.dataset, data_dir=args.data_dir, download_dir=args.download_dir,
+                    manual_dir=args.manual_dir)
+    echo(f"{args.dataset}: ArrayRecord in {where}")
     return 0
 
 
