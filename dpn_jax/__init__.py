@@ -21,12 +21,19 @@ _EXPORTS = {
     "ModelDir": "dpn_jax.weights.model_dir", "Preprocessing": "dpn_jax.weights.model_dir",
     "create_model": "dpn_jax.factory", "init_variables": "dpn_jax.models.registry",
     "list_models": "dpn_jax.models.registry", "pretrained_cfg": "dpn_jax.models.registry",
-    "Predictor": "dpn_jax.infer.predict",
+    "Predictor": "dpn_jax.infer.predict", "evaluate_dataset": "dpn_jax.infer.evaluate",
+    "Runner": "dpn_jax.runtime.runner", "train_and_evaluate": "dpn_jax.train.trainer",
+    "export_model": "dpn_jax.export", "DpnJaxError": "dpn_jax.errors",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
+    from dpn_jax.errors import DpnJaxError
+    from dpn_jax.export import export_model
+    from dpn_jax.infer.evaluate import evaluate_dataset
+    from dpn_jax.runtime.runner import Runner
+    from dpn_jax.train.trainer import train_and_evaluate
     from dpn_jax.factory import create_model
     from dpn_jax.infer.predict import Predictor
     from dpn_jax.models.dpn import (
