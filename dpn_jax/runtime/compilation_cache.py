@@ -1,8 +1,9 @@
 """JAX's persistent compilation cache, on by default for the command-line tools.
 
-A DPN train step takes tens of seconds to compile on CPU; with the cache a second run of the
-same command loads the executable from disk instead. `DPN_JAX_CACHE_DIR` picks the directory,
-and an empty value (or `off` / `none` / `0`) turns the cache off.
+Compiling a DPN train step takes long (BENCHMARKS.md, "Start-up and compilation cache"); with
+the cache a second run of the same command loads the executable from disk instead.
+`DPN_JAX_CACHE_DIR` picks the directory, and an empty value (or `off` / `none` / `0`) turns the
+cache off.
 """
 from __future__ import annotations
 
