@@ -59,8 +59,8 @@ def interleaved_medians(engines: dict[str, tuple[Sequence[Callable], tuple]], it
     """name -> median ms of each of its functions on its inputs, every engine once per round.
 
     Each round runs the engines in a new (seeded) random order: an engine that always ran right
-    after torch paid for torch's threads still spinning (BENCHMARKS.md, "CPU kernels:
-    fixed-order sums").
+    after torch paid for torch's threads still spinning (BENCHMARKS.md, "Why a random order in
+    the in-process scripts").
     """
     times = {name: [[] for _ in fns] for name, (fns, _) in engines.items()}
     for fns, inputs in engines.values():  # warm-up: compile, first-call allocations

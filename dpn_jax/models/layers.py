@@ -69,7 +69,8 @@ def _moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
     Under `jax.checkpoint` the backward pass keeps `x` itself (bfloat16 under mixed precision)
     and recomputes the float32 upcast: autodiff alone kept `2 * float32(x)` for every BatchNorm,
-    and dpn92's bfloat16 train step (batch 256, H100) peaked at 24.3 GiB instead of 21.0 GiB.
+    which raised a bfloat16 train step's peak memory (BENCHMARKS.md, "Memory and
+    rematerialisation").
     """
     x32 = x.astype(jnp.float32)
     axes = tuple(range(x.ndim - 1))

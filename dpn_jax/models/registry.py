@@ -67,7 +67,7 @@ def init_variables(model: nn.Module, rng: jax.Array | None = None) -> Variables:
     So one standard-normal draw runs on the device and is sliced in NumPy: kernels get
     `kernel_init_std` (He fan-out for convs, LeCun fan-in for the classifier), BatchNorm starts
     at the identity, biases at zero. tests/test_models.py ties the result to `model.init`;
-    BENCHMARKS.md ("Known gaps", model creation) has the times.
+    BENCHMARKS.md ("Start-up and compilation cache") has the times.
     """
     rng = jax.random.PRNGKey(0) if rng is None else rng
     dummy = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)

@@ -9,8 +9,8 @@ grouped convolutions run dpn_jax's own kernels (`csrc/grouped_conv_cpu.cc`, XLA 
 loaded by `cpu_kernels.py`; narrow groups merged into block-diagonal ones they take), else
 (bfloat16, no kernels built, or `DPN_JAX_CPU_KERNELS=off`) one dense convolution per
 super-group, and 1x1 convolutions are matmuls whose weight gradient is a kernel of its own
-(`csrc/pointwise_grad_cpu.cc`). BENCHMARKS.md ("Grouped convolution lowerings") has the
-measurements behind the CPU choices.
+(`csrc/pointwise_grad_cpu.cc`). BENCHMARKS.md ("CPU kernels") has the current measurements,
+benchmarks/HISTORY.md the ones behind each CPU choice.
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 # On CPU, a dense convolution narrower than this many input channels wastes most of its time on
 # overhead; merging neighbouring groups into one block-diagonal convolution of at least this width
-# (extra zero FLOPs included) is faster forward and backward for 3-4 channels/group (BENCHMARKS.md,
-# "3x3 grouped convolution").
+# (extra zero FLOPs included) is faster forward and backward for 3-4 channels/group
+# (benchmarks/HISTORY.md, "3x3 grouped convolution").
 MIN_CPU_CONV_CHANNELS = 16
 
 
@@ -55,7 +55,7 @@ def _pointwise_dot(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
 
 # The 1x1 weight gradient's transposed copy costs XLA ~1/out_channels of the product's work;
 # up to this width dpn_jax's kernel (no copy) is the faster one in a dpn68 train step, beyond it
-# XLA's matmul (BENCHMARKS.md, "1x1 weight-gradient kernel").
+# XLA's matmul (benchmarks/HISTORY.md, "CPU 1x1 weight-gradient kernel").
 POINTWISE_KERNEL_MAX_OUT = 256
 
 
@@ -65,7 +65,7 @@ def _channel_matmul(x: jax.Array, weight: jax.Array) -> jax.Array:
 
     The custom VJP states the weight gradient as x^T dy contracted over (N, H, W). Autodiff's
     form makes XLA CPU transpose dy in memory first, which slowed a dpn68 training step's
-    56x56 and 28x28 layers (BENCHMARKS.md, "1x1 convolution gradient"); even this form
+    56x56 and 28x28 layers (benchmarks/HISTORY.md, "1x1 convolution gradient"); even this form
     makes it write x transposed. dpn_jax's own kernel transposes in cache instead; it pays
     where that copy is large against the product's FLOPs, i.e. for few output channels.
     """
@@ -153,7 +153,7 @@ def cpu_kernel_merge(x: jax.Array, kernel: jax.Array, groups: int) -> int | None
 
     dpn68/98/107/131's 4, 8, 16 and 32 and dpn92's 24 channels per group run as they are;
     dpn92's 3, 6 and 12 run as block-diagonal groups of 24 (8, 4 and 2 merged, that many times
-    the FLOPs), still faster than the split lowering (BENCHMARKS.md, "Grouped convolution").
+    the FLOPs), still faster than the split lowering (BENCHMARKS.md, "CPU kernels").
     Only float32 3x3 kernels.
     """
     if kernel.shape[:2] != (3, 3) or x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
@@ -262,8 +262,9 @@ def _conv2d(x: jax.Array, kernel: jax.Array, stride: int, groups: int, padding,
     """`conv2d` traced once per distinct shape: a DPN repeats few conv shapes many times.
 
     Tracing both platform branches of every convolution was most of the time it took to trace
-    a train step (BENCHMARKS.md, "Where a dpn68 train-step compile goes"). `inline=True` pastes
-    the cached jaxpr into the caller: as a nested call instead, XLA CPU ran the step far slower.
+    a train step (benchmarks/HISTORY.md, "Where a dpn68 train-step compile goes").
+    `inline=True` pastes the cached jaxpr into the caller: as a nested call instead, XLA CPU ran
+    the step far slower.
     """
     pointwise = groups == 1 and kernel.shape[:2] == (1, 1) and all(p == (0, 0) for p in padding)
     if lowering == "native" or not (pointwise or groups > 1):

@@ -1,12 +1,12 @@
 """Huge pages for XLA's host buffers, on by default for the training and benchmark commands.
 
-XLA's CPU runtime allocates every execution's temporaries afresh (1.4 GiB for a dpn68 batch-16
-train step) and glibc maps allocations that large straight from the kernel, which faults them
-in 4 KiB at a time: ~380k page faults and ~1.2 thread-seconds of kernel time in a 3.8 s step.
-glibc (>= 2.35) asks for transparent huge pages instead when `GLIBC_TUNABLES` holds
-`glibc.malloc.hugetlb=1`: ~4k faults, and the step took 2.9-3.2 s instead of 3.6-4.0 s
-(BENCHMARKS.md, "Page faults"). glibc reads its tunables only at process start, so a command
-re-executes itself once with the tunable added. `DPN_JAX_HUGE_PAGES=0` turns this off.
+XLA's CPU runtime allocates every execution's temporaries afresh (a train step's are large) and
+glibc maps allocations that large straight from the kernel, which faults them in one 4 KiB page
+at a time, every step. glibc (>= 2.35) asks for transparent huge pages instead when
+`GLIBC_TUNABLES` holds `glibc.malloc.hugetlb=1`: far fewer faults and a faster step
+(BENCHMARKS.md, "Huge pages for XLA's temporaries"). glibc reads its tunables only at process
+start, so a command re-executes itself once with the tunable added. `DPN_JAX_HUGE_PAGES=0`
+turns this off.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 //
 // XLA CPU runs `feature_group_count` convolutions far slower than oneDNN, and splitting them
 // into dense convolutions costs a transpose and a copy per group and direction (BENCHMARKS.md,
-// "CPU grouped-convolution kernels"). Here each work item (an image's block of rows) takes the
+// "CPU kernels"). Here each work item (an image's block of rows) takes the
 // channel blocks in turn: it copies the input window a block reads into a small zero-padded
 // buffer, then accumulates 8-lane vectors of output channels in registers over taps and input
 // channels:

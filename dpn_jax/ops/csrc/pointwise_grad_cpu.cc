@@ -3,7 +3,7 @@
 //
 // XLA CPU's matmul library wants the contracted dimension innermost, so for this product XLA
 // first writes x transposed: one extra pass over every 1x1 layer's input in the backward pass
-// (`copy_bitcast_fusion`; BENCHMARKS.md, "CPU 1x1 weight-gradient kernel"). Here each
+// (`copy_bitcast_fusion`; BENCHMARKS.md, "1x1 weight gradient"). Here each
 // work item, a block of rows m, copies its rows of x and dy into panels in cache (the
 // transpose happens there), runs a 6 x 16 register tile over them, and adds its product into
 // its chunk's partial sum of dw (`ParallelSum`: a fixed order, bit-identical results).
@@ -69,7 +69,7 @@ void PointwiseKernelGrad(ffi::ThreadPool& pool, const float* x, const float* dy,
   const int64_t row_panels = (in_c + kTileRows - 1) / kTileRows;
   const int64_t col_panels = (out_c + kTileCols - 1) / kTileCols;
   // One part: parts over dw's columns would each pack x's rows again, which costs more than the
-  // chunks' buffers (BENCHMARKS.md, "CPU kernels: fixed-order sums").
+  // chunks' buffers (benchmarks/HISTORY.md, "CPU kernels: fixed-order sums").
   ParallelSum(pool, items, 1, in_c * out_c, dw, [&](int64_t item, int64_t, float* partial) {
     thread_local std::vector<float> x_panels, dy_panels;
     const int64_t m0 = item * kItemRows, rows = std::min(kItemRows, m_total - m0);
