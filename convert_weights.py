@@ -3,6 +3,7 @@
 
 The same program as the `dpn-convert` console script (`dpn_jax.cli.convert`).
 """
+
 import sys
 
 from dpn_jax.cli.convert import main

@@ -11,6 +11,7 @@ Nothing depends on the building machine's CPU, so a wheel built here runs on any
 architecture. The build needs GCC >= 12 or Clang; it is optional: without it, CPU runs fall back
 to a slower pure-XLA lowering (and say so).
 """
+
 import os
 import platform
 import sys
@@ -23,16 +24,24 @@ CSRC = "dpn_jax/ops/csrc"
 # Hidden symbols, and (ELF) references bound inside the library: nothing but the handlers is
 # exported, and neither build, both loaded in one process, ever calls the other's (differently
 # compiled) inline functions or standard-library instantiations.
-COMPILE_ARGS = ["-std=c++17", "-O3", "-fvisibility=hidden", "-fvisibility-inlines-hidden",
-                "-Wno-psabi"]  # psabi: 8-float vectors passed without AVX, inside the library
+COMPILE_ARGS = [
+    "-std=c++17",
+    "-O3",
+    "-fvisibility=hidden",
+    "-fvisibility-inlines-hidden",
+    "-Wno-psabi",
+]  # psabi: 8-float vectors passed without AVX, inside the library
 LINK_ARGS = ["-Wl,-Bsymbolic"] if sys.platform.startswith("linux") else []
 
 
 def kernel_library(name: str, instruction_sets: list[str]) -> Extension:
     return Extension(
         f"dpn_jax.ops.{name}",
-        sources=[f"{CSRC}/grouped_conv_cpu.cc", f"{CSRC}/pointwise_grad_cpu.cc",
-                 f"{CSRC}/cpu_features.cc"],
+        sources=[
+            f"{CSRC}/grouped_conv_cpu.cc",
+            f"{CSRC}/pointwise_grad_cpu.cc",
+            f"{CSRC}/cpu_features.cc",
+        ],
         depends=[f"{CSRC}/cpu_kernels.h"],
         include_dirs=[os.path.join(os.path.dirname(os.path.abspath(jaxlib.__file__)), "include")],
         extra_compile_args=[*COMPILE_ARGS, *instruction_sets],

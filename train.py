@@ -6,6 +6,7 @@ Multi-host: run the same command on every host; under Slurm or Open MPI (or with
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) `jax.distributed` finds the
 others by itself, else pass --coordinator_address / --num_processes / --process_id.
 """
+
 import logging
 import os
 import sys
@@ -15,8 +16,11 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
-    "Training config file (default: the digits demo).", lock_config=True)
+    "config",
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
+    "Training config file (default: the digits demo).",
+    lock_config=True,
+)
 flags.DEFINE_string("workdir", "runs/digits", "Checkpoints, logs and the exported model go here.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
@@ -43,7 +47,8 @@ def request_deterministic_gpu_ops() -> None:
     gradients) in a scheduling-dependent order unless told otherwise; it reads the flag when the
     backend starts, so this must run before anything touches a device."""
     os.environ["XLA_FLAGS"] = " ".join(
-        filter(None, (os.environ.get("XLA_FLAGS"), "--xla_gpu_deterministic_ops=true")))
+        filter(None, (os.environ.get("XLA_FLAGS"), "--xla_gpu_deterministic_ops=true"))
+    )
 
 
 def main(argv) -> int:
@@ -67,8 +72,10 @@ def main(argv) -> int:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 1
     if metrics:
-        print(f"final validation top-1: {100 * metrics['eval_top1']:.2f}% "
-              f"(top-5 {100 * metrics['eval_top5']:.2f}%, {metrics['eval_examples']} images)")
+        print(
+            f"final validation top-1: {100 * metrics['eval_top1']:.2f}% "
+            f"(top-5 {100 * metrics['eval_top5']:.2f}%, {metrics['eval_examples']} images)"
+        )
     return 0
 
 

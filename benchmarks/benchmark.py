@@ -11,6 +11,7 @@ alike. Peak host memory is measured in one fresh worker per engine and mode; on 
 workers also report the device's peak. Prints a table with dpn_jax / timm ratios and writes
 every number to JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 # The dpn_jax engines are the trainer's and dpn-predict's steps under each parallelism.
 # dpn_jax's exports (inference only; opt-in with --engines): ONNX in ONNX Runtime, StableHLO in
@@ -62,15 +63,30 @@ class Result:
 # ---------------------------------------------------------------------------------------------
 # Engines: each builds a model and returns `step()`, a callable that runs one batch to completion.
 
+
 class Engine:
     """`dtype` is the compute dtype: bfloat16 means dpn_jax's `dtype=bfloat16` (float32
     parameters) against timm under `torch.autocast(dtype=torch.bfloat16)`, i.e. AMP."""
 
-    def __init__(self, name: str, mode: str, model: str, batch: int, resolution: int,
-                 dtype: str = "float32", remat: bool = False):
+    def __init__(
+        self,
+        name: str,
+        mode: str,
+        model: str,
+        batch: int,
+        resolution: int,
+        dtype: str = "float32",
+        remat: bool = False,
+    ):
         self.result = Result(name, mode, model, batch, resolution, dtype)
         self.mode, self.model, self.batch, self.resolution, self.dtype, self.remat = (
-            mode, model, batch, resolution, dtype, remat)
+            mode,
+            model,
+            batch,
+            resolution,
+            dtype,
+            remat,
+        )
         self.step: Callable[[], None] | None = None
 
     def build(self) -> None:
@@ -88,6 +104,7 @@ class JaxEngine(Engine):
         import numpy as np
 
         import dpn_jax
+
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         from configs import default  # the trainer's defaults (the repository's configs/)
         from dpn_jax.infer.predict import make_predict_step
@@ -100,8 +117,9 @@ class JaxEngine(Engine):
         self.result.backend = jax.default_backend()
         runner = Runner("pmap" if self.result.engine == "dpn_jax_pmap" else "shard_map")
         t0 = time.perf_counter()
-        model, variables = dpn_jax.create_model(self.model, dtype=jnp.dtype(self.dtype),
-                                                remat=self.remat, axis_name=AXIS)
+        model, variables = dpn_jax.create_model(
+            self.model, dtype=jnp.dtype(self.dtype), remat=self.remat, axis_name=AXIS
+        )
         jax.block_until_ready(variables)
         self.result.create_s = time.perf_counter() - t0
 
@@ -109,18 +127,31 @@ class JaxEngine(Engine):
         rng = np.random.default_rng(0)
         images = rng.integers(0, 256, (self.batch, self.resolution, self.resolution, 3), np.uint8)
         if self.mode == "infer":
-            fn = runner.compile(make_predict_step(model, cfg["mean"], cfg["std"]),
-                                in_specs=(REPLICATED, SHARDED), out_specs=SHARDED)
+            fn = runner.compile(
+                make_predict_step(model, cfg["mean"], cfg["std"]),
+                in_specs=(REPLICATED, SHARDED),
+                out_specs=SHARDED,
+            )
             args = (runner.replicate(variables), runner.put_batch(images))
         else:
             config = default.get_config()
-            config.update(batch_size=self.batch, base_batch_size=self.batch, learning_rate=0.1,
-                          momentum=0.9, weight_decay=1e-4, schedule="constant", warmup_epochs=0.0)
+            config.update(
+                batch_size=self.batch,
+                base_batch_size=self.batch,
+                learning_rate=0.1,
+                momentum=0.9,
+                weight_decay=1e-4,
+                schedule="constant",
+                warmup_epochs=0.0,
+            )
             tx, schedule = create_optimizer(config, updates_per_epoch=1000)
             state = create_train_state(variables, tx, seed=0, use_ema=False)
-            fn = runner.compile(make_train_step(model, tx, schedule, config, cfg["mean"], cfg["std"]),
-                                in_specs=(REPLICATED, SHARDED), out_specs=(REPLICATED, REPLICATED),
-                                donate_argnums=(0,))
+            fn = runner.compile(
+                make_train_step(model, tx, schedule, config, cfg["mean"], cfg["std"]),
+                in_specs=(REPLICATED, SHARDED),
+                out_specs=(REPLICATED, REPLICATED),
+                donate_argnums=(0,),
+            )
             labels = rng.integers(0, 1000, self.batch).astype(np.int32)
             args = (runner.replicate(state), runner.put_batch({"image": images, "label": labels}))
 
@@ -151,15 +182,17 @@ class TimmEngine(Engine):
         self.result.backend = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(self.result.backend)
         torch.backends.cudnn.benchmark = True  # as timm's train.py
-        autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16,
-                                          enabled=self.dtype == "bfloat16")
+        autocast = lambda: torch.autocast(
+            device.type, dtype=torch.bfloat16, enabled=self.dtype == "bfloat16"
+        )
         t0 = time.perf_counter()
         model = timm.create_model(self.model).to(device)
         self.result.create_s = time.perf_counter() - t0
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         model = model.to(memory_format=memory_format)
-        x = torch.randn(self.batch, 3, self.resolution, self.resolution, device=device
-                        ).contiguous(memory_format=memory_format)
+        x = torch.randn(self.batch, 3, self.resolution, self.resolution, device=device).contiguous(
+            memory_format=memory_format
+        )
         y = torch.randint(0, 1000, (self.batch,), device=device)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -216,21 +249,39 @@ class ExportedEngine(Engine):
 
         if self.mode != "infer" or self.dtype != "float32":
             raise ValueError(f"the {self.result.engine} engine runs float32 inference only")
-        self.result.backend = "cpu" if self.result.engine == "onnxruntime" else jax.default_backend()
+        self.result.backend = (
+            "cpu" if self.result.engine == "onnxruntime" else jax.default_backend()
+        )
         format = "onnx" if self.result.engine == "onnxruntime" else "stablehlo"
         arch, tag = split_model_name(self.model)
         x = np.random.default_rng(0).standard_normal(
-            (self.batch, self.resolution, self.resolution, 3), dtype=np.float32)
+            (self.batch, self.resolution, self.resolution, 3), dtype=np.float32
+        )
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             _, variables = dpn_jax.create_model(self.model)
-            save_model_dir(f"{tmp}/model", variables, {
-                "architecture": arch, "num_classes": 1000, "model_kwargs": {},
-                "pretrained_cfg": pretrained_cfg_record(tag), "class_names": None})
+            save_model_dir(
+                f"{tmp}/model",
+                variables,
+                {
+                    "architecture": arch,
+                    "num_classes": 1000,
+                    "model_kwargs": {},
+                    "pretrained_cfg": pretrained_cfg_record(tag),
+                    "class_names": None,
+                },
+            )
             lowering = self.result.engine.partition("_")[2] or None
-            export_model(f"{tmp}/model", format, f"{tmp}/{format}", ExportOptions(
-                img_size=self.resolution, conv_lowering=lowering,
-                platforms=("cpu",) if lowering == "kernels" else DEFAULT_PLATFORMS))
+            export_model(
+                f"{tmp}/model",
+                format,
+                f"{tmp}/{format}",
+                ExportOptions(
+                    img_size=self.resolution,
+                    conv_lowering=lowering,
+                    platforms=("cpu",) if lowering == "kernels" else DEFAULT_PLATFORMS,
+                ),
+            )
             self.result.create_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             if format == "onnx":
@@ -247,14 +298,27 @@ class ExportedEngine(Engine):
 def make_engine(args: argparse.Namespace) -> Engine:
     """The one engine and mode a worker's command line names."""
     name = args.engines[0]
-    cls = (JaxEngine if name.startswith("dpn_jax") else ExportedEngine if name in EXPORT_ENGINES
-           else TimmEngine)
-    return cls(name, args.modes[0], args.models[0], args.batch_sizes[0], args.resolutions[0],
-               args.dtype, args.remat)
+    cls = (
+        JaxEngine
+        if name.startswith("dpn_jax")
+        else ExportedEngine
+        if name in EXPORT_ENGINES
+        else TimmEngine
+    )
+    return cls(
+        name,
+        args.modes[0],
+        args.models[0],
+        args.batch_sizes[0],
+        args.resolutions[0],
+        args.dtype,
+        args.remat,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Workers (run in a subprocess each so every measurement starts from a clean process).
+
 
 def _rss_mib(field_name: str) -> float:
     with open("/proc/self/status") as f:
@@ -306,6 +370,7 @@ def timing_worker(args: argparse.Namespace) -> list[Result]:
 @dataclass
 class _TimingWorker:
     """A timing worker that finished building; `ready` False: its build failed (not timed)."""
+
     engine: str
     mode: str
     proc: subprocess.Popen
@@ -313,8 +378,9 @@ class _TimingWorker:
     step_ms: list[float] = field(default_factory=list)
 
 
-def run_interleaved(args: argparse.Namespace, model: str, batch: int, resolution: int
-                    ) -> list[Result]:
+def run_interleaved(
+    args: argparse.Namespace, model: str, batch: int, resolution: int
+) -> list[Result]:
     """Start one timing worker per engine and mode (one at a time, so compiles do not overlap),
     then time them in interleaved rounds: load from other processes hits every engine alike.
 
@@ -324,20 +390,35 @@ def run_interleaved(args: argparse.Namespace, model: str, batch: int, resolution
     workers, failed = [], []
     for mode in args.modes:
         for name in engines_for(mode, args.engines):
-            proc = subprocess.Popen(_worker_command("timing", args, model, batch, resolution,
-                                                    [name], [mode]),
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(
+                _worker_command("timing", args, model, batch, resolution, [name], [mode]),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             started = time.perf_counter()
             in_time = select.select([proc.stdout], [], [], args.build_timeout)[0]
             ready = bool(in_time) and proc.stdout.readline().strip() == "ready"
-            print(f"built {name}/{mode} in {time.perf_counter() - started:.0f} s: "
-                  f"{'ok' if ready else 'worker failed' if in_time else 'timed out'}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"built {name}/{mode} in {time.perf_counter() - started:.0f} s: "
+                f"{'ok' if ready else 'worker failed' if in_time else 'timed out'}",
+                file=sys.stderr,
+                flush=True,
+            )
             if not in_time:
                 proc.kill()
                 proc.wait()
-                failed.append(Result(name, mode, model, batch, resolution, args.dtype,
-                                     error=f"not built within --build-timeout {args.build_timeout} s"))
+                failed.append(
+                    Result(
+                        name,
+                        mode,
+                        model,
+                        batch,
+                        resolution,
+                        args.dtype,
+                        error=f"not built within --build-timeout {args.build_timeout} s",
+                    )
+                )
                 continue
             workers.append(_TimingWorker(name, mode, proc, ready))
     timed = [w for w in workers if w.ready]
@@ -355,8 +436,17 @@ def run_interleaved(args: argparse.Namespace, model: str, batch: int, resolution
         out, _ = w.proc.communicate("done\n")
         lines = out.strip().splitlines()
         if w.proc.returncode != 0 or not lines:
-            results.append(Result(w.engine, w.mode, model, batch, resolution, args.dtype,
-                                  error=f"timing worker exited {w.proc.returncode}"))
+            results.append(
+                Result(
+                    w.engine,
+                    w.mode,
+                    model,
+                    batch,
+                    resolution,
+                    args.dtype,
+                    error=f"timing worker exited {w.proc.returncode}",
+                )
+            )
             continue
         result = Result(**json.loads(lines[-1])[0])
         result.step_ms = w.step_ms
@@ -393,9 +483,11 @@ def _device_peak_mib(engine: Engine) -> float | None:
     if engine.result.backend in ("gpu", "cuda", "tpu"):
         if engine.result.engine.startswith("dpn_jax"):
             import jax
+
             stats = jax.local_devices()[0].memory_stats() or {}
             return stats.get("peak_bytes_in_use", 0) / 2**20 or None
         import torch
+
         return torch.cuda.max_memory_allocated() / 2**20
     return None
 
@@ -403,12 +495,40 @@ def _device_peak_mib(engine: Engine) -> float | None:
 # ---------------------------------------------------------------------------------------------
 # Driver.
 
-def _worker_command(kind: str, args: argparse.Namespace, model: str, batch: int,
-                    resolution: int, engines: list[str], modes: list[str]) -> list[str]:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--models", model,
-           "--batch-sizes", str(batch), "--resolutions", str(resolution), "--engines", *engines,
-           "--modes", *modes, "--dtype", args.dtype, "--iters", str(args.iters),
-           "--warmup", str(args.warmup), "--settle-steps", str(args.settle_steps)]
+
+def _worker_command(
+    kind: str,
+    args: argparse.Namespace,
+    model: str,
+    batch: int,
+    resolution: int,
+    engines: list[str],
+    modes: list[str],
+) -> list[str]:
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        kind,
+        "--models",
+        model,
+        "--batch-sizes",
+        str(batch),
+        "--resolutions",
+        str(resolution),
+        "--engines",
+        *engines,
+        "--modes",
+        *modes,
+        "--dtype",
+        args.dtype,
+        "--iters",
+        str(args.iters),
+        "--warmup",
+        str(args.warmup),
+        "--settle-steps",
+        str(args.settle_steps),
+    ]
     if args.remat:
         cmd.append("--remat")
     if args.cache_dir:
@@ -418,14 +538,25 @@ def _worker_command(kind: str, args: argparse.Namespace, model: str, batch: int,
     return cmd
 
 
-def _run_memory_worker(args: argparse.Namespace, model: str, batch: int, resolution: int,
-                       engine: str, mode: str) -> list[Result]:
+def _run_memory_worker(
+    args: argparse.Namespace, model: str, batch: int, resolution: int, engine: str, mode: str
+) -> list[Result]:
     cmd = _worker_command("memory", args, model, batch, resolution, [engine], [mode])
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, env=dict(os.environ, **MEMORY_WORKER_ENV),
-                          text=True)
+    proc = subprocess.run(
+        cmd, stdout=subprocess.PIPE, env=dict(os.environ, **MEMORY_WORKER_ENV), text=True
+    )
     if proc.returncode != 0:
-        return [Result(engine, mode, model, batch, resolution, args.dtype,
-                       error=f"memory worker exited {proc.returncode}")]
+        return [
+            Result(
+                engine,
+                mode,
+                model,
+                batch,
+                resolution,
+                args.dtype,
+                error=f"memory worker exited {proc.returncode}",
+            )
+        ]
     return [Result(**r) for r in json.loads(proc.stdout)]
 
 
@@ -444,20 +575,32 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def print_table(results: list[Result]) -> None:
-    header = (f"{'model':8} {'batch':>5} {'res':>4} {'dtype':8} {'mode':5} {'engine':13} {'img/s':>7} "
-              f"{'jax/this':>8} {'create s':>8} {'compile s':>9} {'peak RSS MiB':>12} "
-              f"{'step +MiB':>9} {'dev MiB':>8}")
+    header = (
+        f"{'model':8} {'batch':>5} {'res':>4} {'dtype':8} {'mode':5} {'engine':13} {'img/s':>7} "
+        f"{'jax/this':>8} {'create s':>8} {'compile s':>9} {'peak RSS MiB':>12} "
+        f"{'step +MiB':>9} {'dev MiB':>8}"
+    )
     print(header)
     print("-" * len(header))
     for r in results:
-        ours = next((o for o in results if o.engine == "dpn_jax" and (o.model, o.batch, o.resolution, o.mode)
-                     == (r.model, r.batch, r.resolution, r.mode)), None)
-        ratio = (ours.img_per_s / r.img_per_s if ours and ours.img_per_s and r.img_per_s else None)
-        print(f"{r.model:8} {r.batch:5d} {r.resolution:4d} {r.dtype:8} {r.mode:5} {r.engine:13} "
-              f"{_fmt(r.img_per_s, '7.2f')} {_fmt(ratio, '8.2f')} {_fmt(r.create_s, '8.2f')} "
-              f"{_fmt(r.compile_s, '9.1f')} {_fmt(r.peak_rss_mib, '12.0f')} "
-              f"{_fmt(r.step_rss_increase_mib, '9.0f')} {_fmt(r.device_peak_mib, '8.0f')}"
-              + (f"  ({r.error})" if r.error else ""))
+        ours = next(
+            (
+                o
+                for o in results
+                if o.engine == "dpn_jax"
+                and (o.model, o.batch, o.resolution, o.mode)
+                == (r.model, r.batch, r.resolution, r.mode)
+            ),
+            None,
+        )
+        ratio = ours.img_per_s / r.img_per_s if ours and ours.img_per_s and r.img_per_s else None
+        print(
+            f"{r.model:8} {r.batch:5d} {r.resolution:4d} {r.dtype:8} {r.mode:5} {r.engine:13} "
+            f"{_fmt(r.img_per_s, '7.2f')} {_fmt(ratio, '8.2f')} {_fmt(r.create_s, '8.2f')} "
+            f"{_fmt(r.compile_s, '9.1f')} {_fmt(r.peak_rss_mib, '12.0f')} "
+            f"{_fmt(r.step_rss_increase_mib, '9.0f')} {_fmt(r.device_peak_mib, '8.0f')}"
+            + (f"  ({r.error})" if r.error else "")
+        )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -467,25 +610,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resolutions", nargs="+", type=int, default=[224])
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(DEFAULT_ENGINES))
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="compute dtype; bfloat16 = float32 parameters, bfloat16 compute "
-                        "(timm under torch.autocast)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="compute dtype; bfloat16 = float32 parameters, bfloat16 compute "
+        "(timm under torch.autocast)",
+    )
     p.add_argument("--iters", type=int, default=5, help="timed rounds (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per engine after compile")
-    p.add_argument("--settle-steps", type=int, default=1,
-                   help="untimed steps before each timed one, so every timed step follows a step "
-                        "of the same engine (XLA's first step after PyTorch ran measured up to "
-                        "1.7x slower here; a user runs one framework at a time)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="pin every worker to this many cores (0: all the process may use)")
-    p.add_argument("--build-timeout", type=float, default=1800,
-                   help="seconds an engine may take to build, compile and warm up")
+    p.add_argument(
+        "--settle-steps",
+        type=int,
+        default=1,
+        help="untimed steps before each timed one, so every timed step follows a step "
+        "of the same engine (XLA's first step after PyTorch ran measured up to "
+        "1.7x slower here; a user runs one framework at a time)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="pin every worker to this many cores (0: all the process may use)",
+    )
+    p.add_argument(
+        "--build-timeout",
+        type=float,
+        default=1800,
+        help="seconds an engine may take to build, compile and warm up",
+    )
     p.add_argument("--remat", action="store_true", help="dpn_jax with per-block rematerialisation")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory workers")
     p.add_argument("--json", default="benchmark_results.json", help="where to write the results")
-    p.add_argument("--cache-dir", default=None,
-                   help="JAX compilation cache shared by the workers (default: a fresh temporary "
-                        "one, so the timing worker compiles cold and the memory workers reuse it)")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="JAX compilation cache shared by the workers (default: a fresh temporary "
+        "one, so the timing worker compiles cold and the memory workers reuse it)",
+    )
     p.add_argument("--worker", choices=("timing", "memory"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -496,6 +658,7 @@ def _setup_threads(threads: int, uses_torch: bool) -> None:
         os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:threads]))
     if uses_torch:
         import torch
+
         torch.set_num_threads(len(os.sched_getaffinity(0)))
 
 
@@ -505,6 +668,7 @@ def main(argv: list[str] | None = None) -> None:
         _setup_threads(args.threads, uses_torch=args.engines[0].startswith("timm"))
         if args.cache_dir:
             from dpn_jax.runtime.compilation_cache import enable_compilation_cache
+
             enable_compilation_cache(args.cache_dir)
         worker = timing_worker if args.worker == "timing" else memory_worker
         results = worker(args)
@@ -518,18 +682,33 @@ def main(argv: list[str] | None = None) -> None:
         for batch in args.batch_sizes:
             for res in args.resolutions:
                 timing = run_interleaved(args, model, batch, res)
-                memory = [] if args.no_memory else [
-                    r for m in args.modes for e in engines_for(m, args.engines)
-                    if e != "timm_compile" for r in _run_memory_worker(args, model, batch, res, e, m)]
+                memory = (
+                    []
+                    if args.no_memory
+                    else [
+                        r
+                        for m in args.modes
+                        for e in engines_for(m, args.engines)
+                        if e != "timm_compile"
+                        for r in _run_memory_worker(args, model, batch, res, e, m)
+                    ]
+                )
                 results += _merge(timing, memory)
     print_table(results)
     record = dict(
         command=" ".join([os.path.basename(sys.executable), *sys.argv]),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        machine=dict(platform=platform.platform(), processor=platform.processor(),
-                     cpus=len(os.sched_getaffinity(0)), load_average=os.getloadavg(),
-                     glibc_tunables=os.environ.get("GLIBC_TUNABLES", "")),
-        dtype=args.dtype, remat=args.remat, results=[asdict(r) for r in results])
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        machine=dict(
+            platform=platform.platform(),
+            processor=platform.processor(),
+            cpus=len(os.sched_getaffinity(0)),
+            load_average=os.getloadavg(),
+            glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
+        ),
+        dtype=args.dtype,
+        remat=args.remat,
+        results=[asdict(r) for r in results],
+    )
     with open(args.json, "w") as f:
         json.dump(record, f, indent=1)
     print(f"wrote {args.json}")

@@ -9,6 +9,7 @@ gradient (input and kernel) of the sum of squares. Median ms of `--iters`, round
 
     python benchmarks/grouped_conv.py --batch-size 16
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,18 +28,33 @@ from dpn_jax.ops import conv
 
 # (size, channels, channels per group, stride): dpn68's four stages and their stride-2 entries,
 # then dpn92's (3, 6, 12, 24 channels per group).
-SHAPES = [(56, 128, 4, 1), (56, 256, 8, 2), (28, 256, 8, 1), (28, 512, 16, 2), (14, 512, 16, 1),
-          (14, 1024, 32, 2), (7, 1024, 32, 1), (56, 96, 3, 1), (28, 192, 6, 1), (14, 384, 12, 1),
-          (7, 768, 24, 1)]
+SHAPES = [
+    (56, 128, 4, 1),
+    (56, 256, 8, 2),
+    (28, 256, 8, 1),
+    (28, 512, 16, 2),
+    (14, 512, 16, 1),
+    (14, 1024, 32, 2),
+    (7, 1024, 32, 1),
+    (56, 96, 3, 1),
+    (28, 192, 6, 1),
+    (14, 384, 12, 1),
+    (7, 768, 24, 1),
+]
 
 
 def _jax_fns(conv: Callable, x: jax.Array, k: jax.Array) -> tuple[Callable, Callable]:
     """Compiled now (a kernel build's targets are chosen at trace time)."""
     forward = jax.jit(conv).lower(x, k).compile()
-    grad = jax.jit(jax.grad(lambda x, k: jnp.sum(conv(x, k) ** 2), argnums=(0, 1))
-                   ).lower(x, k).compile()
-    return (lambda x, k: jax.block_until_ready(forward(x, k)),
-            lambda x, k: jax.block_until_ready(grad(x, k)))
+    grad = (
+        jax.jit(jax.grad(lambda x, k: jnp.sum(conv(x, k) ** 2), argnums=(0, 1)))
+        .lower(x, k)
+        .compile()
+    )
+    return (
+        lambda x, k: jax.block_until_ready(forward(x, k)),
+        lambda x, k: jax.block_until_ready(grad(x, k)),
+    )
 
 
 def _torch_fns(stride: int, groups: int) -> tuple[Callable, Callable]:
@@ -51,11 +67,13 @@ def _torch_fns(stride: int, groups: int) -> tuple[Callable, Callable]:
     def grad(x, k):
         x.grad = k.grad = None
         (conv(x, k) ** 2).sum().backward()
+
     return forward, grad
 
 
-def interleaved_medians(engines: dict[str, tuple[Sequence[Callable], tuple]], iters: int
-                        ) -> dict[str, list[float]]:
+def interleaved_medians(
+    engines: dict[str, tuple[Sequence[Callable], tuple]], iters: int
+) -> dict[str, list[float]]:
     """name -> median ms of each of its functions on its inputs, every engine once per round.
 
     Each round runs the engines in a new (seeded) random order: an engine that always ran right
@@ -81,24 +99,41 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--iters", type=int, default=7)
-    p.add_argument("--build", action="append", default=[], metavar="NAME=LIBRARY",
-                   help="another kernel library to time beside the installed one (repeatable)")
+    p.add_argument(
+        "--build",
+        action="append",
+        default=[],
+        metavar="NAME=LIBRARY",
+        help="another kernel library to time beside the installed one (repeatable)",
+    )
     p.add_argument("--kernels-only", action="store_true", help="no split lowering, no torch")
     args = p.parse_args()
     builds = {"kernels": None, **dict(b.split("=", 1) for b in args.build)}
     others = () if args.kernels_only else ("split", "torch")
-    print(f"batch {args.batch_size}, median of {args.iters}, ms forward / forward+gradient; "
-          f"torch {torch.__version__} with {torch.get_num_threads()} threads")
-    print(f"{'size':>4s} {'C':>5s} {'ch/g':>4s} {'s':>2s}   "
-          + " ".join(f"{name:>16s}" for name in (*builds, *others)))
+    print(
+        f"batch {args.batch_size}, median of {args.iters}, ms forward / forward+gradient; "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads"
+    )
+    print(
+        f"{'size':>4s} {'C':>5s} {'ch/g':>4s} {'s':>2s}   "
+        + " ".join(f"{name:>16s}" for name in (*builds, *others))
+    )
     rng = np.random.default_rng(0)
     for shape in SHAPES:
         _time_shape(rng, args.batch_size, args.iters, builds, others, *shape)
 
 
-def _time_shape(rng: np.random.Generator, batch_size: int, iters: int,
-                builds: dict[str, str | None], others: Sequence[str], size: int, channels: int,
-                per_group: int, stride: int) -> None:
+def _time_shape(
+    rng: np.random.Generator,
+    batch_size: int,
+    iters: int,
+    builds: dict[str, str | None],
+    others: Sequence[str],
+    size: int,
+    channels: int,
+    per_group: int,
+    stride: int,
+) -> None:
     """Prints one table row: every lowering of this layer, forward and forward + gradient."""
     groups = channels // per_group
     x = rng.standard_normal((batch_size, size, size, channels), dtype=np.float32)
@@ -116,15 +151,24 @@ def _time_shape(rng: np.random.Generator, batch_size: int, iters: int,
         split = lambda x, k: conv._split_groups(x, k, stride, padding, groups)
         engines["split"] = (_jax_fns(split, xj, kj), (xj, kj))
     if "torch" in others:
-        xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(
-            memory_format=torch.channels_last).requires_grad_()
+        xt = (
+            torch.from_numpy(x)
+            .permute(0, 3, 1, 2)
+            .contiguous(memory_format=torch.channels_last)
+            .requires_grad_()
+        )
         kt = torch.from_numpy(k).permute(3, 2, 0, 1).contiguous().requires_grad_()
         engines["torch"] = (_torch_fns(stride, groups), (xt, kt))
     ms = interleaved_medians(engines, iters)
-    cells = [f"{ms[name][0]:.0f} / {ms[name][1]:.0f}" if name in ms else "-"
-             for name in (*builds, *others)]
-    print(f"{size:4d} {channels:5d} {per_group:4d} {stride:2d}   "
-          + " ".join(f"{cell:>16s}" for cell in cells), flush=True)
+    cells = [
+        f"{ms[name][0]:.0f} / {ms[name][1]:.0f}" if name in ms else "-"
+        for name in (*builds, *others)
+    ]
+    print(
+        f"{size:4d} {channels:5d} {per_group:4d} {stride:2d}   "
+        + " ".join(f"{cell:>16s}" for cell in cells),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

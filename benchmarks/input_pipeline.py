@@ -18,6 +18,7 @@ All cores: dpn_jax with its threads in the process and with grain worker process
 Each measurement is its own process; rounds interleave the configurations and the table shows
 each one's median. Start-up is not timed (the first batch, or each worker process's first).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,11 +55,12 @@ def write_jpeg_folder(root: str, num_images: int) -> float:
                 photo = photo.transpose(1, 0, 2)
             top = rng.integers(0, photo.shape[0] - height + 1)
             left = rng.integers(0, photo.shape[1] - width + 1)
-            pixels = photo[top:top + height, left:left + width]
+            pixels = photo[top : top + height, left : left + width]
             pixels = pixels + rng.normal(0, 6, pixels.shape)  # ImageNet-like JPEG sizes
             buffer = io.BytesIO()
-            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG",
-                                                                          quality=95)
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
+                buffer, "JPEG", quality=95
+            )
             path = os.path.join(root, split, f"class{i % 2}", f"{i:05d}.jpg")
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "wb") as file:
@@ -68,6 +70,7 @@ def write_jpeg_folder(root: str, num_images: int) -> float:
 
 
 # ------------------------------------------------------------------------------------- workers
+
 
 def images_per_second(batches, num_batches: int, count, num_workers: int = 0) -> dict[str, float]:
     """Images per wall-clock second and per CPU-second of this process (all its threads, not
@@ -80,27 +83,33 @@ def images_per_second(batches, num_batches: int, count, num_workers: int = 0) ->
     wall, cpu, images = time.perf_counter(), time.process_time(), 0
     for _, batch in zip(range(num_batches - warmup + 1), iterator):
         images += count(batch)
-    return {"wall": images / (time.perf_counter() - wall),
-            "cpu": images / (time.process_time() - cpu)}
+    return {
+        "wall": images / (time.perf_counter() - wall),
+        "cpu": images / (time.process_time() - cpu),
+    }
 
 
 def run_dpn_jax(root: str, mode: str, args, num_workers: int) -> dict[str, float]:
     from dpn_jax.data import pipeline
 
-    common = dict(batch_size=args.batch_size, image_size=args.image_size,
-                  interpolation="bicubic", process_index=0, process_count=1,
-                  num_workers=num_workers)
+    common = dict(
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        interpolation="bicubic",
+        process_index=0,
+        process_count=1,
+        num_workers=num_workers,
+    )
     if mode == "train":
         batches = pipeline.train_batches(f"folder:{root}", seed=0, **common)
-        return images_per_second(batches, args.num_batches, lambda b: len(b["label"]),
-                                 num_workers)
+        return images_per_second(batches, args.num_batches, lambda b: len(b["label"]), num_workers)
     batches = pipeline.eval_batches(f"folder:{root}", crop_pct=CROP_PCT, **common)
-    return images_per_second(batches, args.num_batches, lambda b: int(b["mask"].sum()),
-                             num_workers)
+    return images_per_second(batches, args.num_batches, lambda b: int(b["mask"].sum()), num_workers)
 
 
-def run_timm(root: str, mode: str, args, num_workers: int,
-             color_jitter: float | None) -> dict[str, float]:
+def run_timm(
+    root: str, mode: str, args, num_workers: int, color_jitter: float | None
+) -> dict[str, float]:
     import timm.data
     import torch
     import torchvision
@@ -108,16 +117,29 @@ def run_timm(root: str, mode: str, args, num_workers: int,
     torch.set_num_threads(1)  # ToTensor / Normalize in the main process: this core only
     training = mode == "train"
     transform = timm.data.create_transform(
-        input_size=(3, args.image_size, args.image_size), is_training=training,
-        crop_pct=CROP_PCT, interpolation="bicubic", mean=MEAN, std=STD,
-        **({"color_jitter": color_jitter} if training else {}))
-    dataset = torchvision.datasets.ImageFolder(os.path.join(root, mode if training else "val"),
-                                               transform=transform)
-    sampler = (torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10 ** 9)
-               if training else None)
+        input_size=(3, args.image_size, args.image_size),
+        is_training=training,
+        crop_pct=CROP_PCT,
+        interpolation="bicubic",
+        mean=MEAN,
+        std=STD,
+        **({"color_jitter": color_jitter} if training else {}),
+    )
+    dataset = torchvision.datasets.ImageFolder(
+        os.path.join(root, mode if training else "val"), transform=transform
+    )
+    sampler = (
+        torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10**9)
+        if training
+        else None
+    )
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=num_workers,
-        multiprocessing_context="forkserver" if num_workers else None)
+        dataset,
+        batch_size=args.batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        multiprocessing_context="forkserver" if num_workers else None,
+    )
     return images_per_second(loader, args.num_batches, lambda b: len(b[1]), num_workers)
 
 
@@ -131,17 +153,21 @@ def run_tf_data(root: str, mode: str, args) -> dict[str, float]:
     paths = tf.constant(records.paths)
     labels = tf.constant(records.labels, tf.int32)
     if mode == "train":
-        dataset = old_tf_train_dataset(paths, labels, batch_size=args.batch_size,
-                                       image_size=args.image_size)
+        dataset = old_tf_train_dataset(
+            paths, labels, batch_size=args.batch_size, image_size=args.image_size
+        )
     else:
-        dataset = old_tf_eval_dataset(paths, labels, batch_size=args.batch_size,
-                                      image_size=args.image_size)
-    return images_per_second(dataset.as_numpy_iterator(), args.num_batches,
-                             lambda b: len(b["label"]))
+        dataset = old_tf_eval_dataset(
+            paths, labels, batch_size=args.batch_size, image_size=args.image_size
+        )
+    return images_per_second(
+        dataset.as_numpy_iterator(), args.num_batches, lambda b: len(b["label"])
+    )
 
 
 # The tf.data pipeline of dpn_jax before grain (git a437895, dpn_jax/data/pipeline.py), reduced to
 # a folder shard (file paths shuffled whole, read with tf.io.read_file) and kept only to compare.
+
 
 def old_tf_train_dataset(paths, labels, *, batch_size: int, image_size: int, seed: int = 0):
     import tensorflow as tf
@@ -161,40 +187,59 @@ def old_tf_train_dataset(paths, labels, *, batch_size: int, image_size: int, see
         crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(example_seed, 2))
         image = _old_decode_random_crop(example["image"], crop_seed)
         image = tf.image.resize(image, (image_size, image_size), method="bicubic", antialias=True)
-        image = tf.image.stateless_random_flip_left_right(tf.clip_by_value(image, 0.0, 255.0),
-                                                          flip_seed)
+        image = tf.image.stateless_random_flip_left_right(
+            tf.clip_by_value(image, 0.0, 255.0), flip_seed
+        )
         image = (image / 255.0 - tf.constant(MEAN, tf.float32)) / tf.constant(STD, tf.float32)
         return {"image": image, "label": example["label"]}
 
     stream = tf.data.Dataset.range(0, np.iinfo(np.int64).max).flat_map(epoch)
-    stream = stream.map(lambda ex: {**ex, "image": tf.io.read_file(ex["image"])},
-                        num_parallel_calls=tf.data.AUTOTUNE)
-    dataset = (stream.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-               .ignore_errors(log_warning=True)
-               .batch(batch_size, drop_remainder=True)
-               .prefetch(tf.data.AUTOTUNE))
+    stream = stream.map(
+        lambda ex: {**ex, "image": tf.io.read_file(ex["image"])},
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    dataset = (
+        stream.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+        .ignore_errors(log_warning=True)
+        .batch(batch_size, drop_remainder=True)
+        .prefetch(tf.data.AUTOTUNE)
+    )
     return dataset.with_options(_old_data_options())
 
 
 def old_tf_eval_dataset(paths, labels, *, batch_size: int, image_size: int):
     import tensorflow as tf
+
     from dpn_jax.data.transforms import decode_image, eval_transform
 
     def transform(encoded: bytes, name: bytes) -> np.ndarray:
-        return eval_transform(decode_image(encoded, name.decode()), image_size=image_size,
-                              crop_pct=CROP_PCT, interpolation="bicubic", mean=MEAN, std=STD)
+        return eval_transform(
+            decode_image(encoded, name.decode()),
+            image_size=image_size,
+            crop_pct=CROP_PCT,
+            interpolation="bicubic",
+            mean=MEAN,
+            std=STD,
+        )
 
     def preprocess(example):
-        image = tf.numpy_function(transform, [example["image"], example["name"]], tf.float32,
-                                  stateful=False)
-        return {"image": tf.ensure_shape(image, (image_size, image_size, 3)),
-                "label": example["label"]}
+        image = tf.numpy_function(
+            transform, [example["image"], example["name"]], tf.float32, stateful=False
+        )
+        return {
+            "image": tf.ensure_shape(image, (image_size, image_size, 3)),
+            "label": example["label"],
+        }
 
     examples = tf.data.Dataset.from_tensor_slices({"name": paths, "label": labels})
-    examples = examples.map(lambda ex: {**ex, "image": tf.io.read_file(ex["name"])},
-                            num_parallel_calls=tf.data.AUTOTUNE)
-    dataset = (examples.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-               .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+    examples = examples.map(
+        lambda ex: {**ex, "image": tf.io.read_file(ex["name"])}, num_parallel_calls=tf.data.AUTOTUNE
+    )
+    dataset = (
+        examples.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )
     return dataset.with_options(_old_data_options())
 
 
@@ -203,12 +248,13 @@ def _old_decode_random_crop(encoded, seed):
 
     def jpeg():
         return tf.io.decode_and_crop_jpeg(
-            encoded, _old_random_crop_window(tf.io.extract_jpeg_shape(encoded), seed), channels=3)
+            encoded, _old_random_crop_window(tf.io.extract_jpeg_shape(encoded), seed), channels=3
+        )
 
     def other():
         image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
         top, left, height, width = tf.unstack(_old_random_crop_window(tf.shape(image), seed))
-        return image[top:top + height, left:left + width]
+        return image[top : top + height, left : left + width]
 
     return tf.cond(tf.strings.substr(encoded, 0, 3) == b"\xff\xd8\xff", jpeg, other)
 
@@ -221,23 +267,28 @@ def _old_random_crop_window(shape, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
     height, width = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
     area_seed, ratio_seed, place_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
     area = tf.random.stateless_uniform([attempts], area_seed, *scale) * height * width
-    aspect = tf.exp(tf.random.stateless_uniform([attempts], ratio_seed, math.log(ratio[0]),
-                                                math.log(ratio[1])))
+    aspect = tf.exp(
+        tf.random.stateless_uniform([attempts], ratio_seed, math.log(ratio[0]), math.log(ratio[1]))
+    )
     crop_w, crop_h = tf.round(tf.sqrt(area * aspect)), tf.round(tf.sqrt(area / aspect))
     fits = (crop_w <= width) & (crop_h <= height)
     first = tf.argmax(tf.cast(fits, tf.int32))
     found = tf.reduce_any(fits)
     in_ratio = width / height
-    crop_w = tf.where(found, crop_w[first],
-                      tf.where(in_ratio > ratio[1], tf.round(height * ratio[1]), width))
-    crop_h = tf.where(found, crop_h[first],
-                      tf.where(in_ratio < ratio[0], tf.round(width / ratio[0]), height))
+    crop_w = tf.where(
+        found, crop_w[first], tf.where(in_ratio > ratio[1], tf.round(height * ratio[1]), width)
+    )
+    crop_h = tf.where(
+        found, crop_h[first], tf.where(in_ratio < ratio[0], tf.round(width / ratio[0]), height)
+    )
     crop_w, crop_h = tf.maximum(crop_w, 1.0), tf.maximum(crop_h, 1.0)
     place = tf.random.stateless_uniform([2], place_seed)
-    top = tf.where(found, tf.floor(place[0] * (height - crop_h + 1)),
-                   tf.floor((height - crop_h) / 2))
-    left = tf.where(found, tf.floor(place[1] * (width - crop_w + 1)),
-                    tf.floor((width - crop_w) / 2))
+    top = tf.where(
+        found, tf.floor(place[0] * (height - crop_h + 1)), tf.floor((height - crop_h) / 2)
+    )
+    left = tf.where(
+        found, tf.floor(place[1] * (width - crop_w + 1)), tf.floor((width - crop_w) / 2)
+    )
     return tf.cast(tf.stack([top, left, crop_h, crop_w]), tf.int32)
 
 
@@ -253,7 +304,7 @@ def _old_data_options():
 
 def worker(args) -> None:
     """One measurement in this process: pinned to the first `--cores` CPUs, prints img/s."""
-    cpus = sorted(os.sched_getaffinity(0))[:args.cores]
+    cpus = sorted(os.sched_getaffinity(0))[: args.cores]
     os.sched_setaffinity(0, cpus)  # before any library sizes a thread pool
     engine, mode = args.worker.split(":")
     all_cores = len(cpus)
@@ -264,8 +315,13 @@ def worker(args) -> None:
     elif engine == "tf_data":
         rate = run_tf_data(args.root, mode, args)
     elif engine in ("timm", "timm_jitter"):
-        rate = run_timm(args.root, mode, args, num_workers=0 if all_cores == 1 else all_cores,
-                        color_jitter=0.4 if engine == "timm_jitter" else None)
+        rate = run_timm(
+            args.root,
+            mode,
+            args,
+            num_workers=0 if all_cores == 1 else all_cores,
+            color_jitter=0.4 if engine == "timm_jitter" else None,
+        )
     else:
         raise SystemExit(f"unknown engine {engine}")
     print(json.dumps(rate))
@@ -295,14 +351,17 @@ def configurations(all_cores: int) -> list[tuple[str, str, int]]:
 
 def print_tables(median: dict, all_cores: int) -> None:
     """Markdown: per core (img per CPU-second, pinned to one core), then all cores (wall)."""
-    print("| transform | pipeline | img/CPU-s, 1 core | vs tf.data | vs timm | "
-          "img/s wall, 1 core |")
+    print(
+        "| transform | pipeline | img/CPU-s, 1 core | vs tf.data | vs timm | img/s wall, 1 core |"
+    )
     print("|---|---|---|---|---|---|")
     for (engine, mode, cores), rate in median.items():
         if cores == 1:
-            print(f"| {mode} | {LABELS[engine]} | {rate['cpu']:.0f} | "
-                  f"{rate['cpu'] / median[('tf_data', mode, 1)]['cpu']:.2f}x | "
-                  f"{rate['cpu'] / median[('timm', mode, 1)]['cpu']:.2f}x | {rate['wall']:.0f} |")
+            print(
+                f"| {mode} | {LABELS[engine]} | {rate['cpu']:.0f} | "
+                f"{rate['cpu'] / median[('tf_data', mode, 1)]['cpu']:.2f}x | "
+                f"{rate['cpu'] / median[('timm', mode, 1)]['cpu']:.2f}x | {rate['wall']:.0f} |"
+            )
     if all_cores > 1:
         print(f"\n| transform | pipeline | img/s wall, {all_cores} cores |\n|---|---|---|")
         for (engine, mode, cores), rate in median.items():
@@ -310,8 +369,10 @@ def print_tables(median: dict, all_cores: int) -> None:
                 print(f"| {mode} | {LABELS[engine]} | {rate['wall']:.0f} |")
     per_core = median[("dpn_jax", "train", 1)]["cpu"]
     for model, gpu_rate in GPU_TRAIN_RATES.items():
-        print(f"{model} on one H200 ({gpu_rate} img/s) needs {gpu_rate / per_core:.1f} cores of "
-              f"dpn_jax training input ({per_core:.0f} img per CPU-second)")
+        print(
+            f"{model} on one H200 ({gpu_rate} img/s) needs {gpu_rate / per_core:.1f} cores of "
+            f"dpn_jax training input ({per_core:.0f} img per CPU-second)"
+        )
 
 
 def main() -> None:
@@ -337,32 +398,60 @@ def main() -> None:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
     with tempfile.TemporaryDirectory() as root:
         mean_bytes = write_jpeg_folder(root, args.num_images)
-        print(f"{args.num_images} JPEGs per split, 500x375 / 375x500, mean {mean_bytes / 1024:.0f}"
-              f" KB; {args.image_size} px, batch {args.batch_size}, {all_cores} CPUs; load "
-              f"average {os.getloadavg()[0]:.1f} at start", flush=True)
+        print(
+            f"{args.num_images} JPEGs per split, 500x375 / 375x500, mean {mean_bytes / 1024:.0f}"
+            f" KB; {args.image_size} px, batch {args.batch_size}, {all_cores} CPUs; load "
+            f"average {os.getloadavg()[0]:.1f} at start",
+            flush=True,
+        )
         for round_ in range(args.rounds):
             for engine, mode, cores in configs:
-                command = [sys.executable, __file__, "--worker", f"{engine}:{mode}", "--root",
-                           root, "--cores", str(cores), "--num-batches", str(num_batches),
-                           "--image-size", str(args.image_size), "--batch-size",
-                           str(args.batch_size)]
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    f"{engine}:{mode}",
+                    "--root",
+                    root,
+                    "--cores",
+                    str(cores),
+                    "--num-batches",
+                    str(num_batches),
+                    "--image-size",
+                    str(args.image_size),
+                    "--batch-size",
+                    str(args.batch_size),
+                ]
                 result = subprocess.run(command, env=env, capture_output=True, text=True)
                 if result.returncode:
-                    raise SystemExit(f"{engine} {mode} on {cores} cores failed:\n"
-                                     f"{result.stderr[-3000:]}")
+                    raise SystemExit(
+                        f"{engine} {mode} on {cores} cores failed:\n{result.stderr[-3000:]}"
+                    )
                 rate = json.loads(result.stdout.strip().splitlines()[-1])
                 runs[(engine, mode, cores)].append(rate)
-                print(f"round {round_ + 1}: {LABELS[engine]:>36} {mode:>5} {cores} cores: "
-                      f"{rate['wall']:7.1f} img/s wall, {rate['cpu']:7.1f} img/CPU-s", flush=True)
+                print(
+                    f"round {round_ + 1}: {LABELS[engine]:>36} {mode:>5} {cores} cores: "
+                    f"{rate['wall']:7.1f} img/s wall, {rate['cpu']:7.1f} img/CPU-s",
+                    flush=True,
+                )
     print(f"load average {os.getloadavg()[0]:.1f} at the end\n")
-    median = {config: {key: statistics.median(run[key] for run in values)
-                       for key in ("wall", "cpu")} for config, values in runs.items()}
+    median = {
+        config: {key: statistics.median(run[key] for run in values) for key in ("wall", "cpu")}
+        for config, values in runs.items()
+    }
     print_tables(median, all_cores)
     if args.json:
         with open(args.json, "w") as file:
-            json.dump({"args": vars(args), "cpus": all_cores, "mean_jpeg_bytes": mean_bytes,
-                       "runs": {" ".join(map(str, c)): v for c, v in runs.items()}}, file,
-                      indent=1)
+            json.dump(
+                {
+                    "args": vars(args),
+                    "cpus": all_cores,
+                    "mean_jpeg_bytes": mean_bytes,
+                    "runs": {" ".join(map(str, c)): v for c, v in runs.items()},
+                },
+                file,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

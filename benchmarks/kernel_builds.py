@@ -17,6 +17,7 @@ where the building CPU has them):
     mkdir /tmp/old && git archive a437895 setup.py pyproject.toml README.md dpn_jax \\
         | tar -x -C /tmp/old && (cd /tmp/old && python setup.py build_ext --inplace)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,9 @@ def kernel_build(name: str, library: str | None):
     suffix = f"_{name}"
     cpu_kernels.register_targets(library, suffix)
     original = conv.kernel_call
-    conv.kernel_call = lambda target, *args, **attributes: original(target + suffix, *args,
-                                                                    **attributes)
+    conv.kernel_call = lambda target, *args, **attributes: original(
+        target + suffix, *args, **attributes
+    )
     jax.clear_caches()  # conv2d's traces hold the other build's target names
     try:
         yield
@@ -57,8 +59,13 @@ def main() -> None:
     p.add_argument("--resolution", type=int, default=224)
     p.add_argument("--mode", choices=("infer", "train"), default="train")
     p.add_argument("--iters", type=int, default=9)
-    p.add_argument("--build", action="append", default=[], metavar="NAME=LIBRARY",
-                   help="another kernel library to time beside the installed one (repeatable)")
+    p.add_argument(
+        "--build",
+        action="append",
+        default=[],
+        metavar="NAME=LIBRARY",
+        help="another kernel library to time beside the installed one (repeatable)",
+    )
     args = p.parse_args()
     if not cpu_kernels.cpu_kernels_available():
         raise SystemExit("no CPU kernels loaded: nothing to compare")
@@ -67,14 +74,18 @@ def main() -> None:
     engines = {}
     for name, library in builds.items():
         with kernel_build(name, library):
-            engine = JaxEngine("dpn_jax", args.mode, args.model, args.batch_size,
-                               args.resolution, "float32")
+            engine = JaxEngine(
+                "dpn_jax", args.mode, args.model, args.batch_size, args.resolution, "float32"
+            )
             engine.build()
             hlo = engine.compiled.as_text()
         suffix = "" if library is None else f"_{name}"
         called = sorted(t for t in cpu_kernels.TARGETS if f'"{t}{suffix}"' in hlo)
-        print(f"{name}: {library or cpu_kernels.chosen_library()}; compile "
-              f"{engine.result.compile_s:.1f} s; calls {called}", flush=True)
+        print(
+            f"{name}: {library or cpu_kernels.chosen_library()}; compile "
+            f"{engine.result.compile_s:.1f} s; calls {called}",
+            flush=True,
+        )
         engine.step()  # first-run allocations
         engines[name] = engine
     times = {name: [] for name in engines}
@@ -84,14 +95,21 @@ def main() -> None:
             t0 = time.perf_counter()
             engines[name].step()
             times[name].append(time.perf_counter() - t0)
-        print(f"round {round_ + 1}: " + "  ".join(f"{name} {t[-1]:.3f} s"
-                                                  for name, t in times.items()), flush=True)
-    print(f"{args.model} {args.mode} batch {args.batch_size}, median of {args.iters} "
-          "interleaved rounds (ratio: the median of each round's time over installed's):")
+        print(
+            f"round {round_ + 1}: "
+            + "  ".join(f"{name} {t[-1]:.3f} s" for name, t in times.items()),
+            flush=True,
+        )
+    print(
+        f"{args.model} {args.mode} batch {args.batch_size}, median of {args.iters} "
+        "interleaved rounds (ratio: the median of each round's time over installed's):"
+    )
     for name, seconds in times.items():
         ratio = statistics.median(s / i for s, i in zip(seconds, times["installed"]))
-        print(f"  {name:12s} {statistics.median(seconds):.3f} s  (min {min(seconds):.3f}, "
-              f"max {max(seconds):.3f})  ratio {ratio:.3f}")
+        print(
+            f"  {name:12s} {statistics.median(seconds):.3f} s  (min {min(seconds):.3f}, "
+            f"max {max(seconds):.3f})  ratio {ratio:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ optimised HLO) and the slowest matmuls with their layer and shape. Thread-second
 about the step's wall time times XLA's thread count; see `op_thread_times` for how work on the
 thread pool is attributed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,9 +23,8 @@ import time
 from pathlib import Path
 
 import jax
-from jax.profiler import ProfileData
-
 from benchmark import JaxEngine
+from jax.profiler import ProfileData
 
 
 def _is_op(name: str) -> bool:
@@ -41,8 +41,12 @@ def op_thread_times(trace_dir: str, sample_ns: int = 20_000) -> dict[str, float]
     op that shares the cores with another as if it had both.
     """
     (xplane,) = Path(trace_dir).rglob("*.xplane.pb")
-    threads = [line for plane in ProfileData.from_file(str(xplane)).planes for line in plane.lines
-               if line.name.startswith("tf_XLAEigen")]
+    threads = [
+        line
+        for plane in ProfileData.from_file(str(xplane)).planes
+        for line in plane.lines
+        if line.name.startswith("tf_XLAEigen")
+    ]
     ops, regions = {}, {}
     for line in threads:
         events = sorted((e.start_ns, e.start_ns + e.duration_ns, e.name) for e in line.events)
@@ -81,13 +85,18 @@ def op_thread_times(trace_dir: str, sample_ns: int = 20_000) -> dict[str, float]
 
 def matmul_flops(hlo: str) -> dict[str, tuple[float, str]]:
     """Op name -> (FLOPs of its dot, "layer [output shape] K=...") for every fusion with a dot."""
-    computations = {m[1]: (m[2], m[3]) for m in re.finditer(
-        r"^%([\w.\-]+) \(([^)]*)\) -> [^\n]*\{\n(.*?)\n\}", hlo, re.M | re.S)}
+    computations = {
+        m[1]: (m[2], m[3])
+        for m in re.finditer(r"^%([\w.\-]+) \(([^)]*)\) -> [^\n]*\{\n(.*?)\n\}", hlo, re.M | re.S)
+    }
     found = {}
     for m in re.finditer(r"^\s*%([\w.\-]+) = [^\n]*?calls=%([\w.\-]+)([^\n]*)", hlo, re.M):
         params, body = computations.get(m[2], ("", ""))
-        dot = re.search(r"= \w+\[([\d,]*)\]\S* dot\(%([\w.\-]+), %[\w.\-]+\), "
-                        r"lhs_contracting_dims=\{([\d,]*)\}", body)
+        dot = re.search(
+            r"= \w+\[([\d,]*)\]\S* dot\(%([\w.\-]+), %[\w.\-]+\), "
+            r"lhs_contracting_dims=\{([\d,]*)\}",
+            body,
+        )
         if not dot:
             continue
         lhs = re.search(re.escape(dot[2]) + r"(?:: | = )\w+\[([\d,]*)\]", params + "\n" + body)
@@ -101,8 +110,12 @@ def matmul_flops(hlo: str) -> dict[str, tuple[float, str]]:
 
 def custom_calls(hlo: str) -> dict[str, str]:
     """Custom-call instruction name -> "target result-shape" (dpn_jax's CPU grouped convs)."""
-    return {m[1]: f"{m[3]} {m[2]}" for m in re.finditer(
-        r'^\s*%([\w.\-]+) = (\w+\[[\d,]*\])[^\n]*custom_call_target="([\w.\-]+)"', hlo, re.M)}
+    return {
+        m[1]: f"{m[3]} {m[2]}"
+        for m in re.finditer(
+            r'^\s*%([\w.\-]+) = (\w+\[[\d,]*\])[^\n]*custom_call_target="([\w.\-]+)"', hlo, re.M
+        )
+    }
 
 
 def main() -> None:
@@ -115,8 +128,9 @@ def main() -> None:
     p.add_argument("--top", type=int, default=15, help="how many of the slowest ops to list")
     args = p.parse_args()
 
-    engine = JaxEngine("dpn_jax", args.mode, args.model, args.batch_size, args.resolution,
-                       args.dtype)
+    engine = JaxEngine(
+        "dpn_jax", args.mode, args.model, args.batch_size, args.resolution, args.dtype
+    )
     engine.build()
     for _ in range(2):
         engine.step()
@@ -130,15 +144,22 @@ def main() -> None:
     matmuls = matmul_flops(hlo)
 
     calls = custom_calls(hlo)
-    kind_of = lambda name: ("matmul" if name in matmuls else calls[name].split()[0]
-                            if name in calls else re.sub(r"[.\d]+$", "", name))
+    kind_of = lambda name: (
+        "matmul"
+        if name in matmuls
+        else calls[name].split()[0]
+        if name in calls
+        else re.sub(r"[.\d]+$", "", name)
+    )
     kinds, counts = collections.Counter(), collections.Counter()
     for name, seconds in times.items():
         kinds[kind_of(name)] += seconds
         counts[kind_of(name)] += 1
-    print(f"{args.model} {args.mode} batch {args.batch_size} {args.resolution}px {args.dtype} on "
-          f"{jax.default_backend()}: step {wall:.2f} s wall, {sum(times.values()):.2f} "
-          f"thread-s ({kinds['idle']:.2f} idle); compile {engine.result.compile_s:.1f} s")
+    print(
+        f"{args.model} {args.mode} batch {args.batch_size} {args.resolution}px {args.dtype} on "
+        f"{jax.default_backend()}: step {wall:.2f} s wall, {sum(times.values()):.2f} "
+        f"thread-s ({kinds['idle']:.2f} idle); compile {engine.result.compile_s:.1f} s"
+    )
     print(f"\n{'op kind':32s} {'thread s':>9s} {'ops':>6s}")
     for kind, seconds in kinds.most_common(args.top):
         print(f"{kind:32s} {seconds:9.3f} {counts[kind]:6d}")
@@ -152,9 +173,11 @@ def main() -> None:
     timed = [(times[n], f, what) for n, (f, what) in matmuls.items() if times.get(n)]
     if timed:
         total_s, total_f = sum(t for t, _, _ in timed), sum(f for _, f, _ in timed)
-        print(f"\nmatmuls: {total_f / 1e9:.1f} GFLOP in {total_s:.2f} thread s = "
-              f"{total_f / total_s / 1e9:.1f} GFLOP/s per thread; slowest:")
-        for seconds, flops, what in sorted(timed, reverse=True)[:args.top]:
+        print(
+            f"\nmatmuls: {total_f / 1e9:.1f} GFLOP in {total_s:.2f} thread s = "
+            f"{total_f / total_s / 1e9:.1f} GFLOP/s per thread; slowest:"
+        )
+        for seconds, flops, what in sorted(timed, reverse=True)[: args.top]:
             print(f"  {seconds * 1e3:7.1f} ms {flops / seconds / 1e9:6.1f} GFLOP/s  {what}")
 
 

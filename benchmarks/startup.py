@@ -5,6 +5,7 @@
 Each run is a fresh process that imports dpn_jax, creates the model, compiles the step and runs
 it once, as a CLI does; both runs share a new, empty cache directory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,17 +35,25 @@ def one_run(model: str, mode: str, batch: int, resolution: int, cache_dir: str) 
     if mode == "infer":
         fn = jax.jit(lambda v, x: net.apply(v, x, train=False))
     else:
+
         def loss(params, x):
-            logits, _ = net.apply({**variables, "params": params}, x, train=True,
-                                  mutable=["batch_stats"])
+            logits, _ = net.apply(
+                {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+            )
             return logits.mean()
+
         fn = jax.jit(lambda v, x: jax.grad(loss)(v["params"], x))
     compiled = fn.lower(variables, x).compile()
     t_compile = time.perf_counter()
     jax.block_until_ready(compiled(variables, x))
     t_end = time.perf_counter()
-    return dict(import_s=t_import - t0, create_s=t_create - t_import,
-                compile_s=t_compile - t_create, first_step_s=t_end - t_compile, total_s=t_end - t0)
+    return dict(
+        import_s=t_import - t0,
+        create_s=t_create - t_import,
+        compile_s=t_compile - t_create,
+        first_step_s=t_end - t_compile,
+        total_s=t_end - t0,
+    )
 
 
 def main() -> None:
@@ -59,8 +68,20 @@ def main() -> None:
         print(json.dumps(one_run(args.model, args.mode, args.batch, args.resolution, args.child)))
         return
     cache_dir = tempfile.mkdtemp(prefix="dpn_jax_startup_cache_")
-    cmd = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--mode", args.mode,
-           "--batch", str(args.batch), "--resolution", str(args.resolution), "--child", cache_dir]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--model",
+        args.model,
+        "--mode",
+        args.mode,
+        "--batch",
+        str(args.batch),
+        "--resolution",
+        str(args.resolution),
+        "--child",
+        cache_dir,
+    ]
     print(f"{args.model} {args.mode} batch {args.batch} at {args.resolution}, cache {cache_dir}")
     for name in ("first run (cold cache)", "second run (warm cache)"):
         out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout

@@ -2,6 +2,7 @@
 
 Every key of the trainer is defined here; the other configs start from this one.
 """
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -10,8 +11,9 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     # Model: an architecture of `dpn_jax.list_models()` plus DPN field overrides.
     config.model = "dpn68"
-    config.model_kwargs = ml_collections.ConfigDict(dict(
-        k_sec=(1, 1, 1, 1), k_r=32, groups=4, num_init_features=16, inc_sec=(8, 8, 8, 8)))
+    config.model_kwargs = ml_collections.ConfigDict(
+        dict(k_sec=(1, 1, 1, 1), k_r=32, groups=4, num_init_features=16, inc_sec=(8, 8, 8, 8))
+    )
     config.init_from = config_dict.placeholder(str)  # a model directory to fine-tune from
     config.dtype = "float32"  # compute dtype; parameters stay float32 ("bfloat16" on GPU/TPU)
     config.drop_rate = 0.0

@@ -6,6 +6,7 @@
 Architecture, model_kwargs and preprocessing come from the directory's metadata.json; the
 classifier is re-initialised when `num_classes` differs.
 """
+
 import ml_collections
 
 from configs import default

@@ -4,6 +4,7 @@ SGD momentum 0.9, weight decay 1e-4, LR 0.316 (= sqrt(0.1), 0.4 for dpn98) at ba
 (960 for dpn131), 224 input, bicubic, crop 0.875; the LR is scaled linearly to the global batch
 actually used. The paper divides the LR by 10 on plateaus; here at fixed epochs.
 """
+
 import ml_collections
 
 from configs import default

@@ -4,6 +4,7 @@ The public names load their modules on first use: `import dpn_jax` alone does no
 so a command can restart itself (`dpn_jax.runtime.huge_pages`) before paying for that, and
 `python -m dpn_jax.cli.predict` does not import itself twice.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -13,17 +14,27 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "flax_to_timm": "dpn_jax.weights.convert", "timm_to_flax": "dpn_jax.weights.convert",
-    "DPN": "dpn_jax.models.dpn", "DPNConfig": "dpn_jax.models.dpn",
-    "DualPathBlock": "dpn_jax.models.dpn", "MODEL_CONFIGS": "dpn_jax.models.dpn",
-    "PRETRAINED_CFGS": "dpn_jax.models.dpn", "feature_info": "dpn_jax.models.dpn",
+    "flax_to_timm": "dpn_jax.weights.convert",
+    "timm_to_flax": "dpn_jax.weights.convert",
+    "DPN": "dpn_jax.models.dpn",
+    "DPNConfig": "dpn_jax.models.dpn",
+    "DualPathBlock": "dpn_jax.models.dpn",
+    "MODEL_CONFIGS": "dpn_jax.models.dpn",
+    "PRETRAINED_CFGS": "dpn_jax.models.dpn",
+    "feature_info": "dpn_jax.models.dpn",
     "conv2d": "dpn_jax.ops.conv",
-    "ModelDir": "dpn_jax.weights.model_dir", "Preprocessing": "dpn_jax.weights.model_dir",
-    "create_model": "dpn_jax.factory", "init_variables": "dpn_jax.models.registry",
-    "list_models": "dpn_jax.models.registry", "pretrained_cfg": "dpn_jax.models.registry",
-    "Predictor": "dpn_jax.infer.predict", "evaluate_dataset": "dpn_jax.infer.evaluate",
-    "Runner": "dpn_jax.runtime.runner", "train_and_evaluate": "dpn_jax.train.trainer",
-    "export_model": "dpn_jax.export", "DpnJaxError": "dpn_jax.errors",
+    "ModelDir": "dpn_jax.weights.model_dir",
+    "Preprocessing": "dpn_jax.weights.model_dir",
+    "create_model": "dpn_jax.factory",
+    "init_variables": "dpn_jax.models.registry",
+    "list_models": "dpn_jax.models.registry",
+    "pretrained_cfg": "dpn_jax.models.registry",
+    "Predictor": "dpn_jax.infer.predict",
+    "evaluate_dataset": "dpn_jax.infer.evaluate",
+    "Runner": "dpn_jax.runtime.runner",
+    "train_and_evaluate": "dpn_jax.train.trainer",
+    "export_model": "dpn_jax.export",
+    "DpnJaxError": "dpn_jax.errors",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -31,10 +42,8 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from dpn_jax.errors import DpnJaxError
     from dpn_jax.export import export_model
-    from dpn_jax.infer.evaluate import evaluate_dataset
-    from dpn_jax.runtime.runner import Runner
-    from dpn_jax.train.trainer import train_and_evaluate
     from dpn_jax.factory import create_model
+    from dpn_jax.infer.evaluate import evaluate_dataset
     from dpn_jax.infer.predict import Predictor
     from dpn_jax.models.dpn import (
         DPN,
@@ -46,6 +55,8 @@ if TYPE_CHECKING:
     )
     from dpn_jax.models.registry import init_variables, list_models, pretrained_cfg
     from dpn_jax.ops.conv import conv2d
+    from dpn_jax.runtime.runner import Runner
+    from dpn_jax.train.trainer import train_and_evaluate
     from dpn_jax.weights.convert import flax_to_timm, timm_to_flax
     from dpn_jax.weights.model_dir import ModelDir, Preprocessing
 

@@ -24,4 +24,5 @@ class WeightsError(DpnJaxError, ValueError):
 
 
 class OutputError(DpnJaxError, OSError):
-    """An output that cannot be written: it exists and is not ours to replace, or the disk refused."""
+    """An output that cannot be written: it exists and is not ours to replace, or the disk
+    refused."""

@@ -3,6 +3,7 @@
 It sits above the model and the weights layers because it needs both: the models know nothing of
 files, hubs or conversion (timm's `_builder.py` plays the same part for timm's models).
 """
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,13 @@ from dpn_jax.models.registry import Variables, build_dpn, init_variables, split_
 from dpn_jax.weights.pretrained import load_pretrained
 
 
-def create_model(name: str, *, pretrained: bool | str | os.PathLike = False,
-                 rng: jax.Array | None = None, **kwargs: Any) -> tuple[DPN, Variables]:
+def create_model(
+    name: str,
+    *,
+    pretrained: bool | str | os.PathLike = False,
+    rng: jax.Array | None = None,
+    **kwargs: Any,
+) -> tuple[DPN, Variables]:
     """Build a DPN by architecture (`dpn92`) or tag (`dpn92.mx_in1k`) and its variables.
 
     Keywords are architecture overrides (`DPNConfig` fields: k_sec, head_act, ...) or `DPN`

@@ -1,4 +1,5 @@
 """Helpers for the tests that run the trainer in subprocesses (tests/train_worker.py, train.py)."""
+
 from __future__ import annotations
 
 import json
@@ -16,11 +17,17 @@ WORKER = ROOT / "tests" / "train_worker.py"
 
 def subprocess_env(cache_dir: str | os.PathLike, devices: int = 4) -> dict[str, str]:
     """CPU with `devices` simulated devices; one persistent compilation cache for every run."""
-    return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                JAX_COMPILATION_CACHE_DIR=str(cache_dir), DPN_JAX_COMPILATION_CACHE=str(cache_dir),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONPATH=str(ROOT))
+    return dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+        DPN_JAX_COMPILATION_CACHE=str(cache_dir),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        PYTHONPATH=str(ROOT),
+    )
 
 
 def worker_command(workdir, overrides: dict, *extra) -> list[str]:
@@ -28,21 +35,34 @@ def worker_command(workdir, overrides: dict, *extra) -> list[str]:
 
 
 def run_worker(workdir, overrides: dict, *extra, env: dict, check: bool = True, **kwargs):
-    result = subprocess.run(worker_command(workdir, overrides, *extra), env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=600, **kwargs)
+    result = subprocess.run(
+        worker_command(workdir, overrides, *extra),
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,
+    )
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
 def start_worker(workdir, overrides: dict, *extra, env: dict) -> subprocess.Popen:
-    return subprocess.Popen(worker_command(workdir, overrides, *extra), env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        worker_command(workdir, overrides, *extra),
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def metrics_of(output: str) -> dict:
     line = next(line for line in output.splitlines() if line.startswith("METRICS "))
-    return json.loads(line[len("METRICS "):])
+    return json.loads(line[len("METRICS ") :])
 
 
 def restored_of(output: str) -> tuple[int, str]:
@@ -55,6 +75,7 @@ def restored_of(output: str) -> tuple[int, str]:
 def model_variables(workdir):
     """(variables, ModelDir) of the model a run exported to WORKDIR/model."""
     from dpn_jax.weights.model_dir import ModelDir
+
     model_dir = ModelDir.load(Path(workdir) / "model")
     return model_dir.variables, model_dir
 
@@ -78,7 +99,9 @@ def assert_same_variables(a, b) -> None:
 
 
 def checkpoint_steps(workdir) -> list[int]:
-    return sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
+    return sorted(
+        int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit()
+    )
 
 
 def metrics_records(workdir) -> list[dict]:

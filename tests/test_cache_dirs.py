@@ -1,4 +1,5 @@
 """Where the caches live: one user cache directory (XDG), weights and XLA side by side."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +8,13 @@ import pytest
 
 from dpn_jax.runtime import cache_dirs
 
-ENV = ("XDG_CACHE_HOME", "DPN_JAX_WEIGHTS_CACHE", "DPN_JAX_COMPILATION_CACHE", "DPN_JAX_CACHE",
-       "DPN_JAX_CACHE_DIR")
+ENV = (
+    "XDG_CACHE_HOME",
+    "DPN_JAX_WEIGHTS_CACHE",
+    "DPN_JAX_COMPILATION_CACHE",
+    "DPN_JAX_CACHE",
+    "DPN_JAX_CACHE_DIR",
+)
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,6 @@
 """The commands' shared error boundary (dpn_jax.cli.common): a user's error is one escaped line
 and exit 1; a bug in dpn_jax keeps its traceback; OS errors on user paths name the path."""
+
 from __future__ import annotations
 
 import errno
@@ -52,8 +53,9 @@ def test_user_errors_are_one_escaped_line(command, error, monkeypatch, capsys):
     assert module.main(argv) == 1
     out, err = capsys.readouterr()
     assert out == ""
-    assert err == (f"{command}: error: model/metadata.json: class \\x1b]0;owned\\x07\\nsecond "
-                   "line\n")
+    assert err == (
+        f"{command}: error: model/metadata.json: class \\x1b]0;owned\\x07\\nsecond line\n"
+    )
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
@@ -97,15 +99,18 @@ def test_unreadable_source_names_the_file(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sources, "open", denied, raising=False)
     source = tmp_path / "model.safetensors"
     assert convert_cli.main([str(source), "--output", str(tmp_path / "o")]) == 1
-    assert capsys.readouterr().err == (f"dpn-convert: error: {source}: cannot be read "
-                                       "(Permission denied)\n")
+    assert capsys.readouterr().err == (
+        f"dpn-convert: error: {source}: cannot be read (Permission denied)\n"
+    )
 
 
 def test_unwritable_output_names_the_path(tmp_path, monkeypatch, capsys):
     from timm_reference import numpy_state_dict, random_timm_dpn
 
-    save_file(numpy_state_dict(random_timm_dpn("dpn68", num_classes=3, k_sec=(1, 1, 1, 1))),
-              tmp_path / "model.safetensors")
+    save_file(
+        numpy_state_dict(random_timm_dpn("dpn68", num_classes=3, k_sec=(1, 1, 1, 1))),
+        tmp_path / "model.safetensors",
+    )
     (tmp_path / "locked").mkdir()
     mkdir = Path.mkdir
 

@@ -3,6 +3,7 @@
 State dicts come from randomly initialised timm DPNs (depth-reduced: the conversion is the same
 per block, and XLA compiles a one-block-per-stage DPN in seconds); nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import errno
@@ -58,7 +59,9 @@ def torch_state_dict(arch: str, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def logits_error(model_dir: Path, arch: str, seed: int = 0) -> float:
     """Relative logits difference between `create_model(pretrained=model_dir)` and timm."""
-    model, variables = dpn_jax.create_model(arch, num_classes=NUM_CLASSES, pretrained=model_dir, **TINY)
+    model, variables = dpn_jax.create_model(
+        arch, num_classes=NUM_CLASSES, pretrained=model_dir, **TINY
+    )
     x = image_batch()
     return relative_error(forward(model, variables, x), run_timm(reference(arch, seed), x))
 
@@ -68,6 +71,7 @@ def run_cli(*argv: str | Path) -> int:
 
 
 # --- every source kind, for a plain and a `b` variant -------------------------------------------
+
 
 def write_safetensors(arch: str, path: Path) -> None:
     save_file(numpy_state_dict(reference(arch)), path / "model.safetensors")
@@ -80,21 +84,36 @@ def write_pth(arch: str, path: Path) -> None:
 def write_training_checkpoint(arch: str, path: Path) -> None:
     """timm train.py's layout: DDP-prefixed weights under `state_dict`, plus optimizer and args."""
     import argparse
-    torch.save({"epoch": 7, "arch": arch, "args": argparse.Namespace(lr=0.1, model=arch),
-                "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]},
-                "state_dict": {f"module.{k}": v for k, v in torch_state_dict(arch).items()},
-                "state_dict_ema": torch_state_dict(arch, seed=1)}, path / "model.pth.tar")
+
+    torch.save(
+        {
+            "epoch": 7,
+            "arch": arch,
+            "args": argparse.Namespace(lr=0.1, model=arch),
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]},
+            "state_dict": {f"module.{k}": v for k, v in torch_state_dict(arch).items()},
+            "state_dict_ema": torch_state_dict(arch, seed=1),
+        },
+        path / "model.pth.tar",
+    )
 
 
 def write_cadene(arch: str, path: Path) -> None:
     """Cadene `pretrainedmodels` names the 1x1-conv classifier `last_linear` and has no counters."""
-    state_dict = {k.replace("classifier.", "last_linear."): v for k, v in torch_state_dict(arch).items()
-                  if not k.endswith("num_batches_tracked")}
+    state_dict = {
+        k.replace("classifier.", "last_linear."): v
+        for k, v in torch_state_dict(arch).items()
+        if not k.endswith("num_batches_tracked")
+    }
     torch.save(state_dict, path / "dpn_cadene.pth")
 
 
-SOURCE_WRITERS = {"safetensors": write_safetensors, "pth": write_pth,
-                  "training": write_training_checkpoint, "cadene": write_cadene}
+SOURCE_WRITERS = {
+    "safetensors": write_safetensors,
+    "pth": write_pth,
+    "training": write_training_checkpoint,
+    "cadene": write_cadene,
+}
 
 
 @pytest.mark.parametrize("arch", PLAIN_AND_B)
@@ -135,6 +154,7 @@ def test_model_key_and_torch_compile_prefixes_are_unwrapped(tmp_path):
 def populate_hub_cache(hf_home: Path, repo: str, files: dict[str, bytes]) -> None:
     """The layout huggingface_hub's downloads leave: blobs, a snapshot of symlinks, refs/main."""
     import hashlib
+
     storage = hf_home / "hub" / f"models--{repo.replace('/', '--')}"
     revision = "0123456789abcdef0123456789abcdef01234567"
     snapshot = storage / "snapshots" / revision
@@ -164,16 +184,23 @@ def test_hub_reference_from_offline_cache(arch, tmp_path):
     torch.save(torch_state_dict(arch), pth)
     if arch == "dpn68":
         write_safetensors(arch, tmp_path)
-        files = {"model.safetensors": (tmp_path / "model.safetensors").read_bytes(),
-                 "pytorch_model.bin": RANDOM_BYTES}
+        files = {
+            "model.safetensors": (tmp_path / "model.safetensors").read_bytes(),
+            "pytorch_model.bin": RANDOM_BYTES,
+        }
         src, expected_file = f"timm/{tag}", "model.safetensors"
     else:
         files = {"pytorch_model.bin": pth.read_bytes()}
         src, expected_file = f"hf-hub:timm/{tag}", "pytorch_model.bin"
     populate_hub_cache(tmp_path / "hf", f"timm/{tag}", files)
-    result = subprocess.run([sys.executable, "convert_weights.py", src, "--output",
-                             str(tmp_path / "out")], check=False, cwd=REPO_ROOT,
-                            env=offline_env(tmp_path / "hf"), capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "convert_weights.py", src, "--output", str(tmp_path / "out")],
+        check=False,
+        cwd=REPO_ROOT,
+        env=offline_env(tmp_path / "hf"),
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     model_dir = ModelDir.load(tmp_path / "out")
     assert model_dir.source == f"hf-hub:timm/{tag}/{expected_file}"
@@ -182,9 +209,20 @@ def test_hub_reference_from_offline_cache(arch, tmp_path):
 
 
 def test_hub_reference_missing_from_offline_cache(tmp_path):
-    result = subprocess.run([sys.executable, "convert_weights.py", "timm/dpn92.mx_in1k", "--output",
-                             str(tmp_path / "out")], check=False, cwd=REPO_ROOT,
-                            env=offline_env(tmp_path / "hf"), capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "convert_weights.py",
+            "timm/dpn92.mx_in1k",
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        check=False,
+        cwd=REPO_ROOT,
+        env=offline_env(tmp_path / "hf"),
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1
     assert "timm/dpn92.mx_in1k" in result.stderr and "cache" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -195,30 +233,41 @@ def test_create_model_pretrained_true_downloads_converts_and_caches(tmp_path, mo
     """create_model(tag, pretrained=True): hub cache -> converted dpn_jax cache; then the
     converted cache alone suffices (the Hugging Face cache is gone)."""
     from huggingface_hub import constants
+
     write_safetensors("dpn68", tmp_path)
-    populate_hub_cache(tmp_path / "hf", "timm/dpn68.mx_in1k",
-                       {"model.safetensors": (tmp_path / "model.safetensors").read_bytes()})
+    populate_hub_cache(
+        tmp_path / "hf",
+        "timm/dpn68.mx_in1k",
+        {"model.safetensors": (tmp_path / "model.safetensors").read_bytes()},
+    )
     # huggingface_hub reads these environment variables at import; patch what it read.
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("DPN_JAX_WEIGHTS_CACHE", str(tmp_path / "dpn_jax_cache"))
     x = image_batch()
     expected = run_timm(reference("dpn68"), x)
-    model, variables = dpn_jax.create_model("dpn68.mx_in1k", num_classes=NUM_CLASSES, pretrained=True, **TINY)
+    model, variables = dpn_jax.create_model(
+        "dpn68.mx_in1k", num_classes=NUM_CLASSES, pretrained=True, **TINY
+    )
     assert relative_error(forward(model, variables, x), expected) <= 1e-4
     assert (tmp_path / "dpn_jax_cache" / "dpn68.mx_in1k" / "metadata.json").is_file()
 
     shutil.rmtree(tmp_path / "hf")
-    model, variables = dpn_jax.create_model("dpn68.mx_in1k", num_classes=NUM_CLASSES, pretrained=True, **TINY)
+    model, variables = dpn_jax.create_model(
+        "dpn68.mx_in1k", num_classes=NUM_CLASSES, pretrained=True, **TINY
+    )
     assert relative_error(forward(model, variables, x), expected) <= 1e-4
 
 
-# --- export back to timm, fine-tuning heads --------------------------------------------------------
+# --- export back to timm, fine-tuning heads ----------------------------------------------------
+
 
 @pytest.mark.parametrize("arch", PLAIN_AND_B)
 def test_to_torch_export_loads_strictly_into_timm(arch, tmp_path, capsys):
     write_safetensors(arch, tmp_path)
-    assert run_cli(tmp_path / "model.safetensors", "--model", arch, "--output", tmp_path / "jax") == 0
+    assert (
+        run_cli(tmp_path / "model.safetensors", "--model", arch, "--output", tmp_path / "jax") == 0
+    )
     assert run_cli(tmp_path / "jax", "--to-torch", tmp_path / "back.safetensors") == 0
     assert "load_state_dict" in capsys.readouterr().out
     exported = load_torch_safetensors(tmp_path / "back.safetensors")
@@ -235,7 +284,10 @@ def test_to_torch_export_loads_strictly_into_timm(arch, tmp_path, capsys):
 def test_num_classes_gives_a_fresh_head_that_exports_to_timm(tmp_path, capsys):
     write_pth("dpn68", tmp_path)
     assert run_cli(tmp_path / "model.pth", "--num-classes", "5", "--output", tmp_path / "ft") == 0
-    assert "classifier replaced: checkpoint has 12 classes, new head for 5 classes" in capsys.readouterr().out
+    assert (
+        "classifier replaced: checkpoint has 12 classes, new head for 5 classes"
+        in capsys.readouterr().out
+    )
     model_dir = ModelDir.load(tmp_path / "ft")
     variables = model_dir.variables
     head = variables["params"].pop("classifier")
@@ -249,7 +301,9 @@ def test_num_classes_gives_a_fresh_head_that_exports_to_timm(tmp_path, capsys):
     jax.tree_util.tree_map(np.testing.assert_array_equal, variables, backbone)
 
     # The fine-tuning model goes back to PyTorch with the same logits.
-    model, variables = dpn_jax.create_model("dpn68", num_classes=5, pretrained=tmp_path / "ft", **TINY)
+    model, variables = dpn_jax.create_model(
+        "dpn68", num_classes=5, pretrained=tmp_path / "ft", **TINY
+    )
     assert run_cli(tmp_path / "ft", "--to-torch", tmp_path / "ft.safetensors") == 0
     rebuilt = timm.create_model("dpn68", num_classes=5, **TINY).eval()
     rebuilt.load_state_dict(load_torch_safetensors(tmp_path / "ft.safetensors"), strict=True)
@@ -260,14 +314,19 @@ def test_num_classes_gives_a_fresh_head_that_exports_to_timm(tmp_path, capsys):
 def test_create_model_with_other_num_classes_warns_and_fits_a_head(tmp_path):
     write_safetensors("dpn68", tmp_path)
     assert run_cli(tmp_path / "model.safetensors", "--output", tmp_path / "jax") == 0
-    with pytest.warns(UserWarning, match="checkpoint has 12 classes, the model 5: the classifier is freshly"):
-        model, variables = dpn_jax.create_model("dpn68", num_classes=5, pretrained=tmp_path / "jax", **TINY)
+    with pytest.warns(
+        UserWarning, match="checkpoint has 12 classes, the model 5: the classifier is freshly"
+    ):
+        model, variables = dpn_jax.create_model(
+            "dpn68", num_classes=5, pretrained=tmp_path / "jax", **TINY
+        )
     assert forward(model, variables, image_batch()).shape == (2, 5)
     with pytest.raises(WeightsError, match="saved from a dpn68 with {'k_sec': \\(1, 1, 1, 1\\)}"):
         dpn_jax.create_model("dpn68", num_classes=NUM_CLASSES, pretrained=tmp_path / "jax")
 
 
-# --- variant detection ------------------------------------------------------------------------------
+# --- variant detection --------------------------------------------------------------------------
+
 
 def meta_state_dict(arch: str, **kwargs) -> dict[str, torch.Tensor]:
     """timm's state dict shapes without allocating or initialising anything."""
@@ -291,8 +350,10 @@ def test_detection_reports_ambiguous_and_unknown_structures():
 
 # --- bad input: one clear line, a non-zero exit, nothing left on disk ---------------------------
 
+
 class RunsShell:
     """A pickle payload: unpickling it would run a shell command."""
+
     def __init__(self, command: str):
         self.command = command
 
@@ -314,6 +375,7 @@ def _dpn_with(change) -> callable:
         change(state_dict)
         save_file(state_dict, folder / "model.safetensors")
         return folder / "model.safetensors"
+
     return write
 
 
@@ -321,6 +383,7 @@ def _file(name: str, data: bytes) -> callable:
     def write(folder: Path) -> Path:
         (folder / name).write_bytes(data)
         return folder / name
+
     return write
 
 
@@ -346,23 +409,46 @@ RANDOM_BYTES = np.random.default_rng(0).bytes(4096)
 BAD_SOURCES = {
     "empty": (_file("model.pth", b""), [], "file is empty"),
     "random bytes pth": (_file("model.pth", RANDOM_BYTES), [], "not a readable PyTorch checkpoint"),
-    "random bytes safetensors": (_file("model.safetensors", RANDOM_BYTES), [],
-                                 "not a valid safetensors file"),
+    "random bytes safetensors": (
+        _file("model.safetensors", RANDOM_BYTES),
+        [],
+        "not a valid safetensors file",
+    ),
     "truncated safetensors": (_truncated_safetensors, [], "not a valid safetensors file"),
     "unknown suffix": (_file("model.h5", b"HDF"), [], "unknown checkpoint type"),
-    "non-DPN": (_non_dpn, [],
-                "not a DPN state dict: no 4-d features.conv1_1.conv.weight (first keys: conv1.weight"),
-    "wrong --model": (_dpn_with(lambda sd: None), ["--model", "dpn92"],
-                      ("does not fit dpn92 (its shapes are those of dpn68 with "
-                       "{'k_sec': (1, 1, 1, 1)}): tensor features.conv1_1.bn.running_mean has "
-                       "shape (10,), dpn92 expects (64,)")),
-    "missing tensor": (_dpn_with(lambda sd: sd.pop("features.conv3_1.c3x3_b.bn.weight")), [],
-                       ("does not fit dpn68: missing tensor features.conv3_1.c3x3_b.bn.weight "
-                        "(expected for dpn68, shape (256,))")),
-    "extra tensor": (_dpn_with(lambda sd: sd.update({"head.fc.weight": np.ones((3, 4), np.float32)})), [],
-                     "unexpected tensor head.fc.weight with shape (3, 4) for dpn68"),
+    "non-DPN": (
+        _non_dpn,
+        [],
+        "not a DPN state dict: no 4-d features.conv1_1.conv.weight (first keys: conv1.weight",
+    ),
+    "wrong --model": (
+        _dpn_with(lambda sd: None),
+        ["--model", "dpn92"],
+        (
+            "does not fit dpn92 (its shapes are those of dpn68 with "
+            "{'k_sec': (1, 1, 1, 1)}): tensor features.conv1_1.bn.running_mean has "
+            "shape (10,), dpn92 expects (64,)"
+        ),
+    ),
+    "missing tensor": (
+        _dpn_with(lambda sd: sd.pop("features.conv3_1.c3x3_b.bn.weight")),
+        [],
+        (
+            "does not fit dpn68: missing tensor features.conv3_1.c3x3_b.bn.weight "
+            "(expected for dpn68, shape (256,))"
+        ),
+    ),
+    "extra tensor": (
+        _dpn_with(lambda sd: sd.update({"head.fc.weight": np.ones((3, 4), np.float32)})),
+        [],
+        "unexpected tensor head.fc.weight with shape (3, 4) for dpn68",
+    ),
     "directory": (_directory, [], "is a directory, not a checkpoint file"),
-    "no EMA copy": (_dpn_with(lambda sd: None), ["--ema"], "--ema given but there is no state_dict_ema"),
+    "no EMA copy": (
+        _dpn_with(lambda sd: None),
+        ["--ema"],
+        "--ema given but there is no state_dict_ema",
+    ),
 }
 
 
@@ -393,8 +479,10 @@ def test_unwritable_output_location(tmp_path, capsys):
 
 def snapshot(folder: Path) -> dict[str, bytes | None]:
     """Every entry under `folder` (hidden ones too) with its content: nothing lost, nothing left."""
-    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
-            for p in sorted(folder.rglob("*"))}
+    return {
+        str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+        for p in sorted(folder.rglob("*"))
+    }
 
 
 def test_existing_output_is_kept_unless_overwrite(tmp_path, capsys):
@@ -411,8 +499,10 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path, capsys):
     assert logits_error(tmp_path / "out", "dpn68") <= 1e-4
 
 
-@pytest.mark.parametrize("target", ["current directory", "workdir", "model dir with notes",
-                                    "a file", "an empty directory"])
+@pytest.mark.parametrize(
+    "target",
+    ["current directory", "workdir", "model dir with notes", "a file", "an empty directory"],
+)
 def test_overwrite_never_replaces_what_dpn_jax_did_not_write(target, tmp_path, monkeypatch, capsys):
     """`dpn-convert SRC --output . --overwrite` in a project used to delete the project."""
     write_safetensors("dpn68", tmp_path)
@@ -459,8 +549,11 @@ def test_full_disk_during_conversion_leaves_nothing(existing, tmp_path, monkeypa
     monkeypatch.setattr(Path, "write_text", disk_full_at_metadata)
     capsys.readouterr()
     rc = run_cli(tmp_path / "model.safetensors", "--output", out, "--overwrite")
-    assert_one_line_error(rc, capsys.readouterr().err,
-                          f"dpn-convert: error: cannot write {out}: No space left on device")
+    assert_one_line_error(
+        rc,
+        capsys.readouterr().err,
+        f"dpn-convert: error: cannot write {out}: No space left on device",
+    )
     assert snapshot(tmp_path) == before
 
 
@@ -469,17 +562,35 @@ def test_a_real_write_failure_during_conversion_is_one_line(tmp_path):
     tensorstore writer thread: still one line naming the output, and nothing left behind."""
     write_safetensors("dpn68", tmp_path)
     # The limit is set by the child itself (a preexec_fn would fork this multithreaded process).
-    limited = ("import resource, runpy, signal, sys; "
-               "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "  # fail write(), not the process
-               "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); "  # variables: 7.8 MB
-               "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
-    argv = [sys.executable, "-c", limited, "convert_weights.py",
-            str(tmp_path / "model.safetensors"), "--output", str(tmp_path / "out")]
-    result = subprocess.run(argv, check=False, cwd=REPO_ROOT,
-                            env={**os.environ, "DPN_JAX_COMPILATION_CACHE": "off"}, capture_output=True,
-                            text=True, timeout=300)
-    assert_one_line_error(result.returncode, result.stderr,
-                          f"dpn-convert: error: cannot write {tmp_path / 'out'}: File too large")
+    limited = (
+        "import resource, runpy, signal, sys; "
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "  # fail write(), not the process
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); "  # variables: 7.8 MB
+        "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    argv = [
+        sys.executable,
+        "-c",
+        limited,
+        "convert_weights.py",
+        str(tmp_path / "model.safetensors"),
+        "--output",
+        str(tmp_path / "out"),
+    ]
+    result = subprocess.run(
+        argv,
+        check=False,
+        cwd=REPO_ROOT,
+        env={**os.environ, "DPN_JAX_COMPILATION_CACHE": "off"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert_one_line_error(
+        result.returncode,
+        result.stderr,
+        f"dpn-convert: error: cannot write {tmp_path / 'out'}: File too large",
+    )
     assert os.listdir(tmp_path) == ["model.safetensors"]
 
 
@@ -489,18 +600,28 @@ def test_to_torch_replaces_only_its_own_export(tmp_path, monkeypatch, capsys):
     out = tmp_path / "back.safetensors"
     assert run_cli(tmp_path / "jax", "--to-torch", out) == 0
     capsys.readouterr()
-    assert_one_line_error(run_cli(tmp_path / "jax", "--to-torch", out), capsys.readouterr().err,
-                          "back.safetensors already exists; pass --overwrite")
+    assert_one_line_error(
+        run_cli(tmp_path / "jax", "--to-torch", out),
+        capsys.readouterr().err,
+        "back.safetensors already exists; pass --overwrite",
+    )
     assert run_cli(tmp_path / "jax", "--to-torch", out, "--overwrite") == 0  # ours: replaced
     capsys.readouterr()
 
     before = snapshot(tmp_path)
     user_file = tmp_path / "model.safetensors"  # the user's timm checkpoint
     rc = run_cli(tmp_path / "jax", "--to-torch", user_file, "--overwrite")
-    assert_one_line_error(rc, capsys.readouterr().err, f"refusing to replace {user_file}: it is "
-                          "not a safetensors file written by dpn-convert --to-torch (a file)")
-    assert_one_line_error(run_cli(tmp_path / "jax", "--to-torch", tmp_path / "x.pth"),
-                          capsys.readouterr().err, "the export is a .safetensors file")
+    assert_one_line_error(
+        rc,
+        capsys.readouterr().err,
+        f"refusing to replace {user_file}: it is "
+        "not a safetensors file written by dpn-convert --to-torch (a file)",
+    )
+    assert_one_line_error(
+        run_cli(tmp_path / "jax", "--to-torch", tmp_path / "x.pth"),
+        capsys.readouterr().err,
+        "the export is a .safetensors file",
+    )
 
     import safetensors.numpy
 
@@ -510,25 +631,33 @@ def test_to_torch_replaces_only_its_own_export(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(safetensors.numpy, "save_file", disk_full)
     rc = run_cli(tmp_path / "jax", "--to-torch", out, "--overwrite")
-    assert_one_line_error(rc, capsys.readouterr().err,
-                          f"cannot write {out}: No space left on device")
+    assert_one_line_error(
+        rc, capsys.readouterr().err, f"cannot write {out}: No space left on device"
+    )
     assert snapshot(tmp_path) == before  # the previous export intact, no staging file left
 
 
 # --- sources: paths are never sent to the hub; an unreachable hub fails fast ----------------------
 
-@pytest.mark.parametrize("src, message", [
-    ("files/dpn68.safetensor", "files/dpn68.safetensor: no such file"),  # a typo, files/ exists
-    ("dpn68.safetensors", "dpn68.safetensors: no such file"),
-    ("./dpn68", "./dpn68: no such file"),
-    ("~/no/such/dpn68.pth", "~/no/such/dpn68.pth: no such file"),
-    ("timm/dpn92.mx_in1k", "timm/dpn92.mx_in1k: no such file"),  # ./timm is a local folder here
-    ("someone/dpn68", ("someone/dpn68: no such file (a hub repository is written "
-                      "hf-hub:someone/dpn68)")),
-    ("hf-hub:no_slash", "hf-hub:no_slash: not a hub repository name"),
-])
-def test_missing_paths_fail_at_once_without_asking_the_hub(src, message, tmp_path, monkeypatch,
-                                                           capsys):
+
+@pytest.mark.parametrize(
+    "src, message",
+    [
+        ("files/dpn68.safetensor", "files/dpn68.safetensor: no such file"),  # a typo, files/ exists
+        ("dpn68.safetensors", "dpn68.safetensors: no such file"),
+        ("./dpn68", "./dpn68: no such file"),
+        ("~/no/such/dpn68.pth", "~/no/such/dpn68.pth: no such file"),
+        ("timm/dpn92.mx_in1k", "timm/dpn92.mx_in1k: no such file"),  # ./timm is a local folder here
+        (
+            "someone/dpn68",
+            ("someone/dpn68: no such file (a hub repository is written hf-hub:someone/dpn68)"),
+        ),
+        ("hf-hub:no_slash", "hf-hub:no_slash: not a hub repository name"),
+    ],
+)
+def test_missing_paths_fail_at_once_without_asking_the_hub(
+    src, message, tmp_path, monkeypatch, capsys
+):
     from dpn_jax.weights import sources
 
     def hub(repo):
@@ -538,8 +667,9 @@ def test_missing_paths_fail_at_once_without_asking_the_hub(src, message, tmp_pat
     monkeypatch.chdir(tmp_path)
     (tmp_path / "files").mkdir()
     (tmp_path / "timm").mkdir()
-    assert_one_line_error(run_cli(src, "--output", "out"), capsys.readouterr().err,
-                          f"dpn-convert: error: {message}")
+    assert_one_line_error(
+        run_cli(src, "--output", "out"), capsys.readouterr().err, f"dpn-convert: error: {message}"
+    )
     assert sorted(os.listdir(tmp_path)) == ["files", "timm"]
 
 
@@ -570,14 +700,29 @@ def closed_port_endpoint() -> str:
 
 @pytest.mark.parametrize("endpoint", ["closed port", "silent", "non-routable"])
 def test_unreachable_hub_fails_fast_naming_the_alternatives(endpoint, silent_endpoint, tmp_path):
-    url = {"closed port": closed_port_endpoint(), "silent": silent_endpoint,
-           "non-routable": "http://10.255.255.1"}[endpoint]
+    url = {
+        "closed port": closed_port_endpoint(),
+        "silent": silent_endpoint,
+        "non-routable": "http://10.255.255.1",
+    }[endpoint]
     env = {**offline_env(tmp_path / "hf", HF_ENDPOINT=url)}
     del env["HF_HUB_OFFLINE"]
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "convert_weights.py", "timm/dpn68.mx_in1k", "--output",
-                             str(tmp_path / "out")], check=False, cwd=REPO_ROOT, env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "convert_weights.py",
+            "timm/dpn68.mx_in1k",
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        check=False,
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     elapsed = time.perf_counter() - start
     print(f"{endpoint} hub endpoint {url}: failed after {elapsed:.1f} s (process start included)")
     assert_one_line_error(result.returncode, result.stderr, "hub repository timm/dpn68.mx_in1k: ")
@@ -588,13 +733,28 @@ def test_unreachable_hub_fails_fast_naming_the_alternatives(endpoint, silent_end
 
 def test_cached_hub_file_works_with_an_unreachable_hub(tmp_path):
     write_safetensors("dpn68", tmp_path)
-    populate_hub_cache(tmp_path / "hf", "timm/dpn68.mx_in1k",
-                       {"model.safetensors": (tmp_path / "model.safetensors").read_bytes()})
+    populate_hub_cache(
+        tmp_path / "hf",
+        "timm/dpn68.mx_in1k",
+        {"model.safetensors": (tmp_path / "model.safetensors").read_bytes()},
+    )
     env = offline_env(tmp_path / "hf", HF_ENDPOINT=closed_port_endpoint())
     del env["HF_HUB_OFFLINE"]
-    result = subprocess.run([sys.executable, "convert_weights.py", "timm/dpn68.mx_in1k", "--output",
-                             str(tmp_path / "out")], check=False, cwd=REPO_ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "convert_weights.py",
+            "timm/dpn68.mx_in1k",
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        check=False,
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert logits_error(tmp_path / "out", "dpn68") <= 1e-4
 
@@ -603,8 +763,11 @@ def test_cached_hub_file_works_with_an_unreachable_hub(tmp_path):
 @pytest.mark.parametrize("container", ["torch.save", "raw pickle"])
 def test_malicious_pickle_is_refused_and_does_not_run(payload, container, tmp_path, capsys):
     marker = tmp_path / "PWNED"
-    bomb = (RunsShell(f"touch {marker}") if payload == "os.system"
-            else RunsExec(f"open({str(marker)!r}, 'w').close()"))
+    bomb = (
+        RunsShell(f"touch {marker}")
+        if payload == "os.system"
+        else RunsExec(f"open({str(marker)!r}, 'w').close()")
+    )
     checkpoint = {"extra": bomb, "state_dict": torch_state_dict("dpn68")}
     src = tmp_path / "model.pth"
     if container == "torch.save":
@@ -626,7 +789,8 @@ def test_pth_without_torch_names_the_extra(tmp_path, capsys, monkeypatch):
     assert_one_line_error(rc, capsys.readouterr().err, "needs torch (pip install 'dpn_jax[torch]')")
 
 
-# --- --verify ---------------------------------------------------------------------------------------
+# --- --verify -----------------------------------------------------------------------------------
+
 
 def test_verify_prints_the_difference_and_fails_above_tolerance(tmp_path, capsys, monkeypatch):
     write_safetensors("dpn68", tmp_path)
@@ -641,8 +805,14 @@ def test_verify_prints_the_difference_and_fails_above_tolerance(tmp_path, capsys
     assert not (tmp_path / "strict").exists()
 
 
-@pytest.mark.parametrize("argv", [["model.pth"], ["jax_dir", "--to-torch", "out.safetensors", "--output", "x"],
-                                  ["model.pth", "--output", "x", "--num-classes", "-1"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["model.pth"],
+        ["jax_dir", "--to-torch", "out.safetensors", "--output", "x"],
+        ["model.pth", "--output", "x", "--num-classes", "-1"],
+    ],
+)
 def test_usage_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         convert_cli.main(argv)

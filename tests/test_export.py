@@ -5,6 +5,7 @@ converted and exported once per format (module-scoped fixtures); each artifact
 runs in its own runtime (JAX, ONNX Runtime, TensorFlow) on two batch sizes through its one
 dynamic-batch graph.
 """
+
 from __future__ import annotations
 
 import functools
@@ -58,9 +59,14 @@ def save_converted(reference: torch.nn.Module, path: Path, num_classes: int = NU
     variables = timm_to_flax(numpy_state_dict(reference), ARCH, **TINY)
     if num_classes != NUM_CLASSES:
         variables = replace_head(variables, num_classes)
-    ModelDir(architecture=ARCH, num_classes=num_classes, model_kwargs=TINY, variables=variables,
-             preprocessing=Preprocessing.from_cfg(pretrained_cfg(f"{ARCH}.mx_in1k")),
-             source="random timm model (test)").save(path)
+    ModelDir(
+        architecture=ARCH,
+        num_classes=num_classes,
+        model_kwargs=TINY,
+        variables=variables,
+        preprocessing=Preprocessing.from_cfg(pretrained_cfg(f"{ARCH}.mx_in1k")),
+        source="random timm model (test)",
+    ).save(path)
     return path
 
 
@@ -71,8 +77,11 @@ def model_dir(reference, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pixels() -> np.ndarray:
-    return np.random.default_rng(0).standard_normal(
-        (max(BATCH_SIZES), IMG_SIZE, IMG_SIZE, 3)).astype(np.float32)
+    return (
+        np.random.default_rng(0)
+        .standard_normal((max(BATCH_SIZES), IMG_SIZE, IMG_SIZE, 3))
+        .astype(np.float32)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +89,25 @@ def expected(model_dir, reference, pixels) -> dict[str, np.ndarray]:
     """Logits of dpn_jax (as it runs on CPU, with its kernels) and of timm on `pixels`."""
     loaded = ModelDir.load(model_dir)
     model, variables = loaded.build_model(), loaded.variables
-    return {"dpn_jax": np.asarray(jax.jit(lambda x: model.apply(variables, x))(pixels)),
-            "timm": run_timm(reference, pixels)}
+    return {
+        "dpn_jax": np.asarray(jax.jit(lambda x: model.apply(variables, x))(pixels)),
+        "timm": run_timm(reference, pixels),
+    }
 
 
 def export(model_dir: Path, format: str, output: Path, *flags: str) -> int:
-    return export_cli.main([str(model_dir), "--format", format, "--output", str(output),
-                            "--img-size", str(IMG_SIZE), *flags])
+    return export_cli.main(
+        [
+            str(model_dir),
+            "--format",
+            format,
+            "--output",
+            str(output),
+            "--img-size",
+            str(IMG_SIZE),
+            *flags,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -100,21 +121,25 @@ def exports(model_dir, tmp_path_factory):
             assert export(model_dir, format, root / format) == 0
             made[format] = root / format
         return made[format]
+
     return directory
 
 
 @functools.cache
-def runner(format: str, directory: Path, signature: str = "serving_default"
-           ) -> Callable[[np.ndarray], np.ndarray]:
+def runner(
+    format: str, directory: Path, signature: str = "serving_default"
+) -> Callable[[np.ndarray], np.ndarray]:
     """The artifact in its own runtime, loaded once: NHWC input -> output as numpy."""
     if format == "stablehlo":
         exported = read_stablehlo(directory)
         return lambda x: np.asarray(exported.call(x))
     if format == "onnx":
         session = onnxruntime_session(directory)
-        return lambda x: session.run(None, {"pixels": np.ascontiguousarray(
-            x.transpose(0, 3, 1, 2))})[0]
+        return lambda x: session.run(
+            None, {"pixels": np.ascontiguousarray(x.transpose(0, 3, 1, 2))}
+        )[0]
     import tensorflow as tf
+
     serve = tf.saved_model.load(str(directory / "saved_model")).signatures[signature]
     name = "pixels" if signature == "serving_default" else "images"
     return lambda x: serve(**{name: tf.constant(x)})["logits"].numpy()
@@ -151,12 +176,19 @@ def test_sidecar_has_preprocessing_io_and_class_names(format, exports, model_dir
     assert config["model"]["architecture"] == ARCH and config["model"]["num_classes"] == NUM_CLASSES
     layout = {"onnx": [None, 3, IMG_SIZE, IMG_SIZE]}.get(format, [None, IMG_SIZE, IMG_SIZE, 3])
     main = next(iter(config["entry_points"].values()))
-    assert main["input"] | {"meaning": ""} == {"name": "pixels", "shape": layout,
-                                               "dtype": "float32", "meaning": ""}
+    assert main["input"] | {"meaning": ""} == {
+        "name": "pixels",
+        "shape": layout,
+        "dtype": "float32",
+        "meaning": "",
+    }
     assert main["output"]["name"] == "logits" and main["output"]["shape"] == [None, NUM_CLASSES]
     manifest = json.loads((directory / MANIFEST_FILE).read_text())
-    on_disk = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
-                     if p.is_file() and p.name != MANIFEST_FILE)
+    on_disk = sorted(
+        p.relative_to(directory).as_posix()
+        for p in directory.rglob("*")
+        if p.is_file() and p.name != MANIFEST_FILE
+    )
     assert manifest["format"] == format and set(on_disk) <= set(manifest["files"])
 
 
@@ -170,9 +202,9 @@ def test_stablehlo_runs_with_jax_alone_on_any_platform(exports, pixels, expected
     np.save(tmp_path / "x.npy", pixels)
     script = textwrap.dedent(f"""
         import sys, jax, numpy as np
-        exported = jax.export.deserialize(open({str(directory / 'model.stablehlo')!r}, 'rb').read())
-        x = np.load({str(tmp_path / 'x.npy')!r})
-        np.save({str(tmp_path / 'y.npy')!r}, np.asarray(exported.call(x[:2])))
+        exported = jax.export.deserialize(open({str(directory / "model.stablehlo")!r}, 'rb').read())
+        x = np.load({str(tmp_path / "x.npy")!r})
+        np.save({str(tmp_path / "y.npy")!r}, np.asarray(exported.call(x[:2])))
         assert not any(m.startswith('dpn_jax') for m in sys.modules), 'dpn_jax was imported'
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -181,8 +213,18 @@ def test_stablehlo_runs_with_jax_alone_on_any_platform(exports, pixels, expected
 
 
 def test_stablehlo_with_cpu_kernels_lists_its_custom_calls(model_dir, pixels, expected, tmp_path):
-    assert export(model_dir, "stablehlo", tmp_path / "cpu", "--platforms", "cpu",
-                  "--conv-lowering", "kernels") == 0
+    assert (
+        export(
+            model_dir,
+            "stablehlo",
+            tmp_path / "cpu",
+            "--platforms",
+            "cpu",
+            "--conv-lowering",
+            "kernels",
+        )
+        == 0
+    )
     exported = read_stablehlo(tmp_path / "cpu")
     targets = read_serving_config(tmp_path / "cpu")["export"]["custom_call_targets"]
     assert exported.platforms == ("cpu",) and "dpn_grouped_conv_forward" in targets
@@ -191,8 +233,19 @@ def test_stablehlo_with_cpu_kernels_lists_its_custom_calls(model_dir, pixels, ex
 
 
 def test_stablehlo_softmax_fixed_batch_and_bfloat16(model_dir, pixels, expected, tmp_path):
-    assert export(model_dir, "stablehlo", tmp_path / "out", "--softmax", "--batch-size", "3",
-                  "--dtype", "bfloat16") == 0
+    assert (
+        export(
+            model_dir,
+            "stablehlo",
+            tmp_path / "out",
+            "--softmax",
+            "--batch-size",
+            "3",
+            "--dtype",
+            "bfloat16",
+        )
+        == 0
+    )
     exported = read_stablehlo(tmp_path / "out")
     assert [a.shape for a in exported.in_avals] == [(3, IMG_SIZE, IMG_SIZE, 3)]
     assert [a.dtype for a in exported.in_avals + exported.out_avals] == [np.float32] * 2
@@ -200,8 +253,10 @@ def test_stablehlo_softmax_fixed_batch_and_bfloat16(model_dir, pixels, expected,
     reference = torch.softmax(torch.from_numpy(expected["timm"]), -1).numpy()
     np.testing.assert_allclose(probabilities.sum(-1), 1.0, rtol=1e-5)
     assert relative_error(probabilities, reference) <= 2e-2  # bfloat16 compute
-    assert read_serving_config(tmp_path / "out")["entry_points"]["main"]["output"]["name"] == \
-        "probabilities"
+    assert (
+        read_serving_config(tmp_path / "out")["entry_points"]["main"]["output"]["name"]
+        == "probabilities"
+    )
 
 
 def test_savedmodel_uint8_signature_normalises_inside(exports, model_dir):
@@ -211,11 +266,21 @@ def test_savedmodel_uint8_signature_normalises_inside(exports, model_dir):
     images = np.random.default_rng(1).integers(0, 256, (3, IMG_SIZE, IMG_SIZE, 3), np.uint8)
     actual = runner("savedmodel", directory, "serving_uint8")(images)
     # What dpn-predict feeds the model for the same (already cropped) images.
-    data_config = resolve_data_config(ModelDir.load(model_dir).preprocessing.as_dict(),
-                                      img_size=IMG_SIZE)
-    pixels = np.stack([eval_transform(Image.fromarray(image), image_size=IMG_SIZE, crop_pct=1.0,
-                                      mean=data_config.mean, std=data_config.std)
-                       for image in images])
+    data_config = resolve_data_config(
+        ModelDir.load(model_dir).preprocessing.as_dict(), img_size=IMG_SIZE
+    )
+    pixels = np.stack(
+        [
+            eval_transform(
+                Image.fromarray(image),
+                image_size=IMG_SIZE,
+                crop_pct=1.0,
+                mean=data_config.mean,
+                std=data_config.std,
+            )
+            for image in images
+        ]
+    )
     assert relative_error(actual, runner("savedmodel", directory)(pixels)) <= TOLERANCE
 
 
@@ -223,10 +288,24 @@ def test_pretrained_tag_source(model_dir, tmp_path, monkeypatch, capsys):
     """A tag is read from the converted-weights cache (here: planted, so nothing downloads)."""
     monkeypatch.setenv("DPN_JAX_WEIGHTS_CACHE", str(tmp_path / "cache"))
     shutil.copytree(model_dir, tmp_path / "cache" / "dpn68.mx_in1k")
-    assert export_cli.main(["dpn68", "--format", "stablehlo", "--output",
-                            str(tmp_path / "out"), "--img-size", str(IMG_SIZE)]) == 0
-    assert f"wrote {tmp_path / 'out'} (stablehlo, main: pixels float32[batch, {IMG_SIZE}" in \
-        capsys.readouterr().out
+    assert (
+        export_cli.main(
+            [
+                "dpn68",
+                "--format",
+                "stablehlo",
+                "--output",
+                str(tmp_path / "out"),
+                "--img-size",
+                str(IMG_SIZE),
+            ]
+        )
+        == 0
+    )
+    assert (
+        f"wrote {tmp_path / 'out'} (stablehlo, main: pixels float32[batch, {IMG_SIZE}"
+        in capsys.readouterr().out
+    )
     assert read_serving_config(tmp_path / "out")["model"]["source"] == "dpn68"
 
 
@@ -242,13 +321,19 @@ def test_conv_lowering_switch(lowering):
     assert ("dpn_grouped_conv_forward" in text) == (lowering == "kernels")
     # the XLA CPU form splits the groups into dense convolutions; native keeps one grouped conv
     assert ("feature_group_count = 4" in text) == (lowering == "native")
-    expected = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                            feature_group_count=4)
+    expected = jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        (1, 1),
+        ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=4,
+    )
     np.testing.assert_allclose(lowered.compile()(x, kernel), expected, rtol=1e-5, atol=1e-5)
 
 
 # --- bad input: one line, exit 1, nothing written or deleted -----------------------------------
+
 
 def assert_one_line_error(rc: int, stderr: str, message: str) -> None:
     assert rc == 1
@@ -257,21 +342,31 @@ def assert_one_line_error(rc: int, stderr: str, message: str) -> None:
 
 
 def tree(path: Path) -> dict[str, bytes | None]:
-    return {p.relative_to(path).as_posix(): p.read_bytes() if p.is_file() else None
-            for p in sorted(path.rglob("*"))}
+    return {
+        p.relative_to(path).as_posix(): p.read_bytes() if p.is_file() else None
+        for p in sorted(path.rglob("*"))
+    }
 
 
 BAD_OPTIONS = {
     "unknown format": (["--format", "tflite"], "unknown format 'tflite'; choose from stablehlo"),
-    "unknown platform": (["--format", "stablehlo", "--platforms", "cpu,gpu"],
-                         "unknown platform 'gpu'"),
-    "kernels on every platform": (["--format", "stablehlo", "--conv-lowering", "kernels"],
-                                  "pass --platforms cpu"),
-    "onnx needs native convs": (["--format", "onnx", "--conv-lowering", "xla"],
-                                "--format onnx takes conv lowering native, not 'xla'"),
+    "unknown platform": (
+        ["--format", "stablehlo", "--platforms", "cpu,gpu"],
+        "unknown platform 'gpu'",
+    ),
+    "kernels on every platform": (
+        ["--format", "stablehlo", "--conv-lowering", "kernels"],
+        "pass --platforms cpu",
+    ),
+    "onnx needs native convs": (
+        ["--format", "onnx", "--conv-lowering", "xla"],
+        "--format onnx takes conv lowering native, not 'xla'",
+    ),
     "bfloat16 onnx": (["--format", "onnx", "--dtype", "bfloat16"], "onnx exports float32 only"),
-    "opset for stablehlo": (["--format", "stablehlo", "--opset", "18"],
-                            "--opset applies to --format onnx"),
+    "opset for stablehlo": (
+        ["--format", "stablehlo", "--opset", "18"],
+        "--opset applies to --format onnx",
+    ),
     "batch size": (["--format", "stablehlo", "--batch-size", "0"], "batch size must be >= 1"),
 }
 
@@ -286,43 +381,54 @@ def test_bad_options_are_refused_before_work(case, model_dir, tmp_path, capsys):
 
 def test_source_that_is_not_a_model(tmp_path, capsys):
     (tmp_path / "folder").mkdir()
-    rc = export_cli.main([str(tmp_path / "folder"), "--format", "stablehlo",
-                          "--output", str(tmp_path / "out")])
+    rc = export_cli.main(
+        [str(tmp_path / "folder"), "--format", "stablehlo", "--output", str(tmp_path / "out")]
+    )
     assert_one_line_error(rc, capsys.readouterr().err, "is not a dpn_jax model directory")
     rc = export_cli.main(["dpn69", "--format", "stablehlo", "--output", str(tmp_path / "out")])
-    assert_one_line_error(rc, capsys.readouterr().err,
-                          "dpn69: no such model directory, and not a pretrained model")
+    assert_one_line_error(
+        rc, capsys.readouterr().err, "dpn69: no such model directory, and not a pretrained model"
+    )
     assert [p.name for p in tmp_path.iterdir()] == ["folder"]
 
 
-@pytest.mark.parametrize("format, package, extra", [("onnx", "jax2onnx", "onnx"),
-                                                     ("savedmodel", "tensorflow", "savedmodel")])
-def test_missing_extra_names_the_install(format, package, extra, model_dir, tmp_path, capsys,
-                                         monkeypatch):
+@pytest.mark.parametrize(
+    "format, package, extra",
+    [("onnx", "jax2onnx", "onnx"), ("savedmodel", "tensorflow", "savedmodel")],
+)
+def test_missing_extra_names_the_install(
+    format, package, extra, model_dir, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setitem(sys.modules, package, None)  # `import package` now raises ImportError
     rc = export(model_dir, format, tmp_path / "out")
     assert_one_line_error(rc, capsys.readouterr().err, f"pip install 'dpn_jax[{extra}]'")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_existing_output_needs_overwrite_and_must_be_an_export(model_dir, exports, tmp_path,
-                                                               capsys):
+def test_existing_output_needs_overwrite_and_must_be_an_export(
+    model_dir, exports, tmp_path, capsys
+):
     user_dir = tmp_path / "mine"
     user_dir.mkdir()
     (user_dir / "precious.txt").write_text("keep me")
     for flags in ([], ["--overwrite"]):
         rc = export(model_dir, "stablehlo", user_dir, *flags)
-        assert_one_line_error(rc, capsys.readouterr().err,
-                              f"refusing to replace {user_dir}: it is not a dpn-export output"
-                              if flags else "already exists; pass --overwrite")
+        assert_one_line_error(
+            rc,
+            capsys.readouterr().err,
+            f"refusing to replace {user_dir}: it is not a dpn-export output"
+            if flags
+            else "already exists; pass --overwrite",
+        )
         assert tree(user_dir) == {"precious.txt": b"keep me"}
 
     earlier = tmp_path / "earlier"
     shutil.copytree(exports("stablehlo"), earlier)
     (earlier / "notes.txt").write_text("mine")  # a file dpn-export did not write
     rc = export(model_dir, "stablehlo", earlier, "--overwrite")
-    assert_one_line_error(rc, capsys.readouterr().err,
-                          f"refusing to replace {earlier}: it is not a dpn-export output")
+    assert_one_line_error(
+        rc, capsys.readouterr().err, f"refusing to replace {earlier}: it is not a dpn-export output"
+    )
     (earlier / "notes.txt").unlink()
     assert export(model_dir, "stablehlo", earlier, "--overwrite", "--softmax") == 0
     assert read_serving_config(earlier)["export"]["softmax"] is True

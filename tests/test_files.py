@@ -1,5 +1,6 @@
 """Atomic outputs (`dpn_jax.runtime.files`): only what dpn_jax wrote is replaced, nothing is left
 behind after success, failure or a full disk, and a killed run's leftovers are cleaned or kept."""
+
 from __future__ import annotations
 
 import errno
@@ -23,8 +24,9 @@ def is_ours(path: Path) -> bool:
 
 
 def write(path: Path, content: str, *, overwrite: bool = False) -> None:
-    with atomic_output(path, overwrite=overwrite, replaceable=is_ours, what="our output",
-                       directory=True) as staging:
+    with atomic_output(
+        path, overwrite=overwrite, replaceable=is_ours, what="our output", directory=True
+    ) as staging:
         (staging / OURS).write_text(content)
 
 
@@ -45,8 +47,11 @@ def rename_mode(request, monkeypatch) -> str:
 def test_writes_and_replaces_leaving_only_the_output(tmp_path, rename_mode, monkeypatch):
     renames = []  # (flags, done) of each renameat2 call
     original = files._renameat2
-    monkeypatch.setattr(files, "_renameat2", lambda *args: renames.append(
-        (args[2], result := original(*args))) or result)
+    monkeypatch.setattr(
+        files,
+        "_renameat2",
+        lambda *args: renames.append((args[2], result := original(*args))) or result,
+    )
     out = tmp_path / "deep" / "out"
     write(out, "one")
     assert (out / OURS).read_text() == "one"
@@ -64,19 +69,29 @@ def test_existing_output_needs_overwrite(tmp_path):
     assert (tmp_path / "out" / OURS).read_text() == "one"
 
 
-@pytest.mark.parametrize("make, description", [
-    (lambda p: (p.mkdir(), (p / "notes.txt").write_text("mine"), (p / "src").mkdir()),
-     "it holds notes.txt, src"),
-    (lambda p: p.write_text("a user's file"), "a file"),
-    (lambda p: p.mkdir(), "an empty directory"),
-    (lambda p: (p.mkdir(), (p / OURS).write_text("x"), (p / "extra").write_text("y")),
-     "it holds extra, ours.txt"),
-])
+@pytest.mark.parametrize(
+    "make, description",
+    [
+        (
+            lambda p: (p.mkdir(), (p / "notes.txt").write_text("mine"), (p / "src").mkdir()),
+            "it holds notes.txt, src",
+        ),
+        (lambda p: p.write_text("a user's file"), "a file"),
+        (lambda p: p.mkdir(), "an empty directory"),
+        (
+            lambda p: (p.mkdir(), (p / OURS).write_text("x"), (p / "extra").write_text("y")),
+            "it holds extra, ours.txt",
+        ),
+    ],
+)
 def test_what_is_not_ours_is_refused_even_with_overwrite(make, description, tmp_path, rename_mode):
     make(tmp_path / "out")
     before = {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")}
-    with pytest.raises(OutputError, match=rf"refusing to replace {re.escape(str(tmp_path))}/out: "
-                                          rf"it is not our output \({description}\)") as error:
+    with pytest.raises(
+        OutputError,
+        match=rf"refusing to replace {re.escape(str(tmp_path))}/out: "
+        rf"it is not our output \({description}\)",
+    ) as error:
         write(tmp_path / "out", "new", overwrite=True)
     assert "\n" not in str(error.value)
     assert {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")} == before
@@ -85,8 +100,11 @@ def test_what_is_not_ours_is_refused_even_with_overwrite(make, description, tmp_
 def test_current_directory_is_refused(tmp_path, monkeypatch):
     (tmp_path / "notes.txt").write_text("mine")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(OutputError, match=rf"refusing to replace {re.escape(str(tmp_path))}: "
-                                          r".*holds notes.txt"):
+    with pytest.raises(
+        OutputError,
+        match=rf"refusing to replace {re.escape(str(tmp_path))}: "
+        r".*holds notes.txt",
+    ):
         write(Path("."), "new", overwrite=True)
     assert listing(tmp_path) == ["notes.txt"]
 
@@ -101,8 +119,11 @@ def test_symlink_is_refused(tmp_path):
 
 def test_parent_that_is_a_file(tmp_path):
     (tmp_path / "a_file").write_text("x")
-    with pytest.raises(OutputError, match=rf"cannot write .*: {re.escape(str(tmp_path))}/a_file is "
-                                          r"not a directory"):
+    with pytest.raises(
+        OutputError,
+        match=rf"cannot write .*: {re.escape(str(tmp_path))}/a_file is "
+        r"not a directory",
+    ):
         check_output(tmp_path / "a_file" / "out", overwrite=False, replaceable=is_ours, what="x")
 
 
@@ -110,9 +131,12 @@ def test_parent_that_is_a_file(tmp_path):
 def test_disk_errors_become_one_line_and_leave_nothing(code, tmp_path, rename_mode):
     write(tmp_path / "out", "old")
     before = listing(tmp_path)
-    with pytest.raises(OutputError) as error, atomic_output(
-            tmp_path / "out", overwrite=True, replaceable=is_ours, what="x",
-            directory=True) as staging:
+    with (
+        pytest.raises(OutputError) as error,
+        atomic_output(
+            tmp_path / "out", overwrite=True, replaceable=is_ours, what="x", directory=True
+        ) as staging,
+    ):
         (staging / "half").write_bytes(b"partial")
         raise OSError(code, os.strerror(code), str(staging / "half"))
     message = str(error.value)
@@ -123,18 +147,28 @@ def test_disk_errors_become_one_line_and_leave_nothing(code, tmp_path, rename_mo
 
 def test_failure_removes_the_staging_entry_and_created_parents(tmp_path):
     # Not an OS error of the user's: propagates unchanged.
-    with pytest.raises(KeyError), atomic_output(tmp_path / "a" / "b" / "out", overwrite=False,
-                                                replaceable=is_ours, what="x",
-                                                directory=True) as staging:
+    with (
+        pytest.raises(KeyError),
+        atomic_output(
+            tmp_path / "a" / "b" / "out",
+            overwrite=False,
+            replaceable=is_ours,
+            what="x",
+            directory=True,
+        ) as staging,
+    ):
         (staging / "half").write_text("x")
         raise KeyError("a bug")
     assert listing(tmp_path) == []
 
 
 def test_other_os_errors_keep_their_type(tmp_path):
-    with pytest.raises(OSError) as error, atomic_output(tmp_path / "out", overwrite=False,
-                                                        replaceable=is_ours, what="x",
-                                                        directory=False):
+    with (
+        pytest.raises(OSError) as error,
+        atomic_output(
+            tmp_path / "out", overwrite=False, replaceable=is_ours, what="x", directory=False
+        ),
+    ):
         raise OSError(errno.EBADF, "Bad file descriptor")
     assert not isinstance(error.value, OutputError)
     assert listing(tmp_path) == []
@@ -142,9 +176,13 @@ def test_other_os_errors_keep_their_type(tmp_path):
 
 def test_file_output(tmp_path, rename_mode):
     def write_file(content: str, overwrite: bool) -> None:
-        with atomic_output(tmp_path / "out.bin", overwrite=overwrite, what="an export of ours",
-                           replaceable=lambda p: p.read_text().startswith("ours"),
-                           directory=False) as staging:
+        with atomic_output(
+            tmp_path / "out.bin",
+            overwrite=overwrite,
+            what="an export of ours",
+            replaceable=lambda p: p.read_text().startswith("ours"),
+            directory=False,
+        ) as staging:
             staging.write_text(content)
 
     write_file("ours 1", overwrite=False)
@@ -159,6 +197,7 @@ def test_file_output(tmp_path, rename_mode):
 
 # --- leftovers of killed runs ---------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def dead_pid() -> int:
     """The id of a process that has exited (and that nothing else has taken since)."""
@@ -167,8 +206,9 @@ def dead_pid() -> int:
     return process.pid
 
 
-def leftover(path: Path, kind: str, pid: int, host: str = files._HOST,
-             token: str = "0123abcd") -> Path:
+def leftover(
+    path: Path, kind: str, pid: int, host: str = files._HOST, token: str = "0123abcd"
+) -> Path:
     return path.with_name(f".{path.name}.dpn_jax-{kind}-{host}-{pid}-{token}")
 
 
@@ -209,8 +249,10 @@ def test_training_refuses_a_workdir_model_holding_a_users_files(tmp_path):
 
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "notes.txt").write_text("mine")
-    refusal = (rf"refusing to replace {re.escape(str(tmp_path))}/model: it is not a dpn_jax model "
-               r"directory \(it holds notes.txt\)")
+    refusal = (
+        rf"refusing to replace {re.escape(str(tmp_path))}/model: it is not a dpn_jax model "
+        r"directory \(it holds notes.txt\)"
+    )
     with pytest.raises(OutputError, match=refusal):
         train_and_evaluate(tiny_config(num_train_steps=1), tmp_path)
     assert listing(tmp_path) == ["model", "model/notes.txt"]  # refused before any work

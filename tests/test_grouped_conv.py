@@ -6,6 +6,7 @@ kernels, narrow groups merged, and one dense convolution per super-group) as wel
 kernel. The kernels are an optional extension: the tests that need them skip where they were not
 built or are switched off (`DPN_JAX_CPU_KERNELS=off`); the rest check the pure-XLA lowerings.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +19,8 @@ from dpn_jax.ops.conv import conv2d, cpu_kernel_merge, groups_per_cpu_conv, symm
 
 requires_kernels = pytest.mark.skipif(
     not cpu_kernels.cpu_kernels_available(),
-    reason="dpn_jax's CPU kernels (an optional extension) are not built or are switched off")
+    reason="dpn_jax's CPU kernels (an optional extension) are not built or are switched off",
+)
 
 
 def _variant_group_shapes() -> list[tuple[int, int]]:
@@ -42,11 +44,17 @@ def _test_shapes() -> list[tuple[int, int]]:
 
 
 def _reference(x, kernel, stride, groups, pad=None):
-    padding = (symmetric_padding(kernel.shape[0], stride) if pad is None
-               else ((pad, pad), (pad, pad)))
+    padding = (
+        symmetric_padding(kernel.shape[0], stride) if pad is None else ((pad, pad), (pad, pad))
+    )
     return lax.conv_general_dilated(
-        x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=groups)
+        x,
+        kernel,
+        (stride, stride),
+        padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+    )
 
 
 def _value_and_vjp(fn, x, kernel, cotangent):
@@ -65,8 +73,9 @@ def _assert_matches_reference(x, kernel, stride, groups, lowering=None, pad=None
     want = jax.jit(lambda x, k, c: _value_and_vjp(ref, x, k, c))(x, kernel, cotangent)
     for name, g, w in zip(("output", "input gradient", "kernel gradient"), got, want):
         scale = float(jnp.max(jnp.abs(w)))
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=2e-6 * scale,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(g), np.asarray(w), rtol=0, atol=2e-6 * scale, err_msg=name
+        )
 
 
 def _random_inputs(channels_per_group, groups, seed, height, width):
@@ -90,8 +99,10 @@ def test_grouped_3x3_matches_feature_group_count(channels_per_group, groups, str
 
 
 def _kernel_merge(channels_per_group, groups):
-    x, kernel = jnp.zeros((1, 1, 1, channels_per_group * groups)), jnp.zeros(
-        (3, 3, channels_per_group, channels_per_group * groups))
+    x, kernel = (
+        jnp.zeros((1, 1, 1, channels_per_group * groups)),
+        jnp.zeros((3, 3, channels_per_group, channels_per_group * groups)),
+    )
     return cpu_kernel_merge(x, kernel, groups)
 
 
@@ -119,13 +130,20 @@ def _lowers_to(target, fn, *args):
 
 
 @requires_kernels
-@pytest.mark.parametrize("channels,channels_per_group,stride,dtype,uses_kernels", [
-    (64, 4, 1, jnp.float32, True), (48, 3, 1, jnp.float32, True),  # 3: merged into 24
-    (64, 4, 2, jnp.float32, True), (64, 4, 3, jnp.float32, True),
-    (64, 4, 4, jnp.float32, False),  # stride 4 (pad 2): beyond the kernels' geometries
-    (64, 4, 1, jnp.bfloat16, False)])
-def test_conv2d_runs_the_kernels_where_they_take_the_shape(channels, channels_per_group, stride,
-                                                          dtype, uses_kernels):
+@pytest.mark.parametrize(
+    "channels,channels_per_group,stride,dtype,uses_kernels",
+    [
+        (64, 4, 1, jnp.float32, True),
+        (48, 3, 1, jnp.float32, True),  # 3: merged into 24
+        (64, 4, 2, jnp.float32, True),
+        (64, 4, 3, jnp.float32, True),
+        (64, 4, 4, jnp.float32, False),  # stride 4 (pad 2): beyond the kernels' geometries
+        (64, 4, 1, jnp.bfloat16, False),
+    ],
+)
+def test_conv2d_runs_the_kernels_where_they_take_the_shape(
+    channels, channels_per_group, stride, dtype, uses_kernels
+):
     x = jnp.zeros((1, 9, 9, channels), dtype)
     kernel = jnp.zeros((3, 3, channels_per_group, channels), dtype)
     conv = lambda x, k: conv2d(x, k, stride=stride, groups=channels // channels_per_group)
@@ -155,18 +173,29 @@ def test_without_the_library_cpu_runs_the_split_lowering(monkeypatch):
 @pytest.mark.parametrize("channels_per_group,groups,merge", _kernel_test_shapes())
 def test_cpu_kernel_matches_feature_group_count(channels_per_group, groups, merge, stride, size):
     """Odd and even sizes (stride 2's phases), and a 1x1 image (every tap but one is padding)."""
-    x, kernel = _random_inputs(channels_per_group, groups, channels_per_group * 10 + size,
-                               size, size + 1)
+    x, kernel = _random_inputs(
+        channels_per_group, groups, channels_per_group * 10 + size, size, size + 1
+    )
     lowering = lambda x, k: conv._merged_kernel_conv(x, k, stride, 1, groups, merge)
     _assert_matches_reference(x, kernel, stride, groups, lowering)
 
 
 @requires_kernels
-@pytest.mark.parametrize("stride,pad,channels_per_group,groups", [  # shuffle and broadcast layouts
-    (1, 0, 4, 4), (1, 2, 8, 2), (2, 0, 8, 2), (2, 2, 4, 4), (3, 0, 4, 4), (3, 1, 8, 2),
-    (3, 2, 8, 2)])
-def test_cpu_kernel_takes_every_stride_and_padding_it_accepts(stride, pad, channels_per_group,
-                                                              groups):
+@pytest.mark.parametrize(
+    "stride,pad,channels_per_group,groups",
+    [  # shuffle and broadcast layouts
+        (1, 0, 4, 4),
+        (1, 2, 8, 2),
+        (2, 0, 8, 2),
+        (2, 2, 4, 4),
+        (3, 0, 4, 4),
+        (3, 1, 8, 2),
+        (3, 2, 8, 2),
+    ],
+)
+def test_cpu_kernel_takes_every_stride_and_padding_it_accepts(
+    stride, pad, channels_per_group, groups
+):
     """Beyond timm's (stride 1 or 2, pad 1): every geometry the kernels' shape check lets in."""
     x, kernel = _random_inputs(channels_per_group, groups, 10 * stride + pad, 8, 7)
     lowering = lambda x, k: conv._merged_kernel_conv(x, k, stride, pad, groups, 1)
@@ -176,8 +205,9 @@ def test_cpu_kernel_takes_every_stride_and_padding_it_accepts(stride, pad, chann
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("channels_per_group,groups", _test_shapes())
 def test_split_groups_matches_feature_group_count(channels_per_group, groups, stride):
-    x, kernel = _random_inputs(channels_per_group, groups, channels_per_group * 100 + groups + 1,
-                               7, 7)
+    x, kernel = _random_inputs(
+        channels_per_group, groups, channels_per_group * 100 + groups + 1, 7, 7
+    )
     lowering = lambda x, k: conv._split_groups(x, k, stride, symmetric_padding(3, stride), groups)
     _assert_matches_reference(x, kernel, stride, groups, lowering)
 
@@ -192,12 +222,17 @@ def test_dense_conv_matches_reference(kernel_size, stride):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("batch,size,in_channels,out_channels", [
-    (1, 1, 5, 3),       # a single row: every register tile is a partial one
-    (2, 23, 13, 21),    # 1058 rows (three work items, the last partial), odd channel counts
-    (2, 16, 144, 80)])  # a dpn68 stage-2 width
-def test_pointwise_kernel_gradient_matches_reference(batch, size, in_channels, out_channels,
-                                                     stride):
+@pytest.mark.parametrize(
+    "batch,size,in_channels,out_channels",
+    [
+        (1, 1, 5, 3),  # a single row: every register tile is a partial one
+        (2, 23, 13, 21),  # 1058 rows (three work items, the last partial), odd channel counts
+        (2, 16, 144, 80),
+    ],
+)  # a dpn68 stage-2 width
+def test_pointwise_kernel_gradient_matches_reference(
+    batch, size, in_channels, out_channels, stride
+):
     """The 1x1 conv's CPU weight-gradient kernel, through `conv2d`'s VJP, against XLA's conv."""
     kx, kk = jax.random.split(jax.random.PRNGKey(size + in_channels))
     x = jax.random.normal(kx, (batch, size, size, in_channels))
@@ -215,8 +250,9 @@ def test_pointwise_kernel_past_the_routing_limit():
     x, dy = jax.random.normal(kx, (600, 7)), jax.random.normal(kd, (600, 300))
     got = cpu_kernels.kernel_call("dpn_pointwise_kernel_grad", (7, 300), x, dy)
     want = lax.dot_general(x, dy, (((0,), (0,)), ((), ())))
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0,
-                               atol=2e-6 * float(jnp.max(jnp.abs(want))))
+    np.testing.assert_allclose(
+        np.asarray(got), np.asarray(want), rtol=0, atol=2e-6 * float(jnp.max(jnp.abs(want)))
+    )
 
 
 @requires_kernels
@@ -224,13 +260,17 @@ def test_wide_pointwise_gradient_stays_with_xla():
     """Past POINTWISE_KERNEL_MAX_OUT output channels XLA's matmul is the faster weight gradient."""
     x = jnp.zeros((1, 4, 4, 8))
     grad = jax.grad(lambda x, k: jnp.sum(conv2d(x, k)), argnums=1)
-    for out_channels, uses_kernel in ((conv.POINTWISE_KERNEL_MAX_OUT, True),
-                                      (conv.POINTWISE_KERNEL_MAX_OUT + 8, False)):
+    for out_channels, uses_kernel in (
+        (conv.POINTWISE_KERNEL_MAX_OUT, True),
+        (conv.POINTWISE_KERNEL_MAX_OUT + 8, False),
+    ):
         kernel = jnp.zeros((1, 1, 8, out_channels))
         assert _lowers_to("dpn_pointwise_kernel_grad", grad, x, kernel) == uses_kernel
 
 
-@pytest.mark.parametrize("channels_per_group,groups,merged", [
-    (4, 32, 4), (3, 32, 8), (4, 50, 5), (8, 32, 2), (16, 32, 1), (32, 40, 1), (2, 3, 3)])
+@pytest.mark.parametrize(
+    "channels_per_group,groups,merged",
+    [(4, 32, 4), (3, 32, 8), (4, 50, 5), (8, 32, 2), (16, 32, 1), (32, 40, 1), (2, 3, 3)],
+)
 def test_groups_per_cpu_conv(channels_per_group, groups, merged):
     assert groups_per_cpu_conv(channels_per_group, groups) == merged

@@ -1,4 +1,5 @@
 """The commands' restart with glibc's huge-page malloc (dpn_jax/huge_pages.py)."""
+
 import os
 import platform
 import subprocess
@@ -25,8 +26,14 @@ def clean_env(monkeypatch):
 
 
 def _run(env):
-    result = subprocess.run([sys.executable, "-c", SCRIPT, "two words", "--flag=1"], env=env,
-                            capture_output=True, text=True, check=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, "two words", "--flag=1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     return result.stdout.splitlines()
 
 
@@ -34,11 +41,17 @@ def test_restarts_once_with_the_tunable_and_the_same_arguments(clean_env):
     lines = _run(dict(clean_env, GLIBC_TUNABLES="glibc.malloc.tcache_count=7"))
     # The user's own tunable stays; ours is added after it.
     if huge_pages.huge_page_malloc_applies():  # checked without GLIBC_TUNABLES set
-        assert lines == ["started", "started", "tunables glibc.malloc.tcache_count=7:"
-                         f"{huge_pages.TUNABLE} args ['two words', '--flag=1']"]
+        assert lines == [
+            "started",
+            "started",
+            "tunables glibc.malloc.tcache_count=7:"
+            f"{huge_pages.TUNABLE} args ['two words', '--flag=1']",
+        ]
     else:
-        assert lines == ["started", "tunables glibc.malloc.tcache_count=7 args ['two words', "
-                         "'--flag=1']"]
+        assert lines == [
+            "started",
+            "tunables glibc.malloc.tcache_count=7 args ['two words', '--flag=1']",
+        ]
 
 
 def test_applies_on_linux_glibc_unless_opted_out_or_already_set(clean_env, monkeypatch):
@@ -56,6 +69,8 @@ def test_applies_on_linux_glibc_unless_opted_out_or_already_set(clean_env, monke
 
 
 def test_restart_check_runs_before_jax_is_imported():
-    """The commands import `dpn_jax.runtime.huge_pages` first: a restart must not pay JAX's import."""
-    check = "import sys, dpn_jax.runtime.huge_pages; assert 'jax' not in sys.modules, 'jax imported'"
+    """The commands import `dpn_jax.runtime.huge_pages` first: a restart must not import JAX."""
+    check = (
+        "import sys, dpn_jax.runtime.huge_pages; assert 'jax' not in sys.modules, 'jax imported'"
+    )
     subprocess.run([sys.executable, "-c", check], check=True, timeout=120)

@@ -1,5 +1,6 @@
 """Input pipeline on data the tests make: digits, tiny image folders, a tiny ILSVRC2012 manual dir
 prepared as ArrayRecord, and the same reads in a Python that cannot import TensorFlow."""
+
 import io
 import json
 import logging
@@ -12,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from dpn_jax.data import pipeline
 from dpn_jax.data.folder import FileRecords
 from dpn_jax.data.transforms import eval_crop, load_image
 from dpn_jax.errors import ConfigError, DataError
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_KWARGS = dict(crop_pct=1.0, interpolation="bicubic", process_index=0, process_count=1)
@@ -47,8 +49,9 @@ def eval_numbers(batches) -> list[int]:
     return [n for batch in batches for n in numbers_of(batch["image"][batch["mask"]])]
 
 
-def write_numbered_folder(root: Path, split: str, count: int, classes=("cat", "dog", "zebra"),
-                          size: int = 32) -> None:
+def write_numbered_folder(
+    root: Path, split: str, count: int, classes=("cat", "dog", "zebra"), size: int = 32
+) -> None:
     for number in range(count):
         path = root / split / classes[number % len(classes)] / f"{number:03d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,8 +101,10 @@ def imagenet(tmp_path_factory):
                     pixels = rng.integers(0, 256, (36 + 4 * i, 48, 3), dtype=np.uint8)
                     add_to_tar(synset_tar, f"{synset}_{i}.JPEG", image_bytes(pixels, "JPEG"))
             add_to_tar(train, f"{synset}.tar", inner.getvalue())
-    validation = [image_bytes(rng.integers(0, 256, (40 + 9 * i, 50, 3), dtype=np.uint8), "JPEG")
-                  for i in range(3)]
+    validation = [
+        image_bytes(rng.integers(0, 256, (40 + 9 * i, 50, 3), dtype=np.uint8), "JPEG")
+        for i in range(3)
+    ]
     with tarfile.open(manual / "ILSVRC2012_img_val.tar", "w") as val:
         for i, jpeg in enumerate(validation):
             add_to_tar(val, f"ILSVRC2012_val_{i + 1:08d}.JPEG", jpeg)
@@ -130,8 +135,7 @@ def test_digits_info_and_batches():
     assert batch["label"].shape == (16,) and batch["label"].dtype == np.int32
     assert set(batch["label"]) <= set(range(10)) and len(set(batch["label"])) > 1
     assert batch["image"].min() == 0 and batch["image"].max() > 200  # background and ink
-    evaluation = list(pipeline.eval_batches("digits", batch_size=100, image_size=32,
-                                            **EVAL_KWARGS))
+    evaluation = list(pipeline.eval_batches("digits", batch_size=100, image_size=32, **EVAL_KWARGS))
     assert [int(b["mask"].sum()) for b in evaluation] == [100, 100, 100, 60]
     assert all(b["image"].dtype == np.uint8 and b["label"].dtype == np.int32 for b in evaluation)
 
@@ -139,8 +143,9 @@ def test_digits_info_and_batches():
 def test_train_batches_are_deterministic_and_resume_exactly():
     """Batch k is a function of (seed, process, k): the same after set_state, after start_batch,
     across the epoch boundary (1437 // 64 = 22 batches) and with the state JSON round-tripped."""
-    kwargs = dict(batch_size=64, image_size=32, interpolation="bicubic", process_index=0,
-                  process_count=1)
+    kwargs = dict(
+        batch_size=64, image_size=32, interpolation="bicubic", process_index=0, process_count=1
+    )
     fresh = pipeline.train_batches("digits", seed=3, **kwargs)
     batches = take(fresh, 24)
     state = json.loads(json.dumps(fresh.get_state()))
@@ -156,7 +161,7 @@ def test_train_batches_are_deterministic_and_resume_exactly():
     other_seed = next(pipeline.train_batches("digits", seed=4, **kwargs))
     assert not np.array_equal(other_seed["label"], batches[0]["label"])
     assert not np.array_equal(batches[22]["label"], batches[0]["label"])  # epoch 2 reshuffled
-    far = pipeline.train_batches("digits", seed=3, start_batch=10 ** 9, **kwargs)
+    far = pipeline.train_batches("digits", seed=3, start_batch=10**9, **kwargs)
     assert next(far)["image"].shape == (64, 32, 32, 3)  # O(1): no reading up to there
     for batches_ in (fresh, resumed, started, far):
         batches_.close()
@@ -173,10 +178,13 @@ def test_batches_do_not_depend_on_worker_processes():
     workers.set_state({**state, "next_batch": 1})
     assert_same_batches(take(workers, 4), expected[1:])
     workers.close()
-    evaluation = pipeline.eval_batches("digits", batch_size=128, image_size=24, num_workers=1,
-                                       **EVAL_KWARGS)
-    assert_same_batches(list(evaluation), list(pipeline.eval_batches(
-        "digits", batch_size=128, image_size=24, **EVAL_KWARGS)))
+    evaluation = pipeline.eval_batches(
+        "digits", batch_size=128, image_size=24, num_workers=1, **EVAL_KWARGS
+    )
+    assert_same_batches(
+        list(evaluation),
+        list(pipeline.eval_batches("digits", batch_size=128, image_size=24, **EVAL_KWARGS)),
+    )
 
 
 def test_resume_reads_nothing_before_its_position(tmp_path, monkeypatch):
@@ -211,25 +219,39 @@ def test_processes_train_on_disjoint_shards(tmp_path):
     write_numbered_folder(tmp_path, "train", 30, size=8)
     shards = []
     for process in range(3):
-        batches = pipeline.train_batches(f"folder:{tmp_path}", batch_size=5, image_size=8,
-                                         interpolation="bilinear", seed=0,
-                                         process_index=process, process_count=3)
+        batches = pipeline.train_batches(
+            f"folder:{tmp_path}",
+            batch_size=5,
+            image_size=8,
+            interpolation="bilinear",
+            seed=0,
+            process_index=process,
+            process_count=3,
+        )
         shards.append(sorted(n for b in take(batches, 2) for n in numbers_of(b["image"])))
         batches.close()
     listing = sorted(range(30), key=lambda n: (n % 3, n))  # by class folder, then file name
     assert shards == [sorted(listing[0:10]), sorted(listing[10:20]), sorted(listing[20:30])]
 
 
-@pytest.mark.parametrize("batch_size, process_count", [(4, 1), (6, 2), (8, 3), (1, 5), (32, 2),
-                                                       (4, 16)])
+@pytest.mark.parametrize(
+    "batch_size, process_count", [(4, 1), (6, 2), (8, 3), (1, 5), (32, 2), (4, 16)]
+)
 def test_eval_covers_every_example_once(image_folder, batch_size, process_count):
     found = []
     num_batches = set()
     for process in range(process_count):
-        batches = list(pipeline.eval_batches(
-            f"folder:{image_folder}", batch_size=batch_size, image_size=32,
-            crop_pct=1.0, interpolation="bicubic", process_index=process,
-            process_count=process_count))
+        batches = list(
+            pipeline.eval_batches(
+                f"folder:{image_folder}",
+                batch_size=batch_size,
+                image_size=32,
+                crop_pct=1.0,
+                interpolation="bicubic",
+                process_index=process,
+                process_count=process_count,
+            )
+        )
         for batch in batches:
             assert set(batch) == {"image", "label", "mask"}
             assert batch["image"].shape == (batch_size, 32, 32, 3)
@@ -273,10 +295,18 @@ def test_a_dataset_without_decodable_training_images_fails_at_once(tmp_path):
         path.parent.mkdir(parents=True)
         path.write_bytes(b"\xff\xd8\xff truncated")
     for num_workers in (0, 1):  # the error crosses from a worker process unchanged
-        batches = pipeline.train_batches(f"folder:{tmp_path}", batch_size=2, image_size=8,
-                                         num_workers=num_workers, **TRAIN_KWARGS)
-        with pytest.raises(DataError, match=r"train: no training image decodes \(50 tried in a "
-                                            r"row, 3 files; the last, .*\.jpg: not an image"):
+        batches = pipeline.train_batches(
+            f"folder:{tmp_path}",
+            batch_size=2,
+            image_size=8,
+            num_workers=num_workers,
+            **TRAIN_KWARGS,
+        )
+        with pytest.raises(
+            DataError,
+            match=r"train: no training image decodes \(50 tried in a "
+            r"row, 3 files; the last, .*\.jpg: not an image",
+        ):
             next(batches)
         batches.close()
 
@@ -286,28 +316,43 @@ def test_imagenet2012_prepared_as_array_record(imagenet):
     info = pipeline.dataset_info("imagenet2012", data_dir=data_dir)
     assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (1000, 6, 3)
     assert info.class_names[:2] == tuple(SYNSETS)
-    halves = pipeline.dataset_info("tfds:imagenet2012", data_dir=data_dir,
-                                   train_split="train[:50%]", eval_split="train[50%:]")
+    halves = pipeline.dataset_info(
+        "tfds:imagenet2012", data_dir=data_dir, train_split="train[:50%]", eval_split="train[50%:]"
+    )
     assert (halves.num_train_examples, halves.num_eval_examples) == (3, 3)
-    train = pipeline.train_batches("imagenet2012", data_dir=data_dir, batch_size=4,
-                                   image_size=32, **TRAIN_KWARGS)
+    train = pipeline.train_batches(
+        "imagenet2012", data_dir=data_dir, batch_size=4, image_size=32, **TRAIN_KWARGS
+    )
     for batch in take(train, 3):
         assert batch["image"].shape == (4, 32, 32, 3) and set(batch["label"]) <= {0, 1}
     train.close()
-    half = pipeline.train_batches("imagenet2012", data_dir=data_dir, batch_size=3,
-                                  image_size=32, train_split="train[:50%]", **TRAIN_KWARGS)
+    half = pipeline.train_batches(
+        "imagenet2012",
+        data_dir=data_dir,
+        batch_size=3,
+        image_size=32,
+        train_split="train[:50%]",
+        **TRAIN_KWARGS,
+    )
     assert half.get_state()["split_size"] == 3
     half.close()
     eval_config = dict(image_size=32, crop_pct=0.875, interpolation="bicubic")
-    batches = list(pipeline.eval_batches("tfds:imagenet2012", data_dir=data_dir, batch_size=2,
-                                         process_index=0, process_count=1, **eval_config))
+    batches = list(
+        pipeline.eval_batches(
+            "tfds:imagenet2012",
+            data_dir=data_dir,
+            batch_size=2,
+            process_index=0,
+            process_count=1,
+            **eval_config,
+        )
+    )
     images = np.concatenate([b["image"][b["mask"]] for b in batches])
     labels = np.concatenate([b["label"][b["mask"]] for b in batches])
     assert sorted(labels) == sorted(info.class_names.index(s) for s in VALIDATION_SYNSETS)
     for image, label in zip(images, labels):  # the very transform inference uses
         jpeg = validation[VALIDATION_SYNSETS.index(info.class_names[label])]
-        np.testing.assert_array_equal(image, eval_crop(load_image(io.BytesIO(jpeg)),
-                                                       **eval_config))
+        np.testing.assert_array_equal(image, eval_crop(load_image(io.BytesIO(jpeg)), **eval_config))
 
 
 def test_unprepared_tfds_datasets_name_the_command(tmp_path, imagenet, capsys):
@@ -315,9 +360,12 @@ def test_unprepared_tfds_datasets_name_the_command(tmp_path, imagenet, capsys):
 
     _, manual_dir, _ = imagenet
     empty = str(tmp_path / "empty")
-    with pytest.raises(DataError, match=f"imagenet2012 is not prepared in {empty}; prepare it "
-                                        f"once .*: dpn-prepare-data imagenet2012 --data-dir "
-                                        f"{empty} --manual-dir {manual_dir}$"):
+    with pytest.raises(
+        DataError,
+        match=f"imagenet2012 is not prepared in {empty}; prepare it "
+        f"once .*: dpn-prepare-data imagenet2012 --data-dir "
+        f"{empty} --manual-dir {manual_dir}$",
+    ):
         pipeline.dataset_info("imagenet2012", data_dir=empty, manual_dir=manual_dir)
     with pytest.raises(DataError, match="no such TFDS dataset"):
         pipeline.dataset_info("tfds:no_such_dataset_xyz", data_dir=empty)
@@ -325,7 +373,8 @@ def test_unprepared_tfds_datasets_name_the_command(tmp_path, imagenet, capsys):
     assert capsys.readouterr().err.startswith(
         f"dpn-prepare-data: error: imagenet2012 is built from files you download yourself, and "
         f"{empty}/downloads/manual is missing or empty (pass --manual-dir): manual_dir should "
-        "contain two files: ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar.")
+        "contain two files: ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar."
+    )
     assert not os.path.exists(empty)  # neither reading nor the refused preparing wrote anything
 
 
@@ -333,14 +382,17 @@ def test_tfrecord_only_dataset_names_the_command(tmp_path, imagenet):
     """A dataset prepared the old way (TFRecord) is refused with the command that prepares an
     ArrayRecord copy; `dpn-prepare-data` refuses to touch it."""
     import tensorflow_datasets as tfds
+
     from dpn_jax.cli.prepare_data import main as prepare_main
 
     _, manual_dir, _ = imagenet
     old = str(tmp_path / "tfrecord")
     tfds.builder("imagenet2012", data_dir=old).download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-    command = (f"dpn-prepare-data imagenet2012 --data-dir NEW_DATA_DIR --download-dir "
-               f"{old}/downloads")
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+    )
+    command = (
+        f"dpn-prepare-data imagenet2012 --data-dir NEW_DATA_DIR --download-dir {old}/downloads"
+    )
     with pytest.raises(DataError, match=f"prepared as tfrecord only.*: {command}$"):
         pipeline.dataset_info("imagenet2012", data_dir=old)
     listing = sorted(p.name for p in Path(old).rglob("*"))
@@ -358,16 +410,36 @@ def test_bad_specs_and_arguments_fail_clearly(tmp_path):
     with pytest.raises(ConfigError, match="batch size"):
         pipeline.train_batches("digits", batch_size=0, image_size=32, **TRAIN_KWARGS)
     with pytest.raises(ConfigError, match="interpolation 'cubic'"):
-        pipeline.train_batches("digits", batch_size=4, image_size=32, interpolation="cubic",
-                               seed=0, process_index=0, process_count=1)
+        pipeline.train_batches(
+            "digits",
+            batch_size=4,
+            image_size=32,
+            interpolation="cubic",
+            seed=0,
+            process_index=0,
+            process_count=1,
+        )
     with pytest.raises(ConfigError, match="crop_pct"):
-        pipeline.eval_batches("digits", batch_size=4, image_size=32, crop_pct=0.0,
-                              interpolation="bicubic", process_index=0, process_count=1)
+        pipeline.eval_batches(
+            "digits",
+            batch_size=4,
+            image_size=32,
+            crop_pct=0.0,
+            interpolation="bicubic",
+            process_index=0,
+            process_count=1,
+        )
     with pytest.raises(DataError, match="none for process 4 of 5"):
         write_numbered_folder(tmp_path / "small", "train", 4, size=8)
-        pipeline.train_batches(f"folder:{tmp_path / 'small'}", batch_size=1, image_size=8,
-                               interpolation="bilinear", seed=0, process_index=4,
-                               process_count=5)
+        pipeline.train_batches(
+            f"folder:{tmp_path / 'small'}",
+            batch_size=1,
+            image_size=8,
+            interpolation="bilinear",
+            seed=0,
+            process_index=4,
+            process_count=5,
+        )
     batches = pipeline.train_batches("digits", batch_size=8, image_size=32, **TRAIN_KWARGS)
     other = pipeline.train_batches("digits", batch_size=16, image_size=32, **TRAIN_KWARGS)
     with pytest.raises(DataError, match=r"another training stream \(batch_size 16 \(now 8\)\)"):
@@ -401,7 +473,7 @@ class HideTensorFlow:
 sys.meta_path[:] = [HideTensorFlow(finder) for finder in sys.meta_path]
 '''
 
-WITHOUT_TENSORFLOW = '''
+WITHOUT_TENSORFLOW = """
 import json, sys
 import numpy as np
 from dpn_jax.data import pipeline
@@ -427,7 +499,7 @@ except DataError as error:
     out["unprepared"] = str(error)
 out["tensorflow"] = sorted(m for m in sys.modules if m.split(".")[0] == "tensorflow")
 print(json.dumps(out))
-'''
+"""
 
 
 @pytest.mark.parametrize("tensorflow", ["hidden", "installed"])
@@ -440,12 +512,18 @@ def test_reading_needs_no_tensorflow(tmp_path, imagenet, tensorflow):
     if tensorflow == "hidden":
         (tmp_path / "sitecustomize.py").write_text(HIDE_TENSORFLOW)
         env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(ROOT)])
-        check = subprocess.run([sys.executable, "-c", "import tensorflow"], env=env,
-                               capture_output=True, text=True)
+        check = subprocess.run(
+            [sys.executable, "-c", "import tensorflow"], env=env, capture_output=True, text=True
+        )
         assert "No module named 'tensorflow'" in check.stderr
     empty = str(tmp_path / "empty")
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(WITHOUT_TENSORFLOW), data_dir,
-                             empty], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(WITHOUT_TENSORFLOW), data_dir, empty],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.splitlines()[-1])
     assert out["digits"] == [1437, [4, 16, 16, 3], 360]
@@ -454,9 +532,16 @@ def test_reading_needs_no_tensorflow(tmp_path, imagenet, tensorflow):
     assert out["tensorflow"] == []
     if tensorflow == "installed":
         return
-    prepare = subprocess.run([sys.executable, "-m", "dpn_jax.cli.prepare_data", "imagenet2012",
-                              "--data-dir", empty], env=env, capture_output=True, text=True)
+    prepare = subprocess.run(
+        [sys.executable, "-m", "dpn_jax.cli.prepare_data", "imagenet2012", "--data-dir", empty],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert prepare.returncode == 1
-    assert prepare.stderr.strip().splitlines() == [(
-        "dpn-prepare-data: error: preparing a TFDS dataset needs TensorFlow: "
-        "pip install 'dpn_jax[prepare]'")]
+    assert prepare.stderr.strip().splitlines() == [
+        (
+            "dpn-prepare-data: error: preparing a TFDS dataset needs TensorFlow: "
+            "pip install 'dpn_jax[prepare]'"
+        )
+    ]

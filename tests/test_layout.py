@@ -3,6 +3,7 @@
 Every `import dpn_jax...` statement counts, also those inside functions (a lazy import is still
 a dependency).
 """
+
 from __future__ import annotations
 
 import ast
@@ -46,8 +47,11 @@ def imports_by_layer() -> dict[str, dict[str, set[str]]]:
 def test_model_and_ops_layers_import_nothing_above_them():
     graph = imports_by_layer()
     for layer in ("models", "ops"):
-        outside = {t: files for t, files in graph.get(layer, {}).items()
-                   if t not in MODEL_AND_OPS_MAY_IMPORT}
+        outside = {
+            t: files
+            for t, files in graph.get(layer, {}).items()
+            if t not in MODEL_AND_OPS_MAY_IMPORT
+        }
         assert not outside, f"{layer} imports {outside}"
 
 
@@ -59,7 +63,8 @@ def test_no_import_cycles_between_layers():
         if layer in done:
             return
         assert layer not in visiting, "import cycle: " + " -> ".join(
-            visiting[visiting.index(layer):] + [layer])
+            visiting[visiting.index(layer) :] + [layer]
+        )
         visiting.append(layer)
         for target in sorted(graph.get(layer, ())):
             visit(target)
@@ -68,5 +73,14 @@ def test_no_import_cycles_between_layers():
 
     for layer in sorted(graph):
         visit(layer)
-    assert {"models", "ops", "data", "train", "infer", "weights", "cli", "runtime",
-            "export"} <= set(graph) | {t for ts in graph.values() for t in ts}
+    assert {
+        "models",
+        "ops",
+        "data",
+        "train",
+        "infer",
+        "weights",
+        "cli",
+        "runtime",
+        "export",
+    } <= set(graph) | {t for ts in graph.values() for t in ts}

@@ -1,5 +1,6 @@
 """The model directory contract (`ModelDir`): round trip, directories of earlier dpn_jax versions,
 one-line errors naming the file and the key, and file text printed escaped."""
+
 from __future__ import annotations
 
 import json
@@ -28,9 +29,15 @@ def variables():
 
 
 def model_dir(variables, **changes) -> ModelDir:
-    fields = {"architecture": ARCH, "num_classes": len(CLASSES), "model_kwargs": TINY,
-              "preprocessing": Preprocessing.from_cfg(dpn_jax.pretrained_cfg(ARCH)),
-              "class_names": CLASSES, "source": "test", "variables": variables}
+    fields = {
+        "architecture": ARCH,
+        "num_classes": len(CLASSES),
+        "model_kwargs": TINY,
+        "preprocessing": Preprocessing.from_cfg(dpn_jax.pretrained_cfg(ARCH)),
+        "class_names": CLASSES,
+        "source": "test",
+        "variables": variables,
+    }
     return ModelDir(**{**fields, **changes})
 
 
@@ -45,16 +52,19 @@ def copy_with_metadata(saved: Path, destination: Path, change) -> Path:
     metadata = json.loads((saved / METADATA_FILE).read_text())
     changed = change(metadata)
     changed = metadata if changed is None else changed
-    (destination / METADATA_FILE).write_text(changed if isinstance(changed, str)
-                                             else json.dumps(changed))
+    (destination / METADATA_FILE).write_text(
+        changed if isinstance(changed, str) else json.dumps(changed)
+    )
     return destination
 
 
 def test_round_trip(variables, saved):
     loaded = ModelDir.load(saved)
     assert loaded == model_dir(variables)  # every field but the variables (compared below)
-    for (path, value), expected in zip(jax.tree_util.tree_flatten_with_path(loaded.variables)[0],
-                                       jax.tree_util.tree_leaves(variables)):
+    for (path, value), expected in zip(
+        jax.tree_util.tree_flatten_with_path(loaded.variables)[0],
+        jax.tree_util.tree_leaves(variables),
+    ):
         np.testing.assert_array_equal(value, expected, err_msg=jax.tree_util.keystr(path))
     on_disk = json.loads((saved / METADATA_FILE).read_text())
     assert on_disk["format_version"] == FORMAT_VERSION == loaded.format_version
@@ -73,20 +83,40 @@ def test_model_kwargs_are_kept_as_the_differences_from_the_variant(variables):
 def test_directory_of_dpn_jax_0_1_loads_and_is_replaceable(variables, saved, tmp_path):
     """What dpn_jax 0.1.0 wrote: no format_version, preprocessing under `pretrained_cfg`."""
     cfg = dpn_jax.pretrained_cfg("dpn68b.ra_in1k")
-    legacy = {"architecture": ARCH, "num_classes": 3, "model_kwargs": {"k_sec": [1, 1, 1, 1],
-                                                                       "groups": 4},
-              "pretrained_cfg": {k: cfg[k] for k in ("input_size", "crop_pct", "interpolation",
-                                                     "mean", "std", "test_input_size",
-                                                     "test_crop_pct")},
-              "class_names": list(CLASSES), "source": "model.safetensors", "sha256": "ab" * 32,
-              "dpn_jax_version": "0.1.0"}
+    legacy = {
+        "architecture": ARCH,
+        "num_classes": 3,
+        "model_kwargs": {"k_sec": [1, 1, 1, 1], "groups": 4},
+        "pretrained_cfg": {
+            k: cfg[k]
+            for k in (
+                "input_size",
+                "crop_pct",
+                "interpolation",
+                "mean",
+                "std",
+                "test_input_size",
+                "test_crop_pct",
+            )
+        },
+        "class_names": list(CLASSES),
+        "source": "model.safetensors",
+        "sha256": "ab" * 32,
+        "dpn_jax_version": "0.1.0",
+    }
     path = copy_with_metadata(saved, tmp_path / "old", lambda _: json.loads(json.dumps(legacy)))
     loaded = ModelDir.load(path)
     assert loaded.format_version == 0 and loaded.dpn_jax_version == "0.1.0"
     assert loaded.model_kwargs == TINY and loaded.class_names == CLASSES
     assert loaded.preprocessing == Preprocessing(
-        input_size=(224, 224), crop_pct=0.95, interpolation="bicubic", mean=(0.485, 0.456, 0.406),
-        std=(0.229, 0.224, 0.225), test_input_size=(288, 288), test_crop_pct=1.0)
+        input_size=(224, 224),
+        crop_pct=0.95,
+        interpolation="bicubic",
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        test_input_size=(288, 288),
+        test_crop_pct=1.0,
+    )
     model_dir(variables, source="replacement").save(path, overwrite=True)
     assert ModelDir.load(path).source == "replacement"
 
@@ -104,30 +134,50 @@ def _set_preprocessing(key, value):
 
 
 BAD_METADATA = {
-    "not JSON": (lambda _: '{"architecture": "dpn68",', ("not valid JSON (Expecting property name "
-                                                          "enclosed in double quotes at line 1")),
+    "not JSON": (
+        lambda _: '{"architecture": "dpn68",',
+        ("not valid JSON (Expecting property name enclosed in double quotes at line 1"),
+    ),
     "a list": (lambda _: "[1, 2]", "expected a JSON object, got list"),
     "missing key": (_pop("num_classes"), "missing key 'num_classes'"),
     "unknown key": (_set("clas_names", None), "unknown key 'clas_names'"),
-    "num_classes a string": (_set("num_classes", "3"),
-                             "num_classes must be an integer >= 0, got '3'"),
+    "num_classes a string": (
+        _set("num_classes", "3"),
+        "num_classes must be an integer >= 0, got '3'",
+    ),
     "unknown architecture": (_set("architecture", "dpn69"), "architecture must be one of dpn48b"),
-    "unknown model_kwargs key": (_set("model_kwargs", {"k_secs": [1, 1, 1, 1]}),
-                                 "model_kwargs: unknown architecture field 'k_secs'"),
-    "bad model_kwargs value": (_set("model_kwargs", {"k_sec": [1, 1, 1]}),
-                               "model_kwargs: k_sec must be 4 positive integers"),
-    "class names count": (_set("class_names", ["cat", "dog"]),
-                          "class_names has 2 names for num_classes=3"),
-    "class names not strings": (_set("class_names", [1, 2, 3]),
-                                "class_names must be a list of strings or null"),
-    "preprocessing missing key": (lambda m: m["preprocessing"].pop("mean") and None,
-                                  "preprocessing: missing key 'mean'"),
-    "preprocessing bad mean": (_set_preprocessing("mean", [0.5]),
-                               "preprocessing: mean must be 3 numbers"),
-    "preprocessing bad size": (_set_preprocessing("input_size", "224"),
-                               "preprocessing: input_size must be [height, width]"),
-    "newer format": (_set("format_version", FORMAT_VERSION + 1),
-                     f"format_version {FORMAT_VERSION + 1} was written by a newer dpn_jax"),
+    "unknown model_kwargs key": (
+        _set("model_kwargs", {"k_secs": [1, 1, 1, 1]}),
+        "model_kwargs: unknown architecture field 'k_secs'",
+    ),
+    "bad model_kwargs value": (
+        _set("model_kwargs", {"k_sec": [1, 1, 1]}),
+        "model_kwargs: k_sec must be 4 positive integers",
+    ),
+    "class names count": (
+        _set("class_names", ["cat", "dog"]),
+        "class_names has 2 names for num_classes=3",
+    ),
+    "class names not strings": (
+        _set("class_names", [1, 2, 3]),
+        "class_names must be a list of strings or null",
+    ),
+    "preprocessing missing key": (
+        lambda m: m["preprocessing"].pop("mean") and None,
+        "preprocessing: missing key 'mean'",
+    ),
+    "preprocessing bad mean": (
+        _set_preprocessing("mean", [0.5]),
+        "preprocessing: mean must be 3 numbers",
+    ),
+    "preprocessing bad size": (
+        _set_preprocessing("input_size", "224"),
+        "preprocessing: input_size must be [height, width]",
+    ),
+    "newer format": (
+        _set("format_version", FORMAT_VERSION + 1),
+        f"format_version {FORMAT_VERSION + 1} was written by a newer dpn_jax",
+    ),
     "bad sha256": (_set("sha256", "xyz"), "sha256 must be 64 lowercase hex digits or null"),
     "hostile architecture": (_set("architecture", HOSTILE), "got '\\x1b]0;owned\\x07'"),
 }
@@ -144,15 +194,29 @@ def test_bad_metadata_is_one_line_naming_the_file_and_key(case, saved, tmp_path)
     assert "\n" not in text and "\x1b" not in text
 
 
-@pytest.mark.parametrize("change, where, message", [
-    (lambda m: m.update(num_classes=5, class_names=None), METADATA_FILE,
-     "num_classes is 5, the classifier in variables/ has 3"),
-    (lambda m: m.update(model_kwargs={"k_sec": [1, 2, 1, 1], "groups": 4}), "variables",
-     "missing tensor features.conv3_2.c1x1_a.bn.running_mean (model expects (224,))"),
-    (lambda m: m.update(model_kwargs={"k_sec": [1, 1, 1, 1], "groups": 8}), "variables",
-     ("tensor features.conv2_1.c3x3_b.conv.weight has shape (128, 32, 3, 3), model expects "
-     "(128, 16, 3, 3)")),
-])
+@pytest.mark.parametrize(
+    "change, where, message",
+    [
+        (
+            lambda m: m.update(num_classes=5, class_names=None),
+            METADATA_FILE,
+            "num_classes is 5, the classifier in variables/ has 3",
+        ),
+        (
+            lambda m: m.update(model_kwargs={"k_sec": [1, 2, 1, 1], "groups": 4}),
+            "variables",
+            "missing tensor features.conv3_2.c1x1_a.bn.running_mean (model expects (224,))",
+        ),
+        (
+            lambda m: m.update(model_kwargs={"k_sec": [1, 1, 1, 1], "groups": 8}),
+            "variables",
+            (
+                "tensor features.conv2_1.c3x3_b.conv.weight has shape (128, 32, 3, 3), "
+                "model expects (128, 16, 3, 3)"
+            ),
+        ),
+    ],
+)
 def test_variables_that_do_not_fit_the_metadata_are_named(change, where, message, saved, tmp_path):
     path = copy_with_metadata(saved, tmp_path / "model", change)
     with pytest.raises(WeightsError) as error:
@@ -182,13 +246,29 @@ def test_class_names_from_files_are_printed_escaped(variables, tmp_path, capsys)
     names = (f"cat{HOSTILE}", "dog\u202egod", "fish")  # a control sequence, a bidi override
     path = model_dir(variables, class_names=names).save(tmp_path / "model")
     Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "red.png")
-    assert predict_cli.main(["--checkpoint", str(path), "--img-size", "32", "--top-k", "3",
-                             str(tmp_path / "red.png")]) == 0
+    assert (
+        predict_cli.main(
+            [
+                "--checkpoint",
+                str(path),
+                "--img-size",
+                "32",
+                "--top-k",
+                "3",
+                str(tmp_path / "red.png"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out
     assert "cat\\x1b]0;owned\\x07" in out and "dog\\u202egod" in out
-    assert predict_cli.main(["--checkpoint", str(path), "--img-size", "32", "--json",
-                             str(tmp_path / "red.png")]) == 0
+    assert (
+        predict_cli.main(
+            ["--checkpoint", str(path), "--img-size", "32", "--json", str(tmp_path / "red.png")]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\u202e" not in out
     assert {p["label"] for p in json.loads(out)[0]["top_k"]} == set(names)  # JSON keeps them exact

@@ -1,4 +1,5 @@
 """Numerical parity with timm's DPN: logits, intermediate feature maps, train-mode BatchNorm."""
+
 from __future__ import annotations
 
 import jax
@@ -13,8 +14,13 @@ import dpn_jax
 from dpn_jax.weights.convert import ConversionError, flax_to_timm, timm_to_flax
 
 TIMM_PARAM_COUNTS = {
-    "dpn48b": 9_126_226, "dpn68": 12_611_602, "dpn68b": 12_611_602, "dpn92": 37_668_392,
-    "dpn98": 61_570_728, "dpn107": 86_917_800, "dpn131": 79_254_504,
+    "dpn48b": 9_126_226,
+    "dpn68": 12_611_602,
+    "dpn68b": 12_611_602,
+    "dpn92": 37_668_392,
+    "dpn98": 61_570_728,
+    "dpn107": 86_917_800,
+    "dpn131": 79_254_504,
 }
 ALL_VARIANTS = sorted(TIMM_PARAM_COUNTS)
 
@@ -43,12 +49,18 @@ def test_public_names_resolve_from_the_lazy_package():
 @pytest.mark.parametrize("name", ALL_VARIANTS)
 def test_param_count_equals_timm(name):
     import timm
+
     timm_count = sum(p.numel() for p in timm.create_model(name).parameters())
     assert timm_count == TIMM_PARAM_COUNTS[name]
     model = dpn_jax.DPN(config=dpn_jax.MODEL_CONFIGS[name])
-    shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x),
-                            jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
-    assert sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(shapes["params"])) == timm_count
+    shapes = jax.eval_shape(
+        lambda x: model.init(jax.random.PRNGKey(0), x),
+        jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32),
+    )
+    assert (
+        sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(shapes["params"]))
+        == timm_count
+    )
 
 
 @pytest.mark.slow
@@ -67,6 +79,7 @@ def test_logits_match_timm(name):
 @pytest.mark.parametrize("name", ALL_VARIANTS)
 def test_feature_info_matches_timm(name):
     import timm
+
     timm_info = timm.create_model(name, features_only=True).feature_info
     assert [i["num_chs"] for i in dpn_jax.feature_info(name)] == timm_info.channels()
     assert [i["reduction"] for i in dpn_jax.feature_info(name)] == timm_info.reduction()
@@ -87,7 +100,9 @@ def test_feature_maps_and_pooled_features_match_timm(name):
     timm_features = random_timm_dpn(name, features_only=True)
     renamed = {k.replace("features.", "features_", 1): v for k, v in reference.state_dict().items()}
     wanted_keys = timm_features.state_dict().keys()
-    timm_features.load_state_dict({k: v for k, v in renamed.items() if k in wanted_keys}, strict=True)
+    timm_features.load_state_dict(
+        {k: v for k, v in renamed.items() if k in wanted_keys}, strict=True
+    )
     expected = run_timm(timm_features, x)
     assert [m.shape[-1] for m in maps] == [info["num_chs"] for info in dpn_jax.feature_info(name)]
     for i, (actual, wanted) in enumerate(zip(maps, expected)):
@@ -121,8 +136,10 @@ def test_train_mode_matches_timm_outputs_and_running_stats(name):
     assert relative_error(logits, expected_logits) <= 1e-4
 
     expected_stats = timm_to_flax(numpy_state_dict(reference), name, **SHALLOW)["batch_stats"]
-    for (path, actual), wanted in zip(jax.tree_util.tree_flatten_with_path(updated["batch_stats"])[0],
-                                      jax.tree_util.tree_leaves(expected_stats)):
+    for (path, actual), wanted in zip(
+        jax.tree_util.tree_flatten_with_path(updated["batch_stats"])[0],
+        jax.tree_util.tree_leaves(expected_stats),
+    ):
         np.testing.assert_allclose(actual, wanted, rtol=1e-4, atol=1e-5, err_msg=str(path))
 
 
@@ -148,8 +165,9 @@ def test_bfloat16_backward_saves_no_float32_activations(capsys):
     x = image_batch((2, 64, 64, 3))
 
     def loss(params):
-        logits, _ = model.apply(dict(variables, params=params), x, train=True,
-                                mutable=["batch_stats"])
+        logits, _ = model.apply(
+            dict(variables, params=params), x, train=True, mutable=["batch_stats"]
+        )
         return logits.sum()
 
     jax.ad_checkpoint.print_saved_residuals(loss, variables["params"])
@@ -181,20 +199,29 @@ def test_state_dict_round_trip_is_bit_identical(name):
         if not key.endswith("num_batches_tracked"):
             assert back[key].dtype == value.dtype and np.array_equal(back[key], value), key
     import timm
-    timm.create_model(name).load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
+
+    timm.create_model(name).load_state_dict(
+        {k: torch.from_numpy(v) for k, v in back.items()}, strict=True
+    )
 
 
 def test_conversion_errors_name_the_tensor_and_shapes():
     state_dict = numpy_state_dict(random_timm_dpn("dpn68", num_classes=10))
     missing = dict(state_dict)
     del missing["features.conv3_1.c3x3_b.conv.weight"]
-    with pytest.raises(ConversionError, match=r"missing tensor features\.conv3_1\.c3x3_b\.conv\.weight"):
+    with pytest.raises(
+        ConversionError, match=r"missing tensor features\.conv3_1\.c3x3_b\.conv\.weight"
+    ):
         timm_to_flax(missing, "dpn68")
     with pytest.raises(ConversionError, match=r"unexpected tensor features\.extra\.weight"):
         timm_to_flax({**state_dict, "features.extra.weight": np.zeros(3)}, "dpn68")
-    with pytest.raises(ConversionError, match=r"tensor features\.conv1_1\.\S+ has shape \(10, ?\S*\), "
-                                              r"dpn92 expects \(64,"):
+    with pytest.raises(
+        ConversionError,
+        match=r"tensor features\.conv1_1\.\S+ has shape \(10, ?\S*\), "
+        r"dpn92 expects \(64,",
+    ):
         timm_to_flax(state_dict, "dpn92")
-    without_counters = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+    without_counters = {
+        k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")
+    }
     timm_to_flax(without_counters, "dpn68")  # num_batches_tracked is optional
-

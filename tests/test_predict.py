@@ -1,4 +1,5 @@
-"""dpn-predict and `Predictor`: timm parity on real photos in every image format, labels, bad input."""
+"""dpn-predict and `Predictor`: timm parity on photos in every image format, labels, bad input."""
+
 from __future__ import annotations
 
 import json
@@ -14,25 +15,33 @@ import timm.data
 import torch
 from PIL import Image
 from sklearn.datasets import load_sample_images
+from timm_reference import numpy_state_dict, random_timm_dpn
 
 import dpn_jax
 from dpn_jax.cli import predict as predict_cli
+from dpn_jax.data.labels import class_names, imagenet_classes
 from dpn_jax.infer import predict
 from dpn_jax.weights.convert import timm_to_flax
-from dpn_jax.data.labels import class_names, imagenet_classes
 from dpn_jax.weights.model_dir import ModelDir, Preprocessing
-from timm_reference import numpy_state_dict, random_timm_dpn
 
-ARCH = "dpn68b"  # its default tag dpn68b.ra_in1k has a test size (288, crop 1.0) and ImageNet mean/std
+ARCH = (
+    "dpn68b"  # its default tag dpn68b.ra_in1k has a test size (288, crop 1.0) and ImageNet mean/std
+)
 TINY = {"k_sec": (1, 1, 1, 1), "groups": 4}  # groups=4: XLA CPU compiles in seconds, not a minute
 
 
-def model_dir(arch: str, variables: dict, num_classes: int, class_names=None,
-              **model_kwargs) -> ModelDir:
-    return ModelDir(architecture=arch, num_classes=num_classes, model_kwargs=model_kwargs,
-                    preprocessing=Preprocessing.from_cfg(dpn_jax.pretrained_cfg(arch)),
-                    variables=variables, class_names=class_names,
-                    source="random timm model (test)")
+def model_dir(
+    arch: str, variables: dict, num_classes: int, class_names=None, **model_kwargs
+) -> ModelDir:
+    return ModelDir(
+        architecture=arch,
+        num_classes=num_classes,
+        model_kwargs=model_kwargs,
+        preprocessing=Preprocessing.from_cfg(dpn_jax.pretrained_cfg(arch)),
+        variables=variables,
+        class_names=class_names,
+        source="random timm model (test)",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +55,9 @@ def reference() -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def checkpoint(reference, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("checkpoints") / "dpn68b_tiny"
-    model_dir(ARCH, timm_to_flax(numpy_state_dict(reference), ARCH, **TINY), 1000,
-              **TINY).save(path)
+    model_dir(ARCH, timm_to_flax(numpy_state_dict(reference), ARCH, **TINY), 1000, **TINY).save(
+        path
+    )
     return path
 
 
@@ -88,11 +98,13 @@ def run_main(capsys, *argv) -> tuple[int, str, str]:
 
 
 @pytest.mark.parametrize("use_train_size", [False, True], ids=["test_size_288", "train_size_224"])
-def test_top5_and_probabilities_match_timm_in_every_format(reference, checkpoint, photos, capsys,
-                                                           use_train_size):
+def test_top5_and_probabilities_match_timm_in_every_format(
+    reference, checkpoint, photos, capsys, use_train_size
+):
     flags = ["--use-train-size"] if use_train_size else []
-    code, out, err = run_main(capsys, "--checkpoint", checkpoint, "--json", "--batch-size", 5,
-                              *flags, photos)
+    code, out, err = run_main(
+        capsys, "--checkpoint", checkpoint, "--json", "--batch-size", 5, *flags, photos
+    )
     assert code == 0, err
     results = json.loads(out)
     files = sorted(photos.iterdir())
@@ -102,8 +114,12 @@ def test_top5_and_probabilities_match_timm_in_every_format(reference, checkpoint
         expected = timm_probabilities(reference, path, use_test_size=not use_train_size)
         expected_top5 = np.argsort(-expected)[:5]
         assert [p["index"] for p in result["top_k"]] == expected_top5.tolist(), path.name
-        np.testing.assert_allclose([p["prob"] for p in result["top_k"]], expected[expected_top5],
-                                   atol=1e-3, err_msg=path.name)
+        np.testing.assert_allclose(
+            [p["prob"] for p in result["top_k"]],
+            expected[expected_top5],
+            atol=1e-3,
+            err_msg=path.name,
+        )
         assert [p["label"] for p in result["top_k"]] == [names[i] for i in expected_top5]
 
 
@@ -118,8 +134,9 @@ def test_test_size_is_used_unless_train_size_is_asked(checkpoint):
 
 
 def test_table_output(checkpoint, photos, capsys):
-    code, out, err = run_main(capsys, "--checkpoint", checkpoint, "--top-k", 3, "--img-size", 64,
-                              photos / "china.jpg")
+    code, out, err = run_main(
+        capsys, "--checkpoint", checkpoint, "--top-k", 3, "--img-size", 64, photos / "china.jpg"
+    )
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0] == str(photos / "china.jpg") and len(lines) == 4
@@ -139,7 +156,7 @@ def test_predictor_batches_compile_once_per_shape(predictor, photos):
     files = sorted(photos.glob("*.png"))  # 4 files
     pixels = np.stack([predictor.preprocess(f) for f in files] * 2)[:7]
     batched = predictor.probabilities(pixels)  # batches of 4 and 3 (padded to 4)
-    one_by_one = np.concatenate([predictor.probabilities(pixels[i:i + 1]) for i in range(7)])
+    one_by_one = np.concatenate([predictor.probabilities(pixels[i : i + 1]) for i in range(7)])
     np.testing.assert_allclose(batched, one_by_one, rtol=1e-5, atol=1e-7)
     # 4, 3 and 1 images all pad to one row per device (tests/conftest.py: 4 devices): one shape
     assert predictor.runner.num_devices == 4 and predictor._probabilities._cache_size() == 1
@@ -150,13 +167,24 @@ def test_predictor_batches_compile_once_per_shape(predictor, photos):
     np.testing.assert_allclose([t[0]["prob"] for t in top], batched[:4].max(-1), rtol=1e-5)
 
 
-def test_pretrained_reads_the_converted_weights_cache(checkpoint, predictor, photos, tmp_path,
-                                                     monkeypatch, capsys):
-    """--pretrained resolves an architecture to its default tag in $DPN_JAX_WEIGHTS_CACHE (no network)."""
+def test_pretrained_reads_the_converted_weights_cache(
+    checkpoint, predictor, photos, tmp_path, monkeypatch, capsys
+):
+    """--pretrained resolves an architecture to its default tag in the weights cache (offline)."""
     shutil.copytree(checkpoint, tmp_path / "dpn68b.ra_in1k")
     monkeypatch.setenv("DPN_JAX_WEIGHTS_CACHE", str(tmp_path))
-    code, out, err = run_main(capsys, "--model", "dpn68b", "--pretrained", "--json", "--img-size", 64,
-                              "--top-k", 1, photos / "china.jpg")
+    code, out, err = run_main(
+        capsys,
+        "--model",
+        "dpn68b",
+        "--pretrained",
+        "--json",
+        "--img-size",
+        64,
+        "--top-k",
+        1,
+        photos / "china.jpg",
+    )
     assert code == 0, err
     expected = predictor.predict([photos / "china.jpg"], top_k=1)[0]
     assert json.loads(out)[0]["top_k"][0]["index"] == expected[0]["index"]
@@ -166,8 +194,9 @@ def test_pretrained_reads_the_converted_weights_cache(checkpoint, predictor, pho
 def test_fine_tuned_checkpoint_uses_its_class_names(tmp_path, photos, capsys):
     model, variables = dpn_jax.create_model("dpn68", num_classes=3, **TINY)
     model_dir("dpn68", variables, 3, ["cat", "dog", "fish"], **TINY).save(tmp_path / "ft")
-    code, out, err = run_main(capsys, "--checkpoint", tmp_path / "ft", "--json", "--img-size", 32,
-                              photos / "flower.jpg")
+    code, out, err = run_main(
+        capsys, "--checkpoint", tmp_path / "ft", "--json", "--img-size", 32, photos / "flower.jpg"
+    )
     assert code == 0, err
     top_k = json.loads(out)[0]["top_k"]
     assert len(top_k) == 3 and sorted(p["label"] for p in top_k) == ["cat", "dog", "fish"]
@@ -184,16 +213,23 @@ def test_exif_orientation_and_16_bit(predictor, photos, tmp_path):
     Image.fromarray(np.asarray(upright, np.uint16) * 257).save(tmp_path / "gray16.png")
     assert Image.open(tmp_path / "gray16.png").mode == "I;16"
 
-    probs = {name: predictor.probabilities(predictor.preprocess(path)[None])[0]
-             for name, path in [("upright", photos / "china_gray.png"), ("tagged", tmp_path / "tagged.png"),
-                                ("untagged", tmp_path / "untagged.png"), ("gray16", tmp_path / "gray16.png")]}
+    probs = {
+        name: predictor.probabilities(predictor.preprocess(path)[None])[0]
+        for name, path in [
+            ("upright", photos / "china_gray.png"),
+            ("tagged", tmp_path / "tagged.png"),
+            ("untagged", tmp_path / "untagged.png"),
+            ("gray16", tmp_path / "gray16.png"),
+        ]
+    }
     np.testing.assert_allclose(probs["tagged"], probs["upright"], rtol=1e-5)
     np.testing.assert_allclose(probs["gray16"], probs["upright"], rtol=1e-5)
     assert np.abs(probs["untagged"] - probs["upright"]).max() > 1e-4  # the orientation matters
 
 
-def test_bad_and_huge_files_are_reported_one_line_each_and_the_rest_is_processed(checkpoint, photos,
-                                                                                 tmp_path):
+def test_bad_and_huge_files_are_reported_one_line_each_and_the_rest_is_processed(
+    checkpoint, photos, tmp_path
+):
     """Missing, empty, non-image and truncated files each get one error line naming them; a
     30000x30000 PNG (112 MB as 1-bit, 2.7 GB as RGB) is refused without being decoded."""
     good = photos / "flower.jpg"
@@ -201,13 +237,33 @@ def test_bad_and_huge_files_are_reported_one_line_each_and_the_rest_is_processed
     (tmp_path / "text.png").write_text("not an image")
     (tmp_path / "truncated.jpg").write_bytes(good.read_bytes()[:2000])
     Image.new("1", (30000, 30000)).save(tmp_path / "huge.png")
-    bad = [tmp_path / name for name in ("missing.jpg", "empty.jpg", "text.png", "truncated.jpg", "huge.png")]
-    measure = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
-               "print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    proc = subprocess.run([sys.executable, "-c", measure, sys.executable, "-m", "dpn_jax.cli.predict",
-                           "--checkpoint", str(checkpoint), "--json", "--img-size", "32",
-                           *map(str, [bad[0], good, *bad[1:]])],
-                          capture_output=True, text=True, timeout=300)
+    bad = [
+        tmp_path / name
+        for name in ("missing.jpg", "empty.jpg", "text.png", "truncated.jpg", "huge.png")
+    ]
+    measure = (
+        "import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+        "print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            measure,
+            sys.executable,
+            "-m",
+            "dpn_jax.cli.predict",
+            "--checkpoint",
+            str(checkpoint),
+            "--json",
+            "--img-size",
+            "32",
+            *map(str, [bad[0], good, *bad[1:]]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     *json_lines, last_line = proc.stdout.splitlines()
     returncode, max_rss_kib = map(int, last_line.split())
     assert returncode == 1
@@ -219,10 +275,16 @@ def test_bad_and_huge_files_are_reported_one_line_each_and_the_rest_is_processed
     assert max_rss_kib < 2 * 1024 * 1024, f"peak RSS {max_rss_kib / 1024:.0f} MiB"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--checkpoint", "{tmp}/nowhere"], "nowhere: no such model directory"),
-    (["--checkpoint", "{ckpt}", "--model", "dpn92"], "does not match the checkpoint's architecture dpn68b"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--checkpoint", "{tmp}/nowhere"], "nowhere: no such model directory"),
+        (
+            ["--checkpoint", "{ckpt}", "--model", "dpn92"],
+            "does not match the checkpoint's architecture dpn68b",
+        ),
+    ],
+)
 def test_bad_checkpoint_arguments(argv, message, checkpoint, photos, tmp_path, capsys):
     argv = [a.format(tmp=tmp_path, ckpt=checkpoint) for a in argv]
     code, out, err = run_main(capsys, *argv, photos / "china.jpg")

@@ -3,6 +3,7 @@
 Compiling even a tiny DPN's train step takes tens of seconds on CPU, so the parity runs are
 computed once per module and several tests read them. Whole runs: test_train_distributed.py.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -10,6 +11,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 import pytest
+from train_worker import TINY, tiny_config
 
 from configs import default
 from dpn_jax import create_model
@@ -18,8 +20,6 @@ from dpn_jax.runtime.runner import REPLICATED, SHARDED, Runner
 from dpn_jax.train.optim import create_learning_rate_schedule, create_optimizer, path_mask
 from dpn_jax.train.state import create_train_state
 from dpn_jax.train.step import make_train_step
-
-from train_worker import TINY, tiny_config
 
 NUM_STEPS = 3
 GLOBAL_BATCH = 8
@@ -53,14 +53,18 @@ def run_steps(parallelism: str, devices) -> Run:
     Python scalar argument, a value read back) fails the run.
     """
     config = tiny_config(learning_rate=0.01, ema_decay=0.9, parallelism=parallelism)
-    model, variables = create_model("dpn68", num_classes=10, axis_name="batch",
-                                    rng=jax.random.key(0), **TINY)
+    model, variables = create_model(
+        "dpn68", num_classes=10, axis_name="batch", rng=jax.random.key(0), **TINY
+    )
     tx, schedule = create_optimizer(config, updates_per_epoch=10)
     runner = Runner(parallelism, devices)
     state = runner.replicate(create_train_state(variables, tx, seed=0, use_ema=True))
-    step = runner.compile(make_train_step(model, tx, schedule, config, MEAN, STD),
-                          in_specs=(REPLICATED, SHARDED), out_specs=(REPLICATED, REPLICATED),
-                          donate_argnums=(0,))
+    step = runner.compile(
+        make_train_step(model, tx, schedule, config, MEAN, STD),
+        in_specs=(REPLICATED, SHARDED),
+        out_specs=(REPLICATED, REPLICATED),
+        donate_argnums=(0,),
+    )
     losses, donated = [], []
     batches = synthetic_batches(1, GLOBAL_BATCH) * NUM_STEPS  # the same batch: loss must fall
     for batch in batches:
@@ -70,16 +74,20 @@ def run_steps(parallelism: str, devices) -> Run:
         donated.append(all(leaf.is_deleted() for leaf in jax.tree.leaves(previous)))
         losses.append(float(Runner.value(metrics["loss"])))
     eval_batch = dict(batches[0], mask=np.arange(GLOBAL_BATCH) < GLOBAL_BATCH - 1)
-    sums = compile_eval_step(runner, model, MEAN, STD)(state.variables(), runner.put_batch(eval_batch))
+    sums = compile_eval_step(runner, model, MEAN, STD)(
+        state.variables(), runner.put_batch(eval_batch)
+    )
     return Run(Runner.value(state), losses, Runner.value(sums), donated)
 
 
 @pytest.fixture(scope="module")
 def parity_runs():
     assert jax.device_count() == 4, "tests/conftest.py must simulate 4 CPU devices"
-    return {"shard_map4": run_steps("shard_map", jax.devices()),
-            "shard_map1": run_steps("shard_map", jax.devices()[:1]),
-            "pmap4": run_steps("pmap", jax.devices())}
+    return {
+        "shard_map4": run_steps("shard_map", jax.devices()),
+        "shard_map1": run_steps("shard_map", jax.devices()[:1]),
+        "pmap4": run_steps("pmap", jax.devices()),
+    }
 
 
 def assert_trees_close(a, b, atol):
@@ -106,8 +114,9 @@ def test_4_devices_equal_1_device(parity_runs):
     np.testing.assert_allclose(sums4["loss"], sums1["loss"], rtol=1e-5)
     # Updates happened: params moved away from their initial values.
     _, init = create_model("dpn68", num_classes=10, rng=jax.random.key(0), **TINY)
-    assert not np.allclose(state4.params["classifier"]["kernel"],
-                           init["params"]["classifier"]["kernel"])
+    assert not np.allclose(
+        state4.params["classifier"]["kernel"], init["params"]["classifier"]["kernel"]
+    )
 
 
 def test_pmap_adapter_equals_shard_map(parity_runs):
@@ -140,8 +149,15 @@ def test_weight_decay_mask_only_kernels():
 
 @pytest.mark.parametrize("schedule", ["cosine", "step", "constant"])
 def test_schedules_warm_up_then_follow_their_shape(schedule):
-    config = tiny_config(schedule=schedule, warmup_epochs=1.0, num_epochs=10.0, learning_rate=0.4,
-                         batch_size=64, base_batch_size=32, step_decay_epochs=(5,))
+    config = tiny_config(
+        schedule=schedule,
+        warmup_epochs=1.0,
+        num_epochs=10.0,
+        learning_rate=0.4,
+        batch_size=64,
+        base_batch_size=32,
+        step_decay_epochs=(5,),
+    )
     lr = create_learning_rate_schedule(config, updates_per_epoch=10)
     peak = 0.8  # linear scaling: 0.4 at batch 32 -> 0.8 at batch 64
     assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(peak / 2)

@@ -1,16 +1,17 @@
-"""Bad training settings end in one line naming the key, before any data is read or anything compiles."""
+"""Bad training settings: one line naming the key, before any data is read or anything compiles."""
+
 from __future__ import annotations
 
 import subprocess
 import sys
 
 import pytest
+from runs import ROOT, subprocess_env
 
 from configs import default
 from dpn_jax.errors import ConfigError, DataError
 from dpn_jax.train.config import validate_config
 from dpn_jax.train.trainer import train_and_evaluate
-from runs import ROOT, subprocess_env
 
 
 def config_with(**overrides):
@@ -21,34 +22,38 @@ def config_with(**overrides):
 
 def test_the_shipped_configs_are_valid():
     from configs import finetune, imagenet
+
     validate_config(default.get_config())
     validate_config(imagenet.get_config("dpn131"))
     validate_config(config_with(**{**finetune.get_config().to_dict(), "init_from": "some/dir"}))
 
 
-@pytest.mark.parametrize("key, value, allowed", [
-    ("batch_size", 0, "a positive integer"),
-    ("batch_size", -3, "a positive integer"),
-    ("eval_batch_size", 0, "a positive integer"),
-    ("checkpoint_every_steps", 0, "a positive integer"),
-    ("log_every_steps", 0, "a positive integer"),
-    ("grad_accum_steps", 0, "a positive integer"),
-    ("keep_checkpoints", 0, "a positive integer"),
-    ("learning_rate", -1.0, "a number in (0, inf)"),
-    ("learning_rate", 0.0, "a number in (0, inf)"),
-    ("momentum", 1.0, "a number in [0, 1)"),
-    ("label_smoothing", -0.1, "a number in [0, 1)"),
-    ("ema_decay", 1.0, "a number in [0, 1)"),
-    ("drop_rate", 1.5, "a number in [0, 1)"),
-    ("crop_pct", 0.0, "unset or a number in (0, 1]"),
-    ("std", (0.2, 0.0, 0.2), "unset or three positive numbers"),
-    ("image_size", 8, "an integer >= 32"),
-    ("dtype", "float16", "one of 'float32', 'bfloat16'"),
-    ("parallelism", "ddp", "one of 'shard_map', 'pmap'"),
-    ("schedule", "linear", "one of 'cosine', 'step', 'constant'"),
-    ("interpolation", "cubic", "unset or one of"),
-    ("weight_decay_pattern", "(unclosed", "a regular expression"),
-])
+@pytest.mark.parametrize(
+    "key, value, allowed",
+    [
+        ("batch_size", 0, "a positive integer"),
+        ("batch_size", -3, "a positive integer"),
+        ("eval_batch_size", 0, "a positive integer"),
+        ("checkpoint_every_steps", 0, "a positive integer"),
+        ("log_every_steps", 0, "a positive integer"),
+        ("grad_accum_steps", 0, "a positive integer"),
+        ("keep_checkpoints", 0, "a positive integer"),
+        ("learning_rate", -1.0, "a number in (0, inf)"),
+        ("learning_rate", 0.0, "a number in (0, inf)"),
+        ("momentum", 1.0, "a number in [0, 1)"),
+        ("label_smoothing", -0.1, "a number in [0, 1)"),
+        ("ema_decay", 1.0, "a number in [0, 1)"),
+        ("drop_rate", 1.5, "a number in [0, 1)"),
+        ("crop_pct", 0.0, "unset or a number in (0, 1]"),
+        ("std", (0.2, 0.0, 0.2), "unset or three positive numbers"),
+        ("image_size", 8, "an integer >= 32"),
+        ("dtype", "float16", "one of 'float32', 'bfloat16'"),
+        ("parallelism", "ddp", "one of 'shard_map', 'pmap'"),
+        ("schedule", "linear", "one of 'cosine', 'step', 'constant'"),
+        ("interpolation", "cubic", "unset or one of"),
+        ("weight_decay_pattern", "(unclosed", "a regular expression"),
+    ],
+)
 def test_each_rule_names_key_value_and_what_is_allowed(key, value, allowed):
     with pytest.raises(ConfigError) as raised:
         validate_config(config_with(**{key: value}))
@@ -76,13 +81,15 @@ def test_batch_sizes_must_divide_over_the_devices_before_data_is_read(tmp_path):
     """4 simulated devices (tests/conftest.py); the dataset does not even exist."""
     for key in ("batch_size", "eval_batch_size"):
         config = config_with(**{key: 126, "dataset": f"folder:{tmp_path / 'missing'}"})
-        with pytest.raises(ConfigError, match=f"--config.{key}=126 must be a positive multiple "
-                                              "of the 4 devices"):
+        with pytest.raises(
+            ConfigError, match=f"--config.{key}=126 must be a positive multiple of the 4 devices"
+        ):
             train_and_evaluate(config, tmp_path / "run")
 
 
 def test_a_one_class_dataset_is_refused(tmp_path):
     from PIL import Image
+
     for split in ("train", "val"):
         (tmp_path / "data" / split / "only").mkdir(parents=True)
         Image.new("RGB", (40, 40)).save(tmp_path / "data" / split / "only" / "a.png")
@@ -91,15 +98,26 @@ def test_a_one_class_dataset_is_refused(tmp_path):
         train_and_evaluate(config, tmp_path / "run")
 
 
-@pytest.mark.parametrize("flag, key", [("--config.batch_size=0", "batch_size"),
-                                       ("--config.num_epochs=0", None),
-                                       ("--config.learning_rate=-1", "learning_rate")])
+@pytest.mark.parametrize(
+    "flag, key",
+    [
+        ("--config.batch_size=0", "batch_size"),
+        ("--config.num_epochs=0", None),
+        ("--config.learning_rate=-1", "learning_rate"),
+    ],
+)
 def test_train_py_prints_one_line_and_does_no_work(flag, key, tmp_path):
-    result = subprocess.run([sys.executable, "train.py", "--workdir", str(tmp_path / "run"), flag],
-                            env=subprocess_env(tmp_path / "cache"), cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "train.py", "--workdir", str(tmp_path / "run"), flag],
+        env=subprocess_env(tmp_path / "cache"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
-    assert result.stderr.startswith("train.py: error: ") and result.stderr.count("\n") == 1, \
+    assert result.stderr.startswith("train.py: error: ") and result.stderr.count("\n") == 1, (
         result.stderr
+    )
     assert key is None or f"--config.{key}=" in result.stderr
     assert not (tmp_path / "run").exists()

@@ -4,15 +4,22 @@ across a SIGTERM.
 On one device (the default configuration) and on four simulated devices; every number of the
 run (weights, BatchNorm statistics, losses) must be identical, not just close.
 """
+
 from __future__ import annotations
 
 import signal
 import time
 
 import pytest
-
-from runs import (assert_same_variables, checkpoint_steps, metrics_records, model_variables,
-                  run_worker, start_worker, subprocess_env)
+from runs import (
+    assert_same_variables,
+    checkpoint_steps,
+    metrics_records,
+    model_variables,
+    run_worker,
+    start_worker,
+    subprocess_env,
+)
 from train_worker import STALLED_MARKER
 
 RUN = {"num_train_steps": 12, "checkpoint_every_steps": 6}

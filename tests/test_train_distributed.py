@@ -2,6 +2,7 @@
 2 processes x 2 devices against 1 process x 4, a stop agreed by every process, and checkpoints
 restored onto other device counts.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -10,10 +11,19 @@ import time
 
 import numpy as np
 import pytest
-
+from runs import (
+    checkpoint_steps,
+    flat,
+    free_port,
+    metrics_of,
+    metrics_records,
+    model_variables,
+    restored_of,
+    run_worker,
+    start_worker,
+    subprocess_env,
+)
 from train_worker import digest
-from runs import (checkpoint_steps, flat, free_port, metrics_of, metrics_records,
-                  model_variables, restored_of, run_worker, start_worker, subprocess_env)
 
 pytestmark = pytest.mark.slow
 
@@ -25,9 +35,22 @@ def cache(tmp_path_factory):
 
 def start_processes(workdir, overrides, *extra, env, count=2):
     address = f"127.0.0.1:{free_port()}"
-    return [start_worker(workdir, overrides, "--synthetic-data", *extra, "--coordinator", address,
-                         "--num-processes", count, "--process-id", i, env=env)
-            for i in range(count)]
+    return [
+        start_worker(
+            workdir,
+            overrides,
+            "--synthetic-data",
+            *extra,
+            "--coordinator",
+            address,
+            "--num-processes",
+            count,
+            "--process-id",
+            i,
+            env=env,
+        )
+        for i in range(count)
+    ]
 
 
 def finish(procs, timeout=600) -> list[tuple[str, str]]:
@@ -49,7 +72,9 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path, cache)
     # gloo and the in-process all-reduce sum in different orders; the stem's BatchNorm bias
     # gradient cancels to ~1e-3 of its terms, so its rounding shows at ~1e-5 after an update.
     for name, value in flat(single_vars).items():
-        np.testing.assert_allclose(flat(multi_vars)[name], value, rtol=1e-5, atol=3e-5, err_msg=name)
+        np.testing.assert_allclose(
+            flat(multi_vars)[name], value, rtol=1e-5, atol=3e-5, err_msg=name
+        )
 
 
 def test_sigterm_on_one_process_stops_both_at_the_same_step(tmp_path, cache):
@@ -78,16 +103,23 @@ def four_device_checkpoint(tmp_path_factory, cache):
 
 
 @pytest.mark.parametrize("devices", [2, 1])
-def test_checkpoint_of_four_devices_resumes_on_fewer(devices, four_device_checkpoint, tmp_path,
-                                                      cache):
+def test_checkpoint_of_four_devices_resumes_on_fewer(
+    devices, four_device_checkpoint, tmp_path, cache
+):
     workdir = tmp_path / "resumed"
     shutil.copytree(four_device_checkpoint, workdir)
     saved, _ = model_variables(four_device_checkpoint)
-    resumed = run_worker(workdir, {"num_train_steps": 4}, "--synthetic-data", "--print-restored",
-                         env=subprocess_env(cache, devices))
+    resumed = run_worker(
+        workdir,
+        {"num_train_steps": 4},
+        "--synthetic-data",
+        "--print-restored",
+        env=subprocess_env(cache, devices),
+    )
     assert restored_of(resumed.stdout) == (2, digest(saved["params"]))  # bit for bit
     assert checkpoint_steps(workdir) == [2, 4]  # and training went on
     trained, _ = model_variables(workdir)
-    assert not np.array_equal(flat(trained)["params/classifier/kernel"],
-                              flat(saved)["params/classifier/kernel"])
+    assert not np.array_equal(
+        flat(trained)["params/classifier/kernel"], flat(saved)["params/classifier/kernel"]
+    )
     assert metrics_of(resumed.stdout)["eval_examples"] == 360

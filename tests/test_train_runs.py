@@ -5,6 +5,7 @@ damaged checkpoints and a full disk.
 Every run uses the same tiny config, so with the shared persistent compilation cache the train
 step compiles once for the whole module.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -16,9 +17,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from runs import (ROOT, assert_same_variables, checkpoint_steps, flat, metrics_of,
-                  metrics_records, model_variables, run_worker, start_worker, subprocess_env)
+from runs import (
+    ROOT,
+    assert_same_variables,
+    checkpoint_steps,
+    flat,
+    metrics_of,
+    metrics_records,
+    model_variables,
+    run_worker,
+    start_worker,
+    subprocess_env,
+)
 from train_worker import STALLED_MARKER, TINY
 
 DIGITS_RUN = {"num_train_steps": 66, "checkpoint_every_steps": 33}
@@ -44,7 +54,9 @@ def test_digits_run_learns_and_writes_records(straight_run):
     records = metrics_records(workdir)
     evals = [r for r in records if "eval_top1" in r]
     assert [r["step"] for r in evals] == [44, 66]  # every epoch (44 steps) and at the end
-    assert {"step", "epoch", "eval_top1", "eval_top5", "eval_loss", "eval_examples"} <= set(evals[-1])
+    assert {"step", "epoch", "eval_top1", "eval_top5", "eval_loss", "eval_examples"} <= set(
+        evals[-1]
+    )
     assert 0.0 <= evals[-1]["eval_top1"] <= evals[-1]["eval_top5"] <= 1.0
     train = [r for r in records if "train_loss" in r]
     assert [r["step"] for r in train] == list(range(1, 67))
@@ -88,8 +100,9 @@ def test_damaged_latest_checkpoint_falls_back_to_the_one_before(straight_run, tm
 
 
 def test_full_disk_ends_with_one_line_and_keeps_earlier_checkpoints(tmp_path, env):
-    result = run_worker(tmp_path, DIGITS_RUN, "--disk-full-after-checkpoint", 33, env=env,
-                        check=False)
+    result = run_worker(
+        tmp_path, DIGITS_RUN, "--disk-full-after-checkpoint", 33, env=env, check=False
+    )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and "ERROR" not in result.stderr, result.stderr[-3000:]
     [error] = [line for line in result.stderr.splitlines() if "error:" in line]
@@ -100,12 +113,24 @@ def test_full_disk_ends_with_one_line_and_keeps_earlier_checkpoints(tmp_path, en
 
 
 def tiny_train_py_flags(workdir: Path, **overrides) -> list[str]:
-    settings = {"image_size": 32, "batch_size": 32, "base_batch_size": 32, "eval_batch_size": 40,
-                "schedule": "constant", "warmup_epochs": 0, "learning_rate": 0.05,
-                "log_every_steps": 1, **overrides}
-    return ["train.py", "--workdir", str(workdir),
-            *[f"--config.model_kwargs.{k}={v}" for k, v in TINY.items()],
-            *[f"--config.{k}={v}" for k, v in settings.items()]]
+    settings = {
+        "image_size": 32,
+        "batch_size": 32,
+        "base_batch_size": 32,
+        "eval_batch_size": 40,
+        "schedule": "constant",
+        "warmup_epochs": 0,
+        "learning_rate": 0.05,
+        "log_every_steps": 1,
+        **overrides,
+    }
+    return [
+        "train.py",
+        "--workdir",
+        str(workdir),
+        *[f"--config.model_kwargs.{k}={v}" for k, v in TINY.items()],
+        *[f"--config.{k}={v}" for k, v in settings.items()],
+    ]
 
 
 def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 400) -> None:
@@ -117,11 +142,18 @@ def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 400) -> None:
 
 def test_sigterm_saves_and_exits_0_and_a_second_run_is_refused(tmp_path, env):
     flags = tiny_train_py_flags(tmp_path, num_train_steps=100000)
-    proc = subprocess.Popen([sys.executable, *flags], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, *flags],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(tmp_path / "metrics.jsonl", proc)
-    second = subprocess.run([sys.executable, *flags], env=env, cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    second = subprocess.run(
+        [sys.executable, *flags], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr
     [error] = [line for line in second.stderr.splitlines() if line.startswith("train.py: error: ")]
     assert f"is in use by another train.py (pid {proc.pid} on " in error
@@ -134,8 +166,9 @@ def test_sigterm_saves_and_exits_0_and_a_second_run_is_refused(tmp_path, env):
 
 
 def test_sigterm_while_waiting_for_data_saves_and_exits_0(tmp_path, env):
-    proc = start_worker(tmp_path, {"num_train_steps": 100}, "--synthetic-data",
-                        "--stall-data-after", 5, env=env)
+    proc = start_worker(
+        tmp_path, {"num_train_steps": 100}, "--synthetic-data", "--stall-data-after", 5, env=env
+    )
     wait_for(tmp_path / STALLED_MARKER, proc)
     time.sleep(1)  # the feeder reads ahead: the trainer is now waiting for batch 6
     proc.send_signal(signal.SIGTERM)
@@ -146,16 +179,27 @@ def test_sigterm_while_waiting_for_data_saves_and_exits_0(tmp_path, env):
 
 
 def test_nan_fails_naming_the_step_and_is_never_saved(tmp_path, env):
-    result = run_worker(tmp_path, {"num_train_steps": 20, "checkpoint_every_steps": 3},
-                        "--poison-step", 5, env=env, check=False)
+    result = run_worker(
+        tmp_path,
+        {"num_train_steps": 20, "checkpoint_every_steps": 3},
+        "--poison-step",
+        5,
+        env=env,
+        check=False,
+    )
     assert result.returncode != 0
     assert "FloatingPointError: loss or gradient became NaN/Inf at step 6 " in result.stderr
     assert checkpoint_steps(tmp_path) == [3]
 
 
 def test_nan_step_skipped_when_configured(tmp_path, env):
-    result = run_worker(tmp_path, {"num_train_steps": 8, "skip_nonfinite_updates": True},
-                        "--poison-step", 2, env=env)
+    result = run_worker(
+        tmp_path,
+        {"num_train_steps": 8, "skip_nonfinite_updates": True},
+        "--poison-step",
+        2,
+        env=env,
+    )
     assert np.isfinite(metrics_of(result.stdout)["eval_loss"])
     variables, _ = model_variables(tmp_path)
     assert all(np.isfinite(v).all() for v in flat(variables).values())
@@ -163,24 +207,39 @@ def test_nan_step_skipped_when_configured(tmp_path, env):
 
 def test_finetune_from_converted_checkpoint_with_new_head(tmp_path, env):
     import jax
+
     from dpn_jax import create_model
     from dpn_jax.weights.model_dir import ModelDir, Preprocessing
 
     _, source = create_model("dpn68", num_classes=7, rng=jax.random.key(42), **TINY)
     source_dir = tmp_path / "converted"
-    ModelDir(architecture="dpn68", num_classes=7, model_kwargs=TINY, variables=source,
-             preprocessing=Preprocessing(input_size=(32, 32), crop_pct=1.0,
-                                         interpolation="bilinear", mean=(0.5,) * 3,
-                                         std=(0.25,) * 3),
-             source="test").save(source_dir)
+    ModelDir(
+        architecture="dpn68",
+        num_classes=7,
+        model_kwargs=TINY,
+        variables=source,
+        preprocessing=Preprocessing(
+            input_size=(32, 32),
+            crop_pct=1.0,
+            interpolation="bilinear",
+            mean=(0.5,) * 3,
+            std=(0.25,) * 3,
+        ),
+        source="test",
+    ).save(source_dir)
     workdir = tmp_path / "run"
-    run_worker(workdir, {"init_from": str(source_dir), "num_train_steps": 1, "model": "dpn92",
-                         "model_kwargs": {}}, env=env)
+    run_worker(
+        workdir,
+        {"init_from": str(source_dir), "num_train_steps": 1, "model": "dpn92", "model_kwargs": {}},
+        env=env,
+    )
     tuned, model_dir = model_variables(workdir)
     assert model_dir.num_classes == 10 and model_dir.architecture == "dpn68"
     assert model_dir.preprocessing.mean == (0.5,) * 3  # preprocessing of the source
     assert tuned["params"]["classifier"]["kernel"].shape[-1] == 10
-    stem, stem_source = (v["params"]["features"]["conv1_1"]["conv"]["kernel"] for v in (tuned, source))
+    stem, stem_source = (
+        v["params"]["features"]["conv1_1"]["conv"]["kernel"] for v in (tuned, source)
+    )
     _, fresh = create_model("dpn68", num_classes=10, rng=jax.random.key(0), **TINY)
     stem_fresh = fresh["params"]["features"]["conv1_1"]["conv"]["kernel"]
     assert np.abs(stem - stem_source).mean() < 0.5 * np.abs(stem - stem_fresh).mean()

@@ -1,11 +1,14 @@
 """The transforms against Pillow and the real timm: eval (bit for bit), the on-device
 normalisation, the training crop (timm's windows and torchvision's resized crop, exactly)."""
+
 import io
 import random
 
 import numpy as np
 import pytest
 import sklearn.datasets
+from PIL import Image
+
 from dpn_jax.data.transforms import (
     UndecodableImage,
     eval_crop,
@@ -16,7 +19,6 @@ from dpn_jax.data.transforms import (
     resized_crop,
     train_crop,
 )
-from PIL import Image
 
 timm_data = pytest.importorskip("timm.data")
 
@@ -38,20 +40,43 @@ def sample_photos():
 
 def timm_eval(image, *, image_size, crop_pct, interpolation, mean, std):
     transform = timm_data.create_transform(
-        input_size=(3, *np.broadcast_to(image_size, 2)), crop_pct=crop_pct,
-        interpolation=interpolation, mean=mean, std=std, is_training=False)
+        input_size=(3, *np.broadcast_to(image_size, 2)),
+        crop_pct=crop_pct,
+        interpolation=interpolation,
+        mean=mean,
+        std=std,
+        is_training=False,
+    )
     return transform(image).numpy().transpose(1, 2, 0)
 
 
-@pytest.mark.parametrize("config", [
-    dict(image_size=224, crop_pct=0.875, interpolation="bicubic", mean=DPN_MEAN, std=DPN_STD),
-    dict(image_size=288, crop_pct=1.0, interpolation="bicubic", mean=IMAGENET_MEAN,
-         std=IMAGENET_STD),
-    dict(image_size=(160, 224), crop_pct=0.9, interpolation="bilinear", mean=IMAGENET_MEAN,
-         std=IMAGENET_STD),
-    dict(image_size=(35, 47), crop_pct=0.95, interpolation="lanczos", mean=IMAGENET_MEAN,
-         std=IMAGENET_STD),
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(image_size=224, crop_pct=0.875, interpolation="bicubic", mean=DPN_MEAN, std=DPN_STD),
+        dict(
+            image_size=288,
+            crop_pct=1.0,
+            interpolation="bicubic",
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+        ),
+        dict(
+            image_size=(160, 224),
+            crop_pct=0.9,
+            interpolation="bilinear",
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+        ),
+        dict(
+            image_size=(35, 47),
+            crop_pct=0.95,
+            interpolation="lanczos",
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+        ),
+    ],
+)
 def test_eval_transform_matches_timm_on_photos(config):
     for photo in sample_photos():
         expected = timm_eval(photo, **config)
@@ -68,9 +93,14 @@ def test_eval_transform_matches_timm_dpn68_config_from_jpeg_file(tmp_path):
     path = tmp_path / "photo.jpg"
     sample_photos()[1].save(path, quality=90)
     expected = timm_data.create_transform(**config)(Image.open(path).convert("RGB"))
-    got = eval_transform(load_image(path), image_size=config["input_size"][1:],
-                         crop_pct=config["crop_pct"], interpolation=config["interpolation"],
-                         mean=config["mean"], std=config["std"])
+    got = eval_transform(
+        load_image(path),
+        image_size=config["input_size"][1:],
+        crop_pct=config["crop_pct"],
+        interpolation=config["interpolation"],
+        mean=config["mean"],
+        std=config["std"],
+    )
     np.testing.assert_allclose(got, expected.numpy().transpose(1, 2, 0), rtol=0, atol=TOLERANCE)
 
 
@@ -89,7 +119,7 @@ def test_normalize_on_device_equals_timm_to_tensor_normalize():
         np.testing.assert_allclose(got, expected, rtol=0, atol=TOLERANCE)
         bf16 = normalize(crops, mean, std, jax.numpy.bfloat16)
         assert bf16.dtype == jax.numpy.bfloat16  # float32 math, then the cast: bf16's 8 bits
-        np.testing.assert_allclose(np.asarray(bf16, np.float32), got, rtol=2 ** -8, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(bf16, np.float32), got, rtol=2**-8, atol=1e-6)
 
 
 class PythonRandom:
@@ -105,15 +135,17 @@ class PythonRandom:
         return random.randint(low, high - 1)
 
 
-@pytest.mark.parametrize("height, width", [(375, 500), (500, 375), (427, 640), (500, 60),
-                                           (40, 500), (9, 7)])
+@pytest.mark.parametrize(
+    "height, width", [(375, 500), (500, 375), (427, 640), (500, 60), (40, 500), (9, 7)]
+)
 def test_random_resized_crop_is_timms_window_and_resize(height, width):
     """With the same random draws, window and pixels equal timm's
     RandomResizedCropAndInterpolation (incl. the centre fallback of extreme aspect ratios)."""
     transforms = pytest.importorskip("timm.data.transforms")
     photo = sample_photos()[0].resize((width, height))
     timm_crop = transforms.RandomResizedCropAndInterpolation(
-        (24, 32), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation="bicubic")
+        (24, 32), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation="bicubic"
+    )
     fallbacks = 0
     for seed in range(40):
         random.seed(seed)
@@ -124,18 +156,24 @@ def test_random_resized_crop_is_timms_window_and_resize(height, width):
         random.seed(seed)
         expected = np.asarray(timm_crop(photo))
         np.testing.assert_array_equal(resized_crop(photo, window, (24, 32), "bicubic"), expected)
-        np.testing.assert_array_equal(resized_crop(photo, window, (24, 32), "bicubic", flip=True),
-                                      expected[:, ::-1])
-        fallbacks += window[2:] in ((height, width), (height, round(height * 4 / 3)),
-                                    (round(width * 4 / 3), width))
+        np.testing.assert_array_equal(
+            resized_crop(photo, window, (24, 32), "bicubic", flip=True), expected[:, ::-1]
+        )
+        fallbacks += window[2:] in (
+            (height, width),
+            (height, round(height * 4 / 3)),
+            (round(width * 4 / 3), width),
+        )
     if width / height > 4:
         assert fallbacks > 10  # the fallback path was exercised
 
 
 def test_train_crop_draws_from_the_generator():
     photo = sample_photos()[1]
-    crops = [train_crop(photo, image_size=32, interpolation="bilinear",
-                        rng=np.random.default_rng(seed)) for seed in range(64)]
+    crops = [
+        train_crop(photo, image_size=32, interpolation="bilinear", rng=np.random.default_rng(seed))
+        for seed in range(64)
+    ]
     assert all(c.dtype == np.uint8 and c.shape == (32, 32, 3) for c in crops)
     again = train_crop(photo, image_size=32, interpolation="bilinear", rng=np.random.default_rng(5))
     np.testing.assert_array_equal(again, crops[5])
@@ -146,7 +184,8 @@ def test_train_crop_draws_from_the_generator():
     flipped = rng.random() < 0.5
     np.testing.assert_array_equal(
         train_crop(photo, image_size=32, interpolation="bilinear", rng=np.random.default_rng(7)),
-        resized_crop(photo, window, 32, "bilinear", flip=flipped))
+        resized_crop(photo, window, 32, "bilinear", flip=flipped),
+    )
     flips = sum(np.random.default_rng(seed).random() < 0.5 for seed in range(64))  # as drawn
     assert 20 < flips < 44
 
@@ -171,22 +210,38 @@ def gradient(mode_size=(40, 30)) -> np.ndarray:
     return (np.arange(height)[:, None] * 7 + np.arange(width)[None, :] * 3).astype(np.uint8)
 
 
-@pytest.mark.parametrize("mode, format", [
-    ("L", "PNG"), ("RGBA", "PNG"), ("LA", "PNG"), ("P", "PNG"), ("RGB", "WEBP"),
-    ("RGB", "BMP"), ("P", "GIF"), ("CMYK", "JPEG"), ("1", "PNG"),
-])
+@pytest.mark.parametrize(
+    "mode, format",
+    [
+        ("L", "PNG"),
+        ("RGBA", "PNG"),
+        ("LA", "PNG"),
+        ("P", "PNG"),
+        ("RGB", "WEBP"),
+        ("RGB", "BMP"),
+        ("P", "GIF"),
+        ("CMYK", "JPEG"),
+        ("1", "PNG"),
+    ],
+)
 def test_load_image_converts_modes_like_pil_convert_rgb(mode, format):
     rgb = Image.fromarray(np.stack([gradient(), gradient()[::-1], 255 - gradient()], -1))
     original = rgb.convert(mode)
     file = encoded(original, format, **({"lossless": True} if format == "WEBP" else {}))
     image = load_image(file)
     assert image.mode == "RGB" and image.size == original.size
-    np.testing.assert_array_equal(np.asarray(image), np.asarray(Image.open(encoded(
-        original, format, **({"lossless": True} if format == "WEBP" else {}))).convert("RGB")))
+    np.testing.assert_array_equal(
+        np.asarray(image),
+        np.asarray(
+            Image.open(
+                encoded(original, format, **({"lossless": True} if format == "WEBP" else {}))
+            ).convert("RGB")
+        ),
+    )
 
 
 def test_load_image_scales_16_bit_to_8_bit():
-    pixels16 = (gradient().astype(np.uint16) * 257)  # full 16-bit range, 8-bit value * 257
+    pixels16 = gradient().astype(np.uint16) * 257  # full 16-bit range, 8-bit value * 257
     image = load_image(encoded(Image.fromarray(pixels16), "PNG"))
     assert image.mode == "RGB"
     np.testing.assert_array_equal(np.asarray(image)[..., 0], gradient())
@@ -218,8 +273,12 @@ def test_load_image_refuses_decompression_bombs_without_touching_warning_filters
     filters = list(warnings.filters)
     file = encoded(Image.fromarray(gradient()), "PNG")  # 40x30 = 1200 pixels
     file.name = "big.png"
-    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(
-            UndecodableImage, match="big.png: 40x30 pixels exceeds the decompression-bomb limit"):
+    with (
+        pytest.warns(Image.DecompressionBombWarning),
+        pytest.raises(
+            UndecodableImage, match="big.png: 40x30 pixels exceeds the decompression-bomb limit"
+        ),
+    ):
         load_image(file)
     assert warnings.filters == filters
 

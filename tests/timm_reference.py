@@ -1,4 +1,5 @@
 """The real timm DPN as the reference: randomly initialised, with BatchNorm made non-trivial."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -37,4 +38,6 @@ def run_timm(model: torch.nn.Module, x_nhwc: np.ndarray):
 
 def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     """max |diff| / max |expected|: the issue's parity metric."""
-    return float(np.max(np.abs(np.asarray(actual, np.float64) - expected)) / np.max(np.abs(expected)))
+    return float(
+        np.max(np.abs(np.asarray(actual, np.float64) - expected)) / np.max(np.abs(expected))
+    )

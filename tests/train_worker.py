@@ -9,6 +9,7 @@
 each process taking its rows, so runs with different process counts see the same global batch.
 The last line of a successful run is `METRICS {json}`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,6 +36,7 @@ DISK_LIMIT_BYTES = 64 << 10
 def tiny_config(**overrides):
     """The demo config shrunk to a tiny DPN on 32 px images (shared by the trainer tests)."""
     from configs import default
+
     config = default.get_config()
     config.model_kwargs = TINY
     config.image_size = 32
@@ -51,7 +53,12 @@ class SyntheticBatches:
 
     def __init__(self, spec, *, batch_size, **_):
         import jax
-        self.count, self.index, self.batch_size = jax.process_count(), jax.process_index(), batch_size
+
+        self.count, self.index, self.batch_size = (
+            jax.process_count(),
+            jax.process_index(),
+            batch_size,
+        )
         self.step = 0
 
     def __iter__(self):
@@ -60,7 +67,9 @@ class SyntheticBatches:
     def __next__(self):
         rng = np.random.RandomState(self.step)
         labels = rng.randint(0, 10, self.batch_size * self.count).astype(np.int32)
-        images = rng.normal(128, 40, (len(labels), 32, 32, 3)) + (labels[:, None, None, None] - 4.5) * 12
+        images = (
+            rng.normal(128, 40, (len(labels), 32, 32, 3)) + (labels[:, None, None, None] - 4.5) * 12
+        )
         images = np.clip(np.rint(images), 0, 255).astype(np.uint8)
         part = slice(self.index * self.batch_size, (self.index + 1) * self.batch_size)
         self.step += 1
@@ -104,6 +113,7 @@ def wrap_pipeline(pipeline, on_batch) -> None:
 def poison_normalize(step_module) -> None:
     """Make `normalize` in the train step return NaN for a poisoned batch (uint8 can't hold NaN)."""
     import jax.numpy as jnp
+
     real = step_module.normalize
 
     def normalize(images, *args):
@@ -116,6 +126,7 @@ def poison_normalize(step_module) -> None:
 def after_checkpoint(step: int, action) -> None:
     """Run `action()` once the checkpoint of `step` is complete on disk."""
     from dpn_jax.train.checkpoints import Checkpoints
+
     save = Checkpoints.save
 
     def save_then_act(self, state, data_state, meta):
@@ -130,21 +141,28 @@ def after_checkpoint(step: int, action) -> None:
 def digest(tree) -> str:
     """A short hash of a tree's values (global arrays: this process's copy; or numpy)."""
     import jax
-    leaves = [np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
-              for leaf in jax.tree.leaves(tree)]
+
+    leaves = [
+        np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+        for leaf in jax.tree.leaves(tree)
+    ]
     return hashlib.sha256(b"".join(leaf.tobytes() for leaf in leaves)).hexdigest()[:16]
 
 
 def print_restored() -> None:
     from dpn_jax.train.checkpoints import Checkpoints
+
     restore = Checkpoints.restore_latest
 
     def restore_and_print(self, target):
         restored = restore(self, target)
         if restored is not None:
             state = restored[0]
-            print(f"RESTORED {int(np.asarray(state.step.addressable_data(0)))} "
-                  f"{digest(state.params)}", flush=True)
+            print(
+                f"RESTORED {int(np.asarray(state.step.addressable_data(0)))} "
+                f"{digest(state.params)}",
+                flush=True,
+            )
         return restored
 
     Checkpoints.restore_latest = restore_and_print
@@ -166,6 +184,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import jax
+
     if args.coordinator:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
@@ -177,6 +196,7 @@ def main() -> None:
         pipeline.train_batches = SyntheticBatches
     if args.poison_step is not None:
         from dpn_jax.train import step as step_module
+
         poison_normalize(step_module)
 
         def poison(number, batch):
@@ -185,6 +205,7 @@ def main() -> None:
 
         wrap_pipeline(pipeline, poison)
     if args.stall_data_after is not None:
+
         def stall(number, batch):
             if number > args.stall_data_after:
                 open(os.path.join(args.workdir, STALLED_MARKER), "w").close()
@@ -195,6 +216,7 @@ def main() -> None:
     if args.kill_after_checkpoint is not None:
         after_checkpoint(args.kill_after_checkpoint, lambda: os.kill(os.getpid(), signal.SIGKILL))
     if args.disk_full_after_checkpoint is not None:
+
         def fill_disk():  # no file may grow past the limit: writes fail as on a full disk
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (DISK_LIMIT_BYTES, DISK_LIMIT_BYTES))
@@ -205,7 +227,8 @@ def main() -> None:
 
     try:
         metrics = trainer.train_and_evaluate(
-            tiny_config(**{**WORKER_SETTINGS, **args.overrides}), args.workdir)
+            tiny_config(**{**WORKER_SETTINGS, **args.overrides}), args.workdir
+        )
     except DpnJaxError as error:  # as train.py reports it
         print(f"train_worker: error: {error}", file=sys.stderr)
         sys.exit(1)

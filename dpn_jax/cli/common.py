@@ -5,6 +5,7 @@ exit status 1. Any other exception is a bug in dpn_jax and keeps its traceback. 
 from files - class names, tensor names, file names - may hold terminal control sequences
 (`"\\x1b]0;owned\\x07"` retitles a terminal); `printable` shows them escaped instead.
 """
+
 from __future__ import annotations
 
 import sys

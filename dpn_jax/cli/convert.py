@@ -9,6 +9,7 @@ so a pickle cannot run code), training checkpoints (`state_dict` / `state_dict_e
 DDP `module.` prefixes), Cadene `pretrainedmodels` names, and hub repos (`timm/dpn92.mx_in1k`,
 `hf-hub:owner/repo`, cached by huggingface_hub and usable offline with `HF_HUB_OFFLINE=1`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,32 +34,59 @@ VERIFY_BATCH = 2
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dpn-convert", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("src", help="checkpoint file, hub repo (timm/<tag>, hf-hub:owner/name) or "
-                        "pretrained tag; with --to-torch, a dpn_jax model directory")
-    parser.add_argument("--output", "-o", help="model directory to write (must not exist, see "
-                        "--overwrite)")
-    parser.add_argument("--model", help="architecture or tag (dpn92, dpn68b.ra_in1k); default: "
-                        "detected from the tensor shapes (hub repos named after a tag: that tag)")
-    parser.add_argument("--num-classes", type=int, help="classifier size; if it differs from the "
-                        "checkpoint's, a fresh head is initialised for fine-tuning (0: no head)")
-    parser.add_argument("--ema", action="store_true",
-                        help="take the EMA weights of a training checkpoint")
-    parser.add_argument("--verify", action="store_true", help="compare with timm on a random batch "
-                        f"(needs torch + timm); fail above {VERIFY_TOLERANCE:g} relative difference")
-    parser.add_argument("--to-torch", metavar="OUT.safetensors",
-                        help="export the model directory SRC as a timm state dict instead")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output; "
-                        "only a model directory (or file) that dpn-convert wrote is replaced")
+        prog="dpn-convert",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument(
+        "src",
+        help="checkpoint file, hub repo (timm/<tag>, hf-hub:owner/name) or "
+        "pretrained tag; with --to-torch, a dpn_jax model directory",
+    )
+    parser.add_argument(
+        "--output", "-o", help="model directory to write (must not exist, see --overwrite)"
+    )
+    parser.add_argument(
+        "--model",
+        help="architecture or tag (dpn92, dpn68b.ra_in1k); default: "
+        "detected from the tensor shapes (hub repos named after a tag: that tag)",
+    )
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        help="classifier size; if it differs from the "
+        "checkpoint's, a fresh head is initialised for fine-tuning (0: no head)",
+    )
+    parser.add_argument(
+        "--ema", action="store_true", help="take the EMA weights of a training checkpoint"
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="compare with timm on a random batch "
+        f"(needs torch + timm); fail above {VERIFY_TOLERANCE:g} relative difference",
+    )
+    parser.add_argument(
+        "--to-torch",
+        metavar="OUT.safetensors",
+        help="export the model directory SRC as a timm state dict instead",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output; "
+        "only a model directory (or file) that dpn-convert wrote is replaced",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    conversion_flags = (args.output or args.model or args.num_classes is not None or args.ema
-                        or args.verify)
+    conversion_flags = (
+        args.output or args.model or args.num_classes is not None or args.ema or args.verify
+    )
     if args.to_torch and conversion_flags:
         parser.error("--to-torch takes only SRC (a model directory) and --overwrite")
     if not args.to_torch and not args.output:
@@ -73,22 +101,32 @@ def main(argv: list[str] | None = None) -> int:
 def convert(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     output = ModelDir.check_output(args.output, overwrite=args.overwrite)  # before the slow part
-    converted = convert_source(args.src, model=args.model, num_classes=args.num_classes, ema=args.ema)
+    converted = convert_source(
+        args.src, model=args.model, num_classes=args.num_classes, ema=args.ema
+    )
     model_dir = converted.model_dir
-    echo(f"{converted.source.name}: {_describe(model_dir)}, {len(converted.state_dict)} tensors, "
-         f"{_size(model_dir.variables)}")
+    echo(
+        f"{converted.source.name}: {_describe(model_dir)}, {len(converted.state_dict)} tensors, "
+        f"{_size(model_dir.variables)}"
+    )
     if converted.head_note:
         echo(converted.head_note)
     if args.verify:
         max_abs, relative = verify_against_timm(converted)
-        echo(f"verify: max abs diff {max_abs:.3g}, relative {relative:.3g} vs timm "
-             f"({'logits' if converted.head_note is None else 'pooled features: new head'})")
+        echo(
+            f"verify: max abs diff {max_abs:.3g}, relative {relative:.3g} vs timm "
+            f"({'logits' if converted.head_note is None else 'pooled features: new head'})"
+        )
         if not relative <= VERIFY_TOLERANCE:
-            raise ConversionError(f"relative difference {relative:.3g} to timm above "
-                                  f"{VERIFY_TOLERANCE:g}; nothing written")
+            raise ConversionError(
+                f"relative difference {relative:.3g} to timm above "
+                f"{VERIFY_TOLERANCE:g}; nothing written"
+            )
     model_dir.save(output, overwrite=args.overwrite)
-    echo(f"wrote {output} in {time.perf_counter() - start:.1f} s "
-         f"(source sha256 {model_dir.sha256[:12]}...)")
+    echo(
+        f"wrote {output} in {time.perf_counter() - start:.1f} s "
+        f"(source sha256 {model_dir.sha256[:12]}...)"
+    )
     return 0
 
 
@@ -100,12 +138,16 @@ def export_to_torch(args: argparse.Namespace) -> int:
     state_dict = flax_to_timm(model_dir.variables, model_dir.architecture, **model_dir.model_kwargs)
     save_state_dict(out, state_dict, overwrite=args.overwrite)
     kwargs = "".join(f", {k}={v!r}" for k, v in model_dir.model_kwargs.items())
-    echo(f"{args.src}: {_describe(model_dir)}, {len(state_dict)} tensors, "
-         f"{_size(model_dir.variables)}")
-    echo(f"wrote {out} in {time.perf_counter() - start:.1f} s; load it with "
-         f"timm.create_model({model_dir.architecture!r}, "
-         f"num_classes={model_dir.num_classes}{kwargs})"
-         f".load_state_dict(safetensors.torch.load_file({str(out)!r}))")
+    echo(
+        f"{args.src}: {_describe(model_dir)}, {len(state_dict)} tensors, "
+        f"{_size(model_dir.variables)}"
+    )
+    echo(
+        f"wrote {out} in {time.perf_counter() - start:.1f} s; load it with "
+        f"timm.create_model({model_dir.architecture!r}, "
+        f"num_classes={model_dir.num_classes}{kwargs})"
+        f".load_state_dict(safetensors.torch.load_file({str(out)!r}))"
+    )
     return 0
 
 
@@ -128,16 +170,24 @@ def verify_against_timm(converted: Converted) -> tuple[float, float]:
     model_dir = converted.model_dir
     keep_head = converted.head_note is None
     num_classes = model_dir.num_classes if keep_head else 0
-    state_dict = {k: torch.from_numpy(np.asarray(v)) for k, v in converted.state_dict.items()
-                  if keep_head or not k.startswith("classifier.")}
-    reference = timm.create_model(model_dir.architecture, num_classes=num_classes,
-                                  **model_dir.model_kwargs).eval()
+    state_dict = {
+        k: torch.from_numpy(np.asarray(v))
+        for k, v in converted.state_dict.items()
+        if keep_head or not k.startswith("classifier.")
+    }
+    reference = timm.create_model(
+        model_dir.architecture, num_classes=num_classes, **model_dir.model_kwargs
+    ).eval()
     reference.load_state_dict(state_dict, strict=True)
     model = model_dir.build_model(num_classes=num_classes)
     variables = model_dir.variables if keep_head else replace_head(model_dir.variables, 0)
 
     height, width = model_dir.preprocessing.input_size
-    x = np.random.default_rng(0).standard_normal((VERIFY_BATCH, height, width, 3)).astype(np.float32)
+    x = (
+        np.random.default_rng(0)
+        .standard_normal((VERIFY_BATCH, height, width, 3))
+        .astype(np.float32)
+    )
     with torch.no_grad():
         expected = reference(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().astype(np.float64)
     actual = np.asarray(_forward(model, variables, x), np.float64)

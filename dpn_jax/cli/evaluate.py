@@ -4,6 +4,7 @@
         --data-dir ~/tensorflow_datasets --manual-dir ~/imagenet_tars
     dpn-evaluate --checkpoint runs/digits/model --dataset digits --json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,17 +24,28 @@ from dpn_jax.runtime.runner import PARALLELISMS
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="dpn-evaluate", description="Top-1 / top-5 accuracy and loss of a DPN checkpoint on a dataset.")
+        prog="dpn-evaluate",
+        description="Top-1 / top-5 accuracy and loss of a DPN checkpoint on a dataset.",
+    )
     add_model_arguments(parser)
-    parser.add_argument("--dataset", default="imagenet2012",
-                        help="imagenet2012, tfds:NAME, folder:PATH or digits")
+    parser.add_argument(
+        "--dataset", default="imagenet2012", help="imagenet2012, tfds:NAME, folder:PATH or digits"
+    )
     parser.add_argument("--data-dir", help="TFDS data directory")
-    parser.add_argument("--manual-dir",
-                        help="where the ILSVRC2012 tars are (imagenet2012 is prepared from them once)")
-    parser.add_argument("--split", help="evaluation split (default: the dataset's validation split)")
+    parser.add_argument(
+        "--manual-dir",
+        help="where the ILSVRC2012 tars are (imagenet2012 is prepared from them once)",
+    )
+    parser.add_argument(
+        "--split", help="evaluation split (default: the dataset's validation split)"
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="global batch size")
-    parser.add_argument("--parallelism", choices=PARALLELISMS, default="shard_map",
-                        help="how the batch is spread over the devices (same numbers either way)")
+    parser.add_argument(
+        "--parallelism",
+        choices=PARALLELISMS,
+        default="shard_map",
+        help="how the batch is spread over the devices (same numbers either way)",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -45,28 +57,52 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def evaluate_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     loaded = load_from_arguments(parser, args)
-    data_config = resolve_data_config(loaded.pretrained_cfg, img_size=args.img_size,
-                                      crop_pct=args.crop_pct, use_test_size=not args.use_train_size)
+    data_config = resolve_data_config(
+        loaded.pretrained_cfg,
+        img_size=args.img_size,
+        crop_pct=args.crop_pct,
+        use_test_size=not args.use_train_size,
+    )
     result, skipped = evaluate_dataset(
-        loaded.model, loaded.variables, args.dataset, data_config, batch_size=args.batch_size,
-        data_dir=args.data_dir, manual_dir=args.manual_dir, split=args.split,
-        parallelism=args.parallelism, progress=not args.no_progress)
-    results = {"model": loaded.name, "dataset": args.dataset, "top1": result.top1,
-               "top5": result.top5, "loss": result.loss, "count": result.count,
-               "skipped": skipped, "img_per_sec": result.img_per_sec, "seconds": result.seconds,
-               "img_size": data_config.image_size, "crop_pct": data_config.crop_pct,
-               "interpolation": data_config.interpolation}
+        loaded.model,
+        loaded.variables,
+        args.dataset,
+        data_config,
+        batch_size=args.batch_size,
+        data_dir=args.data_dir,
+        manual_dir=args.manual_dir,
+        split=args.split,
+        parallelism=args.parallelism,
+        progress=not args.no_progress,
+    )
+    results = {
+        "model": loaded.name,
+        "dataset": args.dataset,
+        "top1": result.top1,
+        "top5": result.top5,
+        "loss": result.loss,
+        "count": result.count,
+        "skipped": skipped,
+        "img_per_sec": result.img_per_sec,
+        "seconds": result.seconds,
+        "img_size": data_config.image_size,
+        "crop_pct": data_config.crop_pct,
+        "interpolation": data_config.interpolation,
+    }
     if jax.process_index() == 0:
         if args.json:  # fractions, for programs
             print(json.dumps(results, indent=2))
         else:  # percent, for people
-            echo(f"{loaded.name} on {args.dataset}: top-1 {100 * result.top1:.3f}%  "
-                 f"top-5 {100 * result.top5:.3f}%  loss {result.loss:.4f}  "
-                 f"({result.count} images, {result.img_per_sec:.1f} img/s, "
-                 f"{data_config.image_size}px crop {data_config.crop_pct})")
+            echo(
+                f"{loaded.name} on {args.dataset}: top-1 {100 * result.top1:.3f}%  "
+                f"top-5 {100 * result.top5:.3f}%  loss {result.loss:.4f}  "
+                f"({result.count} images, {result.img_per_sec:.1f} img/s, "
+                f"{data_config.image_size}px crop {data_config.crop_pct})"
+            )
         if skipped:
-            print(f"dpn-evaluate: warning: {skipped} undecodable images were skipped",
-                  file=sys.stderr)
+            print(
+                f"dpn-evaluate: warning: {skipped} undecodable images were skipped", file=sys.stderr
+            )
     return 0
 
 

@@ -7,6 +7,7 @@
 The output is a directory: the artifact (model.stablehlo, model.onnx or saved_model/),
 serving.json (preprocessing, inputs and outputs, class names) and dpn-export's manifest.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,37 +37,71 @@ def _batch_size(text: str) -> int | None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dpn-export", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("source", help="model directory (dpn-convert or train.py output), or "
-                                       "a model name or pretrained tag such as dpn92.mx_in1k")
+        prog="dpn-export",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument(
+        "source",
+        help="model directory (dpn-convert or train.py output), or "
+        "a model name or pretrained tag such as dpn92.mx_in1k",
+    )
     parser.add_argument("--format", required=True, metavar="{" + ",".join(FORMATS) + "}")
-    parser.add_argument("--output", "-o", required=True,
-                        help="directory to write (must not exist, see --overwrite)")
-    parser.add_argument("--batch-size", type=_batch_size, default=None, metavar="N|dynamic",
-                        help="batch dimension of the graph (default: dynamic)")
-    parser.add_argument("--img-size", type=int,
-                        help="input size (default: the checkpoint's test-time size)")
-    parser.add_argument("--crop-pct", type=float,
-                        help="center-crop fraction recorded for preprocessing (default: the "
-                             "checkpoint's)")
-    parser.add_argument("--use-train-size", action="store_true",
-                        help="ignore the config's test-time size/crop (as timm's scripts)")
-    parser.add_argument("--dtype", default="float32", metavar="{" + ",".join(DTYPES) + "}",
-                        help="compute dtype; inputs and outputs are float32 (default float32)")
-    parser.add_argument("--softmax", action="store_true",
-                        help="end the graph with a softmax: probabilities instead of logits")
-    parser.add_argument("--platforms", default=",".join(DEFAULT_PLATFORMS),
-                        help="stablehlo/savedmodel: comma-separated platforms the artifact runs "
-                             "on (default %(default)s)")
-    parser.add_argument("--conv-lowering", metavar="{" + ",".join(CONV_LOWERINGS) + "}",
-                        help="how convolutions lower: xla (stablehlo/savedmodel default: per "
-                             "backend, no custom calls), native (one convolution op everywhere; "
-                             "onnx's only one, what TFLite needs), kernels (stablehlo with "
-                             "--platforms cpu: dpn_jax's CPU kernels, loading needs dpn_jax)")
+    parser.add_argument(
+        "--output", "-o", required=True, help="directory to write (must not exist, see --overwrite)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=None,
+        metavar="N|dynamic",
+        help="batch dimension of the graph (default: dynamic)",
+    )
+    parser.add_argument(
+        "--img-size", type=int, help="input size (default: the checkpoint's test-time size)"
+    )
+    parser.add_argument(
+        "--crop-pct",
+        type=float,
+        help="center-crop fraction recorded for preprocessing (default: the checkpoint's)",
+    )
+    parser.add_argument(
+        "--use-train-size",
+        action="store_true",
+        help="ignore the config's test-time size/crop (as timm's scripts)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        metavar="{" + ",".join(DTYPES) + "}",
+        help="compute dtype; inputs and outputs are float32 (default float32)",
+    )
+    parser.add_argument(
+        "--softmax",
+        action="store_true",
+        help="end the graph with a softmax: probabilities instead of logits",
+    )
+    parser.add_argument(
+        "--platforms",
+        default=",".join(DEFAULT_PLATFORMS),
+        help="stablehlo/savedmodel: comma-separated platforms the artifact runs "
+        "on (default %(default)s)",
+    )
+    parser.add_argument(
+        "--conv-lowering",
+        metavar="{" + ",".join(CONV_LOWERINGS) + "}",
+        help="how convolutions lower: xla (stablehlo/savedmodel default: per "
+        "backend, no custom calls), native (one convolution op everywhere; "
+        "onnx's only one, what TFLite needs), kernels (stablehlo with "
+        "--platforms cpu: dpn_jax's CPU kernels, loading needs dpn_jax)",
+    )
     parser.add_argument("--opset", type=int, help=f"onnx opset (default {DEFAULT_OPSET})")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace OUTPUT if it is an earlier dpn-export output")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUTPUT if it is an earlier dpn-export output",
+    )
     return parser
 
 
@@ -77,13 +112,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.opset is not None and args.format != "onnx":
             raise ConfigError(f"--opset applies to --format onnx, not {args.format}")
         options = ExportOptions(
-            batch_size=args.batch_size, img_size=args.img_size, crop_pct=args.crop_pct,
-            use_test_size=not args.use_train_size, dtype=args.dtype, softmax=args.softmax,
+            batch_size=args.batch_size,
+            img_size=args.img_size,
+            crop_pct=args.crop_pct,
+            use_test_size=not args.use_train_size,
+            dtype=args.dtype,
+            softmax=args.softmax,
             platforms=tuple(p.strip() for p in args.platforms.split(",") if p.strip()),
             conv_lowering=args.conv_lowering,
-            opset=DEFAULT_OPSET if args.opset is None else args.opset)
-        export_model(args.source, args.format, args.output, options, overwrite=args.overwrite,
-                     log=print)
+            opset=DEFAULT_OPSET if args.opset is None else args.opset,
+        )
+        export_model(
+            args.source, args.format, args.output, options, overwrite=args.overwrite, log=print
+        )
     except DpnJaxError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 1

@@ -1,8 +1,9 @@
 """`dpn-predict`: top-k classes of images with a converted, fine-tuned or pretrained DPN.
 
-    dpn-predict --model dpn68b.ra_in1k --pretrained photos/ cat.jpg --top-k 5 --json
-    dpn-predict --checkpoint runs/digits/model photos/
+dpn-predict --model dpn68b.ra_in1k --pretrained photos/ cat.jpg --top-k 5 --json
+dpn-predict --checkpoint runs/digits/model photos/
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,16 +25,29 @@ from dpn_jax.runtime.compilation_cache import enable_compilation_cache
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by `dpn-predict` and `dpn-evaluate`: which weights, which preprocessing."""
-    parser.add_argument("--model", help="architecture or pretrained tag, e.g. dpn92.mx_in1k "
-                                        "(with --checkpoint: optional, checked against it)")
+    parser.add_argument(
+        "--model",
+        help="architecture or pretrained tag, e.g. dpn92.mx_in1k "
+        "(with --checkpoint: optional, checked against it)",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", metavar="DIR", help="converted or fine-tuned model directory")
-    source.add_argument("--pretrained", action="store_true",
-                        help="timm's published weights for --model (downloaded once, cached)")
+    source.add_argument(
+        "--checkpoint", metavar="DIR", help="converted or fine-tuned model directory"
+    )
+    source.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="timm's published weights for --model (downloaded once, cached)",
+    )
     parser.add_argument("--img-size", type=int, help="input size (default: the checkpoint's)")
-    parser.add_argument("--crop-pct", type=float, help="center-crop fraction (default: the checkpoint's)")
-    parser.add_argument("--use-train-size", action="store_true",
-                        help="ignore the config's test-time size/crop (as timm's scripts)")
+    parser.add_argument(
+        "--crop-pct", type=float, help="center-crop fraction (default: the checkpoint's)"
+    )
+    parser.add_argument(
+        "--use-train-size",
+        action="store_true",
+        help="ignore the config's test-time size/crop (as timm's scripts)",
+    )
 
 
 def load_from_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> LoadedModel:
@@ -55,7 +69,9 @@ def format_table(file: str, top_k: list[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="dpn-predict", description="Top-k ImageNet (or fine-tuned) classes of images with a DPN.")
+        prog="dpn-predict",
+        description="Top-k ImageNet (or fine-tuned) classes of images with a DPN.",
+    )
     add_model_arguments(parser)
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -70,8 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def predict(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     predictor = Predictor.from_loaded(
-        load_from_arguments(parser, args), img_size=args.img_size, crop_pct=args.crop_pct,
-        use_test_size=not args.use_train_size, batch_size=args.batch_size)
+        load_from_arguments(parser, args),
+        img_size=args.img_size,
+        crop_pct=args.crop_pct,
+        use_test_size=not args.use_train_size,
+        batch_size=args.batch_size,
+    )
     results, failures = [], 0
     for result in predictor.predict_files(expand_inputs(args.inputs), args.top_k):
         if result.error:

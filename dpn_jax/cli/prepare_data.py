@@ -9,6 +9,7 @@ ArrayRecord, which training and evaluation read with random access and without T
 This step needs TensorFlow: pip install 'dpn_jax[prepare]'. `digits` and `folder:PATH` need no
 preparing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,22 +21,34 @@ from dpn_jax.cli.common import echo, run_command
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="dpn-prepare-data", description=__doc__.splitlines()[0].split(": ", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+        prog="dpn-prepare-data",
+        description=__doc__.splitlines()[0].split(": ", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     parser.add_argument("dataset", help="imagenet2012 or tfds:NAME")
-    parser.add_argument("--data-dir", help="TFDS data directory (default: TFDS's, "
-                                           "~/tensorflow_datasets)")
+    parser.add_argument(
+        "--data-dir", help="TFDS data directory (default: TFDS's, ~/tensorflow_datasets)"
+    )
     parser.add_argument("--download-dir", help="where downloads go (default: DATA_DIR/downloads)")
-    parser.add_argument("--manual-dir", help="where manually downloaded files are, e.g. the "
-                                             "ILSVRC2012 tars (default: DOWNLOAD_DIR/manual)")
+    parser.add_argument(
+        "--manual-dir",
+        help="where manually downloaded files are, e.g. the "
+        "ILSVRC2012 tars (default: DOWNLOAD_DIR/manual)",
+    )
     args = parser.parse_args(argv)
     return run_command(parser.prog, lambda: prepare_dataset(args))
 
 
 def prepare_dataset(args: argparse.Namespace) -> int:
     from dpn_jax.data.tfds_source import prepare
-    where = prepare(args.dataset, data_dir=args.data_dir, download_dir=args.download_dir,
-                    manual_dir=args.manual_dir)
+
+    where = prepare(
+        args.dataset,
+        data_dir=args.data_dir,
+        download_dir=args.download_dir,
+        manual_dir=args.manual_dir,
+    )
     echo(f"{args.dataset}: ArrayRecord in {where}")
     return 0
 

@@ -3,6 +3,7 @@
 Upsampled to 64x64 RGB PNGs so they flow through the same decode/augment code as photos.
 The train/validation split is fixed: a seed-0 permutation, the last 360 (20%) for validation.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,10 +26,14 @@ def _encoded_splits() -> dict[str, InMemoryRecords]:
     digits = sklearn.datasets.load_digits()
     order = np.random.RandomState(0).permutation(len(digits.images))
     splits = {"train": order[:-NUM_VALIDATION], "validation": order[-NUM_VALIDATION:]}
-    return {name: InMemoryRecords([_to_png(digits.images[i]) for i in indices],
-                                  [int(digits.target[i]) for i in indices],
-                                  [f"digits/{i}" for i in indices])
-            for name, indices in splits.items()}
+    return {
+        name: InMemoryRecords(
+            [_to_png(digits.images[i]) for i in indices],
+            [int(digits.target[i]) for i in indices],
+            [f"digits/{i}" for i in indices],
+        )
+        for name, indices in splits.items()
+    }
 
 
 def _to_png(pixels_0_16: np.ndarray) -> bytes:

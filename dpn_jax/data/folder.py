@@ -4,6 +4,7 @@ Classes are the sorted union of class folder names over all splits, so labels ag
 splits. Files are listed in sorted order; a file is read only when its record is indexed, and
 corrupt files are found (and skipped) when decoded.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,8 +42,11 @@ class FolderDataset:
             raise DataError(f"folder dataset {root!r}: no such directory")
         self.spec = f"folder:{root}"
         self.root = root
-        splits = {name: self._class_dirs(name) for name in sorted(os.listdir(root))
-                  if os.path.isdir(os.path.join(root, name))}
+        splits = {
+            name: self._class_dirs(name)
+            for name in sorted(os.listdir(root))
+            if os.path.isdir(os.path.join(root, name))
+        }
         self.splits = {name: classes for name, classes in splits.items() if classes}
         if not self.splits:
             raise DataError(f"folder dataset {root!r}: expected {root}/<split>/<class>/<image>")
@@ -54,8 +58,10 @@ class FolderDataset:
         for name in EVAL_SPLIT_NAMES:
             if name in self.splits:
                 return name
-        raise DataError(f"folder dataset {self.root!r} has no {'/'.join(EVAL_SPLIT_NAMES)} "
-                        f"split (has {sorted(self.splits)}); pass eval_split")
+        raise DataError(
+            f"folder dataset {self.root!r} has no {'/'.join(EVAL_SPLIT_NAMES)} "
+            f"split (has {sorted(self.splits)}); pass eval_split"
+        )
 
     def _class_dirs(self, split: str) -> list[str]:
         split_dir = os.path.join(self.root, split)
@@ -63,8 +69,9 @@ class FolderDataset:
 
     def records(self, split: str) -> FileRecords:
         if split not in self.splits:
-            raise DataError(f"folder dataset {self.root!r} has splits {sorted(self.splits)}, "
-                            f"not {split!r}")
+            raise DataError(
+                f"folder dataset {self.root!r} has splits {sorted(self.splits)}, not {split!r}"
+            )
         if split not in self._records:
             paths, labels = [], []
             for label, name in enumerate(self.class_names):
@@ -76,8 +83,10 @@ class FolderDataset:
                         paths.append(os.path.join(class_dir, file))
                         labels.append(label)
             if not paths:
-                raise DataError(f"folder dataset {self.root!r}: no "
-                                f"{'/'.join(IMAGE_EXTENSIONS)} images under split {split!r}")
+                raise DataError(
+                    f"folder dataset {self.root!r}: no "
+                    f"{'/'.join(IMAGE_EXTENSIONS)} images under split {split!r}"
+                )
             self._records[split] = FileRecords(paths, labels)
         return self._records[split]
 

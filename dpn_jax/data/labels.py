@@ -1,10 +1,11 @@
 """Human-readable class labels: ImageNet-1k (shipped with the package) or a checkpoint's own."""
+
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
-from collections.abc import Sequence
 
 IMAGENET_NUM_CLASSES = 1000
 

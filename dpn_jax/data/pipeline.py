@@ -22,6 +22,7 @@ Evaluation (`eval_batches`): timm's eval transform (`transforms.eval_crop`) over
 process's shard, padded to ceil(largest shard / batch) batches so every process runs the same
 number; padding and undecodable images carry mask False.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -68,8 +69,14 @@ class DatasetInfo:
     num_eval_examples: int
 
 
-def dataset_info(spec: str, *, data_dir: str | None = None, train_split: str = "train",
-                 eval_split: str | None = None, manual_dir: str | None = None) -> DatasetInfo:
+def dataset_info(
+    spec: str,
+    *,
+    data_dir: str | None = None,
+    train_split: str = "train",
+    eval_split: str | None = None,
+    manual_dir: str | None = None,
+) -> DatasetInfo:
     """Classes and split sizes of a dataset spec; DataError (one line) if it cannot be read."""
     dataset = open_dataset(spec, data_dir=data_dir, manual_dir=manual_dir)
     try:
@@ -77,15 +84,29 @@ def dataset_info(spec: str, *, data_dir: str | None = None, train_split: str = "
     except DataError:  # no such split: an evaluation-only dataset
         num_train = 0
     num_eval = dataset.num_examples(eval_split or dataset.default_eval_split)
-    return DatasetInfo(num_classes=len(dataset.class_names), class_names=dataset.class_names,
-                       num_train_examples=num_train, num_eval_examples=num_eval)
+    return DatasetInfo(
+        num_classes=len(dataset.class_names),
+        class_names=dataset.class_names,
+        num_train_examples=num_train,
+        num_eval_examples=num_eval,
+    )
 
 
-def train_batches(spec: str, *, batch_size: int, image_size: int | Sequence[int],
-                  interpolation: str, seed: int, data_dir: str | None = None,
-                  train_split: str = "train", process_index: int | None = None,
-                  process_count: int | None = None, num_workers: int = 0,
-                  manual_dir: str | None = None, start_batch: int = 0) -> TrainBatches:
+def train_batches(
+    spec: str,
+    *,
+    batch_size: int,
+    image_size: int | Sequence[int],
+    interpolation: str,
+    seed: int,
+    data_dir: str | None = None,
+    train_split: str = "train",
+    process_index: int | None = None,
+    process_count: int | None = None,
+    num_workers: int = 0,
+    manual_dir: str | None = None,
+    start_batch: int = 0,
+) -> TrainBatches:
     """Endless {"image": uint8 [batch_size, H, W, 3], "label": int32 [batch_size]} batches of
     this process's shard (see the module docstring); `get_state()` / `set_state()` resume.
 
@@ -98,26 +119,50 @@ def train_batches(spec: str, *, batch_size: int, image_size: int | Sequence[int]
     dataset = open_dataset(spec, data_dir=data_dir, manual_dir=manual_dir)
     shard, split_size = _shard(dataset, train_split, process_index, process_count)
     if len(shard) == 0:
-        raise DataError(f"{spec} {train_split}: {split_size} examples leave none for process "
-                        f"{process_index} of {process_count}")
+        raise DataError(
+            f"{spec} {train_split}: {split_size} examples leave none for process "
+            f"{process_index} of {process_count}"
+        )
     seed_words = (seed, process_index)
     stream = shard.shuffle(seed=_grain_seed(seed_words)).repeat()
-    examples = grain.MapDataset.range(len(stream)).map(_TrainExample(
-        stream, seed_words, image_size=size_pair(image_size), interpolation=interpolation,
-        what=f"{spec} {train_split}"))
-    fingerprint = {"seed": int(seed), "process_count": int(process_count),
-                   "batch_size": int(batch_size), "split_size": int(split_size)}
-    batches = TrainBatches(examples.batch(batch_size, drop_remainder=True, batch_fn=_collate),
-                           fingerprint=fingerprint, num_workers=num_workers)
+    examples = grain.MapDataset.range(len(stream)).map(
+        _TrainExample(
+            stream,
+            seed_words,
+            image_size=size_pair(image_size),
+            interpolation=interpolation,
+            what=f"{spec} {train_split}",
+        )
+    )
+    fingerprint = {
+        "seed": int(seed),
+        "process_count": int(process_count),
+        "batch_size": int(batch_size),
+        "split_size": int(split_size),
+    }
+    batches = TrainBatches(
+        examples.batch(batch_size, drop_remainder=True, batch_fn=_collate),
+        fingerprint=fingerprint,
+        num_workers=num_workers,
+    )
     batches.set_state({**fingerprint, "next_batch": start_batch})
     return batches
 
 
-def eval_batches(spec: str, *, batch_size: int, image_size: int | Sequence[int],
-                 crop_pct: float, interpolation: str, data_dir: str | None = None,
-                 eval_split: str | None = None, process_index: int | None = None,
-                 process_count: int | None = None, num_workers: int = 0,
-                 manual_dir: str | None = None) -> Iterator[Batch]:
+def eval_batches(
+    spec: str,
+    *,
+    batch_size: int,
+    image_size: int | Sequence[int],
+    crop_pct: float,
+    interpolation: str,
+    data_dir: str | None = None,
+    eval_split: str | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    num_workers: int = 0,
+    manual_dir: str | None = None,
+) -> Iterator[Batch]:
     """One pass over this process's shard: {"image": uint8, "label": int32, "mask": bool}.
 
     Every process yields ceil(largest shard / batch_size) batches, so collectives stay in step;
@@ -131,10 +176,14 @@ def eval_batches(spec: str, *, batch_size: int, image_size: int | Sequence[int],
     split = eval_split or dataset.default_eval_split
     shard, split_size = _shard(dataset, split, process_index, process_count)
     num_batches = math.ceil(math.ceil(split_size / process_count) / batch_size)
-    transform = _EvalExample(shard, image_size=size_pair(image_size), crop_pct=crop_pct,
-                             interpolation=interpolation)
-    batches = (grain.MapDataset.range(num_batches * batch_size).map(transform)
-               .batch(batch_size, batch_fn=_collate))
+    transform = _EvalExample(
+        shard, image_size=size_pair(image_size), crop_pct=crop_pct, interpolation=interpolation
+    )
+    batches = (
+        grain.MapDataset.range(num_batches * batch_size)
+        .map(transform)
+        .batch(batch_size, batch_fn=_collate)
+    )
     return _reported_eval_batches(_iterate(batches, num_workers), len(shard), f"{spec} {split}")
 
 
@@ -147,8 +196,9 @@ class TrainBatches(grain.DatasetIterator):
     The state is the same on every process, so one process's saved state restores them all.
     """
 
-    def __init__(self, batches: grain.MapDataset, *, fingerprint: dict[str, int],
-                 num_workers: int = 0):
+    def __init__(
+        self, batches: grain.MapDataset, *, fingerprint: dict[str, int], num_workers: int = 0
+    ):
         super().__init__()
         self._batches, self._fingerprint, self._num_workers = batches, fingerprint, num_workers
         self._next_batch = 0
@@ -158,7 +208,7 @@ class TrainBatches(grain.DatasetIterator):
     def __next__(self) -> Batch:
         self._assert_not_closed()
         if self._iterator is None:
-            self._iterator = _iterate(self._batches[self._next_batch:], self._num_workers)
+            self._iterator = _iterate(self._batches[self._next_batch :], self._num_workers)
         batch = next(self._iterator)
         self._next_batch += 1
         self._report(batch.pop("skipped"))
@@ -170,10 +220,15 @@ class TrainBatches(grain.DatasetIterator):
     def set_state(self, state: dict[str, Any]) -> None:
         saved = {key: state.get(key) for key in self._fingerprint}
         if saved != self._fingerprint:
-            differ = ", ".join(f"{key} {saved[key]} (now {value})"
-                               for key, value in self._fingerprint.items() if saved[key] != value)
-            raise DataError(f"the saved input state is from another training stream ({differ}); "
-                            "it cannot resume exactly")
+            differ = ", ".join(
+                f"{key} {saved[key]} (now {value})"
+                for key, value in self._fingerprint.items()
+                if saved[key] != value
+            )
+            raise DataError(
+                f"the saved input state is from another training stream ({differ}); "
+                "it cannot resume exactly"
+            )
         next_batch = state.get("next_batch")
         if not isinstance(next_batch, (int, np.integer)) or next_batch < 0:
             raise DataError(f"input state: next_batch must be an integer >= 0, got {next_batch!r}")
@@ -195,11 +250,19 @@ class TrainBatches(grain.DatasetIterator):
 
 # ------------------------------------------------------------------ per example (in workers)
 
+
 class _TrainExample:
     """Stream index -> augmented example; an undecodable image is replaced by the next one."""
 
-    def __init__(self, stream: grain.MapDataset, seed_words: tuple[int, int], *,
-                 image_size: tuple[int, int], interpolation: str, what: str):
+    def __init__(
+        self,
+        stream: grain.MapDataset,
+        seed_words: tuple[int, int],
+        *,
+        image_size: tuple[int, int],
+        interpolation: str,
+        what: str,
+    ):
         self.stream, self.seed_words, self.what = stream, seed_words, what
         self.image_size, self.interpolation = image_size, interpolation
 
@@ -213,19 +276,28 @@ class _TrainExample:
             except UndecodableImage as error:
                 skipped.append((error.name, error.why))
                 continue
-            pixels = train_crop(image, image_size=self.image_size,
-                                interpolation=self.interpolation, rng=rng)
+            pixels = train_crop(
+                image, image_size=self.image_size, interpolation=self.interpolation, rng=rng
+            )
             return {"image": pixels, "label": np.int32(record["label"]), "skipped": skipped}
         name, why = skipped[-1]
-        raise DataError(f"{self.what}: no training image decodes ({len(skipped)} tried in a row, "
-                        f"{len(set(skipped))} files; the last, {name}: {why})")
+        raise DataError(
+            f"{self.what}: no training image decodes ({len(skipped)} tried in a row, "
+            f"{len(set(skipped))} files; the last, {name}: {why})"
+        )
 
 
 class _EvalExample:
     """Shard index -> eval-transformed example; past the shard (padding) or undecodable: masked."""
 
-    def __init__(self, shard: grain.MapDataset, *, image_size: tuple[int, int], crop_pct: float,
-                 interpolation: str):
+    def __init__(
+        self,
+        shard: grain.MapDataset,
+        *,
+        image_size: tuple[int, int],
+        crop_pct: float,
+        interpolation: str,
+    ):
         self.shard, self.image_size = shard, image_size
         self.crop_pct, self.interpolation = crop_pct, interpolation
 
@@ -235,25 +307,41 @@ class _EvalExample:
             record = self.shard[index]
             try:
                 image = decode_image(record["image"], record["name"])
-                pixels = eval_crop(image, image_size=self.image_size, crop_pct=self.crop_pct,
-                                   interpolation=self.interpolation)
-                return {"image": pixels, "label": np.int32(record["label"]),
-                        "mask": np.bool_(True), "skipped": skipped}
+                pixels = eval_crop(
+                    image,
+                    image_size=self.image_size,
+                    crop_pct=self.crop_pct,
+                    interpolation=self.interpolation,
+                )
+                return {
+                    "image": pixels,
+                    "label": np.int32(record["label"]),
+                    "mask": np.bool_(True),
+                    "skipped": skipped,
+                }
             except UndecodableImage as error:
                 skipped.append((error.name, error.why))
-        return {"image": np.zeros((*self.image_size, 3), np.uint8), "label": np.int32(0),
-                "mask": np.bool_(False), "skipped": skipped}
+        return {
+            "image": np.zeros((*self.image_size, 3), np.uint8),
+            "label": np.int32(0),
+            "mask": np.bool_(False),
+            "skipped": skipped,
+        }
 
 
 def _collate(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stack arrays along a new batch axis; concatenate the examples' lists of skipped images."""
-    batch = {key: np.stack([example[key] for example in examples])
-             for key in examples[0] if key != "skipped"}
+    batch = {
+        key: np.stack([example[key] for example in examples])
+        for key in examples[0]
+        if key != "skipped"
+    }
     batch["skipped"] = [entry for example in examples for entry in example["skipped"]]
     return batch
 
 
 # ------------------------------------------------------------------------------ in this process
+
 
 class _SkipReport:
     """Names each undecodable image once, with a running count."""
@@ -265,12 +353,14 @@ class _SkipReport:
         for name, why in skipped:
             if name not in self.names:
                 self.names.add(name)
-                log.warning("skipping undecodable image %s (%d so far): %s", name,
-                            len(self.names), why)
+                log.warning(
+                    "skipping undecodable image %s (%d so far): %s", name, len(self.names), why
+                )
 
 
-def _reported_eval_batches(batches: Iterator[dict[str, Any]], num_examples: int,
-                           what: str) -> Iterator[Batch]:
+def _reported_eval_batches(
+    batches: Iterator[dict[str, Any]], num_examples: int, what: str
+) -> Iterator[Batch]:
     report = _SkipReport()
     try:
         for batch in batches:
@@ -279,8 +369,12 @@ def _reported_eval_batches(batches: Iterator[dict[str, Any]], num_examples: int,
     finally:
         batches.close()
     if report.names:
-        log.warning("%s: skipped %d of %d images that could not be decoded (named above)",
-                    what, len(report.names), num_examples)
+        log.warning(
+            "%s: skipped %d of %d images that could not be decoded (named above)",
+            what,
+            len(report.names),
+            num_examples,
+        )
 
 
 def _iterate(batches: grain.MapDataset, num_workers: int) -> grain.DatasetIterator:
@@ -288,8 +382,9 @@ def _iterate(batches: grain.MapDataset, num_workers: int) -> grain.DatasetIterat
     if num_workers < 0:
         raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
     threads = THREADS_PER_WORKER if num_workers else len(os.sched_getaffinity(0))
-    dataset = batches.to_iter_dataset(grain.ReadOptions(num_threads=threads,
-                                                        prefetch_buffer_size=threads))
+    dataset = batches.to_iter_dataset(
+        grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads)
+    )
     if num_workers:
         if not absl.flags.FLAGS.is_parsed():  # grain's worker start reads its absl flags
             absl.flags.FLAGS.mark_as_parsed()
@@ -297,8 +392,9 @@ def _iterate(batches: grain.MapDataset, num_workers: int) -> grain.DatasetIterat
     return iter(dataset)
 
 
-def _shard(dataset: Dataset, split: str, process_index: int,
-           process_count: int) -> tuple[grain.MapDataset, int]:
+def _shard(
+    dataset: Dataset, split: str, process_index: int, process_count: int
+) -> tuple[grain.MapDataset, int]:
     """This process's contiguous slice of a split, and the split's size."""
     records: RecordSource = dataset.records(split)
     start, end = even_shard_bounds(len(records), process_index, process_count)
@@ -318,9 +414,9 @@ def _check_batch_size(batch_size: int) -> None:
 def _topology(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     if process_index is None or process_count is None:
         import jax
+
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
         raise ConfigError(f"process_index {process_index} not in [0, {process_count})")
     return process_index, process_count
-

@@ -6,6 +6,7 @@ label and a name for messages (a path, a file name). Records are read only when 
 pipeline that starts at example k reads nothing before it. Decoding, augmentation and batching
 are the pipeline's business. Nothing here imports TensorFlow.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -38,8 +39,9 @@ class Dataset(Protocol):
     def records(self, split: str) -> RecordSource: ...
 
 
-def open_dataset(spec: str, *, data_dir: str | None = None,
-                 manual_dir: str | None = None) -> Dataset:
+def open_dataset(
+    spec: str, *, data_dir: str | None = None, manual_dir: str | None = None
+) -> Dataset:
     """The dataset for a spec string (see the module docstring); DataError if it cannot be used.
 
     `manual_dir` only completes the `dpn-prepare-data` command suggested for an unprepared
@@ -48,12 +50,15 @@ def open_dataset(spec: str, *, data_dir: str | None = None,
     kind, _, arg = spec.partition(":")
     if spec == "digits":
         from dpn_jax.data.digits import DigitsDataset
+
         return DigitsDataset()
     if spec == "imagenet2012" or (kind == "tfds" and arg):
         from dpn_jax.data.tfds_source import TfdsDataset
+
         return TfdsDataset(arg or spec, spec=spec, data_dir=data_dir, manual_dir=manual_dir)
     if kind == "folder" and arg:
         from dpn_jax.data.folder import FolderDataset
+
         return FolderDataset(arg)
     raise DataError(f"unknown dataset spec {spec!r}; expected {SPEC_FORMS}")
 

@@ -11,6 +11,7 @@ Training: `train_crop` is timm's `RandomResizedCropAndInterpolation` (scale, rat
 then the centre fallback) followed by `RandomHorizontalFlip`, drawing from a NumPy generator the
 caller seeds per example; for a given window it is torchvision's `resized_crop` bit for bit.
 """
+
 from __future__ import annotations
 
 import io
@@ -56,8 +57,9 @@ class UndecodableImage(DataError):
         return type(self), (self.name, self.why)
 
 
-def load_image(path_or_file: str | os.PathLike | BinaryIO,
-               max_pixels: int = MAX_DECODE_PIXELS) -> Image.Image:
+def load_image(
+    path_or_file: str | os.PathLike | BinaryIO, max_pixels: int = MAX_DECODE_PIXELS
+) -> Image.Image:
     """Open an image as 8-bit RGB the way timm does (`convert('RGB')`), EXIF orientation applied.
 
     16-bit grayscale is scaled to 8 bit (Pillow's convert would clip it); alpha is dropped.
@@ -74,8 +76,10 @@ def load_image(path_or_file: str | os.PathLike | BinaryIO,
         if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:
             # Pillow only warns here; a check, not warnings.catch_warnings, which would change
             # the process's warning filters under the pipeline's other decoding threads.
-            raise ValueError(f"{image.width}x{image.height} pixels exceeds the "
-                             f"decompression-bomb limit of {Image.MAX_IMAGE_PIXELS}")
+            raise ValueError(
+                f"{image.width}x{image.height} pixels exceeds the "
+                f"decompression-bomb limit of {Image.MAX_IMAGE_PIXELS}"
+            )
         if image.format == "JPEG" and pixels > max_pixels:
             scale = math.sqrt(pixels / max_pixels)
             image.draft("RGB", (int(image.width / scale), int(image.height / scale)))
@@ -119,12 +123,14 @@ def size_pair(size: int | Sequence[int]) -> tuple[int, int]:
 def pil_filter(interpolation: str) -> Image.Resampling:
     """The Pillow filter for one of timm's interpolation names."""
     if interpolation not in PIL_INTERPOLATION:
-        raise ConfigError(f"interpolation {interpolation!r} is not one of "
-                          f"{sorted(PIL_INTERPOLATION)}")
+        raise ConfigError(
+            f"interpolation {interpolation!r} is not one of {sorted(PIL_INTERPOLATION)}"
+        )
     return PIL_INTERPOLATION[interpolation]
 
 
 # ---------------------------------------------------------------------------------- evaluation
+
 
 def check_eval_settings(crop_pct: float, interpolation: str) -> None:
     """ConfigError unless crop_pct is in (0, 1] and interpolation is one of timm's names."""
@@ -133,8 +139,9 @@ def check_eval_settings(crop_pct: float, interpolation: str) -> None:
         raise ConfigError(f"crop_pct must be in (0, 1], got {crop_pct}")
 
 
-def eval_resize_size(height: int, width: int, image_size: int | Sequence[int],
-                     crop_pct: float) -> tuple[int, int]:
+def eval_resize_size(
+    height: int, width: int, image_size: int | Sequence[int], crop_pct: float
+) -> tuple[int, int]:
     """(height, width) that timm resizes an image to before the center crop.
 
     Square targets: shorter side -> floor(size / crop_pct), longer side truncated in proportion
@@ -150,8 +157,13 @@ def eval_resize_size(height: int, width: int, image_size: int | Sequence[int],
     return round(height / ratio), round(width / ratio)
 
 
-def eval_crop(image: Image.Image, *, image_size: int | Sequence[int], crop_pct: float,
-              interpolation: str = "bicubic") -> np.ndarray:
+def eval_crop(
+    image: Image.Image,
+    *,
+    image_size: int | Sequence[int],
+    crop_pct: float,
+    interpolation: str = "bicubic",
+) -> np.ndarray:
     """timm's eval transform up to `ToTensor`: resize, center crop -> HWC uint8 array."""
     check_eval_settings(crop_pct, interpolation)
     new_h, new_w = eval_resize_size(image.height, image.width, image_size, crop_pct)
@@ -160,13 +172,17 @@ def eval_crop(image: Image.Image, *, image_size: int | Sequence[int], crop_pct: 
     return _center_crop(np.asarray(image.convert("RGB")), size_pair(image_size))
 
 
-def eval_transform(image: Image.Image, *, image_size: int | Sequence[int], crop_pct: float,
-                   interpolation: str = "bicubic",
-                   mean: Sequence[float] = (0.485, 0.456, 0.406),
-                   std: Sequence[float] = (0.229, 0.224, 0.225)) -> np.ndarray:
+def eval_transform(
+    image: Image.Image,
+    *,
+    image_size: int | Sequence[int],
+    crop_pct: float,
+    interpolation: str = "bicubic",
+    mean: Sequence[float] = (0.485, 0.456, 0.406),
+    std: Sequence[float] = (0.229, 0.224, 0.225),
+) -> np.ndarray:
     """timm's whole eval transform (resize, center crop, /255, normalise) -> HWC float32 array."""
-    pixels = eval_crop(image, image_size=image_size, crop_pct=crop_pct,
-                       interpolation=interpolation)
+    pixels = eval_crop(image, image_size=image_size, crop_pct=crop_pct, interpolation=interpolation)
     scaled = pixels.astype(np.float32) / np.float32(255)
     return (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
@@ -177,19 +193,25 @@ def _center_crop(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     height, width = pixels.shape[:2]
     if crop_h > height or crop_w > width:
         pad_h, pad_w = max(crop_h - height, 0), max(crop_w - width, 0)
-        pixels = np.pad(pixels, ((pad_h // 2, (pad_h + 1) // 2), (pad_w // 2, (pad_w + 1) // 2),
-                                 (0, 0)))
+        pixels = np.pad(
+            pixels, ((pad_h // 2, (pad_h + 1) // 2), (pad_w // 2, (pad_w + 1) // 2), (0, 0))
+        )
         height, width = pixels.shape[:2]
     top, left = round((height - crop_h) / 2.0), round((width - crop_w) / 2.0)
-    return pixels[top:top + crop_h, left:left + crop_w]
+    return pixels[top : top + crop_h, left : left + crop_w]
 
 
 # ------------------------------------------------------------------------------------ training
 
-def random_resized_crop_window(height: int, width: int, rng: np.random.Generator,
-                               scale: tuple[float, float] = CROP_SCALE,
-                               ratio: tuple[float, float] = CROP_RATIO,
-                               attempts: int = 10) -> tuple[int, int, int, int]:
+
+def random_resized_crop_window(
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = CROP_SCALE,
+    ratio: tuple[float, float] = CROP_RATIO,
+    attempts: int = 10,
+) -> tuple[int, int, int, int]:
     """timm's `RandomResizedCropAndInterpolation.get_params`: (top, left, height, width).
 
     Up to `attempts` draws of an area (uniform in `scale` of the image's) and an aspect ratio
@@ -219,9 +241,13 @@ def random_resized_crop_window(height: int, width: int, rng: np.random.Generator
     return (height - crop_h) // 2, (width - crop_w) // 2, max(crop_h, 1), max(crop_w, 1)
 
 
-def resized_crop(image: Image.Image, window: tuple[int, int, int, int],
-                 image_size: int | Sequence[int], interpolation: str,
-                 flip: bool = False) -> np.ndarray:
+def resized_crop(
+    image: Image.Image,
+    window: tuple[int, int, int, int],
+    image_size: int | Sequence[int],
+    interpolation: str,
+    flip: bool = False,
+) -> np.ndarray:
     """torchvision's `resized_crop(image, *window, size)` (+ `hflip`) -> HWC uint8 array."""
     top, left, crop_h, crop_w = window
     height, width = size_pair(image_size)
@@ -232,8 +258,13 @@ def resized_crop(image: Image.Image, window: tuple[int, int, int, int],
     return np.asarray(crop)
 
 
-def train_crop(image: Image.Image, *, image_size: int | Sequence[int], interpolation: str,
-               rng: np.random.Generator) -> np.ndarray:
+def train_crop(
+    image: Image.Image,
+    *,
+    image_size: int | Sequence[int],
+    interpolation: str,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """timm's training crop: random-resized crop, then a horizontal flip with probability 1/2."""
     window = random_resized_crop_window(image.height, image.width, rng)
     return resized_crop(image, window, image_size, interpolation, flip=rng.random() < 0.5)
@@ -241,8 +272,10 @@ def train_crop(image: Image.Image, *, image_size: int | Sequence[int], interpola
 
 # ---------------------------------------------------------------------------- on the device
 
-def normalize(images: Any, mean: Sequence[float], std: Sequence[float],
-              dtype: Any = np.float32) -> jax.Array:
+
+def normalize(
+    images: Any, mean: Sequence[float], std: Sequence[float], dtype: Any = np.float32
+) -> jax.Array:
     """uint8 images -> `(x / 255 - mean) / std` in float32, cast to `dtype` (timm's ToTensor +
     Normalize). Meant for the inside of a jitted step; works on any array of [..., 3] pixels."""
     pixels = jnp.asarray(images).astype(jnp.float32) / jnp.float32(255)

@@ -4,6 +4,7 @@
 directory with the artifact and `serving.json` (preprocessing, inputs and outputs, class
 names); `read_stablehlo(directory)` loads a StableHLO export back as a `jax.export.Exported`.
 """
+
 from dpn_jax.export.exporter import FORMATS, ExportOptions, export_model
 from dpn_jax.export.serving import read_serving_config
 from dpn_jax.export.stablehlo import read_stablehlo

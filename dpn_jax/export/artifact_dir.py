@@ -5,6 +5,7 @@ That is how `--overwrite` recognises an earlier export: it replaces a directory 
 manifest is there and the directory holds nothing else, so a user's directory (or a file a user
 added to an export) is never deleted. Staging and replacement are `dpn_jax.runtime.files`'.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,7 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dpn_jax.runtime.files import atomic_output, check_output as check_path
+from dpn_jax.runtime.files import atomic_output
+from dpn_jax.runtime.files import check_output as check_path
 
 MANIFEST_FILE = "dpn_jax_export.json"
 MANIFEST_KIND = "dpn_jax export"
@@ -39,16 +41,19 @@ def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
 
 
 @contextlib.contextmanager
-def staged_output(path: str | os.PathLike, manifest: dict[str, Any], overwrite: bool = False
-                  ) -> Iterator[Path]:
+def staged_output(
+    path: str | os.PathLike, manifest: dict[str, Any], overwrite: bool = False
+) -> Iterator[Path]:
     """A fresh directory beside `path` to write the export into; on success it gets the manifest
     (with the list of its files) and takes `path`'s place, on failure nothing is left."""
-    with atomic_output(path, overwrite=overwrite, replaceable=is_export_dir, what=WHAT,
-                       directory=True) as staging:
+    with atomic_output(
+        path, overwrite=overwrite, replaceable=is_export_dir, what=WHAT, directory=True
+    ) as staging:
         yield staging
         files = sorted(_relative_files(staging))
-        (staging / MANIFEST_FILE).write_text(json.dumps(
-            {"kind": MANIFEST_KIND, **manifest, "files": files}, indent=2) + "\n")
+        (staging / MANIFEST_FILE).write_text(
+            json.dumps({"kind": MANIFEST_KIND, **manifest, "files": files}, indent=2) + "\n"
+        )
 
 
 def _relative_files(directory: Path) -> Iterator[str]:

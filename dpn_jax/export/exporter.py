@@ -5,6 +5,7 @@ Every format exports the same function, `Graph.apply`: NHWC float32 pixels, prep
 model), in eval mode. Options are checked, the format's optional packages looked for and the
 output path vetted before the model is read or anything is traced.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -45,13 +46,17 @@ REQUIREMENTS: dict[str, tuple[tuple[str, ...], str | None]] = {
 
 
 # format -> the convolution lowerings (`dpn_jax.ops.conv.CONV_LOWERINGS`) it can take, default first
-FORMAT_LOWERINGS = {"stablehlo": ("xla", "native", "kernels"), "onnx": ("native",),
-                    "savedmodel": ("xla", "native")}
+FORMAT_LOWERINGS = {
+    "stablehlo": ("xla", "native", "kernels"),
+    "onnx": ("native",),
+    "savedmodel": ("xla", "native"),
+}
 
 
 @dataclass(frozen=True)
 class ExportOptions:
     """How to export; `batch_size` None is a symbolic (dynamic) batch dimension."""
+
     batch_size: int | None = None
     img_size: int | None = None  # default: the checkpoint's test-time size, as dpn-predict
     crop_pct: float | None = None  # recorded for the server's preprocessing
@@ -79,19 +84,27 @@ class ExportOptions:
             raise ConfigError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
         unknown = [p for p in self.platforms if p not in PLATFORMS]
         if unknown or not self.platforms:
-            raise ConfigError(f"unknown platform {unknown[0] if unknown else '(none)'!r}; "
-                              f"choose from {', '.join(PLATFORMS)}")
+            raise ConfigError(
+                f"unknown platform {unknown[0] if unknown else '(none)'!r}; "
+                f"choose from {', '.join(PLATFORMS)}"
+            )
         lowering = self.lowering(format)
         if lowering not in FORMAT_LOWERINGS[format]:
-            raise ConfigError(f"--format {format} takes conv lowering "
-                              f"{' or '.join(FORMAT_LOWERINGS[format])}, not {lowering!r}")
+            raise ConfigError(
+                f"--format {format} takes conv lowering "
+                f"{' or '.join(FORMAT_LOWERINGS[format])}, not {lowering!r}"
+            )
         if lowering == "kernels" and self.platforms != ("cpu",):
-            raise ConfigError("conv lowering 'kernels' (dpn_jax's CPU kernels) makes a CPU-only "
-                              "artifact: pass --platforms cpu")
+            raise ConfigError(
+                "conv lowering 'kernels' (dpn_jax's CPU kernels) makes a CPU-only "
+                "artifact: pass --platforms cpu"
+            )
         if format == "onnx" and self.dtype != "float32":
-            raise ConfigError("onnx exports float32 only (jax2onnx 0.17 cannot convert DPN's "
-                              "bfloat16 graph); let the runtime lower the precision, e.g. "
-                              "TensorRT's --fp16 / --bf16")
+            raise ConfigError(
+                "onnx exports float32 only (jax2onnx 0.17 cannot convert DPN's "
+                "bfloat16 graph); let the runtime lower the precision, e.g. "
+                "TensorRT's --fp16 / --bf16"
+            )
         if format == "onnx" and self.opset < MIN_OPSET:
             raise ConfigError(f"opset must be >= {MIN_OPSET}, got {self.opset}")
 
@@ -99,6 +112,7 @@ class ExportOptions:
 @dataclass(frozen=True)
 class Graph:
     """The function every format exports: `apply(variables, pixels)`, pixels NHWC float32."""
+
     apply: Callable[[Variables, jax.Array], jax.Array]
     variables: Variables
     batch_size: int | None
@@ -118,15 +132,25 @@ class Graph:
     def pixels_spec(self, layout: str = "NHWC") -> TensorSpec:
         size = (self.image_size, self.image_size)
         shape = (self.batch_size, *size, 3) if layout == "NHWC" else (self.batch_size, 3, *size)
-        return TensorSpec("pixels", shape, "float32",
-                          f"{layout} RGB, preprocessed as `preprocessing` says (timm's eval "
-                          f"transform)")
+        return TensorSpec(
+            "pixels",
+            shape,
+            "float32",
+            f"{layout} RGB, preprocessed as `preprocessing` says (timm's eval transform)",
+        )
 
     def output_spec(self) -> TensorSpec:
-        meaning = {"logits": "class logits", "probabilities": "softmax over the classes",
-                   "features": "globally pooled features (the model has no classifier)"}
-        return TensorSpec(self.output_name, (self.batch_size, self.output_size), "float32",
-                          meaning[self.output_name])
+        meaning = {
+            "logits": "class logits",
+            "probabilities": "softmax over the classes",
+            "features": "globally pooled features (the model has no classifier)",
+        }
+        return TensorSpec(
+            self.output_name,
+            (self.batch_size, self.output_size),
+            "float32",
+            meaning[self.output_name],
+        )
 
     def bound(self) -> Callable[[jax.Array], jax.Array]:
         """`apply` with the variables as constants of the graph."""
@@ -138,8 +162,10 @@ def require_packages(format: str) -> None:
     modules, extra = REQUIREMENTS[format]
     missing = [m for m in modules if not _importable(m)]
     if missing:
-        raise ConfigError(f"--format {format} needs {' and '.join(missing)}, which are not "
-                          f"installed: pip install 'dpn_jax[{extra}]'")
+        raise ConfigError(
+            f"--format {format} needs {' and '.join(missing)}, which are not "
+            f"installed: pip install 'dpn_jax[{extra}]'"
+        )
 
 
 def _importable(module: str) -> bool:
@@ -161,16 +187,25 @@ def read_source(source: str | os.PathLike) -> tuple[LoadedModel, dict[str, Any]]
         try:
             path = cached_pretrained(split_model_name(str(source))[1])
         except ConfigError as error:
-            raise WeightsError(f"{source}: no such model directory, and not a pretrained model: "
-                               f"{error}") from None
+            raise WeightsError(
+                f"{source}: no such model directory, and not a pretrained model: {error}"
+            ) from None
     model_dir = ModelDir.load(path)
     model = model_dir.build_model()
-    loaded = LoadedModel(model, model_dir.variables, model_dir.preprocessing.as_dict(),
-                         resolve_class_names(model.num_classes, model_dir.class_names),
-                         name=str(source))
-    description = {"source": str(source), "architecture": model_dir.architecture,
-                   "num_classes": model_dir.num_classes, "model_kwargs": dict(model_dir.model_kwargs),
-                   "weights_sha256": model_dir.sha256}
+    loaded = LoadedModel(
+        model,
+        model_dir.variables,
+        model_dir.preprocessing.as_dict(),
+        resolve_class_names(model.num_classes, model_dir.class_names),
+        name=str(source),
+    )
+    description = {
+        "source": str(source),
+        "architecture": model_dir.architecture,
+        "num_classes": model_dir.num_classes,
+        "model_kwargs": dict(model_dir.model_kwargs),
+        "weights_sha256": model_dir.sha256,
+    }
     return loaded, description
 
 
@@ -187,11 +222,11 @@ def build_graph(loaded: LoadedModel, data_config: DataConfig, options: ExportOpt
         output_name = "features"
     else:
         output_name = "probabilities" if options.softmax else "logits"
-    pixels = jax.ShapeDtypeStruct((1, data_config.image_size, data_config.image_size, 3),
-                                  jnp.float32)
+    pixels = jax.ShapeDtypeStruct(
+        (1, data_config.image_size, data_config.image_size, 3), jnp.float32
+    )
     output_size = jax.eval_shape(apply, loaded.variables, pixels).shape[-1]
-    return Graph(apply, loaded.variables, options.batch_size, data_config, output_name,
-                 output_size)
+    return Graph(apply, loaded.variables, options.batch_size, data_config, output_name, output_size)
 
 
 def _writer(format: str) -> Callable[[Graph, Path, ExportOptions], Artifact]:
@@ -199,9 +234,15 @@ def _writer(format: str) -> Callable[[Graph, Path, ExportOptions], Artifact]:
     return module.write
 
 
-def export_model(source: str | os.PathLike, format: str, output: str | os.PathLike,
-                 options: ExportOptions = ExportOptions(), *, overwrite: bool = False,
-                 log: Callable[[str], None] = lambda line: None) -> Path:
+def export_model(
+    source: str | os.PathLike,
+    format: str,
+    output: str | os.PathLike,
+    options: ExportOptions = ExportOptions(),
+    *,
+    overwrite: bool = False,
+    log: Callable[[str], None] = lambda line: None,
+) -> Path:
     """Export `source` as `format` into the directory `output`; returns its absolute path.
 
     The directory holds the artifact, `serving.json` (preprocessing, inputs/outputs, class
@@ -215,28 +256,47 @@ def export_model(source: str | os.PathLike, format: str, output: str | os.PathLi
     start = time.perf_counter()
     loaded, description = read_source(source)
     try:
-        data_config = resolve_data_config(loaded.pretrained_cfg, img_size=options.img_size,
-                                          crop_pct=options.crop_pct,
-                                          use_test_size=options.use_test_size)
+        data_config = resolve_data_config(
+            loaded.pretrained_cfg,
+            img_size=options.img_size,
+            crop_pct=options.crop_pct,
+            use_test_size=options.use_test_size,
+        )
     except ValueError as error:
         raise ConfigError(f"{loaded.name}: {error}") from None
     graph = build_graph(loaded, data_config, options)
-    settings = {"batch_size": options.batch_size, "image_size": data_config.image_size,
-                "dtype": options.dtype, "softmax": options.softmax,
-                "conv_lowering": options.lowering(format)}
+    settings = {
+        "batch_size": options.batch_size,
+        "image_size": data_config.image_size,
+        "dtype": options.dtype,
+        "softmax": options.softmax,
+        "conv_lowering": options.lowering(format),
+    }
     manifest = {"format": format, "dpn_jax_version": __version__, "source": str(source)}
     with staged_output(output, manifest, overwrite) as staging:
         artifact = _writer(format)(graph, staging, options)
-        write_serving_config(staging, format=format, entry_points=artifact.entry_points,
-                             data_config=data_config, class_names=loaded.class_names,
-                             model=description, export={**settings, **artifact.details})
-    log(f"wrote {output} ({format}, {_describe(artifact.entry_points)}) "
-        f"in {time.perf_counter() - start:.1f} s")
+        write_serving_config(
+            staging,
+            format=format,
+            entry_points=artifact.entry_points,
+            data_config=data_config,
+            class_names=loaded.class_names,
+            model=description,
+            export={**settings, **artifact.details},
+        )
+    log(
+        f"wrote {output} ({format}, {_describe(artifact.entry_points)}) "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
     return output
 
 
 def _describe(entry_points: list[EntryPoint]) -> str:
     def shape(spec):
         return "[" + ", ".join("batch" if d is None else str(d) for d in spec.shape) + "]"
-    return "; ".join(f"{e.name}: {e.input.name} {e.input.dtype}{shape(e.input)} -> "
-                     f"{e.output.name} {e.output.dtype}{shape(e.output)}" for e in entry_points)
+
+    return "; ".join(
+        f"{e.name}: {e.input.name} {e.input.dtype}{shape(e.input)} -> "
+        f"{e.output.name} {e.output.dtype}{shape(e.output)}"
+        for e in entry_points
+    )

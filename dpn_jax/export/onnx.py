@@ -10,6 +10,7 @@ which ONNX cannot express). Two workarounds for jax2onnx 0.17.1:
   ONNX Runtime rejects ("Unsupported pooling size"); `_two_dimensional_max_pools` rewrites it
   into transpose, 2-D MaxPool, transpose.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -40,15 +41,22 @@ def write(graph: Graph, directory: Path, options: ExportOptions) -> Artifact:
     with conv_lowering("native"):
         jaxpr = jax.make_jaxpr(graph.bound())(pixels)
     output = graph.output_spec()
-    model = jax2onnx.to_onnx(jaxpr_as_fun(jaxpr), [pixels], opset=options.opset,
-                             model_name="dpn", inputs_as_nchw=[0], input_names=["pixels"],
-                             output_names=[output.name])
+    model = jax2onnx.to_onnx(
+        jaxpr_as_fun(jaxpr),
+        [pixels],
+        opset=options.opset,
+        model_name="dpn",
+        inputs_as_nchw=[0],
+        input_names=["pixels"],
+        output_names=[output.name],
+    )
     model = _two_dimensional_max_pools(model)
     onnx.checker.check_model(model)
     onnx.save_model(model, directory / ARTIFACT_FILE)
-    return Artifact([EntryPoint("main", graph.pixels_spec("NCHW"), output)],
-                    {"opset": options.opset,
-                     "converter": f"jax2onnx {importlib.metadata.version('jax2onnx')}"})
+    return Artifact(
+        [EntryPoint("main", graph.pixels_spec("NCHW"), output)],
+        {"opset": options.opset, "converter": f"jax2onnx {importlib.metadata.version('jax2onnx')}"},
+    )
 
 
 def _two_dimensional_max_pools(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -69,32 +77,50 @@ def _two_dimensional_max_pools(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         strides = list(attributes.get("strides", [1] * 4))
         pads = list(attributes.get("pads", [0] * 8))
-        if (len(window) != 4 or window[0] != 1 or window[3] != 1 or strides[0] != 1
-                or strides[3] != 1 or pads[0] or pads[3] or pads[4] or pads[7]
-                or any(v != 1 for v in attributes.get("dilations", [1] * 4))):
-            raise NotImplementedError(f"jax2onnx emitted a MaxPool dpn_jax cannot rewrite: "
-                                      f"{node.name} {attributes}")
+        if (
+            len(window) != 4
+            or window[0] != 1
+            or window[3] != 1
+            or strides[0] != 1
+            or strides[3] != 1
+            or pads[0]
+            or pads[3]
+            or pads[4]
+            or pads[7]
+            or any(v != 1 for v in attributes.get("dilations", [1] * 4))
+        ):
+            raise NotImplementedError(
+                f"jax2onnx emitted a MaxPool dpn_jax cannot rewrite: {node.name} {attributes}"
+            )
         name = node.name
         unit_axes = helper.make_tensor(f"{name}_unit_axes", TensorProto.INT64, [2], [0, 1])
         graph.initializer.append(unit_axes)
         nodes += [
             helper.make_node("Squeeze", [node.input[0], unit_axes.name], [f"{name}_nhwc"]),
             helper.make_node("Transpose", [f"{name}_nhwc"], [f"{name}_nchw"], perm=[0, 3, 1, 2]),
-            helper.make_node("MaxPool", [f"{name}_nchw"], [f"{name}_pooled"],
-                             kernel_shape=window[1:3], strides=strides[1:3],
-                             pads=[pads[1], pads[2], pads[5], pads[6]]),
-            helper.make_node("Transpose", [f"{name}_pooled"], [f"{name}_pooled_nhwc"],
-                             perm=[0, 2, 3, 1]),
-            helper.make_node("Unsqueeze", [f"{name}_pooled_nhwc", unit_axes.name],
-                             [node.output[0]]),
+            helper.make_node(
+                "MaxPool",
+                [f"{name}_nchw"],
+                [f"{name}_pooled"],
+                kernel_shape=window[1:3],
+                strides=strides[1:3],
+                pads=[pads[1], pads[2], pads[5], pads[6]],
+            ),
+            helper.make_node(
+                "Transpose", [f"{name}_pooled"], [f"{name}_pooled_nhwc"], perm=[0, 2, 3, 1]
+            ),
+            helper.make_node(
+                "Unsqueeze", [f"{name}_pooled_nhwc", unit_axes.name], [node.output[0]]
+            ),
         ]
     del graph.node[:]
     graph.node.extend(nodes)
     return model
 
 
-def onnxruntime_session(directory: str | os.PathLike, threads: int = 0
-                        ) -> onnxruntime.InferenceSession:
+def onnxruntime_session(
+    directory: str | os.PathLike, threads: int = 0
+) -> onnxruntime.InferenceSession:
     """An `onnxruntime.InferenceSession` (CPU) for an onnx export directory.
 
     Its input `pixels` is NCHW: `session.run(None, {"pixels": nhwc.transpose(0, 3, 1, 2)})`.
@@ -110,6 +136,6 @@ def onnxruntime_session(directory: str | os.PathLike, threads: int = 0
         raise WeightsError(f"{directory} holds a {config['format']} export, not onnx")
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
-    return onnxruntime.InferenceSession(str(directory / ARTIFACT_FILE), options,
-                                        providers=["CPUExecutionProvider"])
-
+    return onnxruntime.InferenceSession(
+        str(directory / ARTIFACT_FILE), options, providers=["CPUExecutionProvider"]
+    )

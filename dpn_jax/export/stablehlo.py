@@ -7,6 +7,7 @@ are custom calls that only a process that registered them can run. The "kernels"
 them, in an artifact for platform cpu alone (its serving.json lists the custom-call targets);
 `read_stablehlo` registers them before loading one.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,18 +26,25 @@ ARTIFACT_FILE = "model.stablehlo"
 
 def write(graph: Graph, directory: Path, options: ExportOptions) -> Artifact:
     lowering = options.lowering("stablehlo")
-    allowed = ([jax.export.DisabledSafetyCheck.custom_call(t) for t in cpu_kernel_targets()]
-               if lowering == "kernels" else [])
+    allowed = (
+        [jax.export.DisabledSafetyCheck.custom_call(t) for t in cpu_kernel_targets()]
+        if lowering == "kernels"
+        else []
+    )
     with conv_lowering(lowering):
-        exported = jax.export.export(jax.jit(graph.bound()), platforms=options.platforms,
-                                     disabled_checks=allowed)(graph.input_struct())
+        exported = jax.export.export(
+            jax.jit(graph.bound()), platforms=options.platforms, disabled_checks=allowed
+        )(graph.input_struct())
     (directory / ARTIFACT_FILE).write_bytes(exported.serialize())
     module = exported.mlir_module()
     return Artifact(
         [EntryPoint("main", graph.pixels_spec("NHWC"), graph.output_spec())],
-        {"platforms": list(exported.platforms),
-         "calling_convention_version": exported.calling_convention_version,
-         "custom_call_targets": [t for t in cpu_kernel_targets() if f"@{t}(" in module]})
+        {
+            "platforms": list(exported.platforms),
+            "calling_convention_version": exported.calling_convention_version,
+            "custom_call_targets": [t for t in cpu_kernel_targets() if f"@{t}(" in module],
+        },
+    )
 
 
 def read_stablehlo(directory: str | os.PathLike) -> jax.export.Exported:
@@ -50,7 +58,9 @@ def read_stablehlo(directory: str | os.PathLike) -> jax.export.Exported:
         config = read_serving_config(directory)
         serialized = (directory / ARTIFACT_FILE).read_bytes()
     except (OSError, ValueError) as error:
-        raise WeightsError(f"{directory} is not a dpn-export stablehlo directory: {error}") from None
+        raise WeightsError(
+            f"{directory} is not a dpn-export stablehlo directory: {error}"
+        ) from None
     if config["format"] != "stablehlo":
         raise WeightsError(f"{directory} holds a {config['format']} export, not stablehlo")
     if config["export"]["custom_call_targets"] and not cpu_kernels_available():

@@ -5,34 +5,48 @@ converted timm checkpoint gives the classes and probabilities timm gives. As in 
 `inference.py` / `validate.py`, a config's test-time size (dpn68b.ra_in1k: 288, crop 1.0) is used
 unless `--use-train-size` is given; `--img-size` / `--crop-pct` override both.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from PIL import Image
 
+from dpn_jax.data.labels import class_names as resolve_class_names
+from dpn_jax.data.transforms import eval_crop, load_image, normalize
 from dpn_jax.errors import ConfigError
 from dpn_jax.models.dpn import DPN
+from dpn_jax.models.registry import split_model_name
 from dpn_jax.runtime.runner import REPLICATED, SHARDED, Runner
-from dpn_jax.data.labels import class_names as resolve_class_names
 from dpn_jax.weights.model_dir import ModelDir
 from dpn_jax.weights.pretrained import cached_pretrained
-from dpn_jax.models.registry import split_model_name
-from dpn_jax.data.transforms import eval_crop, load_image, normalize
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm",
-                    ".pgm", ".pbm")
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".webp",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+)
 ImageInput = str | os.PathLike | Image.Image
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """The eval transform's settings, resolved from a pretrained config as timm does."""
+
     image_size: int
     crop_pct: float
     interpolation: str
@@ -40,9 +54,15 @@ class DataConfig:
     std: tuple[float, float, float]
 
 
-def resolve_data_config(cfg: dict[str, Any], *, img_size: int | None = None,
-                        crop_pct: float | None = None, use_test_size: bool = True) -> DataConfig:
-    """timm's `resolve_data_config`: explicit overrides, then the test size/crop if asked, then cfg."""
+def resolve_data_config(
+    cfg: dict[str, Any],
+    *,
+    img_size: int | None = None,
+    crop_pct: float | None = None,
+    use_test_size: bool = True,
+) -> DataConfig:
+    """timm's `resolve_data_config`: explicit overrides, then the test size/crop if asked, then
+    the cfg."""
     size = cfg["input_size"]
     if use_test_size and cfg.get("test_input_size"):
         size = cfg["test_input_size"]
@@ -51,14 +71,19 @@ def resolve_data_config(cfg: dict[str, Any], *, img_size: int | None = None,
         raise ConfigError(f"non-square input_size {size} in the pretrained config; pass --img-size")
     if crop_pct is None:
         crop_pct = (cfg.get("test_crop_pct") if use_test_size else None) or cfg["crop_pct"]
-    return DataConfig(image_size=img_size or size[0], crop_pct=float(crop_pct),
-                      interpolation=cfg.get("interpolation", "bicubic"),
-                      mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+    return DataConfig(
+        image_size=img_size or size[0],
+        crop_pct=float(crop_pct),
+        interpolation=cfg.get("interpolation", "bicubic"),
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+    )
 
 
 @dataclass(frozen=True)
 class LoadedModel:
     """A model with its weights and everything needed to feed it and name its outputs."""
+
     model: DPN
     variables: dict[str, Any]
     pretrained_cfg: dict[str, Any]
@@ -71,12 +96,17 @@ def load_checkpoint(path: str | os.PathLike, model_name: str | None = None) -> L
     model_dir = ModelDir.load(path)
     arch = model_dir.architecture
     if model_name is not None and split_model_name(model_name)[0] != arch:
-        raise ConfigError(f"--model {model_name} does not match the checkpoint's architecture "
-                          f"{arch} ({path})")
+        raise ConfigError(
+            f"--model {model_name} does not match the checkpoint's architecture {arch} ({path})"
+        )
     model = model_dir.build_model()
-    return LoadedModel(model, model_dir.variables, model_dir.preprocessing.as_dict(),
-                       resolve_class_names(model.num_classes, model_dir.class_names),
-                       name=str(path))
+    return LoadedModel(
+        model,
+        model_dir.variables,
+        model_dir.preprocessing.as_dict(),
+        resolve_class_names(model.num_classes, model_dir.class_names),
+        name=str(path),
+    )
 
 
 def load_pretrained_tag(name: str) -> LoadedModel:
@@ -95,6 +125,7 @@ class FileResult:
 
 def make_predict_step(model: DPN, mean: Sequence[float], std: Sequence[float]):
     """One device's class probabilities for its rows of a batch of uint8 images."""
+
     def predict_step(variables: dict[str, Any], images: jax.Array) -> jax.Array:
         logits = model.apply(variables, normalize(images, mean, std, model.dtype), train=False)
         return jax.nn.softmax(logits, axis=-1)
@@ -111,9 +142,15 @@ class Predictor:
     handful of shapes.
     """
 
-    def __init__(self, model: DPN, variables: dict[str, Any], data_config: DataConfig,
-                 class_names: Sequence[str] | None = None, batch_size: int = 32,
-                 parallelism: str = "shard_map"):
+    def __init__(
+        self,
+        model: DPN,
+        variables: dict[str, Any],
+        data_config: DataConfig,
+        class_names: Sequence[str] | None = None,
+        batch_size: int = 32,
+        parallelism: str = "shard_map",
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
@@ -124,23 +161,32 @@ class Predictor:
         self.batch_size = batch_size
         self._probabilities = self.runner.compile(
             make_predict_step(model, data_config.mean, data_config.std),
-            in_specs=(REPLICATED, SHARDED), out_specs=SHARDED)
+            in_specs=(REPLICATED, SHARDED),
+            out_specs=SHARDED,
+        )
 
     @classmethod
-    def from_loaded(cls, loaded: LoadedModel, *, img_size: int | None = None,
-                    crop_pct: float | None = None, use_test_size: bool = True,
-                    batch_size: int = 32) -> "Predictor":
-        config = resolve_data_config(loaded.pretrained_cfg, img_size=img_size, crop_pct=crop_pct,
-                                     use_test_size=use_test_size)
+    def from_loaded(
+        cls,
+        loaded: LoadedModel,
+        *,
+        img_size: int | None = None,
+        crop_pct: float | None = None,
+        use_test_size: bool = True,
+        batch_size: int = 32,
+    ) -> Predictor:
+        config = resolve_data_config(
+            loaded.pretrained_cfg, img_size=img_size, crop_pct=crop_pct, use_test_size=use_test_size
+        )
         return cls(loaded.model, loaded.variables, config, loaded.class_names, batch_size)
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, **kwargs: Any) -> "Predictor":
+    def from_checkpoint(cls, path: str | os.PathLike, **kwargs: Any) -> Predictor:
         """Predictor for a model directory (`ModelDir`); kwargs as `from_loaded`."""
         return cls.from_loaded(load_checkpoint(path), **kwargs)
 
     @classmethod
-    def from_pretrained(cls, name: str, **kwargs: Any) -> "Predictor":
+    def from_pretrained(cls, name: str, **kwargs: Any) -> Predictor:
         """Predictor for timm's published weights of `name`; kwargs as `from_loaded`."""
         return cls.from_loaded(load_pretrained_tag(name), **kwargs)
 
@@ -152,29 +198,43 @@ class Predictor:
         """
         image = load_image(image) if not isinstance(image, Image.Image) else image.convert("RGB")
         c = self.data_config
-        return eval_crop(image, image_size=c.image_size, crop_pct=c.crop_pct,
-                         interpolation=c.interpolation)
+        return eval_crop(
+            image, image_size=c.image_size, crop_pct=c.crop_pct, interpolation=c.interpolation
+        )
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
         """Softmax over classes for preprocessed uint8 images [N, H, W, 3] -> [N, num_classes]."""
         if len(pixels) == 0:
             return np.zeros((0, self.model.num_classes), np.float32)
-        return np.concatenate([self._padded_batch(pixels[start:start + self.batch_size])
-                               for start in range(0, len(pixels), self.batch_size)])
+        return np.concatenate(
+            [
+                self._padded_batch(pixels[start : start + self.batch_size])
+                for start in range(0, len(pixels), self.batch_size)
+            ]
+        )
 
     def _padded_batch(self, batch: np.ndarray) -> np.ndarray:
         devices = self.runner.num_devices
         size = -(-min(self.batch_size, 1 << (len(batch) - 1).bit_length()) // devices) * devices
         padded = np.pad(batch, [(0, size - len(batch))] + [(0, 0)] * (batch.ndim - 1))
         probabilities = self._probabilities(self.variables, self.runner.put_batch(padded))
-        return self.runner.local(probabilities)[:len(batch)]
+        return self.runner.local(probabilities)[: len(batch)]
 
     def top_k(self, probabilities: np.ndarray, k: int = 5) -> list[list[dict[str, Any]]]:
         """[{"index", "label", "prob"}, ...] per image, most probable first."""
         k = min(k, probabilities.shape[-1])
         order = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
-        return [[{"index": int(i), "label": self.class_names[i] if self.class_names else None,
-                  "prob": float(p[i])} for i in row] for p, row in zip(probabilities, order)]
+        return [
+            [
+                {
+                    "index": int(i),
+                    "label": self.class_names[i] if self.class_names else None,
+                    "prob": float(p[i]),
+                }
+                for i in row
+            ]
+            for p, row in zip(probabilities, order)
+        ]
 
     def predict(self, images: Sequence[ImageInput], top_k: int = 5) -> list[list[dict[str, Any]]]:
         """Top-k classes of each image (paths or PIL images)."""
@@ -197,7 +257,9 @@ class Predictor:
                 batch = []
         yield from self._predict_batch(batch, top_k)
 
-    def _predict_batch(self, batch: list[tuple[Path, np.ndarray]], top_k: int) -> Iterator[FileResult]:
+    def _predict_batch(
+        self, batch: list[tuple[Path, np.ndarray]], top_k: int
+    ) -> Iterator[FileResult]:
         if batch:
             top = self.top_k(self.probabilities(np.stack([pixels for _, pixels in batch])), top_k)
             for (path, _), classes in zip(batch, top):
@@ -209,8 +271,9 @@ def expand_inputs(paths: Iterable[str]) -> Iterator[Path]:
     for arg in paths:
         path = Path(arg)
         if path.is_dir():
-            yield from sorted(p for p in path.rglob("*")
-                              if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            yield from sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            )
         else:
             yield path
 

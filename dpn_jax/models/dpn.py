@@ -5,6 +5,7 @@ Submodule names follow timm's state dict (`features/conv3_1/c3x3_b/conv/kernel` 
 carries the residual and the dense path as one concatenated tensor: channels [:bw] are the
 residual path, the rest the densely growing path.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,6 +31,7 @@ class DPNConfig:
     `model_args`). Fields are checked on construction, so a bad value fails here with its name
     instead of deep inside a trace. Lists are accepted and kept as tuples (JSON has no tuples).
     """
+
     k_sec: tuple[int, ...] = (3, 4, 20, 3)  # blocks per stage
     inc_sec: tuple[int, ...] = (16, 32, 24, 128)  # dense growth per block, per stage
     k_r: int = 96  # bottleneck width of stage 1 (doubles per stage)
@@ -38,16 +40,23 @@ class DPNConfig:
     num_init_features: int = 64  # stem width
     b: bool = False  # `c1x1_c` as BN-act and two convs (the 'b' variants)
     act: str = "relu"  # stem and final BN-act (timm's `act_layer` reaches only these two)
-    head_act: str | None = None  # final BN-act; None: same as `act` (timm today), 'elu': timm <= 0.6
+    head_act: str | None = (
+        None  # final BN-act; None: same as `act` (timm today), 'elu': timm <= 0.6
+    )
     block_act: str = "relu"  # inside the dual path blocks (timm: always ReLU)
 
     def __post_init__(self) -> None:
         for name in ("k_sec", "inc_sec"):
             value = getattr(self, name)
-            if (isinstance(value, (str, bytes)) or not isinstance(value, Sequence)
-                    or len(value) != 4 or not all(_positive_int(v) for v in value)):
-                raise ConfigError(f"{name} must be 4 positive integers (one per stage), "
-                                  f"got {value!r}")
+            if (
+                isinstance(value, (str, bytes))
+                or not isinstance(value, Sequence)
+                or len(value) != 4
+                or not all(_positive_int(v) for v in value)
+            ):
+                raise ConfigError(
+                    f"{name} must be 4 positive integers (one per stage), got {value!r}"
+                )
             object.__setattr__(self, name, tuple(int(v) for v in value))
         for name in ("k_r", "groups", "num_init_features"):
             if not _positive_int(getattr(self, name)):
@@ -60,21 +69,27 @@ class DPNConfig:
             if not (value in ACTIVATIONS or (name == "head_act" and value is None)):
                 raise ConfigError(f"{name} must be one of {sorted(ACTIVATIONS)}, got {value!r}")
         if self.k_r % self.groups:
-            raise ConfigError(f"k_r={self.k_r} must be divisible by groups={self.groups} "
-                              "(the grouped 3x3 convolutions split k_r channels)")
+            raise ConfigError(
+                f"k_r={self.k_r} must be divisible by groups={self.groups} "
+                "(the grouped 3x3 convolutions split k_r channels)"
+            )
 
     def replace(self, **overrides: Any) -> DPNConfig:
         """This config with some fields changed; an unknown field is named."""
         unknown = sorted(set(overrides) - set(CONFIG_FIELDS))
         if unknown:
-            raise ConfigError(f"unknown architecture field {unknown[0]!r}; "
-                              f"fields: {', '.join(CONFIG_FIELDS)}")
+            raise ConfigError(
+                f"unknown architecture field {unknown[0]!r}; fields: {', '.join(CONFIG_FIELDS)}"
+            )
         return dataclasses.replace(self, **overrides)
 
     def overrides_from(self, base: DPNConfig) -> dict[str, Any]:
         """The fields in which this config differs from `base` (an architecture's row)."""
-        return {name: getattr(self, name) for name in CONFIG_FIELDS
-                if getattr(self, name) != getattr(base, name)}
+        return {
+            name: getattr(self, name)
+            for name in CONFIG_FIELDS
+            if getattr(self, name) != getattr(base, name)
+        }
 
 
 def _positive_int(value: Any) -> bool:
@@ -85,20 +100,45 @@ CONFIG_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(DPNCon
 
 # Variants are data, as timm's `model_args`.
 MODEL_CONFIGS: dict[str, DPNConfig] = {
-    "dpn48b": DPNConfig(small=True, num_init_features=10, k_r=128, groups=32, b=True,
-                        k_sec=(3, 4, 6, 3), inc_sec=(16, 32, 32, 64), act="silu"),
-    "dpn68": DPNConfig(small=True, num_init_features=10, k_r=128, groups=32,
-                       k_sec=(3, 4, 12, 3), inc_sec=(16, 32, 32, 64)),
-    "dpn68b": DPNConfig(small=True, num_init_features=10, k_r=128, groups=32, b=True,
-                        k_sec=(3, 4, 12, 3), inc_sec=(16, 32, 32, 64)),
-    "dpn92": DPNConfig(num_init_features=64, k_r=96, groups=32,
-                       k_sec=(3, 4, 20, 3), inc_sec=(16, 32, 24, 128)),
-    "dpn98": DPNConfig(num_init_features=96, k_r=160, groups=40,
-                       k_sec=(3, 6, 20, 3), inc_sec=(16, 32, 32, 128)),
-    "dpn131": DPNConfig(num_init_features=128, k_r=160, groups=40,
-                        k_sec=(4, 8, 28, 3), inc_sec=(16, 32, 32, 128)),
-    "dpn107": DPNConfig(num_init_features=128, k_r=200, groups=50,
-                        k_sec=(4, 8, 20, 3), inc_sec=(20, 64, 64, 128)),
+    "dpn48b": DPNConfig(
+        small=True,
+        num_init_features=10,
+        k_r=128,
+        groups=32,
+        b=True,
+        k_sec=(3, 4, 6, 3),
+        inc_sec=(16, 32, 32, 64),
+        act="silu",
+    ),
+    "dpn68": DPNConfig(
+        small=True,
+        num_init_features=10,
+        k_r=128,
+        groups=32,
+        k_sec=(3, 4, 12, 3),
+        inc_sec=(16, 32, 32, 64),
+    ),
+    "dpn68b": DPNConfig(
+        small=True,
+        num_init_features=10,
+        k_r=128,
+        groups=32,
+        b=True,
+        k_sec=(3, 4, 12, 3),
+        inc_sec=(16, 32, 32, 64),
+    ),
+    "dpn92": DPNConfig(
+        num_init_features=64, k_r=96, groups=32, k_sec=(3, 4, 20, 3), inc_sec=(16, 32, 24, 128)
+    ),
+    "dpn98": DPNConfig(
+        num_init_features=96, k_r=160, groups=40, k_sec=(3, 6, 20, 3), inc_sec=(16, 32, 32, 128)
+    ),
+    "dpn131": DPNConfig(
+        num_init_features=128, k_r=160, groups=40, k_sec=(4, 8, 28, 3), inc_sec=(16, 32, 32, 128)
+    ),
+    "dpn107": DPNConfig(
+        num_init_features=128, k_r=200, groups=50, k_sec=(4, 8, 20, 3), inc_sec=(20, 64, 64, 128)
+    ),
 }
 
 IMAGENET_DPN_MEAN = (124 / 255, 117 / 255, 104 / 255)
@@ -108,20 +148,35 @@ IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
 
 def _cfg(tag: str, **overrides: Any) -> dict[str, Any]:
-    cfg = {"num_classes": 1000, "input_size": (224, 224), "crop_pct": 0.875,
-           "interpolation": "bicubic", "mean": IMAGENET_DPN_MEAN, "std": IMAGENET_DPN_STD,
-           "hf_hub_id": f"timm/{tag}", "test_input_size": None, "test_crop_pct": None}
+    cfg = {
+        "num_classes": 1000,
+        "input_size": (224, 224),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DPN_MEAN,
+        "std": IMAGENET_DPN_STD,
+        "hf_hub_id": f"timm/{tag}",
+        "test_input_size": None,
+        "test_crop_pct": None,
+    }
     cfg.update(overrides)
     return cfg
 
 
 # timm's `default_cfgs`, keyed by `arch.tag`. `hf_hub_id` None: no published weights.
 PRETRAINED_CFGS: dict[str, dict[str, Any]] = {
-    "dpn48b.untrained": _cfg("dpn48b.untrained", hf_hub_id=None,
-                             mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD),
+    "dpn48b.untrained": _cfg(
+        "dpn48b.untrained", hf_hub_id=None, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD
+    ),
     "dpn68.mx_in1k": _cfg("dpn68.mx_in1k"),
-    "dpn68b.ra_in1k": _cfg("dpn68b.ra_in1k", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-                           crop_pct=0.95, test_input_size=(288, 288), test_crop_pct=1.0),
+    "dpn68b.ra_in1k": _cfg(
+        "dpn68b.ra_in1k",
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        crop_pct=0.95,
+        test_input_size=(288, 288),
+        test_crop_pct=1.0,
+    ),
     "dpn68b.mx_in1k": _cfg("dpn68b.mx_in1k"),
     "dpn92.mx_in1k": _cfg("dpn92.mx_in1k"),
     "dpn98.mx_in1k": _cfg("dpn98.mx_in1k"),
@@ -132,6 +187,7 @@ PRETRAINED_CFGS: dict[str, dict[str, Any]] = {
 
 class DualPathBlock(nn.Module):
     """One DPN block: a ResNeXt-style bottleneck whose output feeds both paths."""
+
     num_1x1_a: int
     num_3x3_b: int
     num_1x1_c: int  # residual width `bw`
@@ -152,13 +208,20 @@ class DualPathBlock(nn.Module):
             x_s = x
         else:
             name = "c1x1_w_s2" if stride == 2 else "c1x1_w_s1"
-            x_s = BnActConv2d(features=bw + 2 * self.inc, kernel_size=1, stride=stride, **unit,
-                              name=name)(x, train)
+            x_s = BnActConv2d(
+                features=bw + 2 * self.inc, kernel_size=1, stride=stride, **unit, name=name
+            )(x, train)
         resid, dense = x_s[..., :bw], x_s[..., bw:]
 
         x = BnActConv2d(features=self.num_1x1_a, kernel_size=1, **unit, name="c1x1_a")(x, train)
-        x = BnActConv2d(features=self.num_3x3_b, kernel_size=3, stride=stride, groups=self.groups,
-                        **unit, name="c3x3_b")(x, train)
+        x = BnActConv2d(
+            features=self.num_3x3_b,
+            kernel_size=3,
+            stride=stride,
+            groups=self.groups,
+            **unit,
+            name="c3x3_b",
+        )(x, train)
         if self.b:
             x = BnAct(**unit, name="c1x1_c")(x, train)
             out_resid = Conv2d(features=bw, dtype=self.dtype, name="c1x1_c1")(x)
@@ -181,21 +244,29 @@ class DPNFeatures(nn.Module):
     Returns the final map and the five feature taps (strides 2, 4, 8, 16, 32): the stem
     conv's output and each stage's last block, as timm's `feature_info`.
     """
+
     config: DPNConfig
     dtype: Dtype = jnp.float32
     axis_name: str | None = None
     remat: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, final_norm: bool = True
-                 ) -> tuple[jax.Array, list[jax.Array]]:
+    def __call__(
+        self, x: jax.Array, train: bool = False, final_norm: bool = True
+    ) -> tuple[jax.Array, list[jax.Array]]:
         cfg = self.config
         unit = {"dtype": self.dtype, "axis_name": self.axis_name}
         block_cls = nn.remat(DualPathBlock, static_argnums=(2,)) if self.remat else DualPathBlock
 
         # Stem: conv -> BN -> act (post-activation), then a 3x3/2 max pool padded with -inf.
-        x = ConvBnAct(features=cfg.num_init_features, kernel_size=3 if cfg.small else 7, stride=2,
-                      act=cfg.act, **unit, name="conv1_1")(x, train)
+        x = ConvBnAct(
+            features=cfg.num_init_features,
+            kernel_size=3 if cfg.small else 7,
+            stride=2,
+            act=cfg.act,
+            **unit,
+            name="conv1_1",
+        )(x, train)
         taps = [x]
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
@@ -203,9 +274,18 @@ class DPNFeatures(nn.Module):
             bw, r = stage_widths(cfg.small, cfg.k_r, i)
             for j in range(1, depth + 1):
                 block_type = "normal" if j > 1 else ("proj" if i == 0 else "down")
-                x = block_cls(num_1x1_a=r, num_3x3_b=r, num_1x1_c=bw, inc=inc, groups=cfg.groups,
-                              block_type=block_type, b=cfg.b, act=cfg.block_act, **unit,
-                              name=f"conv{i + 2}_{j}")(x, train)
+                x = block_cls(
+                    num_1x1_a=r,
+                    num_3x3_b=r,
+                    num_1x1_c=bw,
+                    inc=inc,
+                    groups=cfg.groups,
+                    block_type=block_type,
+                    b=cfg.b,
+                    act=cfg.block_act,
+                    **unit,
+                    name=f"conv{i + 2}_{j}",
+                )(x, train)
             taps.append(x)
 
         if final_norm:
@@ -217,13 +297,17 @@ POOL_TYPES = ("avg", "max", "avgmax", "catavgmax", "")
 
 
 def global_pool(x: jax.Array, pool_type: str) -> jax.Array:
-    """timm's `SelectAdaptivePool2d` over NHWC; '' keeps the spatial map (the head is a 1x1 conv)."""
+    """timm's `SelectAdaptivePool2d` over NHWC; '' keeps the spatial map (head: a 1x1 conv)."""
     if pool_type == "":
         return x
     x32 = x.astype(jnp.float32)
     avg, mx = jnp.mean(x32, axis=(1, 2)), jnp.max(x32, axis=(1, 2))
-    pooled = {"avg": avg, "max": mx, "avgmax": 0.5 * (avg + mx),
-              "catavgmax": jnp.concatenate([avg, mx], axis=-1)}[pool_type]
+    pooled = {
+        "avg": avg,
+        "max": mx,
+        "avgmax": 0.5 * (avg + mx),
+        "catavgmax": jnp.concatenate([avg, mx], axis=-1),
+    }[pool_type]
     return pooled.astype(x.dtype)
 
 
@@ -235,6 +319,7 @@ class DPN(nn.Module):
     Logits are float32 whatever the compute `dtype`; parameters and BatchNorm statistics are
     always float32.
     """
+
     config: DPNConfig
     num_classes: int = 1000
     drop_rate: float = 0.0
@@ -248,11 +333,13 @@ class DPN(nn.Module):
     def setup(self) -> None:
         if self.global_pool not in POOL_TYPES:
             raise ConfigError(f"global_pool={self.global_pool!r}; choose from {POOL_TYPES}")
-        self.features = DPNFeatures(config=self.config, dtype=self.dtype,
-                                    axis_name=self.axis_name, remat=self.remat)
+        self.features = DPNFeatures(
+            config=self.config, dtype=self.dtype, axis_name=self.axis_name, remat=self.remat
+        )
         if self.num_classes and not self.features_only:
-            self.classifier = nn.Dense(features=self.num_classes, dtype=self.dtype,
-                                       kernel_init=kernel_init)
+            self.classifier = nn.Dense(
+                features=self.num_classes, dtype=self.dtype, kernel_init=kernel_init
+            )
         self.head_drop = nn.Dropout(rate=self.drop_rate)
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | list[jax.Array]:
@@ -265,11 +352,13 @@ class DPN(nn.Module):
         return self.features(x, train)[0]
 
     def forward_intermediates(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
-        """The feature maps at `out_indices` (0: stem at stride 2, ..., 4: last stage at stride 32)."""
+        """The feature maps at `out_indices` (0: stem, stride 2, ..., 4: last stage, stride 32)."""
         _, taps = self.features(x, train, final_norm=False)
         return [taps[i] for i in self.out_indices]
 
-    def forward_head(self, x: jax.Array, train: bool = False, pre_logits: bool = False) -> jax.Array:
+    def forward_head(
+        self, x: jax.Array, train: bool = False, pre_logits: bool = False
+    ) -> jax.Array:
         x = global_pool(x, self.global_pool)
         x = self.head_drop(x, deterministic=not train)
         if pre_logits or not self.num_classes:
@@ -279,7 +368,8 @@ class DPN(nn.Module):
 
 # The `DPN` fields that say how a model runs, as opposed to its architecture (`config`).
 MODULE_FIELDS: tuple[str, ...] = tuple(
-    f.name for f in dataclasses.fields(DPN) if f.name not in ("config", "parent", "name"))
+    f.name for f in dataclasses.fields(DPN) if f.name not in ("config", "parent", "name")
+)
 
 
 def feature_info(arch: str | DPNConfig) -> list[dict[str, Any]]:
@@ -288,6 +378,11 @@ def feature_info(arch: str | DPNConfig) -> list[dict[str, Any]]:
     info = [{"num_chs": cfg.num_init_features, "reduction": 2, "module": "features.conv1_1"}]
     for i, (depth, inc) in enumerate(zip(cfg.k_sec, cfg.inc_sec)):
         bw, _ = stage_widths(cfg.small, cfg.k_r, i)
-        info.append({"num_chs": bw + (depth + 2) * inc, "reduction": 4 << i,
-                     "module": f"features.conv{i + 2}_{depth}"})
+        info.append(
+            {
+                "num_chs": bw + (depth + 2) * inc,
+                "reduction": 4 << i,
+                "module": f"features.conv{i + 2}_{depth}",
+            }
+        )
     return info

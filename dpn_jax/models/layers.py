@@ -1,4 +1,5 @@
 """Building blocks shared by every DPN: convolution, PyTorch-exact BatchNorm, BN-act-conv units."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -26,7 +27,9 @@ def get_act(name: str) -> Callable[[jax.Array], jax.Array]:
     try:
         return ACTIVATIONS[name]
     except KeyError:
-        raise ValueError(f"unknown activation {name!r}; choose from {sorted(ACTIVATIONS)}") from None
+        raise ValueError(
+            f"unknown activation {name!r}; choose from {sorted(ACTIVATIONS)}"
+        ) from None
 
 
 def kernel_init_std(shape: tuple[int, ...]) -> float:
@@ -42,6 +45,7 @@ def kernel_init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float
 
 class Conv2d(nn.Module):
     """Bias-free (by default) conv with PyTorch's symmetric padding and grouped-conv dispatch."""
+
     features: int
     kernel_size: int = 1
     stride: int = 1
@@ -53,13 +57,22 @@ class Conv2d(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         in_features = x.shape[-1]
         if in_features % self.groups:
-            raise ValueError(f"{self.name}: {in_features} input channels not divisible by groups={self.groups}")
-        kernel = self.param("kernel", kernel_init,
-                            (self.kernel_size, self.kernel_size, in_features // self.groups, self.features),
-                            jnp.float32)
-        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), stride=self.stride, groups=self.groups)
+            raise ValueError(
+                f"{self.name}: {in_features} input channels not divisible by groups={self.groups}"
+            )
+        kernel = self.param(
+            "kernel",
+            kernel_init,
+            (self.kernel_size, self.kernel_size, in_features // self.groups, self.features),
+            jnp.float32,
+        )
+        y = conv2d(
+            x.astype(self.dtype), kernel.astype(self.dtype), stride=self.stride, groups=self.groups
+        )
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(
+                self.dtype
+            )
         return y
 
 
@@ -84,6 +97,7 @@ class BatchNorm(nn.Module):
     checkpoint) folds the unbiased one. Statistics are reduced in float32 and, under pmap /
     shard_map, averaged over `axis_name` so every replica normalises with the global batch.
     """
+
     momentum: float = 0.9  # Flax convention: PyTorch momentum 0.1
     epsilon: float = 1e-3
     dtype: Dtype = jnp.float32
@@ -116,8 +130,9 @@ class BatchNorm(nn.Module):
         return x * mul.astype(self.dtype) + shift.astype(self.dtype)
 
 
-def batch_norm_act(x: jax.Array, train: bool, act: str, dtype: Dtype, axis_name: str | None
-                   ) -> jax.Array:
+def batch_norm_act(
+    x: jax.Array, train: bool, act: str, dtype: Dtype, axis_name: str | None
+) -> jax.Array:
     """timm's `BatchNormAct2d`: a BatchNorm named `bn` in the calling module, then `act`."""
     x = BatchNorm(dtype=dtype, axis_name=axis_name, name="bn")(x, train)
     return get_act(act)(x)
@@ -125,6 +140,7 @@ def batch_norm_act(x: jax.Array, train: bool, act: str, dtype: Dtype, axis_name:
 
 class BnAct(nn.Module):
     """BatchNorm followed by an activation (timm `BnAct`; params under `bn`)."""
+
     act: str = "relu"
     dtype: Dtype = jnp.float32
     axis_name: str | None = None
@@ -136,6 +152,7 @@ class BnAct(nn.Module):
 
 class BnActConv2d(nn.Module):
     """Pre-activation unit BN -> act -> conv (timm `BnActConv2d`; params under `bn` and `conv`)."""
+
     features: int
     kernel_size: int
     stride: int = 1
@@ -147,12 +164,19 @@ class BnActConv2d(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = batch_norm_act(x, train, self.act, self.dtype, self.axis_name)
-        return Conv2d(features=self.features, kernel_size=self.kernel_size, stride=self.stride,
-                      groups=self.groups, dtype=self.dtype, name="conv")(x)
+        return Conv2d(
+            features=self.features,
+            kernel_size=self.kernel_size,
+            stride=self.stride,
+            groups=self.groups,
+            dtype=self.dtype,
+            name="conv",
+        )(x)
 
 
 class ConvBnAct(nn.Module):
     """Post-activation conv -> BN -> act (timm `ConvNormAct`, the stem; params `conv`, `bn`)."""
+
     features: int
     kernel_size: int
     stride: int = 1
@@ -162,6 +186,11 @@ class ConvBnAct(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = Conv2d(features=self.features, kernel_size=self.kernel_size, stride=self.stride,
-                   dtype=self.dtype, name="conv")(x)
+        x = Conv2d(
+            features=self.features,
+            kernel_size=self.kernel_size,
+            stride=self.stride,
+            dtype=self.dtype,
+            name="conv",
+        )(x)
         return batch_norm_act(x, train, self.act, self.dtype, self.axis_name)

@@ -1,4 +1,5 @@
 """timm-style model registry: architecture names, pretrained tags and fresh variables."""
+
 from __future__ import annotations
 
 import fnmatch
@@ -18,8 +19,11 @@ Variables = dict[str, Any]
 
 def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
     """Architectures matching `pattern`, or with `pretrained=True` the tags that have weights."""
-    names = ([tag for tag, cfg in PRETRAINED_CFGS.items() if cfg["hf_hub_id"]]
-             if pretrained else list(MODEL_CONFIGS))
+    names = (
+        [tag for tag, cfg in PRETRAINED_CFGS.items() if cfg["hf_hub_id"]]
+        if pretrained
+        else list(MODEL_CONFIGS)
+    )
     return sorted(fnmatch.filter(names, pattern))
 
 
@@ -53,8 +57,10 @@ def build_dpn(name: str, **kwargs: Any) -> DPN:
     arch, _ = split_model_name(name)
     unknown = sorted(set(kwargs) - set(CONFIG_FIELDS) - set(MODULE_FIELDS))
     if unknown:
-        raise ConfigError(f"unknown model argument {unknown[0]!r} for {name}; architecture fields: "
-                          f"{', '.join(CONFIG_FIELDS)}; model fields: {', '.join(MODULE_FIELDS)}")
+        raise ConfigError(
+            f"unknown model argument {unknown[0]!r} for {name}; architecture fields: "
+            f"{', '.join(CONFIG_FIELDS)}; model fields: {', '.join(MODULE_FIELDS)}"
+        )
     config = MODEL_CONFIGS[arch].replace(**{k: v for k, v in kwargs.items() if k in CONFIG_FIELDS})
     return DPN(config=config, **{k: v for k, v in kwargs.items() if k in MODULE_FIELDS})
 
@@ -81,7 +87,7 @@ def init_variables(model: nn.Module, rng: jax.Array | None = None) -> Variables:
         nonlocal offset
         name = path[-1].key
         if name == "kernel":
-            values = noise[offset:offset + leaf.size].reshape(leaf.shape)
+            values = noise[offset : offset + leaf.size].reshape(leaf.shape)
             offset += leaf.size
             return (values * np.float32(kernel_init_std(leaf.shape))).astype(leaf.dtype)
         if name in ("scale", "var"):

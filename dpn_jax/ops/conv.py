@@ -12,6 +12,7 @@ super-group, and 1x1 convolutions are matmuls whose weight gradient is a kernel 
 (`csrc/pointwise_grad_cpu.cc`). BENCHMARKS.md ("CPU kernels") has the current measurements,
 benchmarks/HISTORY.md the ones behind each CPU choice.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,8 +43,13 @@ def symmetric_padding(kernel_size: int, stride: int) -> tuple[tuple[int, int], t
 
 def _native(x: jax.Array, kernel: jax.Array, stride: int, padding, groups: int) -> jax.Array:
     return lax.conv_general_dilated(
-        x, kernel, (stride, stride), padding, dimension_numbers=_DIMENSION_NUMBERS,
-        feature_group_count=groups)
+        x,
+        kernel,
+        (stride, stride),
+        padding,
+        dimension_numbers=_DIMENSION_NUMBERS,
+        feature_group_count=groups,
+    )
 
 
 def _pointwise_dot(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
@@ -79,10 +85,17 @@ def _channel_matmul_fwd(x, weight):
 def _channel_matmul_bwd(residuals, dy):
     x, weight = residuals
     dx = lax.dot_general(dy, weight, (((3,), (1,)), ((), ())))
-    if (weight.shape[1] <= POINTWISE_KERNEL_MAX_OUT and x.dtype == dy.dtype == jnp.float32
-            and cpu_kernels_available()):
-        dweight = kernel_call("dpn_pointwise_kernel_grad", weight.shape,
-                              x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]))
+    if (
+        weight.shape[1] <= POINTWISE_KERNEL_MAX_OUT
+        and x.dtype == dy.dtype == jnp.float32
+        and cpu_kernels_available()
+    ):
+        dweight = kernel_call(
+            "dpn_pointwise_kernel_grad",
+            weight.shape,
+            x.reshape(-1, x.shape[-1]),
+            dy.reshape(-1, dy.shape[-1]),
+        )
     else:
         dweight = lax.dot_general(x, dy, (((0, 1, 2), (0, 1, 2)), ((), ())))
     return dx, dweight
@@ -129,8 +142,9 @@ def _split_groups(x: jax.Array, kernel: jax.Array, stride: int, padding, groups:
     """One dense convolution per (super-)group, concatenated: XLA CPU's dense convs are fast."""
     kernels = _super_group_kernels(kernel, groups)
     xs = jnp.split(x, len(kernels), axis=-1)
-    return jnp.concatenate([_native(xg, kg, stride, padding, 1) for xg, kg in zip(xs, kernels)],
-                           axis=-1)
+    return jnp.concatenate(
+        [_native(xg, kg, stride, padding, 1) for xg, kg in zip(xs, kernels)], axis=-1
+    )
 
 
 def _kernel_layout_exists(in_per_group: int, out_per_group: int, channels: int) -> bool:
@@ -140,7 +154,8 @@ def _kernel_layout_exists(in_per_group: int, out_per_group: int, channels: int) 
     8-lane vectors.
     """
     return (out_per_group % 8 == 0 and out_per_group <= 32) or (
-        in_per_group == out_per_group and 8 % out_per_group == 0 and channels % 8 == 0)
+        in_per_group == out_per_group and 8 % out_per_group == 0 and channels % 8 == 0
+    )
 
 
 def _kernel_geometry_exists(stride: int, pad: int) -> bool:
@@ -161,20 +176,24 @@ def cpu_kernel_merge(x: jax.Array, kernel: jax.Array, groups: int) -> int | None
     in_per_group, out_per_group = kernel.shape[2], kernel.shape[3] // groups
     for merge in range(1, groups + 1):
         if groups % merge == 0 and _kernel_layout_exists(
-                merge * in_per_group, merge * out_per_group, kernel.shape[3]):
+            merge * in_per_group, merge * out_per_group, kernel.shape[3]
+        ):
             return merge
     return None
 
 
-def _grouped_call(product: str, result_shape, a: jax.Array, b: jax.Array, groups: int,
-                  stride: int, pad: int) -> jax.Array:
-    return kernel_call(f"dpn_grouped_conv_{product}", result_shape, a, b, groups=groups,
-                       stride=stride, pad=pad)
+def _grouped_call(
+    product: str, result_shape, a: jax.Array, b: jax.Array, groups: int, stride: int, pad: int
+) -> jax.Array:
+    return kernel_call(
+        f"dpn_grouped_conv_{product}", result_shape, a, b, groups=groups, stride=stride, pad=pad
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _cpu_kernel_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int,
-                     groups: int) -> jax.Array:
+def _cpu_kernel_conv(
+    x: jax.Array, kernel: jax.Array, stride: int, pad: int, groups: int
+) -> jax.Array:
     """The 3x3 grouped conv as one custom call per product (jax.export needs them allowed)."""
     n, h, w, _ = x.shape
     out = (n, (h + 2 * pad - 3) // stride + 1, (w + 2 * pad - 3) // stride + 1, kernel.shape[3])
@@ -199,8 +218,9 @@ def _cpu_kernel_conv_bwd(stride, pad, groups, residuals, dy):
 _cpu_kernel_conv.defvjp(_cpu_kernel_conv_fwd, _cpu_kernel_conv_bwd)
 
 
-def _merged_kernel_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int, groups: int,
-                        merge: int) -> jax.Array:
+def _merged_kernel_conv(
+    x: jax.Array, kernel: jax.Array, stride: int, pad: int, groups: int, merge: int
+) -> jax.Array:
     """The CPU kernels on groups merged `merge` at a time into block-diagonal ones."""
     if merge > 1:
         dense = block_diagonal_kernels(kernel, groups, merge)  # (S, kh, kw, cin, cout)
@@ -212,8 +232,12 @@ def _cpu_grouped(x: jax.Array, kernel: jax.Array, stride: int, padding, groups: 
     """dpn_jax's kernels where they take the shape, else one dense conv per super-group."""
     (top, bottom), (left, right) = padding
     merge = cpu_kernel_merge(x, kernel, groups)
-    if (merge is not None and top == bottom == left == right
-            and _kernel_geometry_exists(stride, top) and cpu_kernels_available()):
+    if (
+        merge is not None
+        and top == bottom == left == right
+        and _kernel_geometry_exists(stride, top)
+        and cpu_kernels_available()
+    ):
         return _merged_kernel_conv(x, kernel, stride, top, groups, merge)
     return _split_groups(x, kernel, stride, padding, groups)
 
@@ -225,8 +249,9 @@ def _cpu_grouped(x: jax.Array, kernel: jax.Array, stride: int, padding, groups: 
 #   "native":  one `lax.conv_general_dilated` (no `lax.platform_dependent`), for converters that
 #              translate the jaxpr op by op (ONNX: a Conv with `group`).
 CONV_LOWERINGS = ("kernels", "xla", "native")
-_conv_lowering: contextvars.ContextVar[str] = contextvars.ContextVar("dpn_jax_conv_lowering",
-                                                                    default="kernels")
+_conv_lowering: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "dpn_jax_conv_lowering", default="kernels"
+)
 
 
 @contextlib.contextmanager
@@ -242,8 +267,9 @@ def conv_lowering(lowering: str) -> Iterator[None]:
         _conv_lowering.reset(token)
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, groups: int = 1,
-           padding=None) -> jax.Array:
+def conv2d(
+    x: jax.Array, kernel: jax.Array, *, stride: int = 1, groups: int = 1, padding=None
+) -> jax.Array:
     """NHWC x HWIO convolution with timm's symmetric padding; lowering chosen per backend.
 
     `kernel` has shape (kh, kw, in_channels // groups, out_channels), like Flax's `nn.Conv`.
@@ -251,14 +277,18 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, groups: int = 1,
     other backend, and dense kxk convs on CPU, use `lax.conv_general_dilated` as is
     (`conv_lowering` changes this for exports).
     """
-    padding = (symmetric_padding(kernel.shape[0], stride) if padding is None
-               else tuple(tuple(int(v) for v in p) for p in padding))
+    padding = (
+        symmetric_padding(kernel.shape[0], stride)
+        if padding is None
+        else tuple(tuple(int(v) for v in p) for p in padding)
+    )
     return _conv2d(x, kernel, stride, groups, padding, _conv_lowering.get())
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5), inline=True)
-def _conv2d(x: jax.Array, kernel: jax.Array, stride: int, groups: int, padding,
-            lowering: str) -> jax.Array:
+def _conv2d(
+    x: jax.Array, kernel: jax.Array, stride: int, groups: int, padding, lowering: str
+) -> jax.Array:
     """`conv2d` traced once per distinct shape: a DPN repeats few conv shapes many times.
 
     Tracing both platform branches of every convolution was most of the time it took to trace
@@ -270,8 +300,9 @@ def _conv2d(x: jax.Array, kernel: jax.Array, stride: int, groups: int, padding,
     if lowering == "native" or not (pointwise or groups > 1):
         return _native(x, kernel, stride, padding, groups)
     if pointwise and lowering == "xla":  # autodiff's weight gradient: no custom call
-        cpu = lambda x, k: lax.dot_general(x[:, ::stride, ::stride], k[0, 0],
-                                           (((3,), (0,)), ((), ())))
+        cpu = lambda x, k: lax.dot_general(
+            x[:, ::stride, ::stride], k[0, 0], (((3,), (0,)), ((), ()))
+        )
     elif pointwise:
         cpu = lambda x, k: _pointwise_dot(x, k, stride)
     elif lowering == "xla":
@@ -279,4 +310,5 @@ def _conv2d(x: jax.Array, kernel: jax.Array, stride: int, groups: int, padding,
     else:
         cpu = lambda x, k: _cpu_grouped(x, k, stride, padding, groups)
     return lax.platform_dependent(
-        x, kernel, cpu=cpu, default=lambda x, k: _native(x, k, stride, padding, groups))
+        x, kernel, cpu=cpu, default=lambda x, k: _native(x, k, stride, padding, groups)
+    )

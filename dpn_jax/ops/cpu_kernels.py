@@ -14,6 +14,7 @@ so their results differ by float32 rounding.
 The extension is optional: where it was not built (no GCC >= 12 or Clang at install), or is
 switched off, CPU runs warn once and take the slower pure-XLA lowering.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -32,10 +33,12 @@ CPU_KERNELS_ENV = "DPN_JAX_CPU_KERNELS"
 BASELINE_LIBRARY = "dpn_jax.ops._cpu_kernels"
 AVX2_LIBRARY = "dpn_jax.ops._cpu_kernels_avx2"
 # custom-call target -> the libraries' handler symbol
-TARGETS = {"dpn_grouped_conv_forward": "DpnGroupedConvForward",
-           "dpn_grouped_conv_input_grad": "DpnGroupedConvInputGrad",
-           "dpn_grouped_conv_kernel_grad": "DpnGroupedConvKernelGrad",
-           "dpn_pointwise_kernel_grad": "DpnPointwiseKernelGrad"}
+TARGETS = {
+    "dpn_grouped_conv_forward": "DpnGroupedConvForward",
+    "dpn_grouped_conv_input_grad": "DpnGroupedConvInputGrad",
+    "dpn_grouped_conv_kernel_grad": "DpnGroupedConvKernelGrad",
+    "dpn_pointwise_kernel_grad": "DpnPointwiseKernelGrad",
+}
 _SLOWER_LOWERING = "; using the slower pure-XLA lowering"
 
 
@@ -60,16 +63,19 @@ def chosen_library() -> str | None:
     on a CPU backend) where the kernels are switched off or were not built."""
     setting = os.environ.get(CPU_KERNELS_ENV, "auto")
     if switched_off(setting):
-        _warn_on_cpu(f"dpn_jax's CPU convolution kernels are switched off "
-                     f"({CPU_KERNELS_ENV}={setting!r})")
+        _warn_on_cpu(
+            f"dpn_jax's CPU convolution kernels are switched off ({CPU_KERNELS_ENV}={setting!r})"
+        )
         return None
     setting = setting.strip().lower()
     if setting not in ("auto", "baseline"):
         raise ConfigError(f"{CPU_KERNELS_ENV}={setting!r}: expected auto, baseline or off")
     baseline = built_library(BASELINE_LIBRARY)
     if baseline is None:
-        _warn_on_cpu("dpn_jax's CPU convolution kernels were not built (the install found no "
-                     "GCC >= 12 or Clang)")
+        _warn_on_cpu(
+            "dpn_jax's CPU convolution kernels were not built (the install found no "
+            "GCC >= 12 or Clang)"
+        )
         return None
     avx2 = built_library(AVX2_LIBRARY) if setting == "auto" else None
     return avx2 if avx2 is not None and cpu_supports_avx2_fma(baseline) else baseline
@@ -77,7 +83,7 @@ def chosen_library() -> str | None:
 
 def _warn_on_cpu(why: str) -> None:
     if jax.default_backend() == "cpu":
-        warnings.warn(why + _SLOWER_LOWERING)
+        warnings.warn(why + _SLOWER_LOWERING, stacklevel=3)
 
 
 def register_targets(library: str, suffix: str = "") -> None:
@@ -85,8 +91,9 @@ def register_targets(library: str, suffix: str = "") -> None:
     (a suffix lets a test or benchmark load a second build beside the chosen one)."""
     handlers = ctypes.CDLL(library)
     for target, symbol in TARGETS.items():
-        jax.ffi.register_ffi_target(target + suffix, jax.ffi.pycapsule(getattr(handlers, symbol)),
-                                    platform="cpu")
+        jax.ffi.register_ffi_target(
+            target + suffix, jax.ffi.pycapsule(getattr(handlers, symbol)), platform="cpu"
+        )
 
 
 @functools.cache
@@ -99,8 +106,9 @@ def cpu_kernels_available() -> bool:
     return True
 
 
-def kernel_call(target: str, result_shape, a: jax.Array, b: jax.Array, **attributes: int
-                ) -> jax.Array:
+def kernel_call(
+    target: str, result_shape, a: jax.Array, b: jax.Array, **attributes: int
+) -> jax.Array:
     """One kernel product, `target`(a, b; attributes), as a float32 `result_shape` array.
 
     `a` is the activation: the result varies over shard_map's axes as it does.
@@ -109,4 +117,5 @@ def kernel_call(target: str, result_shape, a: jax.Array, b: jax.Array, **attribu
         raise RuntimeError("dpn_jax's CPU convolution kernels are not available")
     result = jax.typeof(a).update(shape=tuple(result_shape))
     return jax.ffi.ffi_call(target, result, vmap_method="sequential")(
-        a, b, **{name: np.int64(value) for name, value in attributes.items()})
+        a, b, **{name: np.int64(value) for name, value in attributes.items()}
+    )

@@ -1,1 +1,1 @@
-"""Process-level setup shared by every tool: the device mesh runner, compilation cache, huge pages."""
+"""What every tool shares: the device-mesh runner, caches, huge pages, orbax I/O."""

@@ -6,6 +6,7 @@ Both live side by side in one user cache directory, `$XDG_CACHE_HOME/dpn_jax` (b
 compilation cache of the command-line tools. `DPN_JAX_WEIGHTS_CACHE` and
 `DPN_JAX_COMPILATION_CACHE` move each; the latter set to `off` disables the compilation cache.
 """
+
 from __future__ import annotations
 
 import os

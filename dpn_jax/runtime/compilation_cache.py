@@ -4,6 +4,7 @@ A DPN train step takes long to compile on CPU; with the cache a second run of th
 loads the executable from disk instead. Where it lives: `dpn_jax.runtime.cache_dirs`
 (`DPN_JAX_COMPILATION_CACHE`, `off` to disable).
 """
+
 from __future__ import annotations
 
 import os

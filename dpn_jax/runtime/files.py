@@ -15,6 +15,7 @@ Staging entries are named `.NAME.dpn_jax-KIND-HOST-PID-TOKEN` (KIND `tmp` or `ol
 of the host name). A later write to the same output removes those of a dead process on this
 host - entries no other program makes - and leaves every other entry alone.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,13 +40,25 @@ class OutputExistsError(OutputError, FileExistsError):
 
 # OS errors that a write to a user's path can meet through no fault of dpn_jax: reported as one
 # line naming the path. Any other OSError is a bug and keeps its traceback.
-USER_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
-                               errno.EFBIG, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EIO})
+USER_WRITE_ERRNOS = frozenset(
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EROFS,
+        errno.EFBIG,
+        errno.ENAMETOOLONG,
+        errno.ENOTDIR,
+        errno.EIO,
+    }
+)
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
-def check_output(path: str | os.PathLike, *, overwrite: bool, replaceable: Callable[[Path], bool],
-                 what: str) -> Path:
+def check_output(
+    path: str | os.PathLike, *, overwrite: bool, replaceable: Callable[[Path], bool], what: str
+) -> Path:
     """The absolute output path, or an OutputError if writing there would lose something.
 
     `path` may be absent (its parent is created when written), or exist, `overwrite` be given
@@ -57,19 +70,27 @@ def check_output(path: str | os.PathLike, *, overwrite: bool, replaceable: Calla
     if not os.path.lexists(path):
         return path
     if not overwrite:
-        raise OutputExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to "
-                                "replace it")
+        raise OutputExistsError(
+            f"{path} already exists; pass --overwrite (overwrite=True) to replace it"
+        )
     if path.is_symlink() or not replaceable(path):
-        raise OutputError(f"refusing to replace {path}: it is not {what} ({_describe(path)}); "
-                          "dpn_jax replaces only what it wrote; move it away or choose another "
-                          "output")
+        raise OutputError(
+            f"refusing to replace {path}: it is not {what} ({_describe(path)}); "
+            "dpn_jax replaces only what it wrote; move it away or choose another "
+            "output"
+        )
     return path
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, *, overwrite: bool,
-                  replaceable: Callable[[Path], bool], what: str,
-                  directory: bool) -> Iterator[Path]:
+def atomic_output(
+    path: str | os.PathLike,
+    *,
+    overwrite: bool,
+    replaceable: Callable[[Path], bool],
+    what: str,
+    directory: bool,
+) -> Iterator[Path]:
     """Yield a staging path (an empty directory, or a file name if not `directory`) next to
     `path`; when the block completes it takes `path`'s place atomically.
 
@@ -97,10 +118,15 @@ def atomic_output(path: str | os.PathLike, *, overwrite: bool,
             _remove(staging)
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
-        if isinstance(error, OSError) and not isinstance(error, OutputError) \
-                and error.errno in USER_WRITE_ERRNOS:
-            raise OutputError(f"cannot write {path}: {error.strerror}"
-                              + (f" ({error.filename})" if error.filename else "")) from error
+        if (
+            isinstance(error, OSError)
+            and not isinstance(error, OutputError)
+            and error.errno in USER_WRITE_ERRNOS
+        ):
+            raise OutputError(
+                f"cannot write {path}: {error.strerror}"
+                + (f" ({error.filename})" if error.filename else "")
+            ) from error
         raise
 
 
@@ -138,14 +164,17 @@ def _describe(path: Path) -> str:
 
 # --- staging names and leftovers -----------------------------------------------------------------
 
+
 def _staging_name(path: Path, kind: str) -> Path:
     token = uuid.uuid4().hex[:8]
     return path.with_name(f".{path.name}.dpn_jax-{kind}-{_HOST}-{os.getpid()}-{token}")
 
 
 def _leftover_pattern(path: Path) -> re.Pattern[str]:
-    return re.compile(rf"\.{re.escape(path.name)}\.dpn_jax-(?P<kind>tmp|old)"
-                      rf"-(?P<host>[0-9a-f]{{8}})-(?P<pid>\d+)-[0-9a-f]{{8}}")
+    return re.compile(
+        rf"\.{re.escape(path.name)}\.dpn_jax-(?P<kind>tmp|old)"
+        rf"-(?P<host>[0-9a-f]{{8}})-(?P<pid>\d+)-[0-9a-f]{{8}}"
+    )
 
 
 def _clean_leftovers(path: Path) -> None:
@@ -195,8 +224,13 @@ def _libc_renameat2() -> Callable[..., int] | None:
         function = ctypes.CDLL(None, use_errno=True).renameat2
     except (AttributeError, OSError):  # not glibc >= 2.28 / musl >= 1.2.3, or not Linux
         return None
-    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                         ctypes.c_uint]
+    function.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
     return function
 
 
@@ -222,8 +256,9 @@ def _rename_noreplace(source: Path, target: Path) -> None:
                 raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
             os.rename(source, target)
     except FileExistsError:
-        raise OutputExistsError(f"{target} already exists (written by another process "
-                                "meanwhile)") from None
+        raise OutputExistsError(
+            f"{target} already exists (written by another process meanwhile)"
+        ) from None
 
 
 def _replace(staging: Path, path: Path) -> None:

@@ -8,6 +8,7 @@ at a time, every step. glibc (>= 2.35) asks for transparent huge pages instead w
 start, so a command re-executes itself once with the tunable added. `DPN_JAX_HUGE_PAGES=0`
 turns this off.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,7 +23,8 @@ _THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 def huge_page_malloc_applies() -> bool:
-    """Linux with glibc >= 2.35, transparent huge pages not disabled, the tunable not set, not opted out."""
+    """Linux with glibc >= 2.35, transparent huge pages not disabled, the tunable not set, and not
+    opted out."""
     if switched_off(os.environ.get(HUGE_PAGES_ENV, "1")):
         return False
     if "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", ""):

@@ -8,6 +8,7 @@ still in flight may complete after orbax's event loop has closed, each printing 
 the user's terminal while dpn_jax works in `directory`; `os_error_of` recovers the OSError the
 ValueError stands for, which the caller reports in one line.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -10,13 +10,16 @@ thin adapter because the design card names it: it sees the batch with a leading 
 which `put_batch` / `local` add and remove, and the state and outputs are the same replicated
 global arrays. Each process feeds only its own rows of a batch.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dpn_jax.errors import ConfigError
 
@@ -41,8 +44,9 @@ class Runner:
         self._replicated = NamedSharding(self.mesh, REPLICATED)
         self._sharded = NamedSharding(self.mesh, SHARDED)
 
-    def compile(self, step: Callable, in_specs: tuple, out_specs: Any,
-                donate_argnums: tuple[int, ...] = ()) -> Callable:
+    def compile(
+        self, step: Callable, in_specs: tuple, out_specs: Any, donate_argnums: tuple[int, ...] = ()
+    ) -> Callable:
         """`step(*args)` for one device -> a function of global arrays.
 
         `in_specs` gives REPLICATED or SHARDED per argument, `out_specs` per output (prefix
@@ -50,39 +54,54 @@ class Runner:
         """
         if self.parallelism == "pmap":
             return self._pmap(step, in_specs, out_specs, donate_argnums)
-        return jax.jit(jax.shard_map(step, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs),
-                       donate_argnums=donate_argnums)
+        return jax.jit(
+            jax.shard_map(step, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs),
+            donate_argnums=donate_argnums,
+        )
 
-    def _pmap(self, step: Callable, in_specs: tuple, out_specs: Any,
-              donate_argnums: tuple[int, ...]) -> Callable:
+    def _pmap(
+        self, step: Callable, in_specs: tuple, out_specs: Any, donate_argnums: tuple[int, ...]
+    ) -> Callable:
         axis = lambda spec: None if spec == REPLICATED else 0  # noqa: E731
-        mapped = jax.pmap(step, axis_name=AXIS, in_axes=tuple(jax.tree.map(axis, in_specs)),
-                          out_axes=jax.tree.map(axis, out_specs), donate_argnums=donate_argnums,
-                          devices=None if self.devices == jax.devices() else self.devices)
+        mapped = jax.pmap(
+            step,
+            axis_name=AXIS,
+            in_axes=tuple(jax.tree.map(axis, in_specs)),
+            out_axes=jax.tree.map(axis, out_specs),
+            donate_argnums=donate_argnums,
+            devices=None if self.devices == jax.devices() else self.devices,
+        )
         if jax.process_count() == 1:
             return mapped
         # With several processes pmap returns its unmapped outputs as arrays of this process's
         # devices only; the same buffers make the global replicated array (no copy).
         as_global = lambda x: jax.make_array_from_single_device_arrays(  # noqa: E731
-            x.shape, self._replicated, [shard.data for shard in x.addressable_shards])
+            x.shape, self._replicated, [shard.data for shard in x.addressable_shards]
+        )
 
         def run(*args):
             outputs = mapped(*args)
-            return jax.tree.map(lambda spec, out: jax.tree.map(as_global, out)
-                                if spec == REPLICATED else out, out_specs, outputs,
-                                is_leaf=lambda x: x is None or isinstance(x, P))
+            return jax.tree.map(
+                lambda spec, out: jax.tree.map(as_global, out) if spec == REPLICATED else out,
+                out_specs,
+                outputs,
+                is_leaf=lambda x: x is None or isinstance(x, P),
+            )
+
         return run
 
     def replicate(self, tree: Any) -> Any:
         """A host tree (the same on every process) -> global arrays replicated on every device."""
         return jax.tree.map(
-            lambda x: jax.make_array_from_process_local_data(self._replicated, np.asarray(x)), tree)
+            lambda x: jax.make_array_from_process_local_data(self._replicated, np.asarray(x)), tree
+        )
 
     def put_batch(self, tree: Any) -> Any:
         """This process's rows of a batch (numpy, first axis) -> global arrays split over devices.
 
         Every process passes the same number of rows, a multiple of its device count.
         """
+
         def put(x: np.ndarray) -> jax.Array:
             x = np.asarray(x)
             if self.parallelism == "pmap":  # pmap maps over a leading device axis
@@ -93,6 +112,7 @@ class Runner:
 
     def local(self, tree: Any) -> Any:
         """This process's rows of sharded outputs as numpy, in batch order (no gather)."""
+
         def rows(x: jax.Array) -> np.ndarray:
             shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
             data = np.concatenate([np.asarray(s.data) for s in shards])
@@ -108,12 +128,18 @@ class Runner:
     def abstract_state(self, tree: Any) -> Any:
         """Shapes, dtypes and the replicated sharding of a host tree (an orbax restore target)."""
         return jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=self._replicated),
-            tree)
+            lambda x: jax.ShapeDtypeStruct(
+                np.shape(x), np.asarray(x).dtype, sharding=self._replicated
+            ),
+            tree,
+        )
 
     def check_batch_size(self, global_batch: int, what: str) -> int:
-        """This process's share of a global batch; ConfigError unless every device gets as many rows."""
+        """This process's share of a global batch; ConfigError unless every device gets as many
+        rows."""
         if global_batch < 1 or global_batch % self.num_devices:
-            raise ConfigError(f"{what}={global_batch} must be a positive multiple of the "
-                              f"{self.num_devices} devices")
+            raise ConfigError(
+                f"{what}={global_batch} must be a positive multiple of the "
+                f"{self.num_devices} devices"
+            )
         return global_batch // self.num_devices * self.num_local_devices

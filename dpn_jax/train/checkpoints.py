@@ -1,4 +1,4 @@
-"""A run's orbax checkpoints: the train state as it lives on the mesh, and each process's data position.
+"""A run's orbax checkpoints: the train state as it lives on the mesh, and each process's data.
 
 Orbax writes every step into a temporary directory and renames it when complete, so a save cut
 off by preemption leaves no step behind. The train state is saved as the global (replicated)
@@ -6,6 +6,7 @@ arrays it is; each process writes its part and nothing is gathered, and it resto
 whatever devices the resumed run has. Beside it each process saves its input pipeline's state
 (`process_I-of-N.json`) and process 0 the run's description (`meta`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,7 +38,8 @@ class Checkpoints:
         self.directory = Path(workdir).absolute() / "checkpoints"
         data_state = JsonCheckpointHandler(
             filename=f"process_{jax.process_index()}-of-{jax.process_count()}.json",
-            multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=None))
+            multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=None),
+        )
         registry = DefaultCheckpointHandlerRegistry()
         for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
             registry.add("data", args, data_state)
@@ -45,10 +47,14 @@ class Checkpoints:
         for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
             registry.add("state", args)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=True,
-            cleanup_tmp_directories=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              handler_registry=registry)
+            max_to_keep=keep,
+            create=True,
+            enable_async_checkpointing=True,
+            cleanup_tmp_directories=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, handler_registry=registry
+        )
         self._quiet = quiet_about(self.directory)  # asynchronous saves report failures late
         self._quiet.__enter__()
 
@@ -63,14 +69,22 @@ class Checkpoints:
         for step in sorted(self._manager.all_steps(), reverse=True):
             try:
                 self._check_structure(step, target)
-                restored = self._manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+                restored = self._manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
+                    ),
+                )
             except ConfigError:
                 raise
             except Exception as error:  # orbax and tensorstore raise many types for bad files
                 ignore_closed_loop_aftermath()
-                log.warning("checkpoint step %d in %s cannot be read (%s); trying the one before",
-                            step, self.directory, _first_line(error))
+                log.warning(
+                    "checkpoint step %d in %s cannot be read (%s); trying the one before",
+                    step,
+                    self.directory,
+                    _first_line(error),
+                )
                 self._set_aside(step)
                 continue
             return restored.state, restored.data
@@ -83,7 +97,8 @@ class Checkpoints:
             differing = sorted(set(saved_shapes.items()) ^ set(wanted.items()))[0][0]
             raise ConfigError(
                 f"{self.directory} holds checkpoints of another model or configuration (first "
-                f"difference: {differing}); resume with the same config or use another --workdir")
+                f"difference: {differing}); resume with the same config or use another --workdir"
+            )
 
     def _set_aside(self, step: int) -> None:
         if jax.process_index() == 0:
@@ -101,8 +116,11 @@ class Checkpoints:
         is removed. (The train step never applies a NaN/Inf update, so the state is finite.)
         """
         step = int(np.asarray(state.step.addressable_data(0)))
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta))
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            meta=ocp.args.JsonSave(meta),
+        )
         self._guard(lambda: self._manager.save(step, args=args, force=True))
 
     def wait(self) -> None:
@@ -124,8 +142,9 @@ class Checkpoints:
             if refused is None:
                 raise
             self._remove_unfinished()
-            raise OutputError(f"saving a checkpoint in {self.directory} failed: "
-                              f"{refused.strerror}") from None
+            raise OutputError(
+                f"saving a checkpoint in {self.directory} failed: {refused.strerror}"
+            ) from None
 
     def _remove_unfinished(self) -> None:
         """Orbax's temporary step directories (never a finished step: those have no tmp mark)."""
@@ -138,14 +157,17 @@ class Checkpoints:
 def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     """'opt_state/1/0/trace/classifier/bias' -> shape, for a tree or orbax's metadata of one
     (which spells dataclass fields and tuple entries as dict keys)."""
+
     def name(key: Any) -> str:
         for attribute in ("key", "name", "idx"):
             if hasattr(key, attribute):
                 return str(getattr(key, attribute))
         return str(key)
 
-    return {"/".join(map(name, path)): tuple(leaf.shape)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {
+        "/".join(map(name, path)): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
 
 
 def _first_line(error: BaseException) -> str:

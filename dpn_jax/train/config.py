@@ -3,11 +3,13 @@
 `configs/default.py` defines every key; this module says which values each accepts. A bad
 value is a ConfigError naming the key, the value and what is allowed.
 """
+
 from __future__ import annotations
 
 import numbers
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 
@@ -36,12 +38,20 @@ def _choice(*allowed: Any) -> tuple[Callable[[Any], bool], str]:
     return (lambda value: value in allowed), "one of " + ", ".join(map(repr, allowed))
 
 
-def _interval(low: float, high: float, *, low_open: bool = False,
-              high_open: bool = True) -> tuple[Callable[[Any], bool], str]:
+def _interval(
+    low: float, high: float, *, low_open: bool = False, high_open: bool = True
+) -> tuple[Callable[[Any], bool], str]:
     def check(value: Any) -> bool:
-        return (_is_number(value) and (value > low if low_open else value >= low)
-                and (value < high if high_open else value <= high))
-    return check, f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        return (
+            _is_number(value)
+            and (value > low if low_open else value >= low)
+            and (value < high if high_open else value <= high)
+        )
+
+    return (
+        check,
+        f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}",
+    )
 
 
 def _optional(rule: tuple[Callable[[Any], bool], str]) -> tuple[Callable[[Any], bool], str]:
@@ -50,8 +60,9 @@ def _optional(rule: tuple[Callable[[Any], bool], str]) -> tuple[Callable[[Any], 
 
 
 def _triple_of(check: Callable[[Any], bool], what: str) -> tuple[Callable[[Any], bool], str]:
-    return (lambda value: value is not None and len(value) == 3 and all(map(check, value))), \
-        f"three {what}"
+    return (
+        lambda value: value is not None and len(value) == 3 and all(map(check, value))
+    ), f"three {what}"
 
 
 def _valid_regex(value: Any) -> bool:
@@ -87,8 +98,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "base_batch_size": POSITIVE_INT,
     "schedule": _choice(*SCHEDULES),
     "warmup_epochs": NON_NEGATIVE,
-    "step_decay_epochs": ((lambda value: all(_is_number(v) and v >= 0 for v in value)),
-                          "a list of epochs >= 0"),
+    "step_decay_epochs": (
+        (lambda value: all(_is_number(v) and v >= 0 for v in value)),
+        "a list of epochs >= 0",
+    ),
     "step_decay_factor": POSITIVE,
     "momentum": FRACTION,
     "nesterov": BOOL,
@@ -109,21 +122,27 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raise ConfigError for the first value a rule refuses, or for a run of no steps."""
     if config.model not in MODEL_CONFIGS:
-        raise ConfigError(f"--config.model={config.model!r}: must be one of "
-                          f"{', '.join(MODEL_CONFIGS)}")
+        raise ConfigError(
+            f"--config.model={config.model!r}: must be one of {', '.join(MODEL_CONFIGS)}"
+        )
     unknown = sorted(set(config.model_kwargs) - set(CONFIG_FIELDS))
     if unknown:
-        raise ConfigError(f"--config.model_kwargs.{unknown[0]}: not an architecture field; "
-                          f"choose from {', '.join(CONFIG_FIELDS)}")
+        raise ConfigError(
+            f"--config.model_kwargs.{unknown[0]}: not an architecture field; "
+            f"choose from {', '.join(CONFIG_FIELDS)}"
+        )
     for key, (check, allowed) in RULES.items():
         value = config.get(key)
         if not check(value):
             raise ConfigError(f"--config.{key}={value!r}: must be {allowed}")
     if config.num_train_steps <= 0 and config.num_epochs <= 0:
-        raise ConfigError("nothing to train: set --config.num_epochs > 0 or "
-                          "--config.num_train_steps > 0")
+        raise ConfigError(
+            "nothing to train: set --config.num_epochs > 0 or --config.num_train_steps > 0"
+        )
     if config.nesterov and not config.momentum:
         raise ConfigError("--config.nesterov=True needs --config.momentum > 0")
     if config.init_from == "":
-        raise ConfigError("this config fine-tunes: set --config.init_from=DIR (a model directory "
-                          "written by dpn-convert or by train.py)")
+        raise ConfigError(
+            "this config fine-tunes: set --config.init_from=DIR (a model directory "
+            "written by dpn-convert or by train.py)"
+        )

@@ -1,10 +1,12 @@
 """Batches on the devices ahead of the step that needs them, fed from a background thread."""
+
 from __future__ import annotations
 
 import queue
 import threading
 import time
-from typing import Any, Callable, Iterator, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 from dpn_jax.runtime.runner import Runner
 
@@ -64,7 +66,7 @@ class BatchFeeder:
                 if interrupted():
                     return None
                 if not self._thread.is_alive() and self._queue.empty():
-                    raise RuntimeError("the batch feeder stopped without an error")
+                    raise RuntimeError("the batch feeder stopped without an error") from None
         if isinstance(item, _Failure):
             raise item.error
         batch, data_state = item

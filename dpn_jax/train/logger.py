@@ -5,6 +5,7 @@ lines of later steps (written by the interrupted run after its last checkpoint) 
 from metrics.jsonl, and TensorBoard is told to discard them (`purge_step`), so no step is
 recorded twice. TensorBoard events are written with tensorboardX (no TensorFlow needed).
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,10 @@ class MetricsLogger:
             from tensorboardX import SummaryWriter
 
             self._keep_records_up_to(resume_step)
-            self._writer = SummaryWriter(str(self.workdir / "tensorboard"),
-                                         purge_step=resume_step + 1 if resume_step else None)
+            self._writer = SummaryWriter(
+                str(self.workdir / "tensorboard"),
+                purge_step=resume_step + 1 if resume_step else None,
+            )
 
     @property
     def jsonl_path(self) -> Path:
@@ -67,8 +70,9 @@ class MetricsLogger:
                 self._writer.add_scalar(name, value, int(step))
             self._writer.flush()
         except OSError as error:
-            raise OutputError(f"cannot write the training records in {self.workdir}: "
-                              f"{error.strerror}") from None
+            raise OutputError(
+                f"cannot write the training records in {self.workdir}: {error.strerror}"
+            ) from None
 
     def plot_curves(self) -> Path | None:
         """Loss, top-1 and learning rate against step, from the whole metrics.jsonl, as a PNG."""
@@ -76,19 +80,24 @@ class MetricsLogger:
         if not records:
             return None
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        panels = (("loss", ("train_loss", "eval_loss", "eval_loss_ema")),
-                  ("top-1", ("train_top1", "eval_top1", "eval_top1_ema")),
-                  ("learning rate", ("lr",)),
-                  ("input wait (fraction of the step)", ("data_wait",)))
+        panels = (
+            ("loss", ("train_loss", "eval_loss", "eval_loss_ema")),
+            ("top-1", ("train_top1", "eval_top1", "eval_top1_ema")),
+            ("learning rate", ("lr",)),
+            ("input wait (fraction of the step)", ("data_wait",)),
+        )
         fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
         for ax, (title, keys) in zip(axes, panels):
             for key in keys:
                 points = [(r["step"], r[key]) for r in records if key in r]
                 if points:
-                    ax.plot(*zip(*points), marker="." if key.startswith("eval") else None, label=key)
+                    ax.plot(
+                        *zip(*points), marker="." if key.startswith("eval") else None, label=key
+                    )
             ax.set_title(title)
             ax.set_xlabel("step")
             ax.legend()

@@ -3,6 +3,7 @@
 It is created on the host (numpy) and lives on the devices as replicated global arrays
 (`Runner.replicate`); `dpn_jax.train.checkpoints` saves and restores it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,17 +35,21 @@ class TrainState:
         return {"params": source["params"], "batch_stats": source["batch_stats"]}
 
 
-def create_train_state(variables: Variables, tx: optax.GradientTransformation, *, seed: int,
-                       use_ema: bool) -> TrainState:
+def create_train_state(
+    variables: Variables, tx: optax.GradientTransformation, *, seed: int, use_ema: bool
+) -> TrainState:
     """A fresh state on the host (numpy leaves) from initial model variables."""
     variables = jax.device_get(variables)
     params, batch_stats = variables["params"], variables["batch_stats"]
     state = TrainState(
-        step=np.int32(0), params=params, batch_stats=batch_stats,
+        step=np.int32(0),
+        params=params,
+        batch_stats=batch_stats,
         opt_state=tx.init(params),
         ema={"params": params, "batch_stats": batch_stats} if use_ema else None,
         rng=np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32),
-        nonfinite_step=np.int32(-1))
+        nonfinite_step=np.int32(-1),
+    )
     return jax.tree.map(np.asarray, state)
 
 
@@ -59,15 +64,19 @@ def merge_for_finetuning(fresh: Variables, loaded: Variables, source: str) -> Va
     loaded_flat = flax.traverse_util.flatten_dict(jax.device_get(loaded), sep="/")
     missing = sorted(set(fresh_flat) - set(loaded_flat))
     if missing:
-        raise ValueError(f"{source}: no tensor {missing[0]} ({len(missing)} missing); "
-                         "was it exported from the same architecture and model_kwargs?")
+        raise ValueError(
+            f"{source}: no tensor {missing[0]} ({len(missing)} missing); "
+            "was it exported from the same architecture and model_kwargs?"
+        )
     merged, reset = {}, []
     for name, fresh_value in fresh_flat.items():
         value = np.asarray(loaded_flat[name])
         if value.shape != fresh_value.shape:
             if not name.startswith("params/classifier/"):
-                raise ValueError(f"{source}: tensor {name} has shape {value.shape}, "
-                                 f"the model expects {fresh_value.shape}")
+                raise ValueError(
+                    f"{source}: tensor {name} has shape {value.shape}, "
+                    f"the model expects {fresh_value.shape}"
+                )
             reset.append(name)
             value = np.asarray(fresh_value)
         merged[name] = value

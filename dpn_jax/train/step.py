@@ -1,7 +1,9 @@
 """One device's SGD step, with explicit collectives over the runner's `batch` axis."""
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +30,14 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def make_train_step(model: DPN, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    config: ml_collections.ConfigDict, mean, std) -> Callable:
+def make_train_step(
+    model: DPN,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    config: ml_collections.ConfigDict,
+    mean,
+    std,
+) -> Callable:
     """`train_step(state, batch) -> (state, metrics)` for one device of the runner.
 
     The state is replicated; each device differentiates its own copy of the parameters on its
@@ -43,13 +51,18 @@ def make_train_step(model: DPN, tx: optax.GradientTransformation, schedule: opta
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         dropout_rng = jax.random.fold_in(
             jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step),
-            lax.axis_index(AXIS))
+            lax.axis_index(AXIS),
+        )
         images = normalize(batch["image"], mean, std, model.dtype)
 
         def loss_fn(params):
             logits, new_vars = model.apply(
-                {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-                mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+                {"params": params, "batch_stats": state.batch_stats},
+                images,
+                train=True,
+                mutable=["batch_stats"],
+                rngs={"dropout": dropout_rng},
+            )
             return cross_entropy(logits, batch["label"], config.label_smoothing), (logits, new_vars)
 
         # This device's gradient (without the cast JAX would sum the gradients of a replicated
@@ -65,18 +78,24 @@ def make_train_step(model: DPN, tx: optax.GradientTransformation, schedule: opta
         if ema is not None:
             applied = tx.has_updated(opt_state) if isinstance(tx, optax.MultiSteps) else True
             decay = jnp.where(applied, config.ema_decay, 1.0)
-            ema = optax.incremental_update({"params": params, "batch_stats": batch_stats},
-                                           ema, step_size=1.0 - decay)
+            ema = optax.incremental_update(
+                {"params": params, "batch_stats": batch_stats}, ema, step_size=1.0 - decay
+            )
 
-        metrics = lax.pmean({"loss": loss, "top1": top_k_correct(logits, batch["label"], 1).mean()},
-                            AXIS)
+        metrics = lax.pmean(
+            {"loss": loss, "top1": top_k_correct(logits, batch["label"], 1).mean()}, AXIS
+        )
         finite = jnp.isfinite(metrics["loss"]) & _all_finite(grads)
-        updated = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state, ema=ema)
+        updated = state.replace(
+            params=params, batch_stats=batch_stats, opt_state=opt_state, ema=ema
+        )
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
         new_state = new_state.replace(
             step=state.step + 1,
-            nonfinite_step=jnp.where((state.nonfinite_step < 0) & ~finite,
-                                     state.step + 1, state.nonfinite_step))
+            nonfinite_step=jnp.where(
+                (state.nonfinite_step < 0) & ~finite, state.step + 1, state.nonfinite_step
+            ),
+        )
         metrics["lr"] = schedule(state.step // accum)
         return new_state, metrics
 

@@ -7,12 +7,13 @@ waits for data. Several processes: SIGTERM on any of them reaches JAX's preempti
 (no collective of ours). SIGINT there is forwarded to the same service as a SIGTERM, so Ctrl-C
 on any host stops all of them at one step too.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
 from jax.experimental import multihost_utils
@@ -24,7 +25,7 @@ class StopRequest:
         self._multi_process = jax.process_count() > 1
 
     @contextlib.contextmanager
-    def installed(self) -> Iterator["StopRequest"]:
+    def installed(self) -> Iterator[StopRequest]:
         # With several processes SIGTERM belongs to JAX's preemption notifier: leave it alone.
         signals = (signal.SIGINT,) if self._multi_process else (signal.SIGTERM, signal.SIGINT)
         previous = {s: signal.signal(s, self._handle) for s in signals}
@@ -37,7 +38,9 @@ class StopRequest:
     def _handle(self, signum: int, _frame) -> None:
         self.signum = signum
         if self._multi_process:
-            os.kill(os.getpid(), signal.SIGTERM)  # tell the preemption service, which all hosts hear
+            os.kill(
+                os.getpid(), signal.SIGTERM
+            )  # tell the preemption service, which all hosts hear
 
     def requested_locally(self) -> bool:
         """A signal reached this process (may be read at any time, e.g. while waiting for data)."""

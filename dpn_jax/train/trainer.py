@@ -7,6 +7,7 @@ fed from a background thread and their pipeline position is checkpointed with th
 run resumes exactly where it stopped. A run resumes from the newest intact checkpoint in
 WORKDIR on start and stops cleanly (save, return) on SIGTERM/SIGINT.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,16 +47,23 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def data_config(config: ml_collections.ConfigDict, model_name: str,
-                base: dict[str, Any] | None = None) -> dict[str, Any]:
+def data_config(
+    config: ml_collections.ConfigDict, model_name: str, base: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Preprocessing: config values where set, else the fine-tuning source's, else the tag's."""
     cfg = dict(base or pretrained_cfg(model_name))
     for key in ("mean", "std", "crop_pct", "interpolation"):
         if config.get(key) is not None:
             cfg[key] = config[key]
     size = config.image_size
-    return dict(cfg, input_size=(size, size), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
-                test_input_size=None, test_crop_pct=None)
+    return dict(
+        cfg,
+        input_size=(size, size),
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        test_input_size=None,
+        test_crop_pct=None,
+    )
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
@@ -70,8 +78,14 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
         model_kwargs = {**source.model_kwargs, **model_kwargs}
         base_cfg = source.preprocessing.as_dict()
     model, variables = create_model(
-        arch, num_classes=num_classes, dtype=DTYPES[config.dtype], drop_rate=config.drop_rate,
-        rng=jax.random.key(config.seed), axis_name=AXIS, **model_kwargs)
+        arch,
+        num_classes=num_classes,
+        dtype=DTYPES[config.dtype],
+        drop_rate=config.drop_rate,
+        rng=jax.random.key(config.seed),
+        axis_name=AXIS,
+        **model_kwargs,
+    )
     if loaded is not None:
         variables = merge_for_finetuning(variables, loaded, config.init_from)
     return model, variables, arch, model_kwargs, base_cfg
@@ -80,6 +94,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
 @dataclasses.dataclass
 class _LogWindow:
     """The steps since the last log line: their metrics (on the device) and input waits."""
+
     start_step: int
     start_time: float = dataclasses.field(default_factory=time.perf_counter)
     metrics: list[dict] = dataclasses.field(default_factory=list)
@@ -93,13 +108,19 @@ class _LogWindow:
         elapsed = max(time.perf_counter() - self.start_time, 1e-9)
         values = [Runner.value(m) for m in self.metrics]
         mean = lambda key: float(np.mean([v[key] for v in values]))  # noqa: E731
-        return {"train_loss": mean("loss"), "train_top1": mean("top1"), "lr": mean("lr"),
-                "img_per_sec": (step - self.start_step) * batch_size / elapsed,
-                "data_wait": min(self.wait_seconds / elapsed, 1.0)}
+        return {
+            "train_loss": mean("loss"),
+            "train_top1": mean("top1"),
+            "lr": mean("lr"),
+            "img_per_sec": (step - self.start_step) * batch_size / elapsed,
+            "data_wait": min(self.wait_seconds / elapsed, 1.0),
+        }
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
-    """Train `config` in `workdir` (resuming if it holds checkpoints); returns the last eval metrics.
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike
+) -> dict[str, float]:
+    """Train `config` in `workdir` (resuming if it holds checkpoints); the last eval metrics.
 
     Every epoch (and at the end) the full eval split is evaluated, with the EMA weights too when
     `ema_decay` > 0. At the end the weights (EMA if enabled) are exported to WORKDIR/model.
@@ -119,37 +140,60 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
     runner = Runner(config.parallelism)
     batch_size = runner.check_batch_size(config.batch_size, "--config.batch_size")
     eval_batch_size = runner.check_batch_size(config.eval_batch_size, "--config.eval_batch_size")
-    info = pipeline.dataset_info(config.dataset, data_dir=config.data_dir,
-                                 eval_split=config.eval_split)
+    info = pipeline.dataset_info(
+        config.dataset, data_dir=config.data_dir, eval_split=config.eval_split
+    )
     if info.num_classes < 2:
-        raise DataError(f"dataset {config.dataset} has {info.num_classes} class "
-                        f"({', '.join(info.class_names)}); training a classifier needs at least 2")
+        raise DataError(
+            f"dataset {config.dataset} has {info.num_classes} class "
+            f"({', '.join(info.class_names)}); training a classifier needs at least 2"
+        )
     steps_per_epoch = info.num_train_examples // config.batch_size
     if steps_per_epoch < 1:
-        raise ConfigError(f"--config.batch_size={config.batch_size} exceeds the "
-                          f"{info.num_train_examples} training examples of {config.dataset}")
-    total_steps = config.num_train_steps if config.num_train_steps > 0 else max(
-        1, int(config.num_epochs * steps_per_epoch))
+        raise ConfigError(
+            f"--config.batch_size={config.batch_size} exceeds the "
+            f"{info.num_train_examples} training examples of {config.dataset}"
+        )
+    total_steps = (
+        config.num_train_steps
+        if config.num_train_steps > 0
+        else max(1, int(config.num_epochs * steps_per_epoch))
+    )
     model, variables, arch, model_kwargs, base_cfg = build_model(config, info.num_classes)
     data_cfg = data_config(config, arch, base_cfg)
     tx, schedule = create_optimizer(config, steps_per_epoch // config.grad_accum_steps)
     host_state = create_train_state(variables, tx, seed=config.seed, use_ema=config.ema_decay > 0)
-    meta = {"class_names": list(info.class_names), "architecture": arch,
-            "model_kwargs": model_kwargs, "dataset": config.dataset, "seed": config.seed,
-            "steps_per_epoch": steps_per_epoch, "config": config.to_dict()}
+    meta = {
+        "class_names": list(info.class_names),
+        "architecture": arch,
+        "model_kwargs": model_kwargs,
+        "dataset": config.dataset,
+        "seed": config.seed,
+        "steps_per_epoch": steps_per_epoch,
+        "config": config.to_dict(),
+    }
 
     train_step = runner.compile(
         make_train_step(model, tx, schedule, config, data_cfg["mean"], data_cfg["std"]),
-        in_specs=(REPLICATED, SHARDED), out_specs=(REPLICATED, REPLICATED), donate_argnums=(0,))
+        in_specs=(REPLICATED, SHARDED),
+        out_specs=(REPLICATED, REPLICATED),
+        donate_argnums=(0,),
+    )
     eval_step = compile_eval_step(runner, model, data_cfg["mean"], data_cfg["std"])
 
     def evaluate(state: TrainState) -> dict[str, float]:
         def batches():
             return pipeline.eval_batches(
-                config.dataset, batch_size=eval_batch_size, image_size=config.image_size,
-                crop_pct=data_cfg["crop_pct"], interpolation=data_cfg["interpolation"],
-                data_dir=config.data_dir, eval_split=config.eval_split,
-                num_workers=config.data_workers)
+                config.dataset,
+                batch_size=eval_batch_size,
+                image_size=config.image_size,
+                crop_pct=data_cfg["crop_pct"],
+                interpolation=data_cfg["interpolation"],
+                data_dir=config.data_dir,
+                eval_split=config.eval_split,
+                num_workers=config.data_workers,
+            )
+
         metrics = run_evaluation(runner, eval_step, state.variables(), batches()).metrics()
         if state.ema is not None:
             ema = run_evaluation(runner, eval_step, state.variables(ema=True), batches())
@@ -162,7 +206,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
             raise FloatingPointError(
                 f"loss or gradient became NaN/Inf at step {bad} (epoch "
                 f"{(bad - 1) // steps_per_epoch + 1}); that update was not applied. Lower the "
-                "learning rate, or set --config.skip_nonfinite_updates=True to skip such steps")
+                "learning rate, or set --config.skip_nonfinite_updates=True to skip such steps"
+            )
 
     with contextlib.ExitStack() as stack:
         checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints)
@@ -176,9 +221,14 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
         stack.callback(logger.close)
         stop = stack.enter_context(StopRequest().installed())
         train_batches = pipeline.train_batches(
-            config.dataset, batch_size=batch_size, image_size=config.image_size,
-            interpolation=data_cfg["interpolation"], seed=config.seed, data_dir=config.data_dir,
-            num_workers=config.data_workers)
+            config.dataset,
+            batch_size=batch_size,
+            image_size=config.image_size,
+            interpolation=data_cfg["interpolation"],
+            seed=config.seed,
+            data_dir=config.data_dir,
+            num_workers=config.data_workers,
+        )
         if data_state is not None:
             train_batches.set_state(data_state)
         data_state = train_batches.get_state()
@@ -186,9 +236,16 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
         stack.callback(feeder.close)
         # One process may leave a wait for data on a signal; several must stay in step.
         interruptible = stop.requested_locally if jax.process_count() == 1 else (lambda: False)
-        progress = stack.enter_context(tqdm.tqdm(
-            total=total_steps, initial=start_step, disable=jax.process_index() != 0,
-            desc="train", unit="step", dynamic_ncols=True))
+        progress = stack.enter_context(
+            tqdm.tqdm(
+                total=total_steps,
+                initial=start_step,
+                disable=jax.process_index() != 0,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+            )
+        )
         eval_metrics: dict[str, float] = {}
         window = _LogWindow(start_step)
 
@@ -197,8 +254,10 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
             if fed is None:  # a signal while waiting for data: save what the last step made
                 if step > start_step:
                     checkpoints.save(state, data_state, meta)
-                progress.write(f"signal {stop.signum} while waiting for data: saved step {step} "
-                               f"to {checkpoints.directory}; run the same command again to resume")
+                progress.write(
+                    f"signal {stop.signum} while waiting for data: saved step {step} "
+                    f"to {checkpoints.directory}; run the same command again to resume"
+                )
                 return eval_metrics
             state, metrics = train_step(state, fed.batch)
             data_state = fed.data_state
@@ -214,47 +273,74 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
                 check_finite(state)
                 train = window.summary(step, config.batch_size)
                 logger.write(step, train, epoch=step / steps_per_epoch)
-                progress.set_postfix(loss=f"{train['train_loss']:.4f}",
-                                     top1=f"{train['train_top1']:.3f}",
-                                     img_s=f"{train['img_per_sec']:.0f}",
-                                     wait=f"{100 * train['data_wait']:.0f}%",
-                                     lr=f"{train['lr']:.4g}")
+                progress.set_postfix(
+                    loss=f"{train['train_loss']:.4f}",
+                    top1=f"{train['train_top1']:.3f}",
+                    img_s=f"{train['img_per_sec']:.0f}",
+                    wait=f"{100 * train['data_wait']:.0f}%",
+                    lr=f"{train['lr']:.4g}",
+                )
                 window = _LogWindow(step)
             if epoch_end:
                 eval_metrics = evaluate(state)
                 epoch = int(np.ceil(step / steps_per_epoch))
                 logger.write(step, eval_metrics, epoch=epoch)
-                progress.write(f"epoch {epoch} (step {step}): " + ", ".join(
-                    f"{k} {v:.4g}" for k, v in eval_metrics.items()))
+                progress.write(
+                    f"epoch {epoch} (step {step}): "
+                    + ", ".join(f"{k} {v:.4g}" for k, v in eval_metrics.items())
+                )
                 window.restart_clock(step)  # keep evaluation out of img/s and data_wait
             stopping = stop.should_stop(step)
             if step % config.checkpoint_every_steps == 0 or step == total_steps or stopping:
                 check_finite(state)
                 checkpoints.save(state, data_state, meta)
             if stopping:
-                progress.write(f"signal {stop.signum}: saved step {step} to "
-                               f"{checkpoints.directory}; run the same command again to resume")
+                progress.write(
+                    f"signal {stop.signum}: saved step {step} to "
+                    f"{checkpoints.directory}; run the same command again to resume"
+                )
                 return eval_metrics
 
         if step == total_steps:  # (also when resuming a finished run: re-export)
-            export_model(workdir / "model", state.variables(ema=state.ema is not None),
-                         arch=arch, model_kwargs=model_kwargs, num_classes=info.num_classes,
-                         data_cfg=data_cfg, class_names=info.class_names, workdir=workdir)
+            export_model(
+                workdir / "model",
+                state.variables(ema=state.ema is not None),
+                arch=arch,
+                model_kwargs=model_kwargs,
+                num_classes=info.num_classes,
+                data_cfg=data_cfg,
+                class_names=info.class_names,
+                workdir=workdir,
+            )
             logger.plot_curves()
     return eval_metrics
 
 
-def export_model(path: Path, variables: dict, *, arch: str, model_kwargs: dict, num_classes: int,
-                 data_cfg: dict, class_names, workdir: Path) -> None:
+def export_model(
+    path: Path,
+    variables: dict,
+    *,
+    arch: str,
+    model_kwargs: dict,
+    num_classes: int,
+    data_cfg: dict,
+    class_names,
+    workdir: Path,
+) -> None:
     """The trained weights as a model directory `dpn-predict --checkpoint` and `create_model` read.
 
     Process 0 writes it from its own copy of the replicated variables; the others wait, so none
     exits while it is being written.
     """
     if jax.process_index() == 0:
-        ModelDir(architecture=arch, num_classes=num_classes, model_kwargs=model_kwargs,
-                 preprocessing=Preprocessing.from_cfg(data_cfg), variables=Runner.value(variables),
-                 class_names=tuple(class_names), source=f"dpn_jax train.py, workdir {workdir}",
-                 ).save(path, overwrite=True)
+        ModelDir(
+            architecture=arch,
+            num_classes=num_classes,
+            model_kwargs=model_kwargs,
+            preprocessing=Preprocessing.from_cfg(data_cfg),
+            variables=Runner.value(variables),
+            class_names=tuple(class_names),
+            source=f"dpn_jax train.py, workdir {workdir}",
+        ).save(path, overwrite=True)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("dpn_jax export_model")

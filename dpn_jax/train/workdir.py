@@ -5,6 +5,7 @@ drops it when the process ends, however it ends (kill -9 included), so a lock le
 run is simply taken over; the file's content (pid, host, start time) only tells the second run
 whom it met. The file itself stays: removing it would let two runs lock two different files.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -26,17 +27,22 @@ class WorkdirLock:
         self.path = Path(workdir) / LOCK_FILE
         self._fd: int | None = None
 
-    def __enter__(self) -> "WorkdirLock":
+    def __enter__(self) -> WorkdirLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _describe(os.read(fd, 4096))
             os.close(fd)
-            raise ConfigError(f"{self.path.parent} is in use by another train.py ({holder}); wait "
-                              "for it to finish or use another --workdir") from None
-        record = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+            raise ConfigError(
+                f"{self.path.parent} is in use by another train.py ({holder}); wait "
+                "for it to finish or use another --workdir"
+            ) from None
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         self._fd = fd

@@ -1,1 +1,1 @@
-"""Weights in and out: checkpoint sources, timm <-> Flax conversion, model directories, the hub cache."""
+"""Weights in and out: checkpoint sources, timm <-> Flax conversion, model directories, caches."""

@@ -4,6 +4,7 @@ Flax modules carry timm's names, so a leaf's timm key is its path joined by dots
 renamed (`kernel`/`scale` -> `weight`, `mean`/`var` -> `running_mean`/`running_var`). Only the
 layout changes: conv kernels OIHW <-> HWIO, the 1x1-conv classifier (N, C, 1, 1) <-> Dense (C, N).
 """
+
 from __future__ import annotations
 
 import re
@@ -20,8 +21,13 @@ from dpn_jax.models.registry import build_dpn
 Variables = dict[str, Any]
 Shape = tuple[int, ...]
 
-_LEAF_TO_TIMM = {"kernel": "weight", "scale": "weight", "bias": "bias",
-                 "mean": "running_mean", "var": "running_var"}
+_LEAF_TO_TIMM = {
+    "kernel": "weight",
+    "scale": "weight",
+    "bias": "bias",
+    "mean": "running_mean",
+    "var": "running_var",
+}
 OPTIONAL_SUFFIX = ".num_batches_tracked"
 
 
@@ -94,12 +100,15 @@ def timm_to_flax(state_dict: Mapping[str, np.ndarray], name: str, **model_kwargs
     for (collection, *path), leaf in _leaf_paths(abstract):
         key = timm_key(tuple(path))
         if key not in state_dict:
-            raise ConversionError(f"missing tensor {key} (expected for {arch}, shape "
-                                  f"{_timm_shape(leaf.shape)})")
+            raise ConversionError(
+                f"missing tensor {key} (expected for {arch}, shape {_timm_shape(leaf.shape)})"
+            )
         value = _to_flax_layout(np.asarray(state_dict[key]), len(leaf.shape))
         if value.shape != leaf.shape:
-            raise ConversionError(f"tensor {key} has shape {tuple(np.shape(state_dict[key]))}, "
-                                  f"{arch} expects {_timm_shape(leaf.shape)}")
+            raise ConversionError(
+                f"tensor {key} has shape {tuple(np.shape(state_dict[key]))}, "
+                f"{arch} expects {_timm_shape(leaf.shape)}"
+            )
         consumed.add(key)
         node = converted.setdefault(collection, {})
         for part in path[:-1]:
@@ -108,9 +117,11 @@ def timm_to_flax(state_dict: Mapping[str, np.ndarray], name: str, **model_kwargs
 
     extra = sorted(k for k in state_dict if k not in consumed and not k.endswith(OPTIONAL_SUFFIX))
     if extra:
-        raise ConversionError(f"unexpected tensor {extra[0]} with shape "
-                              f"{tuple(np.shape(state_dict[extra[0]]))} for {arch}"
-                              + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        raise ConversionError(
+            f"unexpected tensor {extra[0]} with shape "
+            f"{tuple(np.shape(state_dict[extra[0]]))} for {arch}"
+            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+        )
     return converted
 
 
@@ -125,7 +136,9 @@ def flax_to_timm(variables: Variables, name: str, **model_kwargs: Any) -> dict[s
         key = timm_key(tuple(path))
         state_dict[key] = np.ascontiguousarray(_to_timm_layout(np.asarray(leaf, np.float32)))
         if path[-1] == "mean":
-            state_dict[key.removesuffix("running_mean") + "num_batches_tracked"] = np.zeros((), np.int64)
+            state_dict[key.removesuffix("running_mean") + "num_batches_tracked"] = np.zeros(
+                (), np.int64
+            )
     timm_to_flax(state_dict, name, **model_kwargs)  # raises if the variables are not `name`'s
     return state_dict
 
@@ -137,14 +150,20 @@ def check_variables(variables: Variables, expected: Variables, what: str) -> Non
     want = {timm_key(tuple(path)): tuple(leaf.shape) for (_, *path), leaf in _leaf_paths(expected)}
     for key, shape in want.items():
         if key not in have:
-            raise ConversionError(f"{what}: missing tensor {key} (model expects {_timm_shape(shape)})")
+            raise ConversionError(
+                f"{what}: missing tensor {key} (model expects {_timm_shape(shape)})"
+            )
         if have[key] != shape:
-            raise ConversionError(f"{what}: tensor {key} has shape {_timm_shape(have[key])}, "
-                                  f"model expects {_timm_shape(shape)}")
+            raise ConversionError(
+                f"{what}: tensor {key} has shape {_timm_shape(have[key])}, "
+                f"model expects {_timm_shape(shape)}"
+            )
     extra = sorted(set(have) - set(want))
     if extra:
-        raise ConversionError(f"{what}: unexpected tensor {extra[0]} with shape "
-                              f"{_timm_shape(have[extra[0]])} for this model")
+        raise ConversionError(
+            f"{what}: unexpected tensor {extra[0]} with shape "
+            f"{_timm_shape(have[extra[0]])} for this model"
+        )
 
 
 STEM_KEY = "features.conv1_1.conv.weight"
@@ -161,6 +180,7 @@ def dpn_structure(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     `groups`, the projections `inc_sec`, the highest block numbers `k_sec`, `c1x1_c1` the
     `b` layout. Activations leave no trace.
     """
+
     def shape(key: str) -> Shape | None:
         return tuple(state_dict[key].shape) if key in state_dict else None
 
@@ -181,16 +201,20 @@ def dpn_structure(state_dict: Mapping[str, Any]) -> dict[str, Any]:
         bw = (64 << stage) * (1 if small else 4)
         return None if proj is None else (proj[0] - bw) // 2
 
-    return {"small": small, "num_init_features": stem[0],
-            "k_r": bottleneck and bottleneck[0],
-            "groups": grouped and grouped[0] // grouped[1],
-            "b": "features.conv2_1.c1x1_c1.weight" in state_dict,
-            "k_sec": tuple(depths.get(s, 0) for s in (2, 3, 4, 5)),
-            "inc_sec": tuple(growth(i) for i in range(4))}
+    return {
+        "small": small,
+        "num_init_features": stem[0],
+        "k_r": bottleneck and bottleneck[0],
+        "groups": grouped and grouped[0] // grouped[1],
+        "b": "features.conv2_1.c1x1_c1.weight" in state_dict,
+        "k_sec": tuple(depths.get(s, 0) for s in (2, 3, 4, 5)),
+        "inc_sec": tuple(growth(i) for i in range(4)),
+    }
 
 
-def detect_architecture(state_dict: Mapping[str, Any], arch: str | None = None
-                        ) -> tuple[str, dict[str, Any]]:
+def detect_architecture(
+    state_dict: Mapping[str, Any], arch: str | None = None
+) -> tuple[str, dict[str, Any]]:
     """(architecture, `DPNConfig` overrides) that fit the tensor shapes.
 
     A variant whose structure matches exactly gives no overrides; one that differs only in
@@ -211,14 +235,19 @@ def detect_architecture(state_dict: Mapping[str, Any], arch: str | None = None
     plausible = all(found["k_sec"]) and None not in found["inc_sec"]
     near = [name for name in candidates if plausible and matches(name, fixed)]
     if len(near) == 1:
-        return near[0], {f: found[f] for f in OVERRIDABLE_FIELDS
-                         if getattr(MODEL_CONFIGS[near[0]], f) != found[f]}
+        return near[0], {
+            f: found[f]
+            for f in OVERRIDABLE_FIELDS
+            if getattr(MODEL_CONFIGS[near[0]], f) != found[f]
+        }
     if arch:
         return arch, {}
     described = ", ".join(f"{k}={v}" for k, v in found.items())
     if near:
-        raise ConversionError(f"DPN state dict ({described}) could be {' or '.join(near)} "
-                              "(activations are not visible in shapes): pass --model")
+        raise ConversionError(
+            f"DPN state dict ({described}) could be {' or '.join(near)} "
+            "(activations are not visible in shapes): pass --model"
+        )
     raise ConversionError(f"DPN state dict of no known variant: {described}")
 
 

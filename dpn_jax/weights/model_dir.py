@@ -11,6 +11,7 @@ WeightsError. Directories written before `format_version` existed (version 0: pr
 under "pretrained_cfg") still load. Writing is atomic and replaces only a model directory
 (`dpn_jax.runtime.files`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,12 +43,14 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 def _version() -> str:
     from dpn_jax import __version__
+
     return __version__
 
 
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
     """The eval preprocessing the weights expect (timm's pretrained cfg, without the source)."""
+
     input_size: tuple[int, int]
     crop_pct: float
     interpolation: str
@@ -62,8 +65,9 @@ class Preprocessing:
             if value is None and name == "test_input_size":
                 continue
             if not _sequence_of(value, 2, _is_positive_int):
-                raise ConfigError(f"{name} must be [height, width] (positive integers), "
-                                  f"got {value!r}")
+                raise ConfigError(
+                    f"{name} must be [height, width] (positive integers), got {value!r}"
+                )
             object.__setattr__(self, name, tuple(int(v) for v in value))
         for name in ("crop_pct", "test_crop_pct"):
             value = getattr(self, name)
@@ -73,14 +77,16 @@ class Preprocessing:
                 raise ConfigError(f"{name} must be a number in (0, 1], got {value!r}")
             object.__setattr__(self, name, float(value))
         if not (isinstance(self.interpolation, str) and self.interpolation):
-            raise ConfigError(f"interpolation must be a name such as 'bicubic', "
-                              f"got {self.interpolation!r}")
+            raise ConfigError(
+                f"interpolation must be a name such as 'bicubic', got {self.interpolation!r}"
+            )
         for name in ("mean", "std"):
             value = getattr(self, name)
             if not _sequence_of(value, 3, _is_number) or (name == "std" and min(value) <= 0):
                 positive = ", > 0" if name == "std" else ""
-                raise ConfigError(f"{name} must be 3 numbers (per RGB channel{positive}), "
-                                  f"got {value!r}")
+                raise ConfigError(
+                    f"{name} must be 3 numbers (per RGB channel{positive}), got {value!r}"
+                )
             object.__setattr__(self, name, tuple(float(v) for v in value))
 
     @classmethod
@@ -100,6 +106,7 @@ class ModelDir:
     `MODEL_CONFIGS`; they are kept as the fields that differ from it. Construction checks every
     field (ConfigError naming it); `load` adds the file's name and checks the variables.
     """
+
     architecture: str
     num_classes: int
     preprocessing: Preprocessing
@@ -113,13 +120,15 @@ class ModelDir:
 
     def __post_init__(self) -> None:
         if self.architecture not in MODEL_CONFIGS:
-            raise ConfigError(f"architecture must be one of {', '.join(MODEL_CONFIGS)}, "
-                              f"got {self.architecture!r}")
+            raise ConfigError(
+                f"architecture must be one of {', '.join(MODEL_CONFIGS)}, got {self.architecture!r}"
+            )
         if not (_is_int(self.num_classes) and self.num_classes >= 0):
             raise ConfigError(f"num_classes must be an integer >= 0, got {self.num_classes!r}")
         if not isinstance(self.model_kwargs, Mapping):
-            raise ConfigError(f"model_kwargs must be a mapping of architecture fields, "
-                              f"got {self.model_kwargs!r}")
+            raise ConfigError(
+                f"model_kwargs must be a mapping of architecture fields, got {self.model_kwargs!r}"
+            )
         try:
             overrides = self.config.overrides_from(MODEL_CONFIGS[self.architecture])
         except ConfigError as error:
@@ -131,22 +140,29 @@ class ModelDir:
             if not _sequence_of(self.class_names, None, lambda name: isinstance(name, str)):
                 raise ConfigError("class_names must be a list of strings or null")
             if len(self.class_names) != self.num_classes:
-                raise ConfigError(f"class_names has {len(self.class_names)} names for "
-                                  f"num_classes={self.num_classes}")
+                raise ConfigError(
+                    f"class_names has {len(self.class_names)} names for "
+                    f"num_classes={self.num_classes}"
+                )
             object.__setattr__(self, "class_names", tuple(self.class_names))
         if not isinstance(self.source, str):
             raise ConfigError(f"source must be a string, got {self.source!r}")
-        if self.sha256 is not None and not (isinstance(self.sha256, str)
-                                            and _SHA256.fullmatch(self.sha256)):
-            raise ConfigError(f"sha256 must be 64 lowercase hex digits or null, "
-                              f"got {self.sha256!r}")
+        if self.sha256 is not None and not (
+            isinstance(self.sha256, str) and _SHA256.fullmatch(self.sha256)
+        ):
+            raise ConfigError(
+                f"sha256 must be 64 lowercase hex digits or null, got {self.sha256!r}"
+            )
         if not isinstance(self.dpn_jax_version, str):
             raise ConfigError(f"dpn_jax_version must be a string, got {self.dpn_jax_version!r}")
         if not (_is_int(self.format_version) and 0 <= self.format_version <= FORMAT_VERSION):
-            raise ConfigError(f"format_version must be an integer in [0, {FORMAT_VERSION}], "
-                              f"got {self.format_version!r}")
-        if not (isinstance(self.variables, Mapping)
-                and {"params", "batch_stats"} <= set(self.variables)):
+            raise ConfigError(
+                f"format_version must be an integer in [0, {FORMAT_VERSION}], "
+                f"got {self.format_version!r}"
+            )
+        if not (
+            isinstance(self.variables, Mapping) and {"params", "batch_stats"} <= set(self.variables)
+        ):
             raise ConfigError("variables must hold 'params' and 'batch_stats'")
 
     @property
@@ -157,8 +173,10 @@ class ModelDir:
     def build_model(self, **module_fields: Any) -> DPN:
         """The DPN these weights are for; `module_fields` set how it runs (dtype, axis_name,
         or num_classes=0 for pooled features)."""
-        return build_dpn(self.architecture, **{**self.model_kwargs, "num_classes": self.num_classes,
-                                               **module_fields})
+        return build_dpn(
+            self.architecture,
+            **{**self.model_kwargs, "num_classes": self.num_classes, **module_fields},
+        )
 
     # --- files --------------------------------------------------------------------------------
 
@@ -166,8 +184,9 @@ class ModelDir:
     def check_output(path: str | os.PathLike, *, overwrite: bool) -> Path:
         """The absolute path, or an OutputError if `save(path, overwrite=overwrite)` would refuse
         (it exists and is not a model directory, ...). For failing before slow work."""
-        return check_output(path, overwrite=overwrite, replaceable=is_model_dir,
-                            what=MODEL_DIR_WHAT)
+        return check_output(
+            path, overwrite=overwrite, replaceable=is_model_dir, what=MODEL_DIR_WHAT
+        )
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the directory atomically; an existing one is replaced only with `overwrite` and
@@ -175,14 +194,18 @@ class ModelDir:
         import orbax.checkpoint as ocp
 
         host_variables = {k: jax.device_get(self.variables[k]) for k in ("params", "batch_stats")}
-        with atomic_output(path, overwrite=overwrite, replaceable=is_model_dir, what=MODEL_DIR_WHAT,
-                           directory=True) as staging:
+        with atomic_output(
+            path, overwrite=overwrite, replaceable=is_model_dir, what=MODEL_DIR_WHAT, directory=True
+        ) as staging:
             # Only the calling process writes (e.g. process 0 of a multi-host training run), so
             # orbax must not wait for the other processes at its barriers.
             this_process = ocp.options.MultiprocessingOptions(
-                primary_host=jax.process_index(), active_processes={jax.process_index()})
-            with quiet_about(staging), \
-                    ocp.StandardCheckpointer(multiprocessing_options=this_process) as checkpointer:
+                primary_host=jax.process_index(), active_processes={jax.process_index()}
+            )
+            with (
+                quiet_about(staging),
+                ocp.StandardCheckpointer(multiprocessing_options=this_process) as checkpointer,
+            ):
                 try:
                     checkpointer.save(staging / VARIABLES_DIR, host_variables)
                     checkpointer.wait_until_finished()
@@ -193,12 +216,17 @@ class ModelDir:
 
     def to_json(self) -> dict[str, Any]:
         """metadata.json's content (format FORMAT_VERSION)."""
-        return {"format_version": FORMAT_VERSION, "architecture": self.architecture,
-                "num_classes": self.num_classes, "model_kwargs": dict(self.model_kwargs),
-                "preprocessing": self.preprocessing.as_dict(),
-                "class_names": None if self.class_names is None else list(self.class_names),
-                "source": self.source, "sha256": self.sha256,
-                "dpn_jax_version": self.dpn_jax_version}
+        return {
+            "format_version": FORMAT_VERSION,
+            "architecture": self.architecture,
+            "num_classes": self.num_classes,
+            "model_kwargs": dict(self.model_kwargs),
+            "preprocessing": self.preprocessing.as_dict(),
+            "class_names": None if self.class_names is None else list(self.class_names),
+            "source": self.source,
+            "sha256": self.sha256,
+            "dpn_jax_version": self.dpn_jax_version,
+        }
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ModelDir:
@@ -218,24 +246,28 @@ class ModelDir:
         metadata = parse_metadata(text, metadata_file)
         variables_dir = path / VARIABLES_DIR
         if not variables_dir.is_dir():
-            raise WeightsError(f"{path}: no {VARIABLES_DIR}/ directory (an incomplete model "
-                               "directory)")
+            raise WeightsError(
+                f"{path}: no {VARIABLES_DIR}/ directory (an incomplete model directory)"
+            )
         try:
             with quiet_about(variables_dir), ocp.StandardCheckpointer() as checkpointer:
                 variables = checkpointer.restore(variables_dir)
         except (OSError, ValueError) as error:
             ignore_closed_loop_aftermath()
             reason = re.sub(r" \[tensorstore_spec=.*\]", "", first_line(error))  # a page of JSON
-            raise WeightsError(f"{variables_dir}: not a readable orbax checkpoint "
-                               f"({reason})") from None
+            raise WeightsError(
+                f"{variables_dir}: not a readable orbax checkpoint ({reason})"
+            ) from None
         variables = jax.tree_util.tree_map(np.asarray, variables)
         try:
             model_dir = cls(variables=variables, **metadata)
         except ConfigError as error:
             raise WeightsError(f"{metadata_file}: {error}") from None
         if num_classes_in(variables) != model_dir.num_classes:
-            raise WeightsError(f"{metadata_file}: num_classes is {model_dir.num_classes}, the "
-                               f"classifier in {VARIABLES_DIR}/ has {num_classes_in(variables)}")
+            raise WeightsError(
+                f"{metadata_file}: num_classes is {model_dir.num_classes}, the "
+                f"classifier in {VARIABLES_DIR}/ has {num_classes_in(variables)}"
+            )
         check_variables(variables, abstract_variables(model_dir.build_model()), str(variables_dir))
         return model_dir
 
@@ -246,24 +278,29 @@ def parse_metadata(text: str, origin: Path) -> dict[str, Any]:
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as error:
-        raise WeightsError(f"{origin}: not valid JSON ({error.msg} at line {error.lineno} column "
-                           f"{error.colno})") from None
+        raise WeightsError(
+            f"{origin}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno})"
+        ) from None
     if not isinstance(raw, dict):
         raise WeightsError(f"{origin}: expected a JSON object, got {type(raw).__name__}")
     version = raw.pop("format_version", 0)
     if not _is_int(version) or version < 0:
-        raise WeightsError(f"{origin}: format_version must be a non-negative integer, "
-                           f"got {version!r}")
+        raise WeightsError(
+            f"{origin}: format_version must be a non-negative integer, got {version!r}"
+        )
     if version > FORMAT_VERSION:
-        raise WeightsError(f"{origin}: format_version {version} was written by a newer dpn_jax "
-                           f"(this one reads up to {FORMAT_VERSION}); upgrade dpn_jax")
+        raise WeightsError(
+            f"{origin}: format_version {version} was written by a newer dpn_jax "
+            f"(this one reads up to {FORMAT_VERSION}); upgrade dpn_jax"
+        )
     if version == 0 and "pretrained_cfg" in raw:
         raw["preprocessing"] = raw.pop("pretrained_cfg")
     fields = {f.name for f in dataclasses.fields(ModelDir)} - {"variables", "format_version"}
     unknown = sorted(set(raw) - fields)
     if unknown:
-        raise WeightsError(f"{origin}: unknown key {unknown[0]!r} "
-                           f"(known: {', '.join(sorted(fields))})")
+        raise WeightsError(
+            f"{origin}: unknown key {unknown[0]!r} (known: {', '.join(sorted(fields))})"
+        )
     for key in ("architecture", "num_classes", "preprocessing"):
         if key not in raw:
             raise WeightsError(f"{origin}: missing key {key!r}")
@@ -277,8 +314,11 @@ def parse_metadata(text: str, origin: Path) -> dict[str, Any]:
     try:
         raw["preprocessing"] = Preprocessing(**preprocessing)
     except TypeError:  # a required key is missing
-        missing = sorted(f.name for f in dataclasses.fields(Preprocessing)
-                         if f.default is dataclasses.MISSING and f.name not in preprocessing)
+        missing = sorted(
+            f.name
+            for f in dataclasses.fields(Preprocessing)
+            if f.default is dataclasses.MISSING and f.name not in preprocessing
+        )
         raise WeightsError(f"{origin}: preprocessing: missing key {missing[0]!r}") from None
     except ConfigError as error:
         raise WeightsError(f"{origin}: preprocessing: {error}") from None
@@ -314,7 +354,9 @@ def _is_number(value: Any) -> bool:
 
 
 def _sequence_of(value: Any, length: int | None, check) -> bool:
-    return (isinstance(value, Sequence) and not isinstance(value, (str, bytes))
-            and (length is None or len(value) == length) and all(check(v) for v in value))
-
-
+    return (
+        isinstance(value, Sequence)
+        and not isinstance(value, (str, bytes))
+        and (length is None or len(value) == length)
+        and all(check(v) for v in value)
+    )

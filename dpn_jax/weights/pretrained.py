@@ -4,6 +4,7 @@
 `create_model(tag, pretrained=True)` converts timm's hub weights once into such a directory
 under the weights cache (`dpn_jax.runtime.cache_dirs.weights_cache_dir`) and reads it from there.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,6 +19,7 @@ import numpy as np
 from dpn_jax.errors import ConfigError, WeightsError
 from dpn_jax.models.dpn import DPN, PRETRAINED_CFGS
 from dpn_jax.models.layers import kernel_init
+from dpn_jax.runtime.cache_dirs import weights_cache_dir
 from dpn_jax.runtime.files import OutputExistsError
 from dpn_jax.weights.convert import (
     ConversionError,
@@ -28,24 +30,30 @@ from dpn_jax.weights.convert import (
     num_classes_in,
     timm_to_flax,
 )
-from dpn_jax.runtime.cache_dirs import weights_cache_dir
 from dpn_jax.weights.model_dir import METADATA_FILE, ModelDir, Preprocessing
 from dpn_jax.weights.sources import Source, StateDict, read_state_dict, resolve_source, sha256_of
 
-
 # --- Converting a source ------------------------------------------------------------------------
+
 
 @dataclass
 class Converted:
     """A converted checkpoint, ready to `save`."""
+
     model_dir: ModelDir
     source: Source
     state_dict: StateDict  # as read from the source (timm names)
     head_note: str | None  # set when the classifier was replaced or dropped
 
 
-def convert_source(src: str, *, model: str | None = None, num_classes: int | None = None,
-                   ema: bool = False, rng: jax.Array | None = None) -> Converted:
+def convert_source(
+    src: str,
+    *,
+    model: str | None = None,
+    num_classes: int | None = None,
+    ema: bool = False,
+    rng: jax.Array | None = None,
+) -> Converted:
     """Read any supported source (file or hub repo), check it against `model` (an architecture
     or tag; detected from the shapes when None) and convert it; `num_classes` different from the
     checkpoint's replaces the classifier with a fresh one."""
@@ -65,13 +73,20 @@ def convert_source(src: str, *, model: str | None = None, num_classes: int | Non
     head_note = None
     if num_classes is not None and num_classes != checkpoint_classes:
         variables = replace_head(variables, num_classes, rng)
-        head_note = (f"classifier replaced: checkpoint has {checkpoint_classes} classes, "
-                     + (f"new head for {num_classes} classes, freshly initialised for fine-tuning"
-                        if num_classes else "dropped (num_classes=0: pooled features)"))
-    model_dir = ModelDir(architecture=arch, num_classes=num_classes_in(variables),
-                         model_kwargs=overrides, variables=variables,
-                         preprocessing=Preprocessing.from_cfg(PRETRAINED_CFGS[tag]),
-                         source=source.name, sha256=sha256_of(source.path))
+        head_note = f"classifier replaced: checkpoint has {checkpoint_classes} classes, " + (
+            f"new head for {num_classes} classes, freshly initialised for fine-tuning"
+            if num_classes
+            else "dropped (num_classes=0: pooled features)"
+        )
+    model_dir = ModelDir(
+        architecture=arch,
+        num_classes=num_classes_in(variables),
+        model_kwargs=overrides,
+        variables=variables,
+        preprocessing=Preprocessing.from_cfg(PRETRAINED_CFGS[tag]),
+        source=source.name,
+        sha256=sha256_of(source.path),
+    )
     return Converted(model_dir, source, state_dict, head_note)
 
 
@@ -92,23 +107,31 @@ def _hub_tag(source: Source) -> str | None:
     return tag if tag in PRETRAINED_CFGS else None
 
 
-def replace_head(variables: Variables, num_classes: int, rng: jax.Array | None = None,
-                 in_features: int | None = None) -> Variables:
+def replace_head(
+    variables: Variables,
+    num_classes: int,
+    rng: jax.Array | None = None,
+    in_features: int | None = None,
+) -> Variables:
     """`variables` with a new classifier: LeCun-normal kernel and zero bias, as a fresh model's
     (num_classes=0: no classifier). `in_features` defaults to the final BatchNorm's width."""
     params = {k: v for k, v in variables["params"].items() if k != "classifier"}
     if num_classes:
         rng = jax.random.PRNGKey(0) if rng is None else rng
         width = in_features or int(np.shape(params["features"]["conv5_bn_ac"]["bn"]["scale"])[0])
-        params["classifier"] = {"kernel": np.asarray(kernel_init(rng, (width, num_classes))),
-                                "bias": np.zeros((num_classes,), np.float32)}
+        params["classifier"] = {
+            "kernel": np.asarray(kernel_init(rng, (width, num_classes))),
+            "bias": np.zeros((num_classes,), np.float32),
+        }
     return {**variables, "params": params}
 
 
 # --- create_model(pretrained=...) ---------------------------------------------------------------
 
-def load_pretrained(model: DPN, tag: str, pretrained: bool | str | os.PathLike,
-                    rng: jax.Array | None = None) -> Variables:
+
+def load_pretrained(
+    model: DPN, tag: str, pretrained: bool | str | os.PathLike, rng: jax.Array | None = None
+) -> Variables:
     """Variables for `model` from a model directory (`pretrained=PATH`) or from the tag's hub
     weights (`pretrained=True`, converted once into the cache). A different classifier size gets
     a fresh head, with a warning."""
@@ -119,8 +142,10 @@ def load_pretrained(model: DPN, tag: str, pretrained: bool | str | os.PathLike,
         raise WeightsError(f"{path} holds a {model_dir.architecture}, not a {arch}")
     if model_dir.config != model.config:
         saved = model_dir.config.overrides_from(model.config)
-        raise WeightsError(f"{path} was saved from a {arch} with {model_dir.model_kwargs}; pass "
-                           f"the same architecture fields to create_model (differing: {saved})")
+        raise WeightsError(
+            f"{path} was saved from a {arch} with {model_dir.model_kwargs}; pass "
+            f"the same architecture fields to create_model (differing: {saved})"
+        )
     variables = model_dir.variables
     expected = abstract_variables(model)
     want = expected["params"].get("classifier")
@@ -128,19 +153,28 @@ def load_pretrained(model: DPN, tag: str, pretrained: bool | str | os.PathLike,
     want_shape = tuple(want["kernel"].shape) if want else None  # (in_features, num_classes)
     if want_shape != (np.shape(have["kernel"]) if have else None):
         if want_shape:
-            warnings.warn(f"{path}: checkpoint has {num_classes_in(variables)} classes, the model "
-                          f"{want_shape[1]}: the classifier is freshly initialised", stacklevel=3)
-        variables = replace_head(variables, want_shape[1] if want_shape else 0, rng,
-                                 in_features=want_shape and want_shape[0])
+            warnings.warn(
+                f"{path}: checkpoint has {num_classes_in(variables)} classes, the model "
+                f"{want_shape[1]}: the classifier is freshly initialised",
+                stacklevel=3,
+            )
+        variables = replace_head(
+            variables,
+            want_shape[1] if want_shape else 0,
+            rng,
+            in_features=want_shape and want_shape[0],
+        )
     check_variables(variables, expected, str(path))
     return jax.device_put(variables)
 
 
 def cached_pretrained(tag: str) -> Path:
-    """The model directory of a tag's timm weights: from the cache, else downloaded and converted."""
+    """The model directory of a tag's timm weights: cached, else downloaded and converted."""
     if not PRETRAINED_CFGS[tag]["hf_hub_id"]:
-        raise ConfigError(f"{tag} has no pretrained weights; pretrained tags: "
-                          + ", ".join(t for t, c in PRETRAINED_CFGS.items() if c["hf_hub_id"]))
+        raise ConfigError(
+            f"{tag} has no pretrained weights; pretrained tags: "
+            + ", ".join(t for t, c in PRETRAINED_CFGS.items() if c["hf_hub_id"])
+        )
     path = weights_cache_dir() / tag
     if not (path / METADATA_FILE).is_file():
         converted = convert_source(f"hf-hub:{PRETRAINED_CFGS[tag]['hf_hub_id']}", model=tag)

@@ -1,9 +1,10 @@
-"""Reading DPN weights from what users have: safetensors, PyTorch checkpoints, Hugging Face hub repos.
+"""Reading DPN weights from what users have: safetensors, PyTorch checkpoints, hub repos.
 
 Every reader returns a flat timm-named state dict of numpy arrays. PyTorch files are read with
 `torch.load(weights_only=True)`, whose restricted unpickler refuses any global that is not a
 tensor type, so a checkpoint cannot run code; safetensors cannot carry code at all.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,6 +46,7 @@ class SourceError(WeightsError):
 @dataclass(frozen=True)
 class Source:
     """A local checkpoint file and where it came from."""
+
     path: Path
     name: str  # as the user gave it (hub sources: `hf-hub:owner/repo/filename`)
     hub_repo: str | None = None
@@ -66,8 +68,11 @@ def resolve_source(src: str) -> Source:
     path = Path(src).expanduser()
     if path.exists():
         if path.is_dir():
-            hint = (" (a dpn_jax model directory: export it with --to-torch)"
-                    if (path / "metadata.json").exists() else "")
+            hint = (
+                " (a dpn_jax model directory: export it with --to-torch)"
+                if (path / "metadata.json").exists()
+                else ""
+            )
             raise SourceError(f"{src} is a directory, not a checkpoint file{hint}")
         return Source(path, src)
     if not _looks_like_path(src):
@@ -76,8 +81,11 @@ def resolve_source(src: str) -> Source:
         hub_id = PRETRAINED_CFGS.get(src, {}).get("hf_hub_id")
         if hub_id:
             return download_from_hub(hub_id)
-    hint = (f" (a hub repository is written {HUB_PREFIX}{src})"
-            if _HUB_REPO.fullmatch(src) and not _looks_like_path(src) else "")
+    hint = (
+        f" (a hub repository is written {HUB_PREFIX}{src})"
+        if _HUB_REPO.fullmatch(src) and not _looks_like_path(src)
+        else ""
+    )
     raise SourceError(f"{src}: no such file{hint}")
 
 
@@ -92,7 +100,7 @@ def _looks_like_path(src: str) -> bool:
 
 
 def download_from_hub(repo: str) -> Source:
-    """`model.safetensors` (else `pytorch_model.bin`) of a hub repo, through huggingface_hub's cache.
+    """`model.safetensors` (else `pytorch_model.bin`) of a hub repo, via huggingface_hub's cache.
 
     huggingface_hub honours `HF_HUB_OFFLINE` / `HF_HOME` / `HF_HUB_CACHE` / `HF_ENDPOINT`. Its
     download retries a failed connection for tens of seconds, so the hub is first asked once,
@@ -124,13 +132,17 @@ def download_from_hub(repo: str) -> Source:
         return Source(Path(path), f"{HUB_PREFIX}{repo}/{filename}", hub_repo=repo)
     alternative = "or give a local checkpoint file (.safetensors / .pth) instead"
     if offline:
-        raise SourceError(f"hub repository {repo} is not in the Hugging Face cache "
-                          f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set: unset it to "
-                          f"download, {alternative}")
+        raise SourceError(
+            f"hub repository {repo} is not in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set: unset it to "
+            f"download, {alternative}"
+        )
     if unreachable is not None:
-        raise SourceError(f"hub repository {repo}: cannot reach {constants.ENDPOINT} "
-                          f"({unreachable}) and it is not in the Hugging Face cache; without "
-                          f"network set HF_HUB_OFFLINE=1 (cache only), {alternative}")
+        raise SourceError(
+            f"hub repository {repo}: cannot reach {constants.ENDPOINT} "
+            f"({unreachable}) and it is not in the Hugging Face cache; without "
+            f"network set HF_HUB_OFFLINE=1 (cache only), {alternative}"
+        )
     raise SourceError(f"hub repository {repo} has none of {', '.join(HUB_FILENAMES)}")
 
 
@@ -153,7 +165,7 @@ def _hub_unreachable(repo: str) -> str | None:
 
 
 def read_state_dict(path: Path, *, ema: bool = False) -> StateDict:
-    """The timm-named state dict in a checkpoint file, unwrapped and with wrapper prefixes removed."""
+    """The timm-named state dict in a checkpoint file, unwrapped, wrapper prefixes removed."""
     try:
         with open(path, "rb") as file:
             empty = not file.read(1)
@@ -168,8 +180,10 @@ def read_state_dict(path: Path, *, ema: bool = False) -> StateDict:
     elif name.endswith(TORCH_SUFFIXES):
         checkpoint = _read_torch(path)
     else:
-        raise SourceError(f"{path}: unknown checkpoint type; expected {SAFETENSORS_SUFFIX} or one of "
-                          f"{', '.join(TORCH_SUFFIXES)}")
+        raise SourceError(
+            f"{path}: unknown checkpoint type; expected {SAFETENSORS_SUFFIX} or one of "
+            f"{', '.join(TORCH_SUFFIXES)}"
+        )
     return normalise_keys(unwrap(checkpoint, path, ema=ema), path)
 
 
@@ -187,29 +201,37 @@ def _read_torch(path: Path) -> Any:
     try:
         import torch
     except ImportError:
-        raise SourceError(f"{path}: reading PyTorch checkpoints needs torch "
-                          "(pip install 'dpn_jax[torch]'), or convert the file to .safetensors") from None
+        raise SourceError(
+            f"{path}: reading PyTorch checkpoints needs torch "
+            "(pip install 'dpn_jax[torch]'), or convert the file to .safetensors"
+        ) from None
     try:
-        # timm training checkpoints keep their argparse.Namespace `args`; timm allows it the same way.
+        # timm's training checkpoints keep their argparse.Namespace `args`; timm allows it too.
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         reason = _refusal_reason(error)
         if "GLOBAL" not in reason:  # damaged or not a pickle at all
             raise SourceError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
-        raise SourceError(f"{path}: refused by torch's weights-only unpickler ({reason}); "
-                          "nothing in it was run (prefer .safetensors)") from None
+        raise SourceError(
+            f"{path}: refused by torch's weights-only unpickler ({reason}); "
+            "nothing in it was run (prefer .safetensors)"
+        ) from None
     except Exception as error:  # noqa: BLE001 - damaged files: RuntimeError, EOFError, ...
-        raise SourceError(f"{path}: not a readable PyTorch checkpoint "
-                          f"({first_line(error)})") from None
+        raise SourceError(
+            f"{path}: not a readable PyTorch checkpoint ({first_line(error)})"
+        ) from None
     return _tensors_to_numpy(checkpoint)
 
 
 def _refusal_reason(error: pickle.UnpicklingError) -> str:
     """The line of torch's long message that says what it refused (`GLOBAL posix.system`, or
     `Unsupported operand 102` for bytes that are no pickle)."""
-    reasons = [line.rpartition("error:")[2].strip() for line in str(error).splitlines()
-               if "GLOBAL" in line or "Unsupported" in line]
+    reasons = [
+        line.rpartition("error:")[2].strip()
+        for line in str(error).splitlines()
+        if "GLOBAL" in line or "Unsupported" in line
+    ]
     return reasons[0].split(". ")[0].rstrip(".") if reasons else first_line(error)
 
 
@@ -225,15 +247,17 @@ def _tensors_to_numpy(value: Any) -> Any:
 
 
 def unwrap(checkpoint: Mapping[str, Any], path: Path, *, ema: bool = False) -> Mapping[str, Any]:
-    """The state dict inside a training checkpoint (timm's `state_dict` / `state_dict_ema` / `model`)."""
+    """The state dict inside a training checkpoint (`state_dict`, `state_dict_ema`, `model`)."""
     if not isinstance(checkpoint, Mapping):
         raise SourceError(f"{path}: holds a {type(checkpoint).__name__}, not a state dict")
     if ema:
         for key in ("state_dict_ema", "model_ema"):
             if isinstance(checkpoint.get(key), Mapping):
                 return checkpoint[key]
-        raise SourceError(f"{path}: --ema given but there is no state_dict_ema / model_ema "
-                          f"(top-level keys: {', '.join(list(checkpoint)[:8])})")
+        raise SourceError(
+            f"{path}: --ema given but there is no state_dict_ema / model_ema "
+            f"(top-level keys: {', '.join(list(checkpoint)[:8])})"
+        )
     for key in ("state_dict", "model"):
         if isinstance(checkpoint.get(key), Mapping):
             return checkpoint[key]

@@ -3,6 +3,7 @@
 The file carries `dpn_jax_version` in its safetensors metadata: that is how a later
 `--overwrite` knows the file is one dpn_jax wrote, and the only kind it replaces.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,12 +37,14 @@ def check_export_output(path: str | os.PathLike, *, overwrite: bool) -> Path:
     """The absolute output path, or a ConfigError / OutputError before any work is done."""
     if not str(path).endswith(SAFETENSORS_SUFFIX):
         raise ConfigError(f"--to-torch {path}: the export is a {SAFETENSORS_SUFFIX} file")
-    return check_output(path, overwrite=overwrite, replaceable=is_state_dict_export,
-                        what=EXPORT_WHAT)
+    return check_output(
+        path, overwrite=overwrite, replaceable=is_state_dict_export, what=EXPORT_WHAT
+    )
 
 
-def save_state_dict(path: str | os.PathLike, state_dict: dict[str, np.ndarray], *,
-                    overwrite: bool = False) -> None:
+def save_state_dict(
+    path: str | os.PathLike, state_dict: dict[str, np.ndarray], *, overwrite: bool = False
+) -> None:
     """Write `state_dict` atomically; an existing file is replaced only with `overwrite` and only
     if dpn_jax exported it."""
     from safetensors.numpy import save_file
@@ -49,7 +52,12 @@ def save_state_dict(path: str | os.PathLike, state_dict: dict[str, np.ndarray], 
     from dpn_jax import __version__
 
     check_export_output(path, overwrite=overwrite)
-    with atomic_output(path, overwrite=overwrite, replaceable=is_state_dict_export,
-                       what=EXPORT_WHAT, directory=False) as staging:
+    with atomic_output(
+        path,
+        overwrite=overwrite,
+        replaceable=is_state_dict_export,
+        what=EXPORT_WHAT,
+        directory=False,
+    ) as staging:
         # "format": "pt" is what transformers / timm's hub loaders expect of a torch state dict.
         save_file(state_dict, staging, metadata={"format": "pt", EXPORT_MARKER: __version__})
