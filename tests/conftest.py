@@ -7,8 +7,8 @@ os.environ["XLA_FLAGS"] = " ".join(
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-# torchvision (via timm) loads triton, whose extension segfaults when TensorFlow (the input
-# pipeline) was imported first; loading it first is safe.
+# torchvision (via timm) loads triton, whose extension segfaults when TensorFlow (the SavedModel
+# export and dataset preparation tests) was imported first; loading it first is safe.
 try:
     import torchvision  # noqa: F401
 except ImportError:
