@@ -83,7 +83,8 @@ class SyntheticBatches:
 
 
 class Wrapped:
-    """Another pipeline's batches, counted (from 1), with `on_batch(number, batch)` applied."""
+    """Another pipeline's batches, numbered from 1 in the stream, with `on_batch(number, batch)`
+    applied. Its state is the inner pipeline's, so a run without the wrapper resumes from it."""
 
     def __init__(self, inner, on_batch):
         self.inner, self.on_batch, self.number = inner, on_batch, 0
@@ -98,11 +99,11 @@ class Wrapped:
         return batch
 
     def get_state(self):
-        return {"inner": self.inner.get_state(), "number": self.number}
+        return self.inner.get_state()
 
     def set_state(self, state):
-        self.inner.set_state(state["inner"])
-        self.number = state["number"]
+        self.inner.set_state(state)
+        self.number = state["next_batch"] if "next_batch" in state else state["step"]
 
 
 def wrap_pipeline(pipeline, on_batch) -> None:
