@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from kernel_builds import kernel_build
+from kernel_builds import add_build_option, kernel_build
 
 from dpn_jax.ops import conv
 
@@ -99,16 +99,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--iters", type=int, default=7)
-    p.add_argument(
-        "--build",
-        action="append",
-        default=[],
-        metavar="NAME=LIBRARY",
-        help="another kernel library to time beside the installed one (repeatable)",
-    )
+    add_build_option(p)
     p.add_argument("--kernels-only", action="store_true", help="no split lowering, no torch")
     args = p.parse_args()
-    builds = {"kernels": None, **dict(b.split("=", 1) for b in args.build)}
+    builds = {"kernels": None, **dict(args.build)}
     others = () if args.kernels_only else ("split", "torch")
     print(
         f"batch {args.batch_size}, median of {args.iters}, ms forward / forward+gradient; "

@@ -32,6 +32,25 @@ from benchmark import JaxEngine
 from dpn_jax.ops import conv, cpu_kernels
 
 
+def add_build_option(parser: argparse.ArgumentParser) -> None:
+    """`--build NAME=LIBRARY` (repeatable): `args.build` is a list of (name, library) pairs."""
+
+    def name_and_library(text: str) -> tuple[str, str]:
+        name, equals, library = text.partition("=")
+        if not (name and equals and library):
+            raise argparse.ArgumentTypeError(f"expected NAME=LIBRARY, got {text!r}")
+        return name, library
+
+    parser.add_argument(
+        "--build",
+        type=name_and_library,
+        action="append",
+        default=[],
+        metavar="NAME=LIBRARY",
+        help="another kernel library to time beside the installed one (repeatable)",
+    )
+
+
 @contextlib.contextmanager
 def kernel_build(name: str, library: str | None):
     """Within the block, `conv2d` traces calls to `library`'s kernels (None: the loaded build)."""
@@ -59,17 +78,11 @@ def main() -> None:
     p.add_argument("--resolution", type=int, default=224)
     p.add_argument("--mode", choices=("infer", "train"), default="train")
     p.add_argument("--iters", type=int, default=9)
-    p.add_argument(
-        "--build",
-        action="append",
-        default=[],
-        metavar="NAME=LIBRARY",
-        help="another kernel library to time beside the installed one (repeatable)",
-    )
+    add_build_option(p)
     args = p.parse_args()
     if not cpu_kernels.cpu_kernels_available():
         raise SystemExit("no CPU kernels loaded: nothing to compare")
-    builds = {"installed": None, **dict(b.split("=", 1) for b in args.build)}
+    builds = {"installed": None, **dict(args.build)}
 
     engines = {}
     for name, library in builds.items():

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from grouped_conv import interleaved_medians
 from jax import lax
+from kernel_builds import add_build_option
 
 from dpn_jax.ops import cpu_kernels
 
@@ -45,16 +46,10 @@ def _kernel(suffix: str = "") -> Callable:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--iters", type=int, default=7)
-    p.add_argument(
-        "--build",
-        action="append",
-        default=[],
-        metavar="NAME=LIBRARY",
-        help="another kernel library to time beside the installed one (repeatable)",
-    )
+    add_build_option(p)
     args = p.parse_args()
     kernels = {"kernel": _kernel()}
-    for name, library in (b.split("=", 1) for b in args.build):
+    for name, library in args.build:
         cpu_kernels.register_targets(library, f"_{name}")
         kernels[name] = _kernel(f"_{name}")
     xla = jax.jit(lambda x, dy: lax.dot_general(x, dy, (((0,), (0,)), ((), ()))))

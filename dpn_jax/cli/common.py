@@ -8,6 +8,7 @@ from files - class names, tensor names, file names - may hold terminal control s
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 
@@ -15,6 +16,19 @@ from dpn_jax.errors import DpnJaxError
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130  # as a shell reports a command ended by SIGINT
+
+
+def command_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of command `prog` documented by its module docstring `doc`: the first
+    paragraph (less a leading "`prog`: ") is the description, the rest (examples) the epilog."""
+    summary, _, examples = doc.partition("\n\n")
+    summary = summary.removeprefix(f"`{prog}`: ")
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=summary[:1].upper() + summary[1:],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=examples or None,
+    )
 
 
 def printable(text: str) -> str:

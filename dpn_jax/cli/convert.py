@@ -20,7 +20,7 @@ import time
 import jax
 import numpy as np
 
-from dpn_jax.cli.common import echo, run_command
+from dpn_jax.cli.common import command_parser, echo, run_command
 from dpn_jax.errors import ConfigError
 from dpn_jax.runtime.compilation_cache import enable_compilation_cache
 from dpn_jax.weights.convert import ConversionError, Variables, flax_to_timm
@@ -33,12 +33,7 @@ VERIFY_BATCH = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dpn-convert",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
+    parser = command_parser("dpn-convert", __doc__)
     parser.add_argument(
         "src",
         help="checkpoint file, hub repo (timm/<tag>, hf-hub:owner/name) or "

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import jax
 
-from dpn_jax.cli.common import echo, run_command
+from dpn_jax.cli.common import command_parser, echo, run_command
 from dpn_jax.cli.predict import add_model_arguments, load_from_arguments
 from dpn_jax.infer.evaluate import evaluate_dataset
 from dpn_jax.infer.predict import resolve_data_config
@@ -23,10 +23,7 @@ from dpn_jax.runtime.runner import PARALLELISMS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="dpn-evaluate",
-        description="Top-1 / top-5 accuracy and loss of a DPN checkpoint on a dataset.",
-    )
+    parser = command_parser("dpn-evaluate", __doc__)
     add_model_arguments(parser)
     parser.add_argument(
         "--dataset", default="imagenet2012", help="imagenet2012, tfds:NAME, folder:PATH or digits"

@@ -14,7 +14,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from dpn_jax.errors import ConfigError, DpnJaxError
+from dpn_jax.cli.common import command_parser, echo, run_command
+from dpn_jax.errors import ConfigError
 from dpn_jax.export.exporter import (
     DEFAULT_OPSET,
     DEFAULT_PLATFORMS,
@@ -36,12 +37,7 @@ def _batch_size(text: str) -> int | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dpn-export",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
+    parser = command_parser("dpn-export", __doc__)
     parser.add_argument(
         "source",
         help="model directory (dpn-convert or train.py output), or "
@@ -108,26 +104,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        if args.opset is not None and args.format != "onnx":
-            raise ConfigError(f"--opset applies to --format onnx, not {args.format}")
-        options = ExportOptions(
-            batch_size=args.batch_size,
-            img_size=args.img_size,
-            crop_pct=args.crop_pct,
-            use_test_size=not args.use_train_size,
-            dtype=args.dtype,
-            softmax=args.softmax,
-            platforms=tuple(p.strip() for p in args.platforms.split(",") if p.strip()),
-            conv_lowering=args.conv_lowering,
-            opset=DEFAULT_OPSET if args.opset is None else args.opset,
-        )
-        export_model(
-            args.source, args.format, args.output, options, overwrite=args.overwrite, log=print
-        )
-    except DpnJaxError as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 1
+    return run_command(parser.prog, lambda: export_from_arguments(args))
+
+
+def export_from_arguments(args: argparse.Namespace) -> int:
+    if args.opset is not None and args.format != "onnx":
+        raise ConfigError(f"--opset applies to --format onnx, not {args.format}")
+    options = ExportOptions(
+        batch_size=args.batch_size,
+        img_size=args.img_size,
+        crop_pct=args.crop_pct,
+        use_test_size=not args.use_train_size,
+        dtype=args.dtype,
+        softmax=args.softmax,
+        platforms=tuple(p.strip() for p in args.platforms.split(",") if p.strip()),
+        conv_lowering=args.conv_lowering,
+        opset=DEFAULT_OPSET if args.opset is None else args.opset,
+    )
+    export_model(args.source, args.format, args.output, options, overwrite=args.overwrite, log=echo)
     return 0
 
 

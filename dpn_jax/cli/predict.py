@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from dpn_jax.cli.common import EXIT_ERROR, printable, report_error, run_command
+from dpn_jax.cli.common import EXIT_ERROR, command_parser, printable, report_error, run_command
 from dpn_jax.infer.predict import (
     LoadedModel,
     Predictor,
@@ -68,10 +68,7 @@ def format_table(file: str, top_k: list[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="dpn-predict",
-        description="Top-k ImageNet (or fine-tuned) classes of images with a DPN.",
-    )
+    parser = command_parser("dpn-predict", __doc__)
     add_model_arguments(parser)
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)

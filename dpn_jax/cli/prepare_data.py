@@ -16,16 +16,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from dpn_jax.cli.common import echo, run_command
+from dpn_jax.cli.common import command_parser, echo, run_command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="dpn-prepare-data",
-        description=__doc__.splitlines()[0].split(": ", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
+    parser = command_parser("dpn-prepare-data", __doc__)
     parser.add_argument("dataset", help="imagenet2012 or tfds:NAME")
     parser.add_argument(
         "--data-dir", help="TFDS data directory (default: TFDS's, ~/tensorflow_datasets)"
