@@ -4,9 +4,11 @@ Orbax reads and writes arrays with tensorstore, on background threads. When the 
 a write (a full disk, a quota, a file size limit) tensorstore raises a ValueError carrying
 `[os_error_code='28']`, orbax logs it with a traceback from each writer thread, and operations
 still in flight may complete after orbax's event loop has closed, each printing a
-"RuntimeError: Event loop is closed" traceback. `quiet_about(directory)` keeps that noise out of
-the user's terminal while dpn_jax works in `directory`; `os_error_of` recovers the OSError the
-ValueError stands for, which the caller reports in one line.
+"RuntimeError: Event loop is closed" traceback, and asyncio may log the writers' refusals
+again when their tasks are collected. `quiet_about(directory)` keeps that noise out of the
+user's terminal while dpn_jax works in `directory`, `ignore_failure_aftermath` after it;
+`os_error_of` recovers the OSError the ValueError stands for, which the caller reports in one
+line.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def os_error_of(error: BaseException, path: str | os.PathLike) -> OSError | None
     code = _OS_ERROR_CODE.search(str(error))
     if code is None:
         return None
-    ignore_closed_loop_aftermath()
+    ignore_failure_aftermath()
     return OSError(int(code[1]), os.strerror(int(code[1])), os.fspath(path))
 
 
@@ -49,20 +51,35 @@ class _RecordsAbout(logging.Filter):
 
 @contextlib.contextmanager
 def quiet_about(directory: str | os.PathLike) -> Iterator[None]:
-    """While the block runs, orbax's log records about `directory` are not shown."""
-    logger = logging.getLogger("absl")  # orbax logs through absl
+    """While the block runs, log records about `directory` are not shown: orbax's (through
+    absl) and asyncio's about orbax's failed writer tasks."""
+    loggers = [logging.getLogger("absl"), logging.getLogger("asyncio")]
     records = _RecordsAbout(directory)
-    logger.addFilter(records)
+    for logger in loggers:
+        logger.addFilter(records)
     try:
         yield
     finally:
-        logger.removeFilter(records)
+        for logger in loggers:
+            logger.removeFilter(records)
 
 
-def ignore_closed_loop_aftermath() -> None:
-    """After a failed orbax operation, tensorstore may still complete reads or writes whose results
-    can no longer reach orbax's closed event loop; it prints each RuntimeError through
-    `sys.excepthook`, even after dpn_jax reported the failure. Those are dropped from then on."""
+class _UnretrievedRefusals(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" records for refused reads/writes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += str(record.exc_info[1])
+        return not ("never retrieved" in text and _OS_ERROR_CODE.search(text))
+
+
+def ignore_failure_aftermath() -> None:
+    """After a failed orbax operation (which dpn_jax reports in one line), tensorstore may still
+    complete reads or writes whose results can no longer reach orbax's closed event loop: each
+    prints a "RuntimeError: Event loop is closed" through `sys.excepthook`, and asyncio logs the
+    other writers' refusals as "Task exception was never retrieved" when their tasks are
+    collected, possibly long after `quiet_about`'s block. Both are dropped from then on."""
     if getattr(sys.excepthook, "_drops_closed_loop_errors", False):
         return
     previous = sys.excepthook
@@ -74,3 +91,4 @@ def ignore_closed_loop_aftermath() -> None:
 
     excepthook._drops_closed_loop_errors = True
     sys.excepthook = excepthook
+    logging.getLogger("asyncio").addFilter(_UnretrievedRefusals())

@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint.handlers import DefaultCheckpointHandlerRegistry, JsonCheckpointHandler
 
 from dpn_jax.errors import ConfigError, OutputError
-from dpn_jax.runtime.orbax_io import ignore_closed_loop_aftermath, os_error_of, quiet_about
+from dpn_jax.runtime.orbax_io import ignore_failure_aftermath, os_error_of, quiet_about
 from dpn_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class Checkpoints:
             except ConfigError:
                 raise
             except Exception as error:  # orbax and tensorstore raise many types for bad files
-                ignore_closed_loop_aftermath()
+                ignore_failure_aftermath()
                 log.warning(
                     "checkpoint step %d in %s cannot be read (%s); trying the one before",
                     step,

@@ -30,7 +30,7 @@ from dpn_jax.errors import ConfigError, WeightsError
 from dpn_jax.models.dpn import DPN, MODEL_CONFIGS, DPNConfig
 from dpn_jax.models.registry import build_dpn
 from dpn_jax.runtime.files import atomic_output, check_output
-from dpn_jax.runtime.orbax_io import ignore_closed_loop_aftermath, os_error_of, quiet_about
+from dpn_jax.runtime.orbax_io import ignore_failure_aftermath, os_error_of, quiet_about
 from dpn_jax.weights.convert import Variables, abstract_variables, check_variables, num_classes_in
 from dpn_jax.weights.sources import first_line
 
@@ -253,7 +253,7 @@ class ModelDir:
             with quiet_about(variables_dir), ocp.StandardCheckpointer() as checkpointer:
                 variables = checkpointer.restore(variables_dir)
         except (OSError, ValueError) as error:
-            ignore_closed_loop_aftermath()
+            ignore_failure_aftermath()
             reason = re.sub(r" \[tensorstore_spec=.*\]", "", first_line(error))  # a page of JSON
             raise WeightsError(
                 f"{variables_dir}: not a readable orbax checkpoint ({reason})"
