@@ -7,11 +7,11 @@ JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) `jax.distributed` 
 others by itself, else pass --coordinator_address / --num_processes / --process_id.
 """
 
-import logging
 import os
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -54,7 +54,8 @@ def request_deterministic_gpu_ops() -> None:
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    if not FLAGS["verbosity"].present:  # absl's app defaults to INFO: JAX's backend probing
+        absl_logging.set_verbosity(absl_logging.WARNING)  # ("no TPU") would open the screen
     from dpn_jax.errors import DpnJaxError
     from dpn_jax.train.config import validate_config
 
