@@ -88,7 +88,9 @@ def make_train_step(
         updated = state.replace(
             params=params, batch_stats=batch_stats, opt_state=opt_state, ema=ema
         )
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+        # A branch, not a `where` per leaf: the select read and wrote the whole state once more
+        # each step (BENCHMARKS.md, "Compile time of the train step").
+        new_state = lax.cond(finite, lambda: updated, lambda: state)
         new_state = new_state.replace(
             step=state.step + 1,
             nonfinite_step=jnp.where(
