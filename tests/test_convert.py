@@ -70,6 +70,22 @@ def run_cli(*argv: str | Path) -> int:
     return convert_cli.main([str(a) for a in argv])
 
 
+def run_convert_weights(
+    src: str, output: Path, env: dict, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """`python convert_weights.py SRC --output OUTPUT` in a fresh process (the hub's state and
+    environment are per process)."""
+    return subprocess.run(
+        [sys.executable, "convert_weights.py", src, "--output", str(output)],
+        check=False,
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 # --- every source kind, for a plain and a `b` variant -------------------------------------------
 
 
@@ -193,14 +209,7 @@ def test_hub_reference_from_offline_cache(arch, tmp_path):
         files = {"pytorch_model.bin": pth.read_bytes()}
         src, expected_file = f"hf-hub:timm/{tag}", "pytorch_model.bin"
     populate_hub_cache(tmp_path / "hf", f"timm/{tag}", files)
-    result = subprocess.run(
-        [sys.executable, "convert_weights.py", src, "--output", str(tmp_path / "out")],
-        check=False,
-        cwd=REPO_ROOT,
-        env=offline_env(tmp_path / "hf"),
-        capture_output=True,
-        text=True,
-    )
+    result = run_convert_weights(src, tmp_path / "out", offline_env(tmp_path / "hf"))
     assert result.returncode == 0, result.stderr
     model_dir = ModelDir.load(tmp_path / "out")
     assert model_dir.source == f"hf-hub:timm/{tag}/{expected_file}"
@@ -209,19 +218,8 @@ def test_hub_reference_from_offline_cache(arch, tmp_path):
 
 
 def test_hub_reference_missing_from_offline_cache(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "convert_weights.py",
-            "timm/dpn92.mx_in1k",
-            "--output",
-            str(tmp_path / "out"),
-        ],
-        check=False,
-        cwd=REPO_ROOT,
-        env=offline_env(tmp_path / "hf"),
-        capture_output=True,
-        text=True,
+    result = run_convert_weights(
+        "timm/dpn92.mx_in1k", tmp_path / "out", offline_env(tmp_path / "hf")
     )
     assert result.returncode == 1
     assert "timm/dpn92.mx_in1k" in result.stderr and "cache" in result.stderr
@@ -708,21 +706,7 @@ def test_unreachable_hub_fails_fast_naming_the_alternatives(endpoint, silent_end
     env = {**offline_env(tmp_path / "hf", HF_ENDPOINT=url)}
     del env["HF_HUB_OFFLINE"]
     start = time.perf_counter()
-    result = subprocess.run(
-        [
-            sys.executable,
-            "convert_weights.py",
-            "timm/dpn68.mx_in1k",
-            "--output",
-            str(tmp_path / "out"),
-        ],
-        check=False,
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_convert_weights("timm/dpn68.mx_in1k", tmp_path / "out", env, timeout=120)
     elapsed = time.perf_counter() - start
     print(f"{endpoint} hub endpoint {url}: failed after {elapsed:.1f} s (process start included)")
     assert_one_line_error(result.returncode, result.stderr, "hub repository timm/dpn68.mx_in1k: ")
@@ -740,21 +724,7 @@ def test_cached_hub_file_works_with_an_unreachable_hub(tmp_path):
     )
     env = offline_env(tmp_path / "hf", HF_ENDPOINT=closed_port_endpoint())
     del env["HF_HUB_OFFLINE"]
-    result = subprocess.run(
-        [
-            sys.executable,
-            "convert_weights.py",
-            "timm/dpn68.mx_in1k",
-            "--output",
-            str(tmp_path / "out"),
-        ],
-        check=False,
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_convert_weights("timm/dpn68.mx_in1k", tmp_path / "out", env)
     assert result.returncode == 0, result.stderr
     assert logits_error(tmp_path / "out", "dpn68") <= 1e-4
 
