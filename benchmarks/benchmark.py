@@ -111,7 +111,7 @@ class JaxEngine(Engine):
         from dpn_jax.runtime.runner import AXIS, REPLICATED, SHARDED, Runner
         from dpn_jax.train.optim import create_optimizer
         from dpn_jax.train.state import create_train_state
-        from dpn_jax.train.step import make_train_step
+        from dpn_jax.train.step import compile_train_step
 
         jnp.zeros(()).block_until_ready()  # backend start-up is not model creation
         self.result.backend = jax.default_backend()
@@ -146,12 +146,7 @@ class JaxEngine(Engine):
             )
             tx, schedule = create_optimizer(config, updates_per_epoch=1000)
             state = create_train_state(variables, tx, seed=0, use_ema=False)
-            fn = runner.compile(
-                make_train_step(model, tx, schedule, config, cfg["mean"], cfg["std"]),
-                in_specs=(REPLICATED, SHARDED),
-                out_specs=(REPLICATED, REPLICATED),
-                donate_argnums=(0,),
-            )
+            fn = compile_train_step(runner, model, tx, schedule, config, cfg["mean"], cfg["std"])
             labels = rng.integers(0, 1000, self.batch).astype(np.int32)
             args = (runner.replicate(state), runner.put_batch({"image": images, "label": labels}))
 

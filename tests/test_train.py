@@ -16,10 +16,10 @@ from train_worker import TINY, tiny_config
 from configs import default
 from dpn_jax import create_model
 from dpn_jax.infer.evaluate import compile_eval_step
-from dpn_jax.runtime.runner import REPLICATED, SHARDED, Runner
+from dpn_jax.runtime.runner import Runner
 from dpn_jax.train.optim import create_learning_rate_schedule, create_optimizer, path_mask
 from dpn_jax.train.state import create_train_state
-from dpn_jax.train.step import make_train_step
+from dpn_jax.train.step import compile_train_step
 
 NUM_STEPS = 3
 GLOBAL_BATCH = 8
@@ -59,12 +59,7 @@ def run_steps(parallelism: str, devices) -> Run:
     tx, schedule = create_optimizer(config, updates_per_epoch=10)
     runner = Runner(parallelism, devices)
     state = runner.replicate(create_train_state(variables, tx, seed=0, use_ema=True))
-    step = runner.compile(
-        make_train_step(model, tx, schedule, config, MEAN, STD),
-        in_specs=(REPLICATED, SHARDED),
-        out_specs=(REPLICATED, REPLICATED),
-        donate_argnums=(0,),
-    )
+    step = compile_train_step(runner, model, tx, schedule, config, MEAN, STD)
     losses, donated = [], []
     batches = synthetic_batches(1, GLOBAL_BATCH) * NUM_STEPS  # the same batch: loss must fall
     for batch in batches:

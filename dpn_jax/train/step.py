@@ -13,7 +13,7 @@ from jax import lax
 from dpn_jax.data.transforms import normalize
 from dpn_jax.infer.evaluate import top_k_correct
 from dpn_jax.models.dpn import DPN
-from dpn_jax.runtime.runner import AXIS
+from dpn_jax.runtime.runner import AXIS, REPLICATED, SHARDED, Runner
 from dpn_jax.train.state import TrainState
 
 
@@ -101,3 +101,22 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def compile_train_step(
+    runner: Runner,
+    model: DPN,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    config: ml_collections.ConfigDict,
+    mean,
+    std,
+) -> Callable:
+    """`make_train_step` over the runner's devices: (replicated state, sharded batch) ->
+    (replicated state, replicated metrics), the state donated (updated in place)."""
+    return runner.compile(
+        make_train_step(model, tx, schedule, config, mean, std),
+        in_specs=(REPLICATED, SHARDED),
+        out_specs=(REPLICATED, REPLICATED),
+        donate_argnums=(0,),
+    )

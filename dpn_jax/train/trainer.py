@@ -30,14 +30,14 @@ from dpn_jax.errors import ConfigError, DataError, OutputError
 from dpn_jax.factory import create_model
 from dpn_jax.infer.evaluate import compile_eval_step, run_evaluation
 from dpn_jax.models.registry import pretrained_cfg
-from dpn_jax.runtime.runner import AXIS, REPLICATED, SHARDED, Runner
+from dpn_jax.runtime.runner import AXIS, Runner
 from dpn_jax.train.checkpoints import Checkpoints
 from dpn_jax.train.config import validate_config
 from dpn_jax.train.feed import BatchFeeder
 from dpn_jax.train.logger import MetricsLogger
 from dpn_jax.train.optim import create_optimizer
 from dpn_jax.train.state import TrainState, create_train_state, merge_for_finetuning
-from dpn_jax.train.step import make_train_step
+from dpn_jax.train.step import compile_train_step
 from dpn_jax.train.stop import StopRequest
 from dpn_jax.train.workdir import WorkdirLock
 from dpn_jax.weights.model_dir import ModelDir, Preprocessing
@@ -173,11 +173,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
         "config": config.to_dict(),
     }
 
-    train_step = runner.compile(
-        make_train_step(model, tx, schedule, config, data_cfg["mean"], data_cfg["std"]),
-        in_specs=(REPLICATED, SHARDED),
-        out_specs=(REPLICATED, REPLICATED),
-        donate_argnums=(0,),
+    train_step = compile_train_step(
+        runner, model, tx, schedule, config, data_cfg["mean"], data_cfg["std"]
     )
     eval_step = compile_eval_step(runner, model, data_cfg["mean"], data_cfg["std"])
 
