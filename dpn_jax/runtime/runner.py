@@ -126,11 +126,10 @@ class Runner:
         return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
     def abstract_state(self, tree: Any) -> Any:
-        """Shapes, dtypes and the replicated sharding of a host tree (an orbax restore target)."""
+        """Shapes, dtypes and the replicated sharding of a tree of arrays (an orbax restore
+        target); nothing is copied."""
         return jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(
-                np.shape(x), np.asarray(x).dtype, sharding=self._replicated
-            ),
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated),
             tree,
         )
 

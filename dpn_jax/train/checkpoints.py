@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint.handlers import DefaultCheckpointHandlerRegistry, JsonCheckpointHandler
 
 from dpn_jax.errors import ConfigError, OutputError
 from dpn_jax.runtime.orbax_io import ignore_failure_aftermath, os_error_of, quiet_about
+from dpn_jax.runtime.runner import Runner
 from dpn_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class Checkpoints:
         one line; earlier checkpoints stay intact and the unfinished step's temporary directory
         is removed. (The train step never applies a NaN/Inf update, so the state is finite.)
         """
-        step = int(np.asarray(state.step.addressable_data(0)))
+        step = int(Runner.value(state.step))
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state),
