@@ -102,6 +102,7 @@ def run_evaluation(
             first_done = (time.perf_counter(), float(Runner.value(totals["count"])))
         if progress is not None:
             progress.update(1)
+    jax.block_until_ready(totals)  # the rate counts the batches still computing
     end = time.perf_counter()
     if totals is None:
         raise DataError("the evaluation split has no examples")
