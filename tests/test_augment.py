@@ -14,13 +14,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 from scipy import stats
 
+from dpn_jax.data import auto_augment, transforms
 from dpn_jax.data.batch_augment import Mixup, RandomErasing, mixup_target
 
 torch = pytest.importorskip("torch")
 timm_mixup = pytest.importorskip("timm.data.mixup")
 timm_erasing = pytest.importorskip("timm.data.random_erasing")
+timm_aa = pytest.importorskip("timm.data.auto_augment")
 
 ALPHA = 1e-3  # per comparison; every test is seeded, so a pass is reproducible
 SAMPLES = 3000
@@ -28,22 +31,43 @@ BINS = 12
 
 
 def assert_same_distribution(ours, theirs, what: str, bins: int = BINS) -> None:
-    """Two-sample chi-square test on bins at the pooled quantiles (discrete values merge;
-    rounded to 1e-6 first, so that a float32 ulp does not move a discrete value across an edge)."""
+    """Two-sample chi-square test: on the values themselves when there are at most `bins` of
+    them, else on bins at the pooled quantiles. Values are rounded to 1e-6 first, so that a
+    float32 ulp does not split one discrete value in two."""
     ours, theirs = (np.round(np.asarray(x, np.float64), 6) for x in (ours, theirs))
     if len(ours) == 0 or len(theirs) == 0:  # an event neither has (e.g. boxes without cutmix)
         assert len(ours) == len(theirs), f"{what}: {len(ours)} vs {len(theirs)} samples"
         return
     pooled = np.concatenate([ours, theirs])
-    edges = np.unique(np.quantile(pooled, np.linspace(0, 1, bins + 1)))
-    if len(edges) < 2:  # one value only: both must be that value
-        assert np.all(ours == theirs[0]), what
+    values = np.unique(pooled)
+    if len(values) <= bins:
+        a = np.searchsorted(values, ours)
+        b = np.searchsorted(values, theirs)
+        assert_same_categories(list(a), list(b), what)
         return
+    edges = np.unique(np.quantile(pooled, np.linspace(0, 1, bins + 1)))
     a, _ = np.histogram(ours, edges)
     b, _ = np.histogram(theirs, edges)
-    used = (a + b) > 0
-    a, b = a[used], b[used]
-    k1, k2 = np.sqrt(len(theirs) / len(ours)), np.sqrt(len(ours) / len(theirs))
+    chi_square_test(a, b, what)
+
+
+def assert_same_categories(ours, theirs, what: str) -> None:
+    """Two-sample chi-square test on categories."""
+    names = sorted(set(ours) | set(theirs))
+    chi_square_test([ours.count(n) for n in names], [theirs.count(n) for n in names], what)
+
+
+def chi_square_test(a, b, what: str) -> None:
+    """Two-sample chi-square test of bin counts `a` and `b` at level ALPHA; bins with fewer
+    than 10 samples in all are pooled into one, so the chi-square approximation holds."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    rare = (a + b) < 10
+    if rare.any():
+        a, b = np.append(a[~rare], a[rare].sum()), np.append(b[~rare], b[rare].sum())
+    a, b = a[(a + b) > 0], b[(a + b) > 0]
+    if len(a) < 2:  # all in one bin: nothing to tell apart
+        return
+    k1, k2 = np.sqrt(b.sum() / a.sum()), np.sqrt(a.sum() / b.sum())
     statistic = np.sum((k1 * a - k2 * b) ** 2 / (a + b))
     critical = stats.chi2.ppf(1 - ALPHA, len(a) - 1)
     assert statistic < critical, f"{what}: chi2 {statistic:.1f} >= {critical:.1f}\n{a}\n{b}"
@@ -256,3 +280,263 @@ def test_random_erasing_statistics_match_timm(case):
     for name in ("area", "height", "width", "top", "left", "colours"):
         keep_o, keep_t = ours["erased"], theirs["erased"]
         assert_same_distribution(ours[name][keep_o], theirs[name][keep_t], name)
+
+
+# ------------------------------------------------------------- RandAugment / AutoAugment (host)
+
+FILL = (124, 117, 104)
+
+
+def tiny_image(size=(12, 10), seed=0) -> Image.Image:
+    """A small image with structure (a gradient plus noise) so every op changes it."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[: size[1], : size[0]]
+    base = np.stack([x * 20, y * 25, (x + y) * 10], -1) + rng.integers(0, 40, (*y.shape, 3))
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
+class FixedDraws:
+    """A generator stand-in: every draw at the same quantile `u` (random() = u, uniform at u of
+    its range, choice the first); and the same for Python's `random` when patched into timm."""
+
+    def __init__(self, u: float):
+        self.u = u
+
+    def random(self, *_):
+        return self.u
+
+    def uniform(self, low, high):
+        return low + self.u * (high - low)
+
+    def integers(self, *_):
+        return 0
+
+    def choice(self, seq):
+        return seq[0]
+
+
+def test_every_timm_op_is_here():
+    """Our op table is timm's, less the absolute-pixel translations no policy uses."""
+    assert set(auto_augment.NAME_TO_OP) == set(timm_aa.NAME_TO_OP) - {"TranslateX", "TranslateY"}
+    assert set(auto_augment.LEVEL_TO_ARG) == set(auto_augment.NAME_TO_OP)
+    assert auto_augment.RAND_TRANSFORMS == tuple(timm_aa._RAND_TRANSFORMS)
+    assert auto_augment.RAND_INCREASING_TRANSFORMS == tuple(timm_aa._RAND_INCREASING_TRANSFORMS)
+    for name in ("weights", "3aw", "3a"):
+        expected = timm_aa.rand_augment_choices(name)
+        ours = auto_augment.RAND_CHOICES[name]
+        assert (dict(ours) if isinstance(ours, dict) else list(ours)) == (
+            dict(expected) if isinstance(expected, dict) else list(expected)
+        )
+    for name in ("original", "originalr", "v0", "v0r", "3a"):
+        timm_policy = timm_aa.auto_augment_policy(name, dict(img_mean=FILL))
+        ours = auto_augment.AA_POLICIES[name]
+        assert [[(op.name, op.prob, op.magnitude) for op in sub] for sub in timm_policy] == [
+            list(sub) for sub in ours
+        ]
+
+
+@pytest.mark.parametrize("name", sorted(auto_augment.NAME_TO_OP))
+@pytest.mark.parametrize("magnitude", [0, 3, 7, 10, 13])
+@pytest.mark.parametrize("u", [0.2, 0.9])  # both signs of the randomly negated ops
+def test_op_at_a_magnitude_equals_timm(name, magnitude, u, monkeypatch):
+    """Each op at a fixed magnitude (no noise, probability 1) gives timm's pixels exactly:
+    same magnitude scale, sign convention, fill and Pillow call."""
+    image = tiny_image()
+    hparams = dict(img_mean=FILL, interpolation=Image.Resampling.BICUBIC, magnitude_max=15)
+    draws = FixedDraws(u)
+    for fn in ("random", "uniform", "choice"):
+        monkeypatch.setattr(timm_aa.random, fn, getattr(draws, fn))
+    try:
+        theirs = timm_aa.AugmentOp(name, prob=1.0, magnitude=magnitude, hparams=hparams)(image)
+    except ValueError:  # Pillow >= 13 refuses 0 bits; older Pillow (and we) make it black
+        assert name.startswith("Posterize")
+        theirs = Image.new("RGB", image.size)
+    ours_hparams = auto_augment.Hparams(
+        fill=FILL, resample=Image.Resampling.BICUBIC, magnitude_max=15
+    )
+    ours = auto_augment.AugmentOp(name, 1.0, magnitude, ours_hparams)(image, draws)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+def record_ops(table: dict, log: list) -> dict:
+    """The op table with each op replaced by one that logs (name, level arguments): what is
+    applied, not the pixels (the test above checks those)."""
+
+    def recording(name):
+        def record(img, *args, **kwargs):
+            log.append((name, args))
+            return img
+
+        return record
+
+    return {name: recording(name) for name in table}
+
+
+def applied_ops(aa: str, monkeypatch, samples: int = 1500):
+    """(ours, timm's): per image, the (op, arguments) list each implementation applied."""
+    image = tiny_image((8, 8))
+    ours, theirs, log = [], [], []
+    monkeypatch.setattr(auto_augment, "NAME_TO_OP", record_ops(auto_augment.NAME_TO_OP, log))
+    transform = auto_augment.auto_augment(aa, mean=np.array(FILL) / 255)
+    for seed in range(samples):
+        transform(image, np.random.default_rng(seed))
+        ours.append(log[:])
+        log.clear()
+    monkeypatch.setattr(timm_aa, "NAME_TO_OP", record_ops(timm_aa.NAME_TO_OP, log))
+    hparams = dict(translate_const=3, img_mean=FILL)
+    factory = (
+        timm_aa.rand_augment_transform if aa.startswith("rand") else timm_aa.auto_augment_transform
+    )
+    transform = factory(aa, hparams)
+    random.seed(0)
+    np.random.seed(0)
+    for _ in range(samples):
+        transform(image)
+        theirs.append(log[:])
+        log.clear()
+    return ours, theirs
+
+
+@pytest.mark.parametrize(
+    "aa",
+    [
+        "rand-m9-mstd0.5-inc1",  # the RA recipe
+        "rand-n3-m12-p0.7-mstd101-mmax15",  # uniform magnitudes, a higher bound
+        "rand-m7-n4-tweights",  # weighted choice without replacement
+        "original-mstd0.5",
+        "v0r",
+    ],
+)
+def test_policy_op_and_magnitude_frequencies_match_timm(aa, monkeypatch):
+    """For one image and many seeds: how many ops each image gets, which ops, and each op's
+    argument distribution (the magnitude after noise, clipping, scaling and sign) agree with
+    timm's own transform, instrumented the same way."""
+    ours, theirs = applied_ops(aa, monkeypatch)
+    assert_same_categories([len(x) for x in ours], [len(x) for x in theirs], "ops per image")
+    ours_ops = [op for image in ours for op in image]
+    theirs_ops = [op for image in theirs for op in image]
+    assert_same_categories([n for n, _ in ours_ops], [n for n, _ in theirs_ops], "op choice")
+    for name in sorted({n for n, args in theirs_ops if args}):
+        assert_same_distribution(
+            [args[0] for n, args in ours_ops if n == name],
+            [args[0] for n, args in theirs_ops if n == name],
+            f"{name} argument",
+        )
+
+
+# ------------------------------------------------------------------ colour jitter, train transform
+
+
+@pytest.mark.parametrize("index, factor", [(0, 0.6), (1, 1.35), (2, 0.2), (3, 0.3), (3, -0.45)])
+def test_each_colour_adjustment_equals_torchvision(index, factor):
+    from torchvision.transforms import functional
+
+    image = tiny_image((16, 12))
+    theirs = [
+        functional.adjust_brightness,
+        functional.adjust_contrast,
+        functional.adjust_saturation,
+        functional.adjust_hue,
+    ][index](image, factor)
+    ours = transforms._COLOR_ADJUSTMENTS[index](image, factor)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+@pytest.mark.parametrize("factors", [(0.4, 0.4, 0.4), (0.0, 0.5, 0.3, 0.1)])
+def test_colour_jitter_distribution_matches_torchvision(factors):
+    """Per-channel means of the jittered image over many seeds: torchvision's random order and
+    factor ranges give the same distribution as ours."""
+    from torchvision import transforms as tv
+
+    image = tiny_image((8, 8))
+    torch.manual_seed(0)
+    jitter = tv.ColorJitter(*factors)
+    theirs = np.stack([np.asarray(jitter(image)).mean((0, 1)) for _ in range(2000)])
+    ours = np.stack(
+        [
+            np.asarray(transforms.color_jitter(image, factors, np.random.default_rng(s))).mean(
+                (0, 1)
+            )
+            for s in range(2000)
+        ]
+    )
+    for channel in range(3):
+        assert_same_distribution(ours[:, channel], theirs[:, channel], f"channel {channel}")
+
+
+def test_train_transform_follows_timm_order():
+    """aa replaces colour jitter (timm disables it under AutoAugment/RandAugment), and the aa
+    ops see the crop: the same seed gives crop+flip then the policy's draws."""
+    image = tiny_image((40, 30))
+    plain = transforms.TrainTransform(image_size=16, interpolation="bicubic")
+    jitter = transforms.TrainTransform(image_size=16, interpolation="bicubic", color_jitter=0.4)
+    aa = transforms.TrainTransform(image_size=16, interpolation="bicubic", aa="original")
+    aa_jitter = transforms.TrainTransform(
+        image_size=16, interpolation="bicubic", aa="original", color_jitter=0.4
+    )
+    policy = auto_augment.auto_augment("original", mean=aa.mean, resample=Image.Resampling.BICUBIC)
+    for seed in range(20):
+        crop = plain(image, np.random.default_rng(seed))
+        np.testing.assert_array_equal(
+            aa(image, np.random.default_rng(seed)), aa_jitter(image, np.random.default_rng(seed))
+        )
+        rng = np.random.default_rng(seed)
+        np.testing.assert_array_equal(plain(image, rng), crop)
+        np.testing.assert_array_equal(
+            aa(image, np.random.default_rng(seed)), np.asarray(policy(Image.fromarray(crop), rng))
+        )
+    assert not all(
+        np.array_equal(
+            plain(image, np.random.default_rng(s)), jitter(image, np.random.default_rng(s))
+        )
+        for s in range(5)
+    )
+
+
+def test_random_train_interpolation_picks_bilinear_or_bicubic():
+    """timm's 'random': the crop is the bilinear or the bicubic resize of the same window, each
+    about half of the time (binomial bound)."""
+    image = tiny_image((40, 30))
+    picks = []
+    for seed in range(300):
+        out = transforms.train_crop(
+            image, image_size=16, interpolation="random", rng=np.random.default_rng(seed)
+        )
+        window = transforms.random_resized_crop_window(30, 40, np.random.default_rng(seed))
+        candidates = [
+            transforms.resized_crop(image, window, 16, name, flip)
+            for name in ("bilinear", "bicubic")
+            for flip in (False, True)
+        ]
+        matches = [i for i, c in enumerate(candidates) if np.array_equal(out, c)]
+        assert matches, seed
+        picks.append(matches[0] // 2)
+    bound = stats.norm.ppf(1 - ALPHA / 2) * np.sqrt(0.25 / len(picks))
+    assert abs(np.mean(picks) - 0.5) < bound
+
+
+@pytest.mark.parametrize(
+    "key, bad, good",
+    [
+        ("aa", "rand-m9-x1", "rand-m9-mstd0.5-inc1"),
+        ("aa", "augmix-m5", "original-mstd0.5"),
+        ("aa", "orignal", "v0r"),
+        ("color_jitter", -0.1, 0.4),
+        ("color_jitter_prob", 1.5, 0.8),
+        ("train_interpolation", "cubic", "random"),
+        ("reprob", 1.1, 0.25),
+        ("remode", "zeros", "const"),
+        ("recount", 0, 3),
+    ],
+)
+def test_augmentation_keys_are_validated(key, bad, good):
+    from configs import default
+    from dpn_jax.errors import ConfigError
+    from dpn_jax.train.config import validate_config
+
+    config = default.get_config()
+    config[key] = bad
+    with pytest.raises(ConfigError, match=rf"^--config\.{key}=.*: must be "):
+        validate_config(config)
+    config[key] = good
+    validate_config(config)

@@ -71,7 +71,12 @@ def _solarize_add(img: Image.Image, add: int, draw: Draw, thresh: int = 128) -> 
 
 
 def _posterize(img: Image.Image, bits: int, draw: Draw) -> Image.Image:
-    return img if bits >= 8 else ImageOps.posterize(img, bits)
+    """Keep `bits` high bits. Zero bits (Posterize at M < 2.5, PosterizeIncreasing at M >= 10,
+    e.g. in v0 and rand-m9-mstd0.5-inc1) is a black image, as Pillow < 13 made it; Pillow 13
+    refuses 0 bits, so timm itself fails there with it."""
+    if bits >= 8:
+        return img
+    return ImageOps.posterize(img, bits) if bits > 0 else img.point([0] * 256 * len(img.getbands()))
 
 
 def _enhance(enhancer: type) -> Callable[..., Image.Image]:
