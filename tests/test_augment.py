@@ -24,6 +24,7 @@ torch = pytest.importorskip("torch")
 timm_mixup = pytest.importorskip("timm.data.mixup")
 timm_erasing = pytest.importorskip("timm.data.random_erasing")
 timm_aa = pytest.importorskip("timm.data.auto_augment")
+timm_transforms_factory = pytest.importorskip("timm.data.transforms_factory")
 
 ALPHA = 1e-3  # per comparison; every test is seeded, so a pass is reproducible
 SAMPLES = 3000
@@ -540,3 +541,18 @@ def test_augmentation_keys_are_validated(key, bad, good):
         validate_config(config)
     config[key] = good
     validate_config(config)
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "random"])
+def test_no_aug_is_timms_noaug_train_transform(interpolation):
+    """timm's --no-aug: resize the shorter side, centre crop, no flip; bit-identical."""
+    image = tiny_image((50, 36))
+    timm_transform = timm_transforms_factory.transforms_noaug_train(
+        32, interpolation=interpolation, use_prefetcher=True
+    )
+    ours = transforms.TrainTransform(
+        image_size=32, interpolation=interpolation, aa="original", color_jitter=0.4, no_aug=True
+    )
+    expected = timm_transform(image).numpy().transpose(1, 2, 0)
+    for seed in range(3):
+        np.testing.assert_array_equal(ours(image, np.random.default_rng(seed)), expected)

@@ -110,14 +110,15 @@ def train_batches(
     color_jitter: float | Sequence[float] = 0.0,
     color_jitter_prob: float | None = None,
     mean: Sequence[float] = (0.485, 0.456, 0.406),
+    no_aug: bool = False,
 ) -> TrainBatches:
     """Endless {"image": uint8 [batch_size, H, W, 3], "label": int32 [batch_size]} batches of
     this process's shard (see the module docstring); `get_state()` / `set_state()` resume.
 
     `start_batch` k starts at batch k, as `set_state` to k would (for a checkpoint that saved
     its step but no input state). `interpolation` may be 'random'; `aa`, `color_jitter`,
-    `color_jitter_prob` are timm's (see `transforms.TrainTransform`; `mean` is the fill of
-    the `aa` ops).
+    `color_jitter_prob` and `no_aug` are timm's (see `transforms.TrainTransform`; `mean` is
+    the fill of the `aa` ops).
     """
     _check_batch_size(batch_size)
     transform = TrainTransform(  # bad settings fail here, not in a worker
@@ -127,6 +128,7 @@ def train_batches(
         color_jitter=color_jitter,
         color_jitter_prob=color_jitter_prob,
         mean=tuple(mean),
+        no_aug=no_aug,
     )
     process_index, process_count = _topology(process_index, process_count)
     dataset = open_dataset(spec, data_dir=data_dir, manual_dir=manual_dir)

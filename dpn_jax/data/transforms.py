@@ -336,8 +336,10 @@ class TrainTransform:
     `mean`) or else `color_jitter` (a factor for brightness, contrast and saturation, or 3-4
     factors; 0 is off), with probability `color_jitter_prob` (None: always). As in timm, colour
     jitter is ignored when `aa` is set (except timm's '3a' policies, which keep it).
-    `interpolation` is a timm name or 'random'. Random erasing and mixup run on the device
-    (`dpn_jax.data.batch_augment`). Raises ConfigError for a bad setting when built.
+    `interpolation` is a timm name or 'random'. `no_aug` is timm's `--no-aug`
+    (`transforms_noaug_train`): the eval transform at the training size, crop_pct 1, no flip
+    ('random' interpolation becomes bilinear, as there), no draws. Random erasing and mixup run
+    on the device (`dpn_jax.data.batch_augment`). Raises ConfigError for a bad setting when built.
     """
 
     image_size: tuple[int, int]
@@ -346,6 +348,7 @@ class TrainTransform:
     color_jitter: float | tuple[float, ...] = 0.0
     color_jitter_prob: float | None = None
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    no_aug: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "image_size", size_pair(self.image_size))
@@ -368,6 +371,11 @@ class TrainTransform:
         object.__setattr__(self, "_augment", augment)
 
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
+        if self.no_aug:
+            interpolation = "bilinear" if self.interpolation == "random" else self.interpolation
+            return eval_crop(
+                image, image_size=self.image_size, crop_pct=1.0, interpolation=interpolation
+            )
         image = _train_crop_image(image, self.image_size, self.interpolation, rng)
         if self._augment is not None:
             image = self._augment(image, rng)
