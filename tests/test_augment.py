@@ -373,6 +373,16 @@ def record_ops(table: dict, log: list) -> dict:
     return {name: recording(name) for name in table}
 
 
+def timm_aa_transform(aa: str):
+    """timm's transform for an `aa` string, with the hparams its create_transform gives."""
+    hparams = dict(translate_const=3, img_mean=FILL)
+    if aa.startswith("rand"):
+        return timm_aa.rand_augment_transform(aa, hparams)
+    if aa.startswith("augmix"):
+        return timm_aa.augment_and_mix_transform(aa, {**hparams, "translate_pct": 0.3})
+    return timm_aa.auto_augment_transform(aa, hparams)
+
+
 def applied_ops(aa: str, monkeypatch, samples: int = 1500):
     """(ours, timm's): per image, the (op, arguments) list each implementation applied."""
     image = tiny_image((8, 8))
@@ -384,11 +394,7 @@ def applied_ops(aa: str, monkeypatch, samples: int = 1500):
         ours.append(log[:])
         log.clear()
     monkeypatch.setattr(timm_aa, "NAME_TO_OP", record_ops(timm_aa.NAME_TO_OP, log))
-    hparams = dict(translate_const=3, img_mean=FILL)
-    factory = (
-        timm_aa.rand_augment_transform if aa.startswith("rand") else timm_aa.auto_augment_transform
-    )
-    transform = factory(aa, hparams)
+    transform = timm_aa_transform(aa)
     random.seed(0)
     np.random.seed(0)
     for _ in range(samples):
@@ -406,6 +412,8 @@ def applied_ops(aa: str, monkeypatch, samples: int = 1500):
         "rand-m7-n4-tweights",  # weighted choice without replacement
         "original-mstd0.5",
         "v0r",
+        "augmix-m5-w4-d2",
+        "augmix-a0.5-mstd2",  # random depth, gaussian magnitudes
     ],
 )
 def test_policy_op_and_magnitude_frequencies_match_timm(aa, monkeypatch):
@@ -520,7 +528,7 @@ def test_random_train_interpolation_picks_bilinear_or_bicubic():
     "key, bad, good",
     [
         ("aa", "rand-m9-x1", "rand-m9-mstd0.5-inc1"),
-        ("aa", "augmix-m5", "original-mstd0.5"),
+        ("aa", "augmix-m5-x2", "augmix-m5-w4-d2"),
         ("aa", "orignal", "v0r"),
         ("color_jitter", -0.1, 0.4),
         ("color_jitter_prob", 1.5, 0.8),
@@ -556,3 +564,25 @@ def test_no_aug_is_timms_noaug_train_transform(interpolation):
     expected = timm_transform(image).numpy().transpose(1, 2, 0)
     for seed in range(3):
         np.testing.assert_array_equal(ours(image, np.random.default_rng(seed)), expected)
+
+
+@pytest.mark.parametrize("aa", ["augmix-m5-w4-d2", "augmix-m3-b1"])
+def test_augmix_output_distribution_matches_timm(aa):
+    """AugMix's mixing (Dirichlet chain weights, Beta blend, or timm's blended approximation):
+    per-channel means of the output, and its mean distance from the input, over many seeds
+    agree with timm's."""
+    image = tiny_image((8, 8))
+    pixels = np.asarray(image, np.float64)
+
+    def statistics(output):
+        output = np.asarray(output, np.float64)
+        return [*output.mean((0, 1)), np.abs(output - pixels).mean()]
+
+    random.seed(0)
+    np.random.seed(0)
+    timm_transform = timm_aa_transform(aa)
+    theirs = np.array([statistics(timm_transform(image)) for _ in range(1000)])
+    transform = auto_augment.auto_augment(aa, mean=np.array(FILL) / 255)
+    ours = np.array([statistics(transform(image, np.random.default_rng(s))) for s in range(1000)])
+    for index, name in enumerate(["red", "green", "blue", "distance"]):
+        assert_same_distribution(ours[:, index], theirs[:, index], name)

@@ -1,4 +1,4 @@
-"""timm's AutoAugment and RandAugment (`timm.data.auto_augment`) on PIL images, for grain.
+"""timm's AutoAugment, RandAugment and AugMix (`timm.data.auto_augment`) on PIL images, for grain.
 
 The same op list, magnitude scaling (`LEVEL_DENOM`, the "increasing" variants, `mstd` noise,
 `mmax`), per-op probability, fill colour (the dataset mean in 0-255, timm's `img_mean`) and
@@ -248,6 +248,48 @@ class AutoAugment:
         return img
 
 
+@dataclasses.dataclass(frozen=True)
+class AugMix:
+    """timm's `AugMixAugment`: `width` chains of `depth` ops (random 1-3 when -1) mixed with
+    Dirichlet(alpha) weights, then blended with the image by Beta(alpha, alpha); `blended` is
+    timm's faster approximation (one Image.blend per chain). The transform only: timm's
+    split-batch JSD loss (--aug-splits, --jsd-loss) is not supported."""
+
+    ops: tuple[AugmentOp, ...]
+    alpha: float = 1.0
+    width: int = 3
+    depth: int = -1
+    blended: bool = False
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        weights = np.float32(rng.dirichlet([self.alpha] * self.width))
+        blend = np.float32(rng.beta(self.alpha, self.alpha))
+        if self.blended:
+            return self._blended(img, weights, blend, rng)
+        mixed = np.zeros_like(np.asarray(img), dtype=np.float32)
+        for weight in weights:
+            mixed += weight * np.asarray(self._chain(img, rng), dtype=np.float32)
+        np.clip(mixed, 0, 255.0, out=mixed)
+        return Image.blend(img, Image.fromarray(mixed.astype(np.uint8)), blend)
+
+    def _chain(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        depth = self.depth if self.depth > 0 else int(rng.integers(1, 4))
+        for index in rng.choice(len(self.ops), depth, replace=True):
+            img = self.ops[index](img, rng)
+        return img
+
+    def _blended(self, img, weights, blend, rng) -> Image.Image:
+        """Each chain blended in turn, with the weights rescaled so the result approximates the
+        basic mix (timm's `_calc_blended_weights`)."""
+        original, remaining, alphas = img, 1.0, []
+        for weight in (weights * blend)[::-1]:
+            alphas.append(weight / remaining)
+            remaining *= 1 - alphas[-1]
+        for alpha in np.array(alphas[::-1], dtype=np.float32):
+            img = Image.blend(img, self._chain(original, rng), alpha)
+        return img
+
+
 _V0 = (
     (("Equalize", 0.8, 1), ("ShearY", 0.8, 4)),
     (("Color", 0.4, 9), ("Equalize", 0.6, 3)),
@@ -329,6 +371,11 @@ RAND_INCREASING_TRANSFORMS = (
     "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
     "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
 )  # fmt: skip
+AUGMIX_TRANSFORMS = (
+    "AutoContrast", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
+    "SharpnessIncreasing", "Equalize", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
+    "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
+)  # fmt: skip
 # timm's named transform sets ('t' section): op -> choice weight (uniform for '3a')
 RAND_CHOICES = {
     "weights": {
@@ -353,13 +400,14 @@ RAND_CHOICES = {
 
 def auto_augment(
     config_str: str, *, mean: Sequence[float], resample: Image.Resampling | None = None
-) -> RandAugment | AutoAugment:
+) -> RandAugment | AutoAugment | AugMix:
     """timm's `aa` string -> transform, with the hparams timm's `transforms_imagenet_train`
     gives it: fill = `mean` in 0-255; affine ops resample with the train interpolation, or
     (None: timm's 'random') bilinear or bicubic at random.
 
-    `rand-...` is RandAugment (sections m, n, p, mstd, mmax, inc, t), otherwise an AutoAugment
-    policy (v0, v0r, original, originalr, 3a) with an optional mstd section. ConfigError names
+    `rand-...` is RandAugment (sections m, n, p, mstd, mmax, inc, t), `augmix-...` AugMix (m, w,
+    d, a, b, mstd), otherwise an AutoAugment policy (v0, v0r, original, originalr, 3a) with an
+    optional mstd section. ConfigError names
     the bad part. (timm's translate_const is left out: only its absolute-pixel translations use
     it, and no policy or RandAugment set has them.)
     """
@@ -376,12 +424,10 @@ def auto_augment(
             )
         )
     if name == "augmix":
-        raise ConfigError(
-            f"aa {config_str!r}: AugMix is not supported (RandAugment and AutoAugment are)"
-        )
+        return _augmix(config_str, sections, hparams)
     raise ConfigError(
-        f"aa {config_str!r}: must start with 'rand' (RandAugment) or an AutoAugment policy "
-        f"({', '.join(AA_POLICIES)})"
+        f"aa {config_str!r}: must start with 'rand' (RandAugment), 'augmix' or an AutoAugment "
+        f"policy ({', '.join(AA_POLICIES)})"
     )
 
 
@@ -416,6 +462,24 @@ def _rand_augment(config_str: str, sections: list[str], hparams: Hparams) -> Ran
     if weights is not None and num_layers > len(ops):
         raise ConfigError(f"aa {config_str!r}: n{num_layers} exceeds the {len(ops)} weighted ops")
     return RandAugment(ops, num_layers, weights)
+
+
+def _augmix(config_str: str, sections: list[str], hparams: Hparams) -> AugMix:
+    """timm's `augment_and_mix_transform`: m (severity, 3), w (width, 3), d (depth, -1: 1-3),
+    a (alpha, 1), b (blended, 0), mstd (default uniform magnitudes); translations up to 0.3."""
+    kinds = {"m": int, "w": int, "d": int, "a": float, "b": int, "mstd": float}
+    options = _sections(config_str, sections, kinds)
+    hparams = dataclasses.replace(
+        hparams, translate_pct=0.3, magnitude_std=options.get("mstd", math.inf)
+    )
+    ops = tuple(AugmentOp(n, 1.0, options.get("m", 3), hparams) for n in AUGMIX_TRANSFORMS)
+    return AugMix(
+        ops,
+        alpha=options.get("a", 1.0),
+        width=options.get("w", 3),
+        depth=options.get("d", -1),
+        blended=bool(options.get("b", 0)),
+    )
 
 
 def _sections(config_str: str, sections: list[str], kinds: dict[str, type]) -> dict[str, Any]:

@@ -100,7 +100,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "interpolation": _optional(_choice(*PIL_INTERPOLATION)),
     "data_workers": ((lambda value: _is_int(value) and value >= 0), "an integer >= 0"),
     "aa": _optional(
-        (_valid_aa, "timm's rand-m9-mstd0.5-inc1 (RandAugment) or original, v0, v0r, originalr")
+        (_valid_aa, "timm's rand-m9-mstd0.5-inc1, augmix-m5-w4-d2 or original, v0, ...")
     ),
     "color_jitter": NON_NEGATIVE,
     "color_jitter_prob": _optional(_interval(0, 1, high_open=False)),
