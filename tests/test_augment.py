@@ -241,7 +241,8 @@ def erase_timm(settings: dict, images: np.ndarray) -> np.ndarray:
 
 
 def erased_boxes(original: np.ndarray, erased: np.ndarray) -> dict:
-    """Per image: erased?, erased area fraction, bounding-box height/width/top, colours used."""
+    """Per image: erased?, erased area fraction, bounding-box height, width, aspect and
+    position, colours used (with one colour per box: the boxes visible)."""
     changed = np.any(erased != original, axis=-1)
     rows, cols = changed.any(2), changed.any(1)
     colours = [len(np.unique(e[c], axis=0)) for e, c in zip(erased, changed)]
@@ -250,6 +251,7 @@ def erased_boxes(original: np.ndarray, erased: np.ndarray) -> dict:
         area=changed.mean((1, 2)),
         height=rows.sum(1),
         width=cols.sum(1),
+        aspect=rows.sum(1) / np.maximum(cols.sum(1), 1),
         top=rows.argmax(1),
         left=cols.argmax(1),
         colours=np.array(colours),
@@ -278,7 +280,7 @@ def test_random_erasing_statistics_match_timm(case):
     assert_same_rate(ours["erased"], theirs["erased"], "erased")
     if settings.get("num_splits"):
         assert not ours["erased"][: len(images) // 2].any()
-    for name in ("area", "height", "width", "top", "left", "colours"):
+    for name in ("area", "height", "width", "aspect", "top", "left", "colours"):
         keep_o, keep_t = ours["erased"], theirs["erased"]
         assert_same_distribution(ours[name][keep_o], theirs[name][keep_t], name)
 
