@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 # JAX with each convolution lowering (`stablehlo`: the default, portable one)
 EXPORT_ENGINES = ("onnxruntime", "stablehlo", "stablehlo_native", "stablehlo_kernels")
 DEFAULT_ENGINES = ("dpn_jax", "timm", "timm_cl", "timm_compile")
-ENGINES = DEFAULT_ENGINES + ("dpn_jax_pmap",) + EXPORT_ENGINES
+ENGINES = DEFAULT_ENGINES + ("dpn_jax_pmap", "dpn_jax_nnx") + EXPORT_ENGINES
 MODES = ("infer", "train")
 # Large buffers come from mmap and go back to the OS when freed, so resident memory tracks what
 # each framework really holds (set for the memory workers only: it costs page faults).
@@ -168,6 +168,105 @@ class JaxEngine(Engine):
         self.step = step
 
 
+class NnxEngine(Engine):
+    """`dpn_jax_nnx`: the NNX model (`dpn_jax.nnx`) as an NNX user runs it: `nnx.jit` over
+    `nnx.shard_map` on the runner's mesh (BatchNorm averaged over its axis), uint8 images
+    normalised on the device; training with `nnx.Optimizer`, the trainer's optax transform and
+    cross-entropy (the trainer's step also reports metrics and skips non-finite updates).
+    Tree mode (`graph=False`): graph mode's per-call traversal of the module costs more
+    (BENCHMARKS.md, "Flax NNX")."""
+
+    def build(self) -> None:
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+        import optax
+        from flax import nnx
+
+        import dpn_jax
+        from dpn_jax import nnx as dpn_nnx
+        from dpn_jax.data.transforms import normalize
+        from dpn_jax.runtime.runner import AXIS, REPLICATED, SHARDED, Runner
+
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from configs import default
+        from dpn_jax.train.optim import create_optimizer
+
+        jnp.zeros(()).block_until_ready()
+        self.result.backend = jax.default_backend()
+        runner = Runner("shard_map")
+        t0 = time.perf_counter()
+        model = dpn_nnx.create_model(
+            self.model, dtype=jnp.dtype(self.dtype), remat=self.remat, axis_name=AXIS
+        )
+        jax.block_until_ready(nnx.state(model))
+        self.result.create_s = time.perf_counter() - t0
+
+        cfg = dpn_jax.pretrained_cfg(self.model)
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, (self.batch, self.resolution, self.resolution, 3), np.uint8)
+        images = runner.put_batch(images)
+
+        def inputs(images):
+            return normalize(images, cfg["mean"], cfg["std"], model.module.dtype)
+
+        if self.mode == "infer":
+
+            @nnx.jit(graph=False)
+            @nnx.shard_map(
+                mesh=runner.mesh,
+                in_specs=(REPLICATED, SHARDED),
+                out_specs=SHARDED,
+                graph=False,
+            )
+            def fn(model, images):
+                return jax.nn.softmax(model(inputs(images)), axis=-1)
+
+            args = (model, images)
+        else:
+            config = default.get_config()
+            config.update(learning_rate=0.1, momentum=0.9, weight_decay=1e-4)
+            config.update(schedule="constant", warmup_epochs=0.0)
+            tx, _ = create_optimizer(config, updates_per_epoch=1000)
+            model.train()
+            optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+            labels = runner.put_batch(rng.integers(0, 1000, self.batch).astype(np.int32))
+
+            # check_vma=False: gradients stay per device (conv2d's custom VJP does not sum a
+            # replicated kernel's) until the explicit pmean, as the trainer's pcast does.
+            @nnx.jit(graph=False)
+            @nnx.shard_map(
+                mesh=runner.mesh,
+                in_specs=(REPLICATED, REPLICATED, SHARDED, SHARDED),
+                out_specs=REPLICATED,
+                check_vma=False,
+                graph=False,
+            )
+            def fn(model, optimizer, images, labels):
+                def loss_fn(model):
+                    logits = model(inputs(images))
+                    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+                loss, grads = nnx.value_and_grad(loss_fn)(model)
+                loss, grads = jax.lax.pmean((loss, grads), AXIS)
+                optimizer.update(model, grads)
+                return loss
+
+            args = (model, optimizer, images, labels)
+
+        t0 = time.perf_counter()
+        compiled = self.compiled = fn.lower(*args).compile()
+        self.result.compile_s = time.perf_counter() - t0
+        memory = compiled.memory_analysis()
+        if memory is not None:
+            self.result.xla_temp_mib = memory.temp_size_in_bytes / 2**20
+
+        def step() -> None:
+            compiled(*args).block_until_ready()
+
+        self.step = step
+
+
 class TimmEngine(Engine):
     def build(self) -> None:
         import timm
@@ -294,7 +393,9 @@ def make_engine(args: argparse.Namespace) -> Engine:
     """The one engine and mode a worker's command line names."""
     name = args.engines[0]
     cls = (
-        JaxEngine
+        NnxEngine
+        if name == "dpn_jax_nnx"
+        else JaxEngine
         if name.startswith("dpn_jax")
         else ExportedEngine
         if name in EXPORT_ENGINES

@@ -83,4 +83,5 @@ def test_no_import_cycles_between_layers():
         "cli",
         "runtime",
         "export",
+        "nnx",
     } <= set(graph) | {t for ts in graph.values() for t in ts}

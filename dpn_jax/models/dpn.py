@@ -252,8 +252,10 @@ class DPNFeatures(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, train: bool = False, final_norm: bool = True
+        self, x: jax.Array, train: bool = False, final_norm: bool = True, last_tap: int = 4
     ) -> tuple[jax.Array, list[jax.Array]]:
+        """`last_tap` < 4 stops after that tap (timm's `stop_early`); the final BN-act runs only
+        after the last stage."""
         cfg = self.config
         unit = {"dtype": self.dtype, "axis_name": self.axis_name}
         block_cls = nn.remat(DualPathBlock, static_argnums=(2,)) if self.remat else DualPathBlock
@@ -270,7 +272,7 @@ class DPNFeatures(nn.Module):
         taps = [x]
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
-        for i, (depth, inc) in enumerate(zip(cfg.k_sec, cfg.inc_sec)):
+        for i, (depth, inc) in enumerate(zip(cfg.k_sec[:last_tap], cfg.inc_sec)):
             bw, r = stage_widths(cfg.small, cfg.k_r, i)
             for j in range(1, depth + 1):
                 block_type = "normal" if j > 1 else ("proj" if i == 0 else "down")
@@ -288,12 +290,32 @@ class DPNFeatures(nn.Module):
                 )(x, train)
             taps.append(x)
 
-        if final_norm:
+        if final_norm and last_tap == NUM_TAPS - 1:
             x = BnAct(act=cfg.head_act or cfg.act, **unit, name="conv5_bn_ac")(x, train)
         return x, taps
 
 
 POOL_TYPES = ("avg", "max", "avgmax", "catavgmax", "")
+NUM_TAPS = 5  # feature taps: the stem and the four stages
+OUTPUT_FORMATS = ("NHWC", "NCHW")
+
+
+def feature_take_indices(num_features: int, indices: int | Sequence[int] | None) -> list[int]:
+    """timm's `feature_take_indices`: None takes all, an int the last n, a sequence those indices
+    (negative ones count from the end)."""
+    if indices is None:
+        indices = num_features
+    if isinstance(indices, numbers.Integral):
+        if not 0 < indices <= num_features:
+            raise ConfigError(f"last-n indices={indices} out of range (1 to {num_features})")
+        return list(range(num_features - indices, num_features))
+    taken = [num_features + i if i < 0 else i for i in indices]
+    bad = [i for i, t in zip(indices, taken) if not 0 <= t < num_features]
+    if bad or not taken:
+        raise ConfigError(
+            f"feature index {bad[0] if bad else indices!r} out of range (0 to {num_features - 1})"
+        )
+    return taken
 
 
 def global_pool(x: jax.Array, pool_type: str) -> jax.Array:
@@ -344,17 +366,44 @@ class DPN(nn.Module):
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | list[jax.Array]:
         if self.features_only:
-            return self.forward_intermediates(x, train)
+            return self.forward_intermediates(
+                x, self.out_indices, intermediates_only=True, train=train
+            )
         return self.forward_head(self.forward_features(x, train), train)
 
     def forward_features(self, x: jax.Array, train: bool = False) -> jax.Array:
         """The unpooled final map, after `conv5_bn_ac`."""
         return self.features(x, train)[0]
 
-    def forward_intermediates(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
-        """The feature maps at `out_indices` (0: stem, stride 2, ..., 4: last stage, stride 32)."""
-        _, taps = self.features(x, train, final_norm=False)
-        return [taps[i] for i in self.out_indices]
+    def forward_intermediates(
+        self,
+        x: jax.Array,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NHWC",
+        intermediates_only: bool = False,
+        train: bool = False,
+    ) -> list[jax.Array] | tuple[jax.Array, list[jax.Array]]:
+        """timm's `forward_intermediates` (its ResNet/ConvNeXt semantics; timm's DPN lacks it).
+
+        Taps (`feature_info`): 0 the stem conv (stride 2), 1-4 each stage's last block. `indices`
+        as `feature_take_indices`; `norm` applies the final BN-act (`conv5_bn_ac`) to tap 4;
+        `stop_early` runs no stage beyond the last tap taken. Returns the taps, or with
+        `intermediates_only=False` also the final map (BN-act applied once the last stage ran).
+        `output_fmt='NCHW'` transposes the taps as timm returns them.
+        """
+        if output_fmt not in OUTPUT_FORMATS:
+            raise ConfigError(f"output_fmt={output_fmt!r}; choose from {OUTPUT_FORMATS}")
+        take = feature_take_indices(NUM_TAPS, indices)
+        last_tap = max(take) if stop_early else NUM_TAPS - 1
+        normed_tap = norm and NUM_TAPS - 1 in take
+        final_norm = normed_tap or not intermediates_only
+        x, taps = self.features(x, train, final_norm=final_norm, last_tap=last_tap)
+        taps = [x if normed_tap and i == NUM_TAPS - 1 else taps[i] for i in take]
+        if output_fmt == "NCHW":
+            taps = [jnp.transpose(t, (0, 3, 1, 2)) for t in taps]
+        return taps if intermediates_only else (x, taps)
 
     def forward_head(
         self, x: jax.Array, train: bool = False, pre_logits: bool = False
@@ -364,6 +413,20 @@ class DPN(nn.Module):
         if pre_logits or not self.num_classes:
             return x
         return self.classifier(x).astype(jnp.float32)
+
+    @nn.nowrap
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> DPN:
+        """timm's `reset_classifier`, as a new module (Linen modules are immutable): pair it with
+        `dpn_jax.weights.pretrained.replace_head` for the variables (the NNX model does both)."""
+        return self.clone(
+            num_classes=num_classes,
+            global_pool=self.global_pool if global_pool is None else global_pool,
+        )
+
+    @nn.nowrap
+    def set_grad_checkpointing(self, enable: bool = True) -> DPN:
+        """timm's `set_grad_checkpointing` as `remat`, as a new module (Linen is immutable)."""
+        return self.clone(remat=enable)
 
 
 # The `DPN` fields that say how a model runs, as opposed to its architecture (`config`).
