@@ -63,7 +63,7 @@ def test_each_rule_names_key_value_and_what_is_allowed(key, value, allowed):
 
 
 def test_unknown_model_and_model_kwargs_are_named():
-    with pytest.raises(ConfigError, match="--config.model='dpn69': must be one of dpn48b"):
+    with pytest.raises(ConfigError, match="model='dpn69': must be 'demo' or one of dpn48b"):
         validate_config(config_with(model="dpn69"))
     config = config_with()
     config.model_kwargs.update(k_sek=(1, 1, 1, 1))

@@ -26,13 +26,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from dpn_jax.errors import ConfigError, WeightsError
+from dpn_jax.errors import ConfigError, WeightsError, first_line
 from dpn_jax.models.dpn import DPN, MODEL_CONFIGS, DPNConfig
 from dpn_jax.models.registry import build_dpn
 from dpn_jax.runtime.files import atomic_output, check_output
 from dpn_jax.runtime.orbax_io import ignore_failure_aftermath, os_error_of, quiet_about
 from dpn_jax.weights.convert import Variables, abstract_variables, check_variables, num_classes_in
-from dpn_jax.weights.sources import first_line
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
