@@ -174,6 +174,23 @@ BAD_METADATA = {
         _set_preprocessing("input_size", "224"),
         "preprocessing: input_size must be [height, width]",
     ),
+    "absurd input_size": (  # would be a MemoryError resizing the first image
+        _set_preprocessing("input_size", [10**9, 10**9]),
+        "preprocessing: input_size must be [height, width] (integers in [1, 4096]), got [",
+    ),
+    "absurd crop_pct": (  # would be an OverflowError in the resize size
+        _set_preprocessing("crop_pct", 1e-300),
+        "preprocessing: crop_pct must be a number in [0.25, 1], got 1e-300",
+    ),
+    "absurd std": (  # would be NaN predictions
+        _set_preprocessing("std", [1e-300, 0.2, 0.2]),
+        "preprocessing: std must be 3 numbers (per RGB channel, >= 0.001), got [1e-300",
+    ),
+    "unknown interpolation": (  # was reported against the first image predicted
+        _set_preprocessing("interpolation", "bicubix"),
+        "preprocessing: interpolation must be one of nearest, bilinear, bicubic, box, hamming, "
+        "lanczos, got 'bicubix'",
+    ),
     "newer format": (
         _set("format_version", FORMAT_VERSION + 1),
         f"format_version {FORMAT_VERSION + 1} was written by a newer dpn_jax",

@@ -22,6 +22,7 @@ from dpn_jax.errors import QUOTE_LIMIT, ConfigError, printable
 from dpn_jax.models.dpn import CONFIG_FIELDS, MODEL_CONFIGS, DPNConfig
 from dpn_jax.runtime.runner import PARALLELISMS
 from dpn_jax.train.optim import SCHEDULES
+from dpn_jax.weights.model_dir import MAX_INPUT_SIZE, MIN_CROP_PCT, MIN_STD
 
 DTYPES = ("float32", "bfloat16")
 # `config.model = "demo"`: dpn68 shrunk to train on CPU in minutes (the README's demo). Its
@@ -96,10 +97,13 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dtype": _choice(*DTYPES),
     "drop_rate": FRACTION,
     "dataset": ((lambda value: isinstance(value, str) and bool(value)), "a dataset spec"),
-    "image_size": ((lambda value: _is_int(value) and value >= 32), "an integer >= 32"),
+    "image_size": (
+        (lambda value: _is_int(value) and 32 <= value <= MAX_INPUT_SIZE),
+        f"an integer in [32, {MAX_INPUT_SIZE}]",
+    ),
     "mean": _optional(_triple_of(_is_number, "numbers")),
-    "std": _optional(_triple_of(lambda v: _is_number(v) and v > 0, "positive numbers")),
-    "crop_pct": _optional(_interval(0, 1, low_open=True, high_open=False)),
+    "std": _optional(_triple_of(lambda v: _is_number(v) and v >= MIN_STD, f"numbers >= {MIN_STD}")),
+    "crop_pct": _optional(_interval(MIN_CROP_PCT, 1, high_open=False)),
     "interpolation": _optional(_choice(*PIL_INTERPOLATION)),
     "data_workers": ((lambda value: _is_int(value) and value >= 0), "an integer >= 0"),
     "num_epochs": EPOCHS,
