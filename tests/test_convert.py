@@ -635,6 +635,30 @@ def test_to_torch_replaces_only_its_own_export(tmp_path, monkeypatch, capsys):
     assert snapshot(tmp_path) == before  # the previous export intact, no staging file left
 
 
+def test_to_torch_onto_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
+    """safetensors reports a refused write as its own SafetensorError, not an OSError."""
+    import safetensors.numpy
+    from safetensors import SafetensorError
+
+    write_safetensors("dpn68", tmp_path)
+    assert run_cli(tmp_path / "model.safetensors", "--output", tmp_path / "jax") == 0
+    capsys.readouterr()
+    before = snapshot(tmp_path)
+
+    def disk_full(state_dict, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 1000)
+        raise SafetensorError("Error while serializing: I/O error: No space left (os error 28)")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", disk_full)
+    out = tmp_path / "back.safetensors"
+    assert_one_line_error(
+        run_cli(tmp_path / "jax", "--to-torch", out),
+        capsys.readouterr().err,
+        f"cannot write {out}: No space left on device",
+    )
+    assert snapshot(tmp_path) == before  # no staging file left
+
+
 # --- sources: paths are never sent to the hub; an unreachable hub fails fast ----------------------
 
 

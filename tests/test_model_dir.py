@@ -289,3 +289,15 @@ def test_class_names_from_files_are_printed_escaped(variables, tmp_path, capsys)
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\u202e" not in out
     assert {p["label"] for p in json.loads(out)[0]["top_k"]} == set(names)  # JSON keeps them exact
+
+
+def test_a_training_workdir_points_to_its_model(saved, tmp_path):
+    """`dpn-predict --checkpoint runs/digits` (the workdir, not runs/digits/model)."""
+    shutil.copytree(saved, tmp_path / "run" / "model")
+    (tmp_path / "run" / "checkpoints").mkdir()
+    with pytest.raises(WeightsError) as error:
+        ModelDir.load(tmp_path / "run")
+    assert str(error.value) == (
+        f"{tmp_path / 'run'} is not a dpn_jax model directory (no {METADATA_FILE}); "
+        f"a train.py workdir: its model is {tmp_path / 'run' / 'model'}"
+    )

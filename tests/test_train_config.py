@@ -122,3 +122,19 @@ def test_train_py_prints_one_line_and_does_no_work(flag, key, tmp_path):
     )
     assert key is None or f"--config.{key}=" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_read_only_workdir_is_one_line_before_any_work(tmp_path, monkeypatch):
+    import os
+
+    from dpn_jax.errors import OutputError
+
+    (tmp_path / "run").mkdir()
+    read_only = str(tmp_path / "run")  # as for a non-root user after chmod a-w (root may write)
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: str(path) != read_only and real_access(path, mode)
+    )
+    with pytest.raises(OutputError, match=f"cannot write in the workdir {read_only}: permission"):
+        train_and_evaluate(config_with(), tmp_path / "run")
+    assert os.listdir(read_only) == []  # no lock file, nothing else

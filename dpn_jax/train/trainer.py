@@ -132,6 +132,8 @@ def train_and_evaluate(
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OutputError(f"cannot create the workdir {workdir}: {error.strerror}") from None
+    if not os.access(workdir, os.W_OK | os.X_OK):  # e.g. a finished run's, made read-only
+        raise OutputError(f"cannot write in the workdir {workdir}: permission denied")
     ModelDir.check_output(workdir / "model", overwrite=True)  # refuses a user's files there
     with WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
         return _train(config, workdir)

@@ -37,6 +37,7 @@ from dpn_jax.weights.convert import Variables, abstract_variables, check_variabl
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 VARIABLES_DIR = "variables"
+TRAINED_MODEL_DIR = "model"  # where train.py exports, inside its workdir
 MODEL_DIR_WHAT = "a dpn_jax model directory"  # what `is_model_dir` recognises, for messages
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # Bounds on preprocessing beyond which images would not fit in memory (input_size / crop_pct is
@@ -245,7 +246,15 @@ class ModelDir:
         if not path.is_dir():
             raise WeightsError(f"{path}: no such model directory")
         if not metadata_file.is_file():
-            raise WeightsError(f"{path} is not a dpn_jax model directory (no {METADATA_FILE})")
+            trained = path / TRAINED_MODEL_DIR
+            hint = (
+                f"; a train.py workdir: its model is {trained}"
+                if (trained / METADATA_FILE).is_file()
+                else ""
+            )
+            raise WeightsError(
+                f"{path} is not a dpn_jax model directory (no {METADATA_FILE}){hint}"
+            )
         try:
             text = metadata_file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:

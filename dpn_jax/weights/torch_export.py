@@ -6,12 +6,14 @@ The file carries `dpn_jax_version` in its safetensors metadata: that is how a la
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 
-from dpn_jax.errors import ConfigError
+from dpn_jax.errors import ConfigError, first_line
 from dpn_jax.runtime.files import atomic_output, check_output
 from dpn_jax.weights.sources import SAFETENSORS_SUFFIX
 
@@ -47,6 +49,7 @@ def save_state_dict(
 ) -> None:
     """Write `state_dict` atomically; an existing file is replaced only with `overwrite` and only
     if dpn_jax exported it."""
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
     from dpn_jax import __version__
@@ -59,5 +62,16 @@ def save_state_dict(
         what=EXPORT_WHAT,
         directory=False,
     ) as staging:
-        # "format": "pt" is what transformers / timm's hub loaders expect of a torch state dict.
-        save_file(state_dict, staging, metadata={"format": "pt", EXPORT_MARKER: __version__})
+        try:
+            # "format": "pt" is what transformers / timm's hub loaders expect of a torch state dict.
+            save_file(state_dict, staging, metadata={"format": "pt", EXPORT_MARKER: __version__})
+        except SafetensorError as error:  # its form of a refused write: "... (os error 28)"
+            raise _os_error_of(error, staging) from None
+
+
+def _os_error_of(error: Exception, path: Path) -> OSError:
+    """The OSError a SafetensorError reports, for atomic_output's one line about the output."""
+    code = re.search(r"\(os error (\d+)\)", str(error))
+    if code is None:
+        return OSError(errno.EIO, first_line(error), str(path))
+    return OSError(int(code[1]), os.strerror(int(code[1])), str(path))
