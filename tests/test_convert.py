@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -29,6 +30,7 @@ from timm_reference import numpy_state_dict, random_timm_dpn, relative_error, ru
 import dpn_jax
 from dpn_jax.cli import convert as convert_cli
 from dpn_jax.errors import WeightsError
+from dpn_jax.models.dpn import MODEL_CONFIGS
 from dpn_jax.weights.convert import detect_architecture, detect_variant, timm_to_flax
 from dpn_jax.weights.model_dir import ModelDir
 
@@ -319,8 +321,25 @@ def test_create_model_with_other_num_classes_warns_and_fits_a_head(tmp_path):
             "dpn68", num_classes=5, pretrained=tmp_path / "jax", **TINY
         )
     assert forward(model, variables, image_batch()).shape == (2, 5)
-    with pytest.raises(WeightsError, match="saved from a dpn68 with {'k_sec': \\(1, 1, 1, 1\\)}"):
-        dpn_jax.create_model("dpn68", num_classes=NUM_CLASSES, pretrained=tmp_path / "jax")
+
+
+def test_create_model_from_a_model_directory_builds_the_saved_architecture(tmp_path):
+    """A model directory describes itself: no architecture fields or num_classes to repeat."""
+    write_safetensors("dpn68", tmp_path)
+    assert run_cli(tmp_path / "model.safetensors", "--output", tmp_path / "jax") == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "freshly initialised" head
+        model, variables = dpn_jax.create_model("dpn68", pretrained=tmp_path / "jax")
+    assert model.config == MODEL_CONFIGS["dpn68"].replace(**TINY)
+    assert model.num_classes == NUM_CLASSES
+    x = image_batch()
+    expected = run_timm(reference("dpn68"), x)
+    assert relative_error(forward(model, variables, x), expected) <= 1e-4
+    with pytest.raises(
+        WeightsError,
+        match="holds a dpn68 with {'k_sec': \\(1, 1, 1, 1\\)}; create_model was given ",
+    ):
+        dpn_jax.create_model("dpn68", pretrained=tmp_path / "jax", k_sec=(1, 2, 1, 1))
 
 
 # --- variant detection --------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from dpn_jax.weights.convert import (
     num_classes_in,
     timm_to_flax,
 )
-from dpn_jax.weights.model_dir import METADATA_FILE, ModelDir, Preprocessing
+from dpn_jax.weights.model_dir import METADATA_FILE, ModelDir, Preprocessing, parse_metadata
 from dpn_jax.weights.sources import Source, StateDict, read_state_dict, resolve_source, sha256_of
 
 # --- Converting a source ------------------------------------------------------------------------
@@ -129,6 +129,23 @@ def replace_head(
 # --- create_model(pretrained=...) ---------------------------------------------------------------
 
 
+def saved_settings(pretrained: bool | str | os.PathLike) -> dict[str, Any]:
+    """A model directory's architecture fields and head size from its metadata.json: what
+    `create_model(pretrained=DIR)` builds unless told otherwise (a directory describes itself).
+    Empty for hub weights, or when the file is unreadable (`ModelDir.load` then says why)."""
+    if pretrained is True:
+        return {}
+    metadata_file = Path(pretrained).expanduser() / METADATA_FILE
+    try:
+        metadata = parse_metadata(metadata_file.read_text(encoding="utf-8"), metadata_file)
+    except (OSError, UnicodeDecodeError):
+        return {}
+    model_kwargs = metadata.get("model_kwargs") or {}
+    if not isinstance(model_kwargs, dict):
+        return {}
+    return {**model_kwargs, "num_classes": metadata["num_classes"]}
+
+
 def load_pretrained(
     model: DPN, tag: str, pretrained: bool | str | os.PathLike, rng: jax.Array | None = None
 ) -> Variables:
@@ -141,10 +158,10 @@ def load_pretrained(
     if model_dir.architecture != arch:
         raise WeightsError(f"{path} holds a {model_dir.architecture}, not a {arch}")
     if model_dir.config != model.config:
-        saved = model_dir.config.overrides_from(model.config)
+        given = model.config.overrides_from(model_dir.config)
         raise WeightsError(
-            f"{path} was saved from a {arch} with {model_dir.model_kwargs}; pass "
-            f"the same architecture fields to create_model (differing: {saved})"
+            f"{path} holds a {arch} with {model_dir.model_kwargs}; create_model was given "
+            f"{given}: leave them out to build the saved architecture"
         )
     variables = model_dir.variables
     expected = abstract_variables(model)
