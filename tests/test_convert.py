@@ -830,3 +830,33 @@ def test_usage_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         convert_cli.main(argv)
     assert exit_info.value.code == 2 and "dpn-convert: error:" in capsys.readouterr().err
+
+
+def test_an_export_of_a_non_standard_dpn_converts_back_with_normal_permissions(tmp_path):
+    """The demo's shrunk dpn68 (groups=4: no variant's shapes): the export records it."""
+    import jax
+
+    from dpn_jax.models.registry import pretrained_cfg
+    from dpn_jax.weights.model_dir import Preprocessing
+
+    demo = dict(k_sec=(1, 1, 1, 1), k_r=32, groups=4, num_init_features=16, inc_sec=(8, 8, 8, 8))
+    _, variables = dpn_jax.create_model("dpn68", num_classes=10, rng=jax.random.key(0), **demo)
+    ModelDir(
+        architecture="dpn68",
+        num_classes=10,
+        model_kwargs=demo,
+        preprocessing=Preprocessing.from_cfg(pretrained_cfg("dpn68")),
+        variables=jax.device_get(variables),
+    ).save(tmp_path / "md")
+    old_umask = os.umask(0o027)
+    try:
+        assert run_cli(tmp_path / "md", "--to-torch", tmp_path / "x.safetensors") == 0
+    finally:
+        os.umask(old_umask)
+    assert os.stat(tmp_path / "x.safetensors").st_mode & 0o777 == 0o640  # not 0600
+    assert run_cli(tmp_path / "x.safetensors", "--output", tmp_path / "back") == 0
+    back = ModelDir.load(tmp_path / "back")
+    assert back.architecture == "dpn68" and back.model_kwargs == demo
+    jax.tree_util.tree_map(np.testing.assert_array_equal, back.variables, jax.device_get(variables))
+    rebuilt = timm.create_model("dpn68", num_classes=10, **demo).eval()  # and timm loads it
+    rebuilt.load_state_dict(load_torch_safetensors(tmp_path / "x.safetensors"), strict=True)

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from dpn_jax.errors import ConfigError, WeightsError
-from dpn_jax.models.dpn import DPN, PRETRAINED_CFGS
+from dpn_jax.models.dpn import DPN, MODEL_CONFIGS, PRETRAINED_CFGS
 from dpn_jax.models.layers import kernel_init
 from dpn_jax.runtime.cache_dirs import weights_cache_dir
 from dpn_jax.runtime.files import OutputExistsError
@@ -32,6 +32,7 @@ from dpn_jax.weights.convert import (
 )
 from dpn_jax.weights.model_dir import METADATA_FILE, ModelDir, Preprocessing, parse_metadata
 from dpn_jax.weights.sources import Source, StateDict, read_state_dict, resolve_source, sha256_of
+from dpn_jax.weights.torch_export import export_architecture
 
 # --- Converting a source ------------------------------------------------------------------------
 
@@ -61,8 +62,14 @@ def convert_source(
 
     source = resolve_source(src)
     state_dict = read_state_dict(source.path, ema=ema)
-    name = model or _hub_tag(source)
-    arch, overrides = detect_architecture(state_dict, split_model_name(name)[0] if name else None)
+    recorded = export_architecture(source.path) if model is None else None
+    if recorded and recorded[0] in MODEL_CONFIGS:  # an export of ours: its own architecture
+        name, (arch, overrides) = recorded[0], recorded
+    else:
+        name = model or _hub_tag(source)
+        arch, overrides = detect_architecture(
+            state_dict, split_model_name(name)[0] if name else None
+        )
     tag = split_model_name(name or arch)[1]
     try:
         variables = timm_to_flax(state_dict, arch, **overrides)
