@@ -164,3 +164,16 @@ def test_a_run_says_what_it_trains_where_it_resumed_and_where_the_model_is(tmp_p
         f"{tmp_path / 'run'} already holds step 4, past the 2 steps this config asks for: "
         f"nothing trained (the model of step 4 is in {model})"
     )
+
+
+def test_a_failed_start_up_check_leaves_no_workdir_behind(tmp_path):
+    result = train_py(tmp_path, "--config.batch_size=4096")  # more than the 1437 digits
+    assert result.returncode == 1 and "exceeds the 1437 training examples" in result.stderr
+    assert not (tmp_path / "run").exists()  # it was created for this run: no train.lock left
+
+
+def test_a_failed_start_up_check_keeps_an_existing_workdir(tmp_path):
+    (tmp_path / "run").mkdir()
+    result = train_py(tmp_path, "--config.batch_size=4096")
+    assert result.returncode == 1
+    assert (tmp_path / "run").is_dir()  # not ours to remove

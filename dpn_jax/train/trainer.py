@@ -128,6 +128,7 @@ def train_and_evaluate(
     """
     validate_config(config)
     workdir = Path(workdir).absolute()
+    created = not workdir.exists()
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -135,7 +136,8 @@ def train_and_evaluate(
     if not os.access(workdir, os.W_OK | os.X_OK):  # e.g. a finished run's, made read-only
         raise OutputError(f"cannot write in the workdir {workdir}: permission denied")
     ModelDir.check_output(workdir / "model", overwrite=True)  # refuses a user's files there
-    with WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+    lock = WorkdirLock(workdir, created=created)
+    with lock if jax.process_index() == 0 else contextlib.nullcontext():
         return _train(config, workdir)
 
 
