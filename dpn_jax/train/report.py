@@ -63,11 +63,13 @@ def nothing_to_train(step: int, total_steps: int, workdir: Path) -> str:
     )
 
 
-def stopped(signum: int | None, step: int, total_steps: int, checkpoints: Path) -> str:
+def stopped(
+    signum: int | None, step: int, total_steps: int, checkpoints: Path, *, waiting: bool = False
+) -> str:
     name = signal.Signals(signum).name if signum else "a signal"
     return (
-        f"{name}: saved step {step} to {checkpoints}; stopped at step {step} of {total_steps}, "
-        "resume with the same command"
+        f"{name}{' while waiting for data' if waiting else ''}: saved step {step} to "
+        f"{checkpoints}; stopped at step {step} of {total_steps}, resume with the same command"
     )
 
 

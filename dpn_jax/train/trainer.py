@@ -274,8 +274,9 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
                 if step > start_step:
                     checkpoints.save(state, data_state, meta)
                 report.say(
-                    "while waiting for data: "
-                    + report.stopped(stop.signum, step, total_steps, checkpoints.directory)
+                    report.stopped(
+                        stop.signum, step, total_steps, checkpoints.directory, waiting=True
+                    )
                 )
                 return eval_metrics
             state, metrics = train_step(state, fed.batch)
