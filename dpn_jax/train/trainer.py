@@ -136,8 +136,8 @@ def train_and_evaluate(
     if not os.access(workdir, os.W_OK | os.X_OK):  # e.g. a finished run's, made read-only
         raise OutputError(f"cannot write in the workdir {workdir}: permission denied")
     ModelDir.check_output(workdir / "model", overwrite=True)  # refuses a user's files there
-    lock = WorkdirLock(workdir, created=created)
-    with lock if jax.process_index() == 0 else contextlib.nullcontext():
+    lock = WorkdirLock(workdir, created=created) if jax.process_index() == 0 else None
+    with lock or contextlib.nullcontext():
         return _train(config, workdir)
 
 
