@@ -5,22 +5,94 @@
 Multi-host: run the same command on every host; under Slurm or Open MPI (or with JAX's
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) `jax.distributed` finds the
 others by itself, else pass --coordinator_address / --num_processes / --process_id.
+
+SIGTERM / SIGINT during training saves a checkpoint and exits 0 (the same command resumes).
+Before training starts (imports, start-up checks, compilation) there is nothing to save: one
+line says so and the exit status is the shell's for the signal, 128 + its number (130, 143).
 """
 
 import os
+import signal
 import sys
+import threading
 
-from absl import app, flags
-from absl import logging as absl_logging
-from ml_collections import config_flags
+
+class InterruptedBeforeTraining(KeyboardInterrupt):
+    """SIGINT or SIGTERM before the trainer's own handler (dpn_jax.train.stop) took over."""
+
+
+def _interrupted(signum, _frame):
+    raise InterruptedBeforeTraining(signum)
+
+
+def _raise_again_if_swallowed(unraisable) -> None:
+    """An exception raised in a callback that cannot raise (e.g. JAX's gc callback) is printed
+    and dropped: send the signal again instead, a moment later, when the callback has returned
+    (if it lands in one again, this repeats)."""
+    if isinstance(unraisable.exc_value, InterruptedBeforeTraining):
+        signum = unraisable.exc_value.args[0]
+        threading.Timer(0.1, os.kill, (os.getpid(), signum)).start()
+    else:
+        sys.__unraisablehook__(unraisable)
+
+
+if __name__ == "__main__":  # first of all: the imports below and JAX's start take seconds
+    signal.signal(signal.SIGINT, _interrupted)
+    signal.signal(signal.SIGTERM, _interrupted)
+    sys.unraisablehook = _raise_again_if_swallowed
+
+import contextlib  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+PROG = "train.py"
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
+HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull")
+EXIT_ERROR = 1
+
+
+def config_file_argument(argv: list[str]) -> str:
+    """The --config value on the command line (PATH or PATH:ARG), else the default."""
+    for i, arg in enumerate(argv):
+        if arg.startswith(("--config=", "-config=")):
+            return arg.split("=", 1)[1]
+        if arg in ("--config", "-config") and i + 1 < len(argv):
+            return argv[i + 1]
+    return DEFAULT_CONFIG
+
+
+def base_config(argv: list[str]):
+    """The config file's config, without the command line's overrides."""
+    from ml_collections.config_flags.config_flags import ConfigFileFlagParser
+
+    return ConfigFileFlagParser(name="config").parse(config_file_argument(argv))
+
+
+@contextlib.contextmanager
+def overrides_reported(argv: list[str]):
+    """ml_collections applies --config.KEY overrides while parsing (with the default config
+    file, already when the flag is defined); one of no key is one line naming the closest."""
+    try:
+        yield
+    except (AttributeError, KeyError) as error:
+        from dpn_jax.cli.common import report_error
+        from dpn_jax.errors import first_line
+        from dpn_jax.train.config import unknown_key_message
+
+        config = base_config(argv)
+        overrides = (a.split("=", 1)[0].split(".", 1)[1] for a in argv if a.startswith("--config."))
+        messages = filter(None, (unknown_key_message(config, path) for path in overrides))
+        report_error(PROG, next(messages, first_line(error)))
+        sys.exit(EXIT_ERROR)
+
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config",
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
-    "Training config file (default: the digits demo).",
-    lock_config=True,
-)
+with overrides_reported(sys.argv):
+    config_flags.DEFINE_config_file(
+        "config", DEFAULT_CONFIG, "Training config file (default: the demo).", lock_config=True
+    )
 flags.DEFINE_string("workdir", "runs/digits", "Checkpoints, logs and the exported model go here.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
@@ -51,11 +123,39 @@ def request_deterministic_gpu_ops() -> None:
     )
 
 
+def print_help(argv: list[str]) -> None:
+    from dpn_jax.train.config import architecture_meanings, describe_keys, key_meanings
+
+    print(__doc__.strip(), end="\n\n")
+    print(FLAGS.main_module_help())
+    with open(DEFAULT_CONFIG, encoding="utf-8") as file:
+        meanings = {**key_meanings(file.read()), **architecture_meanings()}
+    print(f"\nConfig keys (--config.KEY=VALUE; the defaults of {config_file_argument(argv)}):")
+    print("\n".join(f"  {line}" for line in describe_keys(base_config(argv), meanings)))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with --help exiting 0 with the config keys, and a mistyped flag or
+    config key reported in one line naming the closest valid key."""
+    from dpn_jax.cli.common import report_error
+
+    if any(arg in HELP_FLAGS for arg in argv[1:]):
+        print_help(argv)
+        sys.exit(0)
+    try:
+        with overrides_reported(argv):
+            return FLAGS(argv)
+    except flags.Error as error:
+        report_error(PROG, str(error))
+        sys.exit(EXIT_ERROR)
+
+
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS["verbosity"].present:  # absl's app defaults to INFO: JAX's backend probing
         absl_logging.set_verbosity(absl_logging.WARNING)  # ("no TPU") would open the screen
+    from dpn_jax.cli.common import report_error
     from dpn_jax.errors import DpnJaxError
     from dpn_jax.train.config import validate_config
 
@@ -68,20 +168,19 @@ def main(argv) -> int:
         from dpn_jax.train.trainer import train_and_evaluate
 
         enable_compilation_cache()
-        metrics = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        train_and_evaluate(FLAGS.config, FLAGS.workdir)  # says how it ended
     except (DpnJaxError, FloatingPointError) as error:  # the user's config, data or divergence
-        print(f"train.py: error: {error}", file=sys.stderr)
-        return 1
-    if metrics:
-        print(
-            f"final validation top-1: {100 * metrics['eval_top1']:.2f}% "
-            f"(top-5 {100 * metrics['eval_top5']:.2f}%, {metrics['eval_examples']} images)"
-        )
+        report_error(PROG, str(error))
+        return EXIT_ERROR
     return 0
 
 
 if __name__ == "__main__":
-    from dpn_jax.runtime.huge_pages import reexec_with_huge_page_malloc
+    try:
+        from dpn_jax.runtime.huge_pages import reexec_with_huge_page_malloc
 
-    reexec_with_huge_page_malloc()
-    app.run(main)
+        reexec_with_huge_page_malloc()
+        app.run(main, flags_parser=parse_flags)
+    except InterruptedBeforeTraining as interrupt:
+        print(f"{PROG}: interrupted before training started, nothing saved", file=sys.stderr)
+        sys.exit(128 + interrupt.args[0])

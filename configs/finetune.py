@@ -14,7 +14,6 @@ from configs import default
 
 def get_config() -> ml_collections.ConfigDict:
     config = default.get_config()
-    config.model_kwargs = ml_collections.ConfigDict()
     config.init_from = ""  # required: set with --config.init_from=DIR
     config.image_size = 224
     config.batch_size = 64

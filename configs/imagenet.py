@@ -16,7 +16,6 @@ RECIPE_LR = {"dpn98": 0.4}
 def get_config(variant: str = "dpn92") -> ml_collections.ConfigDict:
     config = default.get_config()
     config.model = variant
-    config.model_kwargs = ml_collections.ConfigDict()
     config.dataset = "imagenet2012"
     config.image_size = 224
     config.crop_pct = 0.875

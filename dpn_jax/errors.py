@@ -26,3 +26,25 @@ class WeightsError(DpnJaxError, ValueError):
 class OutputError(DpnJaxError, OSError):
     """An output that cannot be written: it exists and is not ours to replace, or the disk
     refused."""
+
+
+# Quoted user data (class names, file names, tensor names) is cut to this many characters.
+QUOTE_LIMIT = 200
+
+
+def printable(text: str, limit: int | None = None) -> str:
+    """`text` safe to print: every non-printable character (controls, bidi overrides, line
+    breaks) written as its Python escape, e.g. ESC as `\\x1b`, since text from files may hold
+    terminal control sequences (`"\\x1b]0;owned\\x07"` retitles a terminal); with `limit`, cut
+    to that many characters, saying how many were left out (a class name may be megabytes)."""
+    if limit is not None and len(text) > limit:
+        text = f"{text[:limit]}... ({len(text) - limit} more characters)"
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
+def first_line(error: BaseException) -> str:
+    """'ErrorType: first line of the message', for reporting a library's error in one line."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__

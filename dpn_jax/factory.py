@@ -13,7 +13,7 @@ import jax
 
 from dpn_jax.models.dpn import DPN
 from dpn_jax.models.registry import Variables, build_dpn, init_variables, split_model_name
-from dpn_jax.weights.pretrained import load_pretrained
+from dpn_jax.weights.pretrained import load_pretrained, saved_settings
 
 
 def create_model(
@@ -29,9 +29,11 @@ def create_model(
     fields (num_classes, dtype, drop_rate, global_pool, features_only, axis_name, remat, ...);
     an unknown one is a ConfigError naming it. `pretrained=True` loads the tag's converted timm
     weights (downloaded and cached once); a path loads a model directory (`dpn-convert` or
-    trainer output), whose architecture overrides must be the ones given here.
+    trainer output), which describes itself: its architecture fields and head are the defaults
+    (a different `num_classes` gets a fresh head; a different architecture field is an error).
     """
-    model = build_dpn(name, **kwargs)
     if pretrained:
+        model = build_dpn(name, **{**saved_settings(pretrained), **kwargs})
         return model, load_pretrained(model, split_model_name(name)[1], pretrained, rng=rng)
+    model = build_dpn(name, **kwargs)
     return model, init_variables(model, rng)

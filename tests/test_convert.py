@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -29,6 +30,7 @@ from timm_reference import numpy_state_dict, random_timm_dpn, relative_error, ru
 import dpn_jax
 from dpn_jax.cli import convert as convert_cli
 from dpn_jax.errors import WeightsError
+from dpn_jax.models.dpn import MODEL_CONFIGS
 from dpn_jax.weights.convert import detect_architecture, detect_variant, timm_to_flax
 from dpn_jax.weights.model_dir import ModelDir
 
@@ -319,8 +321,25 @@ def test_create_model_with_other_num_classes_warns_and_fits_a_head(tmp_path):
             "dpn68", num_classes=5, pretrained=tmp_path / "jax", **TINY
         )
     assert forward(model, variables, image_batch()).shape == (2, 5)
-    with pytest.raises(WeightsError, match="saved from a dpn68 with {'k_sec': \\(1, 1, 1, 1\\)}"):
-        dpn_jax.create_model("dpn68", num_classes=NUM_CLASSES, pretrained=tmp_path / "jax")
+
+
+def test_create_model_from_a_model_directory_builds_the_saved_architecture(tmp_path):
+    """A model directory describes itself: no architecture fields or num_classes to repeat."""
+    write_safetensors("dpn68", tmp_path)
+    assert run_cli(tmp_path / "model.safetensors", "--output", tmp_path / "jax") == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "freshly initialised" head
+        model, variables = dpn_jax.create_model("dpn68", pretrained=tmp_path / "jax")
+    assert model.config == MODEL_CONFIGS["dpn68"].replace(**TINY)
+    assert model.num_classes == NUM_CLASSES
+    x = image_batch()
+    expected = run_timm(reference("dpn68"), x)
+    assert relative_error(forward(model, variables, x), expected) <= 1e-4
+    with pytest.raises(
+        WeightsError,
+        match="holds a dpn68 with {'k_sec': \\(1, 1, 1, 1\\)}; create_model was given ",
+    ):
+        dpn_jax.create_model("dpn68", pretrained=tmp_path / "jax", k_sec=(1, 2, 1, 1))
 
 
 # --- variant detection --------------------------------------------------------------------------
@@ -635,6 +654,30 @@ def test_to_torch_replaces_only_its_own_export(tmp_path, monkeypatch, capsys):
     assert snapshot(tmp_path) == before  # the previous export intact, no staging file left
 
 
+def test_to_torch_onto_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
+    """safetensors reports a refused write as its own SafetensorError, not an OSError."""
+    import safetensors.numpy
+    from safetensors import SafetensorError
+
+    write_safetensors("dpn68", tmp_path)
+    assert run_cli(tmp_path / "model.safetensors", "--output", tmp_path / "jax") == 0
+    capsys.readouterr()
+    before = snapshot(tmp_path)
+
+    def disk_full(state_dict, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 1000)
+        raise SafetensorError("Error while serializing: I/O error: No space left (os error 28)")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", disk_full)
+    out = tmp_path / "back.safetensors"
+    assert_one_line_error(
+        run_cli(tmp_path / "jax", "--to-torch", out),
+        capsys.readouterr().err,
+        f"cannot write {out}: No space left on device",
+    )
+    assert snapshot(tmp_path) == before  # no staging file left
+
+
 # --- sources: paths are never sent to the hub; an unreachable hub fails fast ----------------------
 
 
@@ -787,3 +830,33 @@ def test_usage_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         convert_cli.main(argv)
     assert exit_info.value.code == 2 and "dpn-convert: error:" in capsys.readouterr().err
+
+
+def test_an_export_of_a_non_standard_dpn_converts_back_with_normal_permissions(tmp_path):
+    """The demo's shrunk dpn68 (groups=4: no variant's shapes): the export records it."""
+    import jax
+
+    from dpn_jax.models.registry import pretrained_cfg
+    from dpn_jax.weights.model_dir import Preprocessing
+
+    demo = dict(k_sec=(1, 1, 1, 1), k_r=32, groups=4, num_init_features=16, inc_sec=(8, 8, 8, 8))
+    _, variables = dpn_jax.create_model("dpn68", num_classes=10, rng=jax.random.key(0), **demo)
+    ModelDir(
+        architecture="dpn68",
+        num_classes=10,
+        model_kwargs=demo,
+        preprocessing=Preprocessing.from_cfg(pretrained_cfg("dpn68")),
+        variables=jax.device_get(variables),
+    ).save(tmp_path / "md")
+    old_umask = os.umask(0o027)
+    try:
+        assert run_cli(tmp_path / "md", "--to-torch", tmp_path / "x.safetensors") == 0
+    finally:
+        os.umask(old_umask)
+    assert os.stat(tmp_path / "x.safetensors").st_mode & 0o777 == 0o640  # not 0600
+    assert run_cli(tmp_path / "x.safetensors", "--output", tmp_path / "back") == 0
+    back = ModelDir.load(tmp_path / "back")
+    assert back.architecture == "dpn68" and back.model_kwargs == demo
+    jax.tree_util.tree_map(np.testing.assert_array_equal, back.variables, jax.device_get(variables))
+    rebuilt = timm.create_model("dpn68", num_classes=10, **demo).eval()  # and timm loads it
+    rebuilt.load_state_dict(load_torch_safetensors(tmp_path / "x.safetensors"), strict=True)

@@ -174,6 +174,23 @@ BAD_METADATA = {
         _set_preprocessing("input_size", "224"),
         "preprocessing: input_size must be [height, width]",
     ),
+    "absurd input_size": (  # would be a MemoryError resizing the first image
+        _set_preprocessing("input_size", [10**9, 10**9]),
+        "preprocessing: input_size must be [height, width] (integers in [1, 4096]), got [",
+    ),
+    "absurd crop_pct": (  # would be an OverflowError in the resize size
+        _set_preprocessing("crop_pct", 1e-300),
+        "preprocessing: crop_pct must be a number in [0.25, 1], got 1e-300",
+    ),
+    "absurd std": (  # would be NaN predictions
+        _set_preprocessing("std", [1e-300, 0.2, 0.2]),
+        "preprocessing: std must be 3 numbers (per RGB channel, >= 0.001), got [1e-300",
+    ),
+    "unknown interpolation": (  # was reported against the first image predicted
+        _set_preprocessing("interpolation", "bicubix"),
+        "preprocessing: interpolation must be one of nearest, bilinear, bicubic, box, hamming, "
+        "lanczos, got 'bicubix'",
+    ),
     "newer format": (
         _set("format_version", FORMAT_VERSION + 1),
         f"format_version {FORMAT_VERSION + 1} was written by a newer dpn_jax",
@@ -272,3 +289,15 @@ def test_class_names_from_files_are_printed_escaped(variables, tmp_path, capsys)
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\u202e" not in out
     assert {p["label"] for p in json.loads(out)[0]["top_k"]} == set(names)  # JSON keeps them exact
+
+
+def test_a_training_workdir_points_to_its_model(saved, tmp_path):
+    """`dpn-predict --checkpoint runs/digits` (the workdir, not runs/digits/model)."""
+    shutil.copytree(saved, tmp_path / "run" / "model")
+    (tmp_path / "run" / "checkpoints").mkdir()
+    with pytest.raises(WeightsError) as error:
+        ModelDir.load(tmp_path / "run")
+    assert str(error.value) == (
+        f"{tmp_path / 'run'} is not a dpn_jax model directory (no {METADATA_FILE}); "
+        f"a train.py workdir: its model is {tmp_path / 'run' / 'model'}"
+    )

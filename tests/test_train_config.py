@@ -44,9 +44,10 @@ def test_the_shipped_configs_are_valid():
         ("label_smoothing", -0.1, "a number in [0, 1)"),
         ("ema_decay", 1.0, "a number in [0, 1)"),
         ("drop_rate", 1.5, "a number in [0, 1)"),
-        ("crop_pct", 0.0, "unset or a number in (0, 1]"),
-        ("std", (0.2, 0.0, 0.2), "unset or three positive numbers"),
-        ("image_size", 8, "an integer >= 32"),
+        ("crop_pct", 1e-300, "unset or a number in [0.25, 1]"),
+        ("std", (0.2, 1e-300, 0.2), "unset or three numbers >= 0.001"),
+        ("image_size", 8, "an integer in [32, 4096]"),
+        ("image_size", 10**9, "an integer in [32, 4096]"),
         ("dtype", "float16", "one of 'float32', 'bfloat16'"),
         ("parallelism", "ddp", "one of 'shard_map', 'pmap'"),
         ("schedule", "linear", "one of 'cosine', 'step', 'constant'"),
@@ -63,7 +64,7 @@ def test_each_rule_names_key_value_and_what_is_allowed(key, value, allowed):
 
 
 def test_unknown_model_and_model_kwargs_are_named():
-    with pytest.raises(ConfigError, match="--config.model='dpn69': must be one of dpn48b"):
+    with pytest.raises(ConfigError, match="model='dpn69': must be 'demo' or one of dpn48b"):
         validate_config(config_with(model="dpn69"))
     config = config_with()
     config.model_kwargs.update(k_sek=(1, 1, 1, 1))
@@ -121,3 +122,19 @@ def test_train_py_prints_one_line_and_does_no_work(flag, key, tmp_path):
     )
     assert key is None or f"--config.{key}=" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_read_only_workdir_is_one_line_before_any_work(tmp_path, monkeypatch):
+    import os
+
+    from dpn_jax.errors import OutputError
+
+    (tmp_path / "run").mkdir()
+    read_only = str(tmp_path / "run")  # as for a non-root user after chmod a-w (root may write)
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: str(path) != read_only and real_access(path, mode)
+    )
+    with pytest.raises(OutputError, match=f"cannot write in the workdir {read_only}: permission"):
+        train_and_evaluate(config_with(), tmp_path / "run")
+    assert os.listdir(read_only) == []  # no lock file, nothing else

@@ -164,6 +164,8 @@ def test_sigterm_saves_and_exits_0_and_a_second_run_is_refused(tmp_path, env):
     steps = checkpoint_steps(tmp_path)
     assert len(steps) == 1 and 0 < steps[0] < 100000
     assert f"saved step {steps[0]}" in err + out
+    assert f"stopped at step {steps[0]} of 100000, resume with the same command" in err + out
+    assert "final validation" not in err + out  # it did not finish
     info_lines = [line for line in err.splitlines() if re.match(r"I\d{4} ", line)]
     assert info_lines == []  # absl's INFO records (JAX's backend probing, orbax) stay off screen
 

@@ -2,8 +2,8 @@
 
 A mistake of the user's is a `DpnJaxError` (dpn_jax.errors): printed as `PROG: error: MESSAGE`,
 exit status 1. Any other exception is a bug in dpn_jax and keeps its traceback. Text that comes
-from files - class names, tensor names, file names - may hold terminal control sequences
-(`"\\x1b]0;owned\\x07"` retitles a terminal); `printable` shows them escaped instead.
+from files - class names, tensor names, file names - is printed through `dpn_jax.errors.printable`
+(control sequences escaped, an error line cut at MESSAGE_LIMIT characters).
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from dpn_jax.errors import DpnJaxError
+from dpn_jax.errors import QUOTE_LIMIT, DpnJaxError, printable
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130  # as a shell reports a command ended by SIGINT
+MESSAGE_LIMIT = 10 * QUOTE_LIMIT  # an error line quoting a megabyte class name stays a line
 
 
 def command_parser(prog: str, doc: str) -> argparse.ArgumentParser:
@@ -31,21 +32,13 @@ def command_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     )
 
 
-def printable(text: str) -> str:
-    """`text` with every non-printable character (controls, bidi overrides, line breaks)
-    written as its Python escape, e.g. ESC as `\\x1b`."""
-    if text.isprintable():
-        return text
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
-
-
 def echo(text: str) -> None:
     """Print a line that may hold text from files."""
     print(printable(text), flush=True)
 
 
 def report_error(prog: str, message: str) -> None:
-    print(f"{prog}: error: {printable(message)}", file=sys.stderr, flush=True)
+    print(f"{prog}: error: {printable(message, MESSAGE_LIMIT)}", file=sys.stderr, flush=True)
 
 
 def run_command(prog: str, command: Callable[[], int]) -> int:

@@ -131,7 +131,13 @@ def export_to_torch(args: argparse.Namespace) -> int:
     out = check_export_output(args.to_torch, overwrite=args.overwrite)
     model_dir = ModelDir.load(args.src)
     state_dict = flax_to_timm(model_dir.variables, model_dir.architecture, **model_dir.model_kwargs)
-    save_state_dict(out, state_dict, overwrite=args.overwrite)
+    save_state_dict(
+        out,
+        state_dict,
+        architecture=model_dir.architecture,
+        model_kwargs=model_dir.model_kwargs,
+        overwrite=args.overwrite,
+    )
     kwargs = "".join(f", {k}={v!r}" for k, v in model_dir.model_kwargs.items())
     echo(
         f"{args.src}: {_describe(model_dir)}, {len(state_dict)} tensors, "

@@ -12,7 +12,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from dpn_jax.cli.common import EXIT_ERROR, command_parser, printable, report_error, run_command
+from dpn_jax.cli.common import EXIT_ERROR, command_parser, report_error, run_command
+from dpn_jax.errors import QUOTE_LIMIT, printable
 from dpn_jax.infer.predict import (
     LoadedModel,
     Predictor,
@@ -63,8 +64,11 @@ def load_from_arguments(parser: argparse.ArgumentParser, args: argparse.Namespac
 
 
 def format_table(file: str, top_k: list[dict[str, Any]]) -> str:
-    rows = [f"{p['prob']:8.4f}  {p['index']:>5}  {p['label'] or ''}".rstrip() for p in top_k]
-    return "\n".join(printable(line) for line in [file, *rows])
+    rows = [
+        f"{p['prob']:8.4f}  {p['index']:>5}  {printable(p['label'] or '', QUOTE_LIMIT)}".rstrip()
+        for p in top_k
+    ]
+    return "\n".join([printable(file), *rows])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint.handlers import DefaultCheckpointHandlerRegistry, JsonCheckpointHandler
 
 from dpn_jax.errors import ConfigError, OutputError
+from dpn_jax.errors import first_line as _first_line
 from dpn_jax.runtime.orbax_io import ignore_failure_aftermath, os_error_of, quiet_about
 from dpn_jax.runtime.runner import Runner
 from dpn_jax.train.state import TrainState
@@ -168,8 +169,3 @@ def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
         "/".join(map(name, path)): tuple(leaf.shape)
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
     }
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__

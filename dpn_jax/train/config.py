@@ -1,14 +1,18 @@
 """The training config's rules, checked before any data is read or anything compiles.
 
-`configs/default.py` defines every key; this module says which values each accepts. A bad
-value is a ConfigError naming the key, the value and what is allowed.
+`configs/default.py` defines every key (and says what each means in a comment, which
+`train.py --help` shows); this module says which values each accepts. A bad value is a
+ConfigError naming the key, the value and what is allowed; an unknown key is named with the
+closest known one.
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import numbers
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_collections
@@ -16,12 +20,21 @@ import ml_collections
 from dpn_jax.data.auto_augment import auto_augment
 from dpn_jax.data.batch_augment import ERASING_MODES
 from dpn_jax.data.transforms import PIL_INTERPOLATION
-from dpn_jax.errors import ConfigError
-from dpn_jax.models.dpn import CONFIG_FIELDS, MODEL_CONFIGS
+from dpn_jax.errors import QUOTE_LIMIT, ConfigError, printable
+from dpn_jax.models.dpn import CONFIG_FIELDS, MODEL_CONFIGS, DPNConfig
 from dpn_jax.runtime.runner import PARALLELISMS
 from dpn_jax.train.optim import SCHEDULES
+from dpn_jax.weights.model_dir import MAX_INPUT_SIZE, MIN_CROP_PCT, MIN_STD
 
 DTYPES = ("float32", "bfloat16")
+# `config.model = "demo"`: dpn68 shrunk to train on CPU in minutes (the README's demo). Its
+# shrinkage belongs to this name: `--config.model=dpn92` trains timm's dpn92.
+DEMO = "demo"
+DEMO_ARCHITECTURE = "dpn68"
+DEMO_MODEL_KWARGS = dict(
+    k_sec=(1, 1, 1, 1), k_r=32, groups=4, num_init_features=16, inc_sec=(8, 8, 8, 8)
+)
+MAX_EPOCHS = 1e6  # beyond any real run; larger values overflow the step count
 
 
 def _is_int(value: Any) -> bool:
@@ -85,6 +98,7 @@ def _valid_aa(value: Any) -> bool:
 
 POSITIVE_INT = (_positive_int, "a positive integer")
 NON_NEGATIVE = _interval(0, float("inf"))
+EPOCHS = _interval(0, MAX_EPOCHS)
 POSITIVE = _interval(0, float("inf"), low_open=True)
 FRACTION = _interval(0, 1)  # [0, 1)
 BOOL = ((lambda value: isinstance(value, bool)), "True or False")
@@ -93,10 +107,13 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dtype": _choice(*DTYPES),
     "drop_rate": FRACTION,
     "dataset": ((lambda value: isinstance(value, str) and bool(value)), "a dataset spec"),
-    "image_size": ((lambda value: _is_int(value) and value >= 32), "an integer >= 32"),
+    "image_size": (
+        (lambda value: _is_int(value) and 32 <= value <= MAX_INPUT_SIZE),
+        f"an integer in [32, {MAX_INPUT_SIZE}]",
+    ),
     "mean": _optional(_triple_of(_is_number, "numbers")),
-    "std": _optional(_triple_of(lambda v: _is_number(v) and v > 0, "positive numbers")),
-    "crop_pct": _optional(_interval(0, 1, low_open=True, high_open=False)),
+    "std": _optional(_triple_of(lambda v: _is_number(v) and v >= MIN_STD, f"numbers >= {MIN_STD}")),
+    "crop_pct": _optional(_interval(MIN_CROP_PCT, 1, high_open=False)),
     "interpolation": _optional(_choice(*PIL_INTERPOLATION)),
     "data_workers": ((lambda value: _is_int(value) and value >= 0), "an integer >= 0"),
     "aa": _optional(
@@ -108,7 +125,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "reprob": _interval(0, 1, high_open=False),
     "remode": _choice(*ERASING_MODES),
     "recount": POSITIVE_INT,
-    "num_epochs": NON_NEGATIVE,
+    "num_epochs": EPOCHS,
     "num_train_steps": ((lambda value: _is_int(value)), "an integer (<= 0: use num_epochs)"),
     "batch_size": POSITIVE_INT,
     "eval_batch_size": POSITIVE_INT,
@@ -116,7 +133,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "learning_rate": POSITIVE,
     "base_batch_size": POSITIVE_INT,
     "schedule": _choice(*SCHEDULES),
-    "warmup_epochs": NON_NEGATIVE,
+    "warmup_epochs": EPOCHS,
     "step_decay_epochs": (
         (lambda value: all(_is_number(v) and v >= 0 for v in value)),
         "a list of epochs >= 0",
@@ -138,11 +155,25 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+def explicit_model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The architecture fields the config sets (unset ones are None)."""
+    return {key: value for key, value in config.model_kwargs.items() if value is not None}
+
+
+def architecture(config: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]]:
+    """(timm architecture, model_kwargs) that `config` trains: the demo's shrunk dpn68 for
+    `model="demo"`, else the named architecture; set model_kwargs override either."""
+    if config.model == DEMO:
+        return DEMO_ARCHITECTURE, {**DEMO_MODEL_KWARGS, **explicit_model_kwargs(config)}
+    return config.model, explicit_model_kwargs(config)
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raise ConfigError for the first value a rule refuses, or for a run of no steps."""
-    if config.model not in MODEL_CONFIGS:
+    if config.model not in MODEL_CONFIGS and config.model != DEMO:
         raise ConfigError(
-            f"--config.model={config.model!r}: must be one of {', '.join(MODEL_CONFIGS)}"
+            f"--config.model={config.model!r}: must be {DEMO!r} or one of "
+            f"{', '.join(MODEL_CONFIGS)}"
         )
     unknown = sorted(set(config.model_kwargs) - set(CONFIG_FIELDS))
     if unknown:
@@ -150,6 +181,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"--config.model_kwargs.{unknown[0]}: not an architecture field; "
             f"choose from {', '.join(CONFIG_FIELDS)}"
         )
+    arch, model_kwargs = architecture(config)
+    try:
+        MODEL_CONFIGS[arch].replace(**model_kwargs)
+    except ConfigError as error:
+        raise ConfigError(f"--config.model_kwargs: {error}") from None
     for key, (check, allowed) in RULES.items():
         value = config.get(key)
         if not check(value):
@@ -165,3 +201,54 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "this config fine-tunes: set --config.init_from=DIR (a model directory "
             "written by dpn-convert or by train.py)"
         )
+
+
+def unknown_key_message(config: ml_collections.ConfigDict, path: str) -> str | None:
+    """'--config.PATH: no such key (did you mean --config.KEY?)' when `path` (dotted, as after
+    `--config.`) names no key of `config`; None when it does."""
+    node: Any = config
+    parts = path.split(".")
+    for depth, part in enumerate(parts):
+        keyed = isinstance(node, (Mapping, ml_collections.ConfigDict))
+        if keyed and part in node:
+            node = node[part]
+            continue
+        if not keyed:
+            return f"--config.{printable(path, QUOTE_LIMIT)}: {'.'.join(parts[:depth])} has no keys"
+        known = CONFIG_FIELDS if parts[:depth] == ["model_kwargs"] else list(node)
+        close = difflib.get_close_matches(part, known, n=1)
+        prefix = "".join(f"{p}." for p in parts[:depth])
+        hint = (
+            f" (did you mean --config.{prefix}{close[0]}?)"
+            if close
+            else " (train.py --help lists the keys)"
+        )
+        return f"--config.{printable(path, QUOTE_LIMIT)}: no such key{hint}"
+    return None
+
+
+def key_meanings(source: str) -> dict[str, str]:
+    """KEY -> the comment that ends its `config.KEY = ...` line in a config file's source."""
+    pattern = re.compile(r"^\s*config\.(\w+)\s*=.*?#\s*(.+)$")
+    return {m[1]: m[2].strip() for m in map(pattern.match, source.splitlines()) if m}
+
+
+def describe_keys(
+    config: ml_collections.ConfigDict, meanings: Mapping[str, str], prefix: str = ""
+) -> list[str]:
+    """One line per key, nested ones dotted: `--config.KEY=DEFAULT  meaning`."""
+    settings = []
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            settings += describe_keys(value, meanings, f"{prefix}{key}.")
+        else:
+            meaning = meanings.get(f"{prefix}{key}", "")
+            settings.append(f"--config.{prefix}{key}={value!r}  {meaning}".rstrip())
+    return settings
+
+
+def architecture_meanings() -> dict[str, str]:
+    """`model_kwargs.FIELD` -> the comment of DPNConfig's field (what it changes)."""
+    pattern = re.compile(r"^\s*(\w+): [^=]+= .*?#\s*(.+)$")
+    matches = map(pattern.match, inspect.getsource(DPNConfig).splitlines())
+    return {f"model_kwargs.{m[1]}": m[2].strip() for m in matches if m}

@@ -31,8 +31,9 @@ from dpn_jax.factory import create_model
 from dpn_jax.infer.evaluate import compile_eval_step, run_evaluation
 from dpn_jax.models.registry import pretrained_cfg
 from dpn_jax.runtime.runner import AXIS, Runner
+from dpn_jax.train import report
 from dpn_jax.train.checkpoints import Checkpoints
-from dpn_jax.train.config import validate_config
+from dpn_jax.train.config import architecture, explicit_model_kwargs, validate_config
 from dpn_jax.train.feed import BatchFeeder
 from dpn_jax.train.logger import MetricsLogger
 from dpn_jax.train.optim import create_optimizer
@@ -71,11 +72,11 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
 
     Returns (model, variables, architecture, model_kwargs, preprocessing base cfg or None).
     """
-    arch, model_kwargs, base_cfg, loaded = config.model, dict(config.model_kwargs), None, None
+    (arch, model_kwargs), base_cfg, loaded = architecture(config), None, None
     if config.init_from:
         source = ModelDir.load(config.init_from)
         arch, loaded = source.architecture, source.variables
-        model_kwargs = {**source.model_kwargs, **model_kwargs}
+        model_kwargs = {**source.model_kwargs, **explicit_model_kwargs(config)}
         base_cfg = source.preprocessing.as_dict()
     model, variables = create_model(
         arch,
@@ -127,12 +128,16 @@ def train_and_evaluate(
     """
     validate_config(config)
     workdir = Path(workdir).absolute()
+    created = not workdir.exists()
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OutputError(f"cannot create the workdir {workdir}: {error.strerror}") from None
+    if not os.access(workdir, os.W_OK | os.X_OK):  # e.g. a finished run's, made read-only
+        raise OutputError(f"cannot write in the workdir {workdir}: permission denied")
     ModelDir.check_output(workdir / "model", overwrite=True)  # refuses a user's files there
-    with WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+    lock = WorkdirLock(workdir, created=created) if jax.process_index() == 0 else None
+    with lock or contextlib.nullcontext():
         return _train(config, workdir)
 
 
@@ -160,6 +165,19 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
         else max(1, int(config.num_epochs * steps_per_epoch))
     )
     model, variables, arch, model_kwargs, base_cfg = build_model(config, info.num_classes)
+    report.say(
+        report.describe_run(
+            arch=arch,
+            model_kwargs=model_kwargs,
+            params=variables["params"],
+            dataset=config.dataset,
+            num_train=info.num_train_examples,
+            num_eval=info.num_eval_examples,
+            num_classes=info.num_classes,
+            devices=runner.devices,
+            workdir=workdir,
+        )
+    )
     data_cfg = data_config(config, arch, base_cfg)
     tx, schedule = create_optimizer(config, steps_per_epoch // config.grad_accum_steps)
     host_state = create_train_state(variables, tx, seed=config.seed, use_ema=config.ema_decay > 0)
@@ -212,8 +230,11 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
         restored = checkpoints.restore_latest(runner.abstract_state(host_state))
         state, data_state = restored if restored else (runner.replicate(host_state), None)
         start_step = step = int(Runner.value(state.step))
+        if step > total_steps:
+            report.say(report.nothing_to_train(step, total_steps, workdir))
+            return {}
         if restored:
-            log.info("resuming from %s at step %d", checkpoints.directory, step)
+            report.say(report.resuming(step, total_steps, checkpoints.directory / str(step)))
         logger = MetricsLogger(workdir, resume_step=start_step)
         stack.callback(logger.close)
         stop = stack.enter_context(StopRequest().installed())
@@ -241,6 +262,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
                 desc="train",
                 unit="step",
                 dynamic_ncols=True,
+                smoothing=0,  # the rate since report.restart_eta: steady, without compilation
             )
         )
         eval_metrics: dict[str, float] = {}
@@ -251,20 +273,22 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
             if fed is None:  # a signal while waiting for data: save what the last step made
                 if step > start_step:
                     checkpoints.save(state, data_state, meta)
-                progress.write(
-                    f"signal {stop.signum} while waiting for data: saved step {step} "
-                    f"to {checkpoints.directory}; run the same command again to resume"
+                report.say(
+                    report.stopped(
+                        stop.signum, step, total_steps, checkpoints.directory, waiting=True
+                    )
                 )
                 return eval_metrics
             state, metrics = train_step(state, fed.batch)
             data_state = fed.data_state
             step += 1
-            progress.update(1)
             window.metrics.append(metrics)
             window.wait_seconds += fed.wait_seconds
-            if step == start_step + 1:  # keep compilation out of img/s and data_wait
+            if step == start_step + 1:  # keep compilation out of img/s, data_wait and the ETA
                 jax.block_until_ready(state)
                 window.restart_clock(step)
+                report.restart_eta(progress, step)
+            progress.update(1)
             epoch_end = step % steps_per_epoch == 0 or step == total_steps
             if window.metrics and (step % config.log_every_steps == 0 or epoch_end):
                 check_finite(state)
@@ -292,10 +316,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
                 check_finite(state)
                 checkpoints.save(state, data_state, meta)
             if stopping:
-                progress.write(
-                    f"signal {stop.signum}: saved step {step} to "
-                    f"{checkpoints.directory}; run the same command again to resume"
-                )
+                report.say(report.stopped(stop.signum, step, total_steps, checkpoints.directory))
                 return eval_metrics
 
         if step == total_steps:  # (also when resuming a finished run: re-export)
@@ -310,6 +331,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
                 workdir=workdir,
             )
             logger.plot_curves()
+            eval_metrics = eval_metrics or report.last_evaluation(logger.jsonl_path)
+            report.say(report.finished(eval_metrics, workdir / "model"))
     return eval_metrics
 
 

@@ -3,7 +3,11 @@
 The lock is an exclusive `flock` on WORKDIR/train.lock, held for the run's lifetime. The kernel
 drops it when the process ends, however it ends (kill -9 included), so a lock left by a killed
 run is simply taken over; the file's content (pid, host, start time) only tells the second run
-whom it met. The file itself stays: removing it would let two runs lock two different files.
+whom it met. The file stays, except in a workdir this run created and left holding nothing else
+(a start-up check failed, or an interrupt came first): then the run removes the file and the
+directory while it still holds the lock. A run that opened the file just before then finds, once
+it has the lock, that the path no longer names the file it locked, and stops, so two runs never
+hold two different files.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ LOCK_FILE = "train.lock"
 class WorkdirLock:
     """`with WorkdirLock(workdir):` - ConfigError if another live run holds the workdir."""
 
-    def __init__(self, workdir: str | os.PathLike):
+    def __init__(self, workdir: str | os.PathLike, *, created: bool = False):
         self.path = Path(workdir) / LOCK_FILE
+        self.created = created  # by this run: removed on exit if nothing else is in it
         self._fd: int | None = None
 
     def __enter__(self) -> WorkdirLock:
@@ -38,6 +43,12 @@ class WorkdirLock:
                 f"{self.path.parent} is in use by another train.py ({holder}); wait "
                 "for it to finish or use another --workdir"
             ) from None
+        if not _names(fd, self.path):
+            os.close(fd)
+            raise ConfigError(
+                f"{self.path.parent} was just given up by another train.py starting in it; "
+                "run the command again"
+            )
         record = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -50,8 +61,21 @@ class WorkdirLock:
 
     def __exit__(self, *exc_info) -> None:
         if self._fd is not None:
+            if self.created and os.listdir(self.path.parent) == [LOCK_FILE]:
+                self.path.unlink()
+                self.path.parent.rmdir()
             os.close(self._fd)  # releases the flock
             self._fd = None
+
+
+def _names(fd: int, path: Path) -> bool:
+    """Whether `path` still names the file open as `fd`."""
+    try:
+        named = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def _describe(content: bytes) -> str:

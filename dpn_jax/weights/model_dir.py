@@ -26,19 +26,25 @@ from typing import Any
 import jax
 import numpy as np
 
-from dpn_jax.errors import ConfigError, WeightsError
+from dpn_jax.data.transforms import PIL_INTERPOLATION
+from dpn_jax.errors import ConfigError, WeightsError, first_line
 from dpn_jax.models.dpn import DPN, MODEL_CONFIGS, DPNConfig
 from dpn_jax.models.registry import build_dpn
 from dpn_jax.runtime.files import atomic_output, check_output
 from dpn_jax.runtime.orbax_io import ignore_failure_aftermath, os_error_of, quiet_about
 from dpn_jax.weights.convert import Variables, abstract_variables, check_variables, num_classes_in
-from dpn_jax.weights.sources import first_line
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 VARIABLES_DIR = "variables"
+TRAINED_MODEL_DIR = "model"  # where train.py exports, inside its workdir
 MODEL_DIR_WHAT = "a dpn_jax model directory"  # what `is_model_dir` recognises, for messages
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# Bounds on preprocessing beyond which images would not fit in memory (input_size / crop_pct is
+# the resize target) or the normalised pixels would overflow: no real model comes near them.
+MAX_INPUT_SIZE = 4096
+MIN_CROP_PCT = 0.25
+MIN_STD = 1e-3
 
 
 def _version() -> str:
@@ -64,26 +70,28 @@ class Preprocessing:
             value = getattr(self, name)
             if value is None and name == "test_input_size":
                 continue
-            if not _sequence_of(value, 2, _is_positive_int):
+            if not _sequence_of(value, 2, lambda v: _is_int(v) and 0 < v <= MAX_INPUT_SIZE):
                 raise ConfigError(
-                    f"{name} must be [height, width] (positive integers), got {value!r}"
+                    f"{name} must be [height, width] (integers in [1, {MAX_INPUT_SIZE}]), "
+                    f"got {value!r}"
                 )
             object.__setattr__(self, name, tuple(int(v) for v in value))
         for name in ("crop_pct", "test_crop_pct"):
             value = getattr(self, name)
             if value is None and name == "test_crop_pct":
                 continue
-            if not (_is_number(value) and 0 < value <= 1):
-                raise ConfigError(f"{name} must be a number in (0, 1], got {value!r}")
+            if not (_is_number(value) and MIN_CROP_PCT <= value <= 1):
+                raise ConfigError(f"{name} must be a number in [{MIN_CROP_PCT}, 1], got {value!r}")
             object.__setattr__(self, name, float(value))
-        if not (isinstance(self.interpolation, str) and self.interpolation):
+        if self.interpolation not in PIL_INTERPOLATION:
             raise ConfigError(
-                f"interpolation must be a name such as 'bicubic', got {self.interpolation!r}"
+                f"interpolation must be one of {', '.join(PIL_INTERPOLATION)}, "
+                f"got {self.interpolation!r}"
             )
         for name in ("mean", "std"):
             value = getattr(self, name)
-            if not _sequence_of(value, 3, _is_number) or (name == "std" and min(value) <= 0):
-                positive = ", > 0" if name == "std" else ""
+            if not _sequence_of(value, 3, _is_number) or (name == "std" and min(value) < MIN_STD):
+                positive = f", >= {MIN_STD}" if name == "std" else ""
                 raise ConfigError(
                     f"{name} must be 3 numbers (per RGB channel{positive}), got {value!r}"
                 )
@@ -238,7 +246,15 @@ class ModelDir:
         if not path.is_dir():
             raise WeightsError(f"{path}: no such model directory")
         if not metadata_file.is_file():
-            raise WeightsError(f"{path} is not a dpn_jax model directory (no {METADATA_FILE})")
+            trained = path / TRAINED_MODEL_DIR
+            hint = (
+                f"; a train.py workdir: its model is {trained}"
+                if (trained / METADATA_FILE).is_file()
+                else ""
+            )
+            raise WeightsError(
+                f"{path} is not a dpn_jax model directory (no {METADATA_FILE}){hint}"
+            )
         try:
             text = metadata_file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
@@ -343,10 +359,6 @@ def is_model_dir(path: Path) -> bool:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_positive_int(value: Any) -> bool:
-    return _is_int(value) and value > 0
 
 
 def _is_number(value: Any) -> bool:

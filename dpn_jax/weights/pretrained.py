@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from dpn_jax.errors import ConfigError, WeightsError
-from dpn_jax.models.dpn import DPN, PRETRAINED_CFGS
+from dpn_jax.models.dpn import DPN, MODEL_CONFIGS, PRETRAINED_CFGS
 from dpn_jax.models.layers import kernel_init
 from dpn_jax.runtime.cache_dirs import weights_cache_dir
 from dpn_jax.runtime.files import OutputExistsError
@@ -30,8 +30,9 @@ from dpn_jax.weights.convert import (
     num_classes_in,
     timm_to_flax,
 )
-from dpn_jax.weights.model_dir import METADATA_FILE, ModelDir, Preprocessing
+from dpn_jax.weights.model_dir import METADATA_FILE, ModelDir, Preprocessing, parse_metadata
 from dpn_jax.weights.sources import Source, StateDict, read_state_dict, resolve_source, sha256_of
+from dpn_jax.weights.torch_export import export_architecture
 
 # --- Converting a source ------------------------------------------------------------------------
 
@@ -61,8 +62,14 @@ def convert_source(
 
     source = resolve_source(src)
     state_dict = read_state_dict(source.path, ema=ema)
-    name = model or _hub_tag(source)
-    arch, overrides = detect_architecture(state_dict, split_model_name(name)[0] if name else None)
+    recorded = export_architecture(source.path) if model is None else None
+    if recorded and recorded[0] in MODEL_CONFIGS:  # an export of ours: its own architecture
+        name, (arch, overrides) = recorded[0], recorded
+    else:
+        name = model or _hub_tag(source)
+        arch, overrides = detect_architecture(
+            state_dict, split_model_name(name)[0] if name else None
+        )
     tag = split_model_name(name or arch)[1]
     try:
         variables = timm_to_flax(state_dict, arch, **overrides)
@@ -129,6 +136,23 @@ def replace_head(
 # --- create_model(pretrained=...) ---------------------------------------------------------------
 
 
+def saved_settings(pretrained: bool | str | os.PathLike) -> dict[str, Any]:
+    """A model directory's architecture fields and head size from its metadata.json: what
+    `create_model(pretrained=DIR)` builds unless told otherwise (a directory describes itself).
+    Empty for hub weights, or when the file is unreadable (`ModelDir.load` then says why)."""
+    if pretrained is True:
+        return {}
+    metadata_file = Path(pretrained).expanduser() / METADATA_FILE
+    try:
+        metadata = parse_metadata(metadata_file.read_text(encoding="utf-8"), metadata_file)
+    except (OSError, UnicodeDecodeError):
+        return {}
+    model_kwargs = metadata.get("model_kwargs") or {}
+    if not isinstance(model_kwargs, dict):
+        return {}
+    return {**model_kwargs, "num_classes": metadata["num_classes"]}
+
+
 def load_pretrained(
     model: DPN, tag: str, pretrained: bool | str | os.PathLike, rng: jax.Array | None = None
 ) -> Variables:
@@ -141,10 +165,10 @@ def load_pretrained(
     if model_dir.architecture != arch:
         raise WeightsError(f"{path} holds a {model_dir.architecture}, not a {arch}")
     if model_dir.config != model.config:
-        saved = model_dir.config.overrides_from(model.config)
+        given = model.config.overrides_from(model_dir.config)
         raise WeightsError(
-            f"{path} was saved from a {arch} with {model_dir.model_kwargs}; pass "
-            f"the same architecture fields to create_model (differing: {saved})"
+            f"{path} holds a {arch} with {model_dir.model_kwargs}; create_model was given "
+            f"{given}: leave them out to build the saved architecture"
         )
     variables = model_dir.variables
     expected = abstract_variables(model)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from dpn_jax.errors import WeightsError
+from dpn_jax.errors import WeightsError, first_line
 from dpn_jax.models.dpn import PRETRAINED_CFGS
 
 StateDict = dict[str, np.ndarray]
@@ -282,9 +282,3 @@ def normalise_keys(state_dict: Mapping[str, Any], path: Path) -> StateDict:
 def sha256_of(path: Path) -> str:
     with open(path, "rb") as file:
         return hashlib.file_digest(file, "sha256").hexdigest()
-
-
-def first_line(error: BaseException) -> str:
-    """'ErrorType: first line of the message', for reporting a library's error in one line."""
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
