@@ -72,10 +72,15 @@ def main(argv) -> int:
     except (DpnJaxError, FloatingPointError) as error:  # the user's config, data or divergence
         print(f"train.py: error: {error}", file=sys.stderr)
         return 1
-    if metrics:
+    if metrics:  # the exported model's accuracy last: the EMA's when there is one
+        ema = "eval_top1_ema" in metrics
+        if ema:
+            print(f"raw weights top-1: {100 * metrics['eval_top1']:.2f}% (not exported)")
+        suffix = "_ema" if ema else ""
         print(
-            f"final validation top-1: {100 * metrics['eval_top1']:.2f}% "
-            f"(top-5 {100 * metrics['eval_top5']:.2f}%, {metrics['eval_examples']} images)"
+            f"final validation top-1 ({'EMA' if ema else 'raw'} weights, exported): "
+            f"{100 * metrics['eval_top1' + suffix]:.2f}% "
+            f"(top-5 {100 * metrics['eval_top5' + suffix]:.2f}%, {metrics['eval_examples']} images)"
         )
     return 0
 

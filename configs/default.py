@@ -15,7 +15,9 @@ def get_config() -> ml_collections.ConfigDict:
         dict(k_sec=(1, 1, 1, 1), k_r=32, groups=4, num_init_features=16, inc_sec=(8, 8, 8, 8))
     )
     config.init_from = config_dict.placeholder(str)  # a model directory to fine-tune from
-    config.dtype = "float32"  # compute dtype; parameters stay float32 ("bfloat16" on GPU/TPU)
+    # Compute dtype; parameters stay float32 ("bfloat16" on GPU/TPU). "float64": everything in
+    # float64 (needs JAX_ENABLE_X64=1; slow, for checking numerics against PyTorch's double).
+    config.dtype = "float32"
     config.drop_rate = 0.0
 
     # Data (see dpn_jax.data.pipeline): mean/std/crop_pct/interpolation default to the model's
@@ -39,16 +41,36 @@ def get_config() -> ml_collections.ConfigDict:
     config.grad_accum_steps = 1  # optax.MultiSteps
     config.learning_rate = 0.1
     config.base_batch_size = 64
-    config.schedule = "cosine"  # "cosine" (after linear warmup), "step" or "constant"
+    # timm's scheduler (create_scheduler_v2): LR from warmup_lr up to the peak over
+    # warmup_epochs, then "cosine" (down to min_lr at the end of the run, less cooldown_epochs),
+    # "step" (x decay_rate every decay_epochs), "multistep" (x decay_rate at each of
+    # decay_milestones) or "constant"; updated every optimizer update (sched_on_updates) or epoch.
+    config.schedule = "cosine"
+    config.sched_on_updates = True
     config.warmup_epochs = 1.0
-    config.step_decay_epochs = (30, 60, 90)  # "step": multiply by step_decay_factor at each
-    config.step_decay_factor = 0.1
+    config.warmup_lr = 1e-5
+    config.min_lr = 0.0
+    config.cooldown_epochs = 0.0  # at min_lr after the cosine, added to num_epochs (as timm)
+    config.decay_epochs = 90.0
+    config.decay_milestones = (90, 180, 270)
+    config.decay_rate = 0.1
+    # timm's optimizers: "sgd"/"nesterov" (Nesterov momentum), "momentum", "adamw", "lamb",
+    # "rmsproptf"; opt_eps/opt_betas unset: the optimizer's default.
+    config.opt = "momentum"
+    config.opt_eps = config_dict.placeholder(float)
+    config.opt_betas = config_dict.placeholder(tuple)
     config.momentum = 0.9
-    config.nesterov = False
     config.weight_decay = 1e-4
     config.weight_decay_pattern = r".*/kernel"  # conv and dense kernels: not BatchNorm, not biases
-    config.label_smoothing = 0.0
-    config.ema_decay = 0.0  # > 0: keep an EMA of the weights, evaluate and export it
+    config.clip_grad = config_dict.placeholder(float)  # unset: no clipping
+    config.clip_mode = "norm"  # "norm" (global), "value" or "agc" (unit-wise, not the head)
+    # Loss: softmax cross-entropy with label smoothing `smoothing`, or timm's BinaryCrossEntropy
+    # (bce_loss; targets above bce_target_thresh become 1 when it is set).
+    config.smoothing = 0.0
+    config.bce_loss = False
+    config.bce_target_thresh = config_dict.placeholder(float)
+    config.ema_decay = 0.0  # > 0: keep an EMA of the weights (timm ModelEmaV3), export it
+    config.ema_warmup = False  # timm --model-ema-warmup: decay min(ema_decay, 1 - (1 + n)^-2/3)
     config.skip_nonfinite_updates = False  # False: stop with an error at the first NaN/Inf step
 
     # Running.

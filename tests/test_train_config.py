@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -41,15 +42,21 @@ def test_the_shipped_configs_are_valid():
         ("learning_rate", -1.0, "a number in (0, inf)"),
         ("learning_rate", 0.0, "a number in (0, inf)"),
         ("momentum", 1.0, "a number in [0, 1)"),
-        ("label_smoothing", -0.1, "a number in [0, 1)"),
+        ("smoothing", -0.1, "a number in [0, 1)"),
         ("ema_decay", 1.0, "a number in [0, 1)"),
         ("drop_rate", 1.5, "a number in [0, 1)"),
         ("crop_pct", 0.0, "unset or a number in (0, 1]"),
         ("std", (0.2, 0.0, 0.2), "unset or three positive numbers"),
         ("image_size", 8, "an integer >= 32"),
-        ("dtype", "float16", "one of 'float32', 'bfloat16'"),
+        ("dtype", "float16", "one of 'float32', 'bfloat16', 'float64'"),
         ("parallelism", "ddp", "one of 'shard_map', 'pmap'"),
-        ("schedule", "linear", "one of 'cosine', 'step', 'constant'"),
+        ("schedule", "linear", "one of 'cosine', 'step', 'multistep', 'constant'"),
+        ("opt", "adam", "one of 'sgd', 'nesterov', 'momentum', 'adamw', 'lamb', 'rmsproptf'"),
+        ("opt_betas", (0.9, 1.0), "unset or two numbers in [0, 1)"),
+        ("clip_grad", 0.0, "unset or a number in (0, inf)"),
+        ("clip_mode", "agc2", "one of 'norm', 'value', 'agc'"),
+        ("decay_rate", 0.0, "a number in (0, inf)"),
+        ("bce_target_thresh", 1.0, "unset or a number in [0, 1)"),
         ("interpolation", "cubic", "unset or one of"),
         ("weight_decay_pattern", "(unclosed", "a regular expression"),
     ],
@@ -121,3 +128,18 @@ def test_train_py_prints_one_line_and_does_no_work(flag, key, tmp_path):
     )
     assert key is None or f"--config.{key}=" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            {"opt": "sgd", "momentum": 0.0},
+            "--config.opt=sgd (Nesterov) needs --config.momentum > 0",
+        ),
+        ({"dtype": "float64"}, "--config.dtype=float64 needs JAX_ENABLE_X64=1"),
+    ],
+)
+def test_combinations_the_optimizer_and_dtype_cannot_run(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_config(config_with(**overrides))

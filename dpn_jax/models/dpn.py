@@ -316,8 +316,8 @@ class DPN(nn.Module):
 
     `config` is the architecture (`MODEL_CONFIGS[name]`, possibly `.replace(...)`d); the other
     fields say how it runs. Input is NHWC, normalised with the pretrained config's mean/std.
-    Logits are float32 whatever the compute `dtype`; parameters and BatchNorm statistics are
-    always float32.
+    Logits are float32 whatever the compute `dtype` (float64 for float64); parameters and
+    BatchNorm statistics are created float32 (the trainer casts them for float64 runs).
     """
 
     config: DPNConfig
@@ -363,7 +363,7 @@ class DPN(nn.Module):
         x = self.head_drop(x, deterministic=not train)
         if pre_logits or not self.num_classes:
             return x
-        return self.classifier(x).astype(jnp.float32)
+        return self.classifier(x).astype(jnp.promote_types(self.dtype, jnp.float32))
 
 
 # The `DPN` fields that say how a model runs, as opposed to its architecture (`config`).

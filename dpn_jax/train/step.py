@@ -1,4 +1,4 @@
-"""One device's SGD step, with explicit collectives over the runner's `batch` axis."""
+"""One device's training step, with explicit collectives over the runner's `batch` axis."""
 
 from __future__ import annotations
 
@@ -17,12 +17,41 @@ from dpn_jax.runtime.runner import AXIS, REPLICATED, SHARDED, Runner
 from dpn_jax.train.state import TrainState
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
-    """Mean softmax cross-entropy against (optionally smoothed) one-hot labels."""
-    targets = jax.nn.one_hot(labels, logits.shape[-1])
-    if label_smoothing:
-        targets = optax.smooth_labels(targets, label_smoothing)
-    return optax.softmax_cross_entropy(logits, targets).mean()
+def classification_loss(
+    logits: jax.Array,
+    labels: jax.Array,
+    *,
+    smoothing: float,
+    bce: bool = False,
+    bce_target_thresh: float | None = None,
+) -> jax.Array:
+    """timm train.py's training loss: mean softmax cross-entropy (`LabelSmoothingCrossEntropy`,
+    `SoftTargetCrossEntropy`) or `BinaryCrossEntropy` over every logit.
+
+    `labels` are class indices, smoothed here (on 1 - smoothing + smoothing / C, off
+    smoothing / C: both timm losses' targets), or soft targets (B, C) that already carry their
+    smoothing (timm's Mixup makes them so).
+    """
+    if labels.ndim == 1:
+        targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+        if smoothing:
+            targets = optax.smooth_labels(targets, smoothing)
+    else:
+        targets = labels.astype(logits.dtype)
+    if not bce:
+        return optax.softmax_cross_entropy(logits, targets).mean()
+    if bce_target_thresh is not None:
+        targets = (targets > bce_target_thresh).astype(logits.dtype)
+    return optax.sigmoid_binary_cross_entropy(logits, targets).mean()
+
+
+def ema_decay_at(update: jax.Array, decay: float, warmup: bool) -> jax.Array:
+    """timm `ModelEmaV3.get_decay(step=update)` for the 1-based optimizer update `update`: 0 at
+    the first (the EMA starts as the weights), then `decay`, or with warm-up
+    min(decay, 1 - (1 + n) ** -2/3) for n = update - 1."""
+    n = jnp.maximum(update - 1, 0).astype(jnp.result_type(float))
+    value = jnp.clip(1 - (1 + n) ** (-2 / 3), 0.0, decay) if warmup else jnp.full_like(n, decay)
+    return jnp.where(n <= 0, 0.0, value)
 
 
 def make_train_step(
@@ -62,7 +91,14 @@ def make_train_step(
                 mutable=["batch_stats"],
                 rngs={"dropout": dropout_rng},
             )
-            return cross_entropy(logits, batch["label"], config.label_smoothing), (logits, new_vars)
+            loss = classification_loss(
+                logits,
+                batch["label"],
+                smoothing=config.smoothing,
+                bce=config.bce_loss,
+                bce_target_thresh=config.bce_target_thresh,
+            )
+            return loss, (logits, new_vars)
 
         # This device's gradient (without the cast JAX would sum the gradients of a replicated
         # value over the devices itself); the mean over devices is the explicit `pmean`.
@@ -73,12 +109,17 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         batch_stats = new_vars["batch_stats"]  # already averaged over AXIS by the BatchNorms
 
+        updates_done = (state.step + 1) // accum  # optimizer updates after this step
         ema = state.ema
         if ema is not None:
             applied = tx.has_updated(opt_state) if isinstance(tx, optax.MultiSteps) else True
-            decay = jnp.where(applied, config.ema_decay, 1.0)
-            ema = optax.incremental_update(
-                {"params": params, "batch_stats": batch_stats}, ema, step_size=1.0 - decay
+            decay = jnp.where(
+                applied, ema_decay_at(updates_done, config.ema_decay, config.ema_warmup), 1.0
+            )
+            ema = jax.tree.map(  # timm's lerp_(model, 1 - decay), in the EMA's own dtype
+                lambda new, old: (old + (1.0 - decay) * (new - old)).astype(old.dtype),
+                {"params": params, "batch_stats": batch_stats},
+                ema,
             )
 
         metrics = lax.pmean(
@@ -97,7 +138,7 @@ def make_train_step(
                 (state.nonfinite_step < 0) & ~finite, state.step + 1, state.nonfinite_step
             ),
         )
-        metrics["lr"] = schedule(state.step // accum)
+        metrics["lr"] = schedule(updates_done)  # as timm's optimizer holds it after the step
         return new_state, metrics
 
     return train_step

@@ -35,7 +35,7 @@ from dpn_jax.train.checkpoints import Checkpoints
 from dpn_jax.train.config import validate_config
 from dpn_jax.train.feed import BatchFeeder
 from dpn_jax.train.logger import MetricsLogger
-from dpn_jax.train.optim import create_optimizer
+from dpn_jax.train.optim import RunLength, ScheduleSettings, create_optimizer
 from dpn_jax.train.state import TrainState, create_train_state, merge_for_finetuning
 from dpn_jax.train.step import compile_train_step
 from dpn_jax.train.stop import StopRequest
@@ -44,7 +44,7 @@ from dpn_jax.weights.model_dir import ModelDir, Preprocessing
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
 def data_config(
@@ -88,6 +88,8 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
     )
     if loaded is not None:
         variables = merge_for_finetuning(variables, loaded, config.init_from)
+    if config.dtype == "float64":  # parameters, BatchNorm statistics and so optimizer state
+        variables = jax.tree.map(lambda x: np.asarray(x, np.float64), variables)
     return model, variables, arch, model_kwargs, base_cfg
 
 
@@ -111,7 +113,7 @@ class _LogWindow:
         return {
             "train_loss": mean("loss"),
             "train_top1": mean("top1"),
-            "lr": mean("lr"),
+            "lr": float(values[-1]["lr"]),  # after the window's last update
             "img_per_sec": (step - self.start_step) * batch_size / elapsed,
             "data_wait": min(self.wait_seconds / elapsed, 1.0),
         }
@@ -154,14 +156,12 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
             f"--config.batch_size={config.batch_size} exceeds the "
             f"{info.num_train_examples} training examples of {config.dataset}"
         )
-    total_steps = (
-        config.num_train_steps
-        if config.num_train_steps > 0
-        else max(1, int(config.num_epochs * steps_per_epoch))
-    )
+    length = RunLength.from_config(config, steps_per_epoch)
+    total_steps = length.total_steps
     model, variables, arch, model_kwargs, base_cfg = build_model(config, info.num_classes)
     data_cfg = data_config(config, arch, base_cfg)
-    tx, schedule = create_optimizer(config, steps_per_epoch // config.grad_accum_steps)
+    schedule_settings = ScheduleSettings.from_config(config, length)
+    tx, schedule = create_optimizer(config, schedule_settings)
     host_state = create_train_state(variables, tx, seed=config.seed, use_ema=config.ema_decay > 0)
     meta = {
         "class_names": list(info.class_names),
@@ -170,6 +170,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
         "dataset": config.dataset,
         "seed": config.seed,
         "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "schedule": schedule_settings.as_dict(),
         "config": config.to_dict(),
     }
 
@@ -214,6 +216,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
         start_step = step = int(Runner.value(state.step))
         if restored:
             log.info("resuming from %s at step %d", checkpoints.directory, step)
+            check_resumed_schedule(checkpoints.meta(step), meta, checkpoints.directory)
         logger = MetricsLogger(workdir, resume_step=start_step)
         stack.callback(logger.close)
         stop = stack.enter_context(StopRequest().installed())
@@ -311,6 +314,31 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
             )
             logger.plot_curves()
     return eval_metrics
+
+
+def check_resumed_schedule(saved: dict, meta: dict, directory: Path) -> None:
+    """A resumed run keeps its LR schedule: another one is refused; a new run length that
+    leaves the schedule as it was (step, multistep, constant) is honoured, said in one line."""
+    if "schedule" not in saved:
+        return  # written before the schedule was recorded
+    now = meta["schedule"]
+    changed = [key for key in now if saved["schedule"].get(key) != now[key]]
+    if changed:
+        key = changed[0]
+        raise ConfigError(
+            f"{directory} holds a run with another LR schedule ({key}: "
+            f"{saved['schedule'].get(key)!r} there, {now[key]!r} now; run length "
+            f"{saved.get('total_steps')} steps there, {meta['total_steps']} now): resume with "
+            "the same num_epochs/num_train_steps and schedule keys, or use another --workdir"
+        )
+    if saved.get("total_steps") != meta["total_steps"]:
+        log.warning(
+            "run length changed from %s to %d steps on resume; the %s LR schedule does not "
+            "depend on it",
+            saved.get("total_steps"),
+            meta["total_steps"],
+            now["sched"],
+        )
 
 
 def export_model(
