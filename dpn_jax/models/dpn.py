@@ -300,7 +300,7 @@ def global_pool(x: jax.Array, pool_type: str) -> jax.Array:
     """timm's `SelectAdaptivePool2d` over NHWC; '' keeps the spatial map (head: a 1x1 conv)."""
     if pool_type == "":
         return x
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float64 stays float64
     avg, mx = jnp.mean(x32, axis=(1, 2)), jnp.max(x32, axis=(1, 2))
     pooled = {
         "avg": avg,

@@ -256,5 +256,9 @@ def create_optimizer(
         _base_optimizer(config, schedule, lambda p: path_mask(p, config.weight_decay_pattern)),
     )
     if config.grad_accum_steps > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)
+        tx = optax.MultiSteps(  # optax accumulates in float32 unless told
+            tx,
+            every_k_schedule=config.grad_accum_steps,
+            accumulator_dtype=jnp.float64 if config.dtype == "float64" else jnp.float32,
+        )
     return tx, schedule
