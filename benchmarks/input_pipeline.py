@@ -1,7 +1,7 @@
 """Input pipeline throughput (img/s): dpn_jax (grain) vs its old tf.data pipeline vs timm.
 
     python benchmarks/input_pipeline.py [--num-images 1024] [--image-size 224] [--batch-size 64]
-        [--rounds 3] [--json results.json]
+        [--rounds 3] [--json results.json] [--augmentations]
 
 Writes a folder dataset of ImageNet-like JPEGs (500x375 and 375x500, ~100 KB: scikit-learn's
 sample photos with sensor-like noise, quality 95) to a temporary directory, then times, per CPU
@@ -10,11 +10,14 @@ core (the process pinned to one core) and with all of this process's cores:
          the tf.data pipeline dpn_jax had before (fused JPEG decode-and-crop, TF bicubic resize,
          flip, float32 normalised out; copied below from git a437895, it is nowhere else now);
          timm's `create_transform(is_training=True)` in a torch DataLoader, without and with
-         its default ColorJitter(0.4) (dpn_jax does no colour jitter);
+         its default ColorJitter(0.4) (dpn_jax's off by default; see --augmentations);
   eval:  dpn_jax `eval_batches` (timm's eval transform, uint8 out); the old tf.data eval
          (the same Pillow transform inside tf.data, float32 out); timm's eval transform.
 All cores: dpn_jax with its threads in the process and with grain worker processes
 (`num_workers` = cores), tf.data with its thread pool, timm with `num_workers` = cores.
+With `--augmentations`, only dpn_jax's training pipeline on one core, per CPU-second, with each
+host augmentation of timm's train transform in turn (AUGMENTATIONS: crop + flip, + colour
+jitter, + RandAugment, + AutoAugment), and the cores one H200 needs for each.
 Each measurement is its own process; rounds interleave the configurations and the table shows
 each one's median. Start-up is not timed (the first batch, or each worker process's first).
 """
@@ -37,6 +40,13 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CROP_PCT = 0.875
 # One H200 trains at these rates (bf16, batch 256; BENCHMARKS.md "NVIDIA H200").
 GPU_TRAIN_RATES = {"dpn68": 5500, "dpn92": 1700}
+# --augmentations: engine -> (label, train_batches keywords)
+AUGMENTATIONS = {
+    "dpn_jax": ("crop + flip", {}),
+    "dpn_jax_jitter": ("+ color_jitter=0.4", {"color_jitter": 0.4}),
+    "dpn_jax_ra": ("+ aa=rand-m9-mstd0.5-inc1", {"aa": "rand-m9-mstd0.5-inc1"}),
+    "dpn_jax_aa": ("+ aa=original", {"aa": "original"}),
+}
 
 
 def write_jpeg_folder(root: str, num_images: int) -> float:
@@ -89,7 +99,9 @@ def images_per_second(batches, num_batches: int, count, num_workers: int = 0) ->
     }
 
 
-def run_dpn_jax(root: str, mode: str, args, num_workers: int) -> dict[str, float]:
+def run_dpn_jax(
+    root: str, mode: str, args, num_workers: int, augment: dict | None = None
+) -> dict[str, float]:
     from dpn_jax.data import pipeline
 
     common = dict(
@@ -101,7 +113,9 @@ def run_dpn_jax(root: str, mode: str, args, num_workers: int) -> dict[str, float
         num_workers=num_workers,
     )
     if mode == "train":
-        batches = pipeline.train_batches(f"folder:{root}", seed=0, **common)
+        batches = pipeline.train_batches(
+            f"folder:{root}", seed=0, mean=MEAN, **(augment or {}), **common
+        )
         return images_per_second(batches, args.num_batches, lambda b: len(b["label"]), num_workers)
     batches = pipeline.eval_batches(f"folder:{root}", crop_pct=CROP_PCT, **common)
     return images_per_second(batches, args.num_batches, lambda b: int(b["mask"].sum()), num_workers)
@@ -308,8 +322,8 @@ def worker(args) -> None:
     os.sched_setaffinity(0, cpus)  # before any library sizes a thread pool
     engine, mode = args.worker.split(":")
     all_cores = len(cpus)
-    if engine == "dpn_jax":
-        rate = run_dpn_jax(args.root, mode, args, num_workers=0)
+    if engine in AUGMENTATIONS:
+        rate = run_dpn_jax(args.root, mode, args, num_workers=0, augment=AUGMENTATIONS[engine][1])
     elif engine == "dpn_jax_workers":
         rate = run_dpn_jax(args.root, mode, args, num_workers=all_cores)
     elif engine == "tf_data":
@@ -335,11 +349,15 @@ LABELS = {
     "tf_data": "old tf.data pipeline",
     "timm": "timm DataLoader",
     "timm_jitter": "timm DataLoader + ColorJitter(0.4)",
+    **{engine: f"dpn_jax grain {label}" for engine, (label, _) in AUGMENTATIONS.items()},
 }
 
 
-def configurations(all_cores: int) -> list[tuple[str, str, int]]:
-    """(engine, mode, cores): every engine on one core, then on all cores."""
+def configurations(all_cores: int, augmentations: bool) -> list[tuple[str, str, int]]:
+    """(engine, mode, cores): every engine on one core, then on all cores; or each host
+    augmentation, training, on one core."""
+    if augmentations:
+        return [(engine, "train", 1) for engine in AUGMENTATIONS]
     configs = []
     for mode in ("train", "eval"):
         engines = ["dpn_jax", "tf_data", "timm"] + (["timm_jitter"] if mode == "train" else [])
@@ -347,6 +365,20 @@ def configurations(all_cores: int) -> list[tuple[str, str, int]]:
         if all_cores > 1:
             configs += [(engine, mode, all_cores) for engine in engines + ["dpn_jax_workers"]]
     return configs
+
+
+def print_augmentation_table(median: dict) -> None:
+    """Markdown: img per CPU-second for each augmentation, and the cores per H200 it implies."""
+    models = " | ".join(f"cores per H200, {m} ({r} img/s)" for m, r in GPU_TRAIN_RATES.items())
+    print(f"| train transform | img per CPU-s, 1 core | vs crop + flip | {models} |")
+    print("|---|---|---|" + "---|" * len(GPU_TRAIN_RATES))
+    base = median[("dpn_jax", "train", 1)]["cpu"]
+    for (engine, _, _), rate in median.items():
+        cores = " | ".join(f"{r / rate['cpu']:.1f}" for r in GPU_TRAIN_RATES.values())
+        print(
+            f"| {AUGMENTATIONS[engine][0]} | {rate['cpu']:.0f} | {rate['cpu'] / base:.2f}x | "
+            f"{cores} |"
+        )
 
 
 def print_tables(median: dict, all_cores: int) -> None:
@@ -382,6 +414,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", help="write the measurements here")
+    parser.add_argument(
+        "--augmentations", action="store_true", help="the host cost of each augmentation only"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--cores", type=int, help=argparse.SUPPRESS)
@@ -393,7 +428,7 @@ def main() -> None:
 
     all_cores = len(os.sched_getaffinity(0))
     num_batches = args.num_images // args.batch_size - 1
-    configs = configurations(all_cores)
+    configs = configurations(all_cores, args.augmentations)
     runs: dict[tuple[str, str, int], list[dict[str, float]]] = {c: [] for c in configs}
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
     with tempfile.TemporaryDirectory() as root:
@@ -439,7 +474,10 @@ def main() -> None:
         config: {key: statistics.median(run[key] for run in values) for key in ("wall", "cpu")}
         for config, values in runs.items()
     }
-    print_tables(median, all_cores)
+    if args.augmentations:
+        print_augmentation_table(median)
+    else:
+        print_tables(median, all_cores)
     if args.json:
         with open(args.json, "w") as file:
             json.dump(

@@ -31,6 +31,17 @@ def get_config() -> ml_collections.ConfigDict:
     config.crop_pct = config_dict.placeholder(float)
     config.interpolation = config_dict.placeholder(str)
     config.data_workers = 0  # grain worker processes decoding batches (0: threads of the trainer)
+    # Augmentation, timm's keys: `aa` (e.g. "rand-m9-mstd0.5-inc1", "original") and colour jitter
+    # (ignored when aa is set, as in timm; timm's train.py default is 0.4) run per image on the
+    # host; random erasing (`reprob` > 0) on the device. train_interpolation: unset is
+    # `interpolation`; "random" is timm's train.py default (bilinear or bicubic per image).
+    config.aa = config_dict.placeholder(str)
+    config.color_jitter = 0.0
+    config.color_jitter_prob = config_dict.placeholder(float)
+    config.train_interpolation = config_dict.placeholder(str)
+    config.reprob = 0.0
+    config.remode = "pixel"
+    config.recount = 1
 
     # Optimisation: `learning_rate` is for `base_batch_size` and scales linearly with the
     # effective batch (batch_size * grad_accum_steps).

@@ -169,8 +169,10 @@ def test_train_batches_are_deterministic_and_resume_exactly():
 
 def test_batches_do_not_depend_on_worker_processes():
     """The same batches from grain worker processes (each decodes every other batch), and
-    resuming them is exact too."""
-    kwargs = dict(batch_size=32, image_size=24, **TRAIN_KWARGS)
+    resuming them is exact too: with every host augmentation on (RandAugment, the random
+    interpolation), which draw only from the per-example generator."""
+    augment = dict(interpolation="random", aa="rand-m9-mstd0.5-inc1")
+    kwargs = dict(batch_size=32, image_size=24, **{**TRAIN_KWARGS, **augment})
     expected = take(pipeline.train_batches("digits", **kwargs), 5)
     workers = pipeline.train_batches("digits", num_workers=2, **kwargs)
     assert_same_batches(take(workers, 3), expected[:3])

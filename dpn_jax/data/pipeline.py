@@ -11,10 +11,11 @@ worker processes (spawned: a script using them needs an `if __name__ == "__main_
 
 Training (`train_batches`): each process reads its own contiguous shard of the split as an
 endless stream of examples, reshuffled every epoch from (seed, process); example i of the stream
-is cropped and flipped (timm's augmentation, `transforms.train_crop`) with a generator seeded by
-(seed, process, i), and batch k holds examples [k * batch, (k + 1) * batch). So batch k depends
-only on (seed, process, process_count, k), not on threads, workers or restarts, and the
-iterator's JSON state (the next k) restores the position without reading anything before it.
+is augmented (timm's train transform: crop, flip, then RandAugment/AutoAugment or colour jitter,
+`transforms.TrainTransform`) with a generator seeded by (seed, process, i), and batch k holds
+examples [k * batch, (k + 1) * batch). So batch k depends only on (seed, process,
+process_count, k), not on threads, workers or restarts, and the iterator's JSON state (the
+next k) restores the position without reading anything before it.
 An undecodable image is replaced by the next example of the stream (as timm's datasets do),
 named once in a warning; a stream where no image decodes ends with a DataError.
 
@@ -38,13 +39,12 @@ import numpy as np
 
 from dpn_jax.data.sources import Dataset, RecordSource, even_shard_bounds, open_dataset
 from dpn_jax.data.transforms import (
+    TrainTransform,
     UndecodableImage,
     check_eval_settings,
     decode_image,
     eval_crop,
-    pil_filter,
     size_pair,
-    train_crop,
 )
 from dpn_jax.errors import ConfigError, DataError
 
@@ -106,15 +106,30 @@ def train_batches(
     num_workers: int = 0,
     manual_dir: str | None = None,
     start_batch: int = 0,
+    aa: str | None = None,
+    color_jitter: float | Sequence[float] = 0.0,
+    color_jitter_prob: float | None = None,
+    mean: Sequence[float] = (0.485, 0.456, 0.406),
+    no_aug: bool = False,
 ) -> TrainBatches:
     """Endless {"image": uint8 [batch_size, H, W, 3], "label": int32 [batch_size]} batches of
     this process's shard (see the module docstring); `get_state()` / `set_state()` resume.
 
     `start_batch` k starts at batch k, as `set_state` to k would (for a checkpoint that saved
-    its step but no input state).
+    its step but no input state). `interpolation` may be 'random'; `aa`, `color_jitter`,
+    `color_jitter_prob` and `no_aug` are timm's (see `transforms.TrainTransform`; `mean` is
+    the fill of the `aa` ops).
     """
     _check_batch_size(batch_size)
-    pil_filter(interpolation)  # a bad name fails here, not in a worker
+    transform = TrainTransform(  # bad settings fail here, not in a worker
+        image_size=image_size,
+        interpolation=interpolation,
+        aa=aa,
+        color_jitter=color_jitter,
+        color_jitter_prob=color_jitter_prob,
+        mean=tuple(mean),
+        no_aug=no_aug,
+    )
     process_index, process_count = _topology(process_index, process_count)
     dataset = open_dataset(spec, data_dir=data_dir, manual_dir=manual_dir)
     shard, split_size = _shard(dataset, train_split, process_index, process_count)
@@ -126,13 +141,7 @@ def train_batches(
     seed_words = (seed, process_index)
     stream = shard.shuffle(seed=_grain_seed(seed_words)).repeat()
     examples = grain.MapDataset.range(len(stream)).map(
-        _TrainExample(
-            stream,
-            seed_words,
-            image_size=size_pair(image_size),
-            interpolation=interpolation,
-            what=f"{spec} {train_split}",
-        )
+        _TrainExample(stream, seed_words, transform=transform, what=f"{spec} {train_split}")
     )
     fingerprint = {
         "seed": int(seed),
@@ -259,12 +268,11 @@ class _TrainExample:
         stream: grain.MapDataset,
         seed_words: tuple[int, int],
         *,
-        image_size: tuple[int, int],
-        interpolation: str,
+        transform: TrainTransform,
         what: str,
     ):
         self.stream, self.seed_words, self.what = stream, seed_words, what
-        self.image_size, self.interpolation = image_size, interpolation
+        self.transform = transform
 
     def __call__(self, index: int) -> dict[str, Any]:
         rng = np.random.default_rng((*self.seed_words, index))
@@ -276,9 +284,7 @@ class _TrainExample:
             except UndecodableImage as error:
                 skipped.append((error.name, error.why))
                 continue
-            pixels = train_crop(
-                image, image_size=self.image_size, interpolation=self.interpolation, rng=rng
-            )
+            pixels = self.transform(image, rng)
             return {"image": pixels, "label": np.int32(record["label"]), "skipped": skipped}
         name, why = skipped[-1]
         raise DataError(

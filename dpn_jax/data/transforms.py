@@ -10,10 +10,13 @@ including) `ToTensor`, on PIL images with the same resize arithmetic and Pillow 
 Training: `train_crop` is timm's `RandomResizedCropAndInterpolation` (scale, ratio, ten attempts,
 then the centre fallback) followed by `RandomHorizontalFlip`, drawing from a NumPy generator the
 caller seeds per example; for a given window it is torchvision's `resized_crop` bit for bit.
+`TrainTransform` adds what timm's train transform puts after the flip: AutoAugment/RandAugment
+(`dpn_jax.data.auto_augment`) or colour jitter, on the PIL image before it becomes an array.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
@@ -23,8 +26,9 @@ from typing import Any, BinaryIO
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
 
+from dpn_jax.data.auto_augment import auto_augment
 from dpn_jax.errors import ConfigError, DataError
 
 # timm's interpolation names -> Pillow filters (timm.data.transforms._str_to_pil_interpolation).
@@ -36,6 +40,9 @@ PIL_INTERPOLATION = {
     "hamming": Image.Resampling.HAMMING,
     "lanczos": Image.Resampling.LANCZOS,
 }
+
+# timm's train-time interpolation 'random' picks one of these per image.
+RANDOM_INTERPOLATION = ("bilinear", "bicubic")
 
 # timm's RandomResizedCrop defaults (ImageNet training recipes).
 CROP_SCALE = (0.08, 1.0)
@@ -241,6 +248,23 @@ def random_resized_crop_window(
     return (height - crop_h) // 2, (width - crop_w) // 2, max(crop_h, 1), max(crop_w, 1)
 
 
+def resized_crop_image(
+    image: Image.Image,
+    window: tuple[int, int, int, int],
+    image_size: int | Sequence[int],
+    interpolation: str,
+    flip: bool = False,
+) -> Image.Image:
+    """torchvision's `resized_crop(image, *window, size)` (+ `hflip`) on a PIL image."""
+    top, left, crop_h, crop_w = window
+    height, width = size_pair(image_size)
+    crop = image.crop((left, top, left + crop_w, top + crop_h))
+    crop = crop.resize((width, height), pil_filter(interpolation))
+    if flip:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return crop
+
+
 def resized_crop(
     image: Image.Image,
     window: tuple[int, int, int, int],
@@ -248,14 +272,8 @@ def resized_crop(
     interpolation: str,
     flip: bool = False,
 ) -> np.ndarray:
-    """torchvision's `resized_crop(image, *window, size)` (+ `hflip`) -> HWC uint8 array."""
-    top, left, crop_h, crop_w = window
-    height, width = size_pair(image_size)
-    crop = image.crop((left, top, left + crop_w, top + crop_h))
-    crop = crop.resize((width, height), pil_filter(interpolation))
-    if flip:
-        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return np.asarray(crop)
+    """`resized_crop_image` -> HWC uint8 array."""
+    return np.asarray(resized_crop_image(image, window, image_size, interpolation, flip))
 
 
 def train_crop(
@@ -266,8 +284,105 @@ def train_crop(
     rng: np.random.Generator,
 ) -> np.ndarray:
     """timm's training crop: random-resized crop, then a horizontal flip with probability 1/2."""
+    return np.asarray(_train_crop_image(image, image_size, interpolation, rng))
+
+
+def _train_crop_image(
+    image: Image.Image, image_size: int | Sequence[int], interpolation: str, rng
+) -> Image.Image:
+    """`train_crop` as a PIL image; interpolation 'random' is timm's: bilinear or bicubic."""
     window = random_resized_crop_window(image.height, image.width, rng)
-    return resized_crop(image, window, image_size, interpolation, flip=rng.random() < 0.5)
+    if interpolation == "random":  # drawn after the window, as timm's __call__ does
+        interpolation = RANDOM_INTERPOLATION[int(rng.integers(len(RANDOM_INTERPOLATION)))]
+    return resized_crop_image(image, window, image_size, interpolation, flip=rng.random() < 0.5)
+
+
+def color_jitter(
+    image: Image.Image, factors: Sequence[float], rng: np.random.Generator
+) -> Image.Image:
+    """torchvision's `ColorJitter(*factors)` (brightness, contrast, saturation[, hue]), as timm
+    builds it: a random order of the four adjustments, each factor uniform in [1 - f, 1 + f]
+    (clipped at 0; hue in [-f, f]), a zero factor skipped; the same Pillow operations."""
+    brightness, contrast, saturation, hue = (*factors, 0.0)[:4]
+    order = rng.permutation(4)
+    ranges = [(max(0.0, 1.0 - f), 1.0 + f) if f else None for f in factors[:3]]
+    ranges.append((-hue, hue) if hue else None)
+    draws = [None if r is None else float(rng.uniform(*r)) for r in ranges]
+    for index in order:
+        if draws[index] is not None:
+            image = _COLOR_ADJUSTMENTS[index](image, draws[index])
+    return image
+
+
+def _adjust_hue(image: Image.Image, hue: float) -> Image.Image:
+    """torchvision's PIL `adjust_hue`: shift H of HSV, wrapping in uint8."""
+    h, s, v = image.convert("HSV").split()
+    shifted = np.asarray(h, np.uint8) + np.int32(hue * 255).astype(np.uint8)  # wraps, as torch's
+    return Image.merge("HSV", (Image.fromarray(shifted, "L"), s, v)).convert(image.mode)
+
+
+_COLOR_ADJUSTMENTS = (
+    lambda image, f: ImageEnhance.Brightness(image).enhance(f),
+    lambda image, f: ImageEnhance.Contrast(image).enhance(f),
+    lambda image, f: ImageEnhance.Color(image).enhance(f),
+    _adjust_hue,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainTransform:
+    """timm's `transforms_imagenet_train` up to `ToTensor`, per image, drawing from `rng`:
+    random-resized crop + flip, then `aa` (RandAugment / AutoAugment string, its fill the
+    `mean`) or else `color_jitter` (a factor for brightness, contrast and saturation, or 3-4
+    factors; 0 is off), with probability `color_jitter_prob` (None: always). As in timm, colour
+    jitter is ignored when `aa` is set (except timm's '3a' policies, which keep it).
+    `interpolation` is a timm name or 'random'. `no_aug` is timm's `--no-aug`
+    (`transforms_noaug_train`): the eval transform at the training size, crop_pct 1, no flip
+    ('random' interpolation becomes bilinear, as there), no draws. Random erasing and mixup run
+    on the device (`dpn_jax.data.batch_augment`). Raises ConfigError for a bad setting when built.
+    """
+
+    image_size: tuple[int, int]
+    interpolation: str
+    aa: str | None = None
+    color_jitter: float | tuple[float, ...] = 0.0
+    color_jitter_prob: float | None = None
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    no_aug: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "image_size", size_pair(self.image_size))
+        if self.interpolation != "random":
+            pil_filter(self.interpolation)
+        jitter = self.color_jitter
+        jitter = (float(jitter),) * 3 if isinstance(jitter, (int, float)) else tuple(jitter)
+        if len(jitter) not in (3, 4) or min(jitter) < 0 or jitter[3:4] > (0.5,):
+            raise ConfigError(
+                f"color_jitter {self.color_jitter!r} must be a factor >= 0 or 3-4 of them "
+                "(brightness, contrast, saturation[, hue <= 0.5])"
+            )
+        if self.color_jitter_prob is not None and not 0 <= self.color_jitter_prob <= 1:
+            raise ConfigError(f"color_jitter_prob {self.color_jitter_prob!r} must be in [0, 1]")
+        object.__setattr__(self, "color_jitter", jitter)
+        augment = None
+        if self.aa:
+            resample = None if self.interpolation == "random" else pil_filter(self.interpolation)
+            augment = auto_augment(self.aa, mean=self.mean, resample=resample)
+        object.__setattr__(self, "_augment", augment)
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
+        if self.no_aug:
+            interpolation = "bilinear" if self.interpolation == "random" else self.interpolation
+            return eval_crop(
+                image, image_size=self.image_size, crop_pct=1.0, interpolation=interpolation
+            )
+        image = _train_crop_image(image, self.image_size, self.interpolation, rng)
+        if self._augment is not None:
+            image = self._augment(image, rng)
+        if any(self.color_jitter) and (not self.aa or "3a" in self.aa):
+            if self.color_jitter_prob is None or rng.random() < self.color_jitter_prob:
+                image = color_jitter(image, self.color_jitter, rng)
+        return np.asarray(image)
 
 
 # ---------------------------------------------------------------------------- on the device

@@ -14,6 +14,8 @@ from typing import Any
 import jax
 import ml_collections
 
+from dpn_jax.data.auto_augment import auto_augment
+from dpn_jax.data.batch_augment import ERASING_MODES
 from dpn_jax.data.transforms import PIL_INTERPOLATION
 from dpn_jax.errors import ConfigError
 from dpn_jax.models.dpn import CONFIG_FIELDS, MODEL_CONFIGS
@@ -74,6 +76,14 @@ def _valid_regex(value: Any) -> bool:
     return True
 
 
+def _valid_aa(value: Any) -> bool:
+    try:
+        auto_augment(value, mean=(0.5, 0.5, 0.5))
+    except (ConfigError, AttributeError):
+        return False
+    return True
+
+
 POSITIVE_INT = (_positive_int, "a positive integer")
 NON_NEGATIVE = _interval(0, float("inf"))
 POSITIVE = _interval(0, float("inf"), low_open=True)
@@ -90,6 +100,15 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "crop_pct": _optional(_interval(0, 1, low_open=True, high_open=False)),
     "interpolation": _optional(_choice(*PIL_INTERPOLATION)),
     "data_workers": ((lambda value: _is_int(value) and value >= 0), "an integer >= 0"),
+    "aa": _optional(
+        (_valid_aa, "timm's rand-m9-mstd0.5-inc1, augmix-m5-w4-d2 or original, v0, ...")
+    ),
+    "color_jitter": NON_NEGATIVE,
+    "color_jitter_prob": _optional(_interval(0, 1, high_open=False)),
+    "train_interpolation": _optional(_choice("random", *PIL_INTERPOLATION)),
+    "reprob": _interval(0, 1, high_open=False),
+    "remode": _choice(*ERASING_MODES),
+    "recount": POSITIVE_INT,
     "num_epochs": NON_NEGATIVE,
     "num_train_steps": ((lambda value: _is_int(value)), "an integer (<= 0: use num_epochs)"),
     "batch_size": POSITIVE_INT,
