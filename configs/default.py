@@ -42,6 +42,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.reprob = 0.0
     config.remode = "pixel"
     config.recount = 1
+    # timm's --no-aug: the eval transform at the training size (no crop, flip or aa).
+    config.no_aug = False
+    # Mixup/CutMix on the device (timm's Mixup, targets smoothed by `smoothing`): active when
+    # mixup > 0, cutmix > 0 or cutmix_minmax is set; needs an even batch per device.
+    config.mixup = 0.0
+    config.cutmix = 0.0
+    config.cutmix_minmax = config_dict.placeholder(tuple)
+    config.mixup_prob = 1.0
+    config.mixup_switch_prob = 0.5
+    config.mixup_mode = "batch"  # "batch", "pair" or "elem"
 
     # Optimisation: `learning_rate` is for `base_batch_size` and scales linearly with the
     # effective batch (batch_size * grad_accum_steps).

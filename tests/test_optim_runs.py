@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from runs import ROOT, metrics_records, subprocess_env
 from train_worker import TINY
@@ -81,3 +82,35 @@ def test_ema_run_prints_the_accuracy_of_the_exported_model(tmp_path, env):
     assert float(printed.group(1)) == pytest.approx(100 * top1, abs=0.006)
     records = [r for r in metrics_records(tmp_path) if "eval_top1_ema" in r]
     assert records[-1]["eval_top1_ema"] == pytest.approx(top1, abs=1e-6)
+
+
+def test_ra_recipe_runs_with_every_ingredient_on(tmp_path, env):
+    """configs/ra.py (RandAugment, erasing, Nesterov SGD, AGC, per-epoch step LR with warm-up,
+    smoothing, EMA) plus mixup/cutmix and the BCE loss, shrunk to a tiny DPN on digits."""
+    tiny_ra = tmp_path / "tiny_ra.py"  # the recipe with the tests' tiny DPN (new keys)
+    tiny_ra.write_text(
+        "import ml_collections\nfrom configs import ra\n\n\ndef get_config(variant):\n"
+        "    config = ra.get_config(variant)\n"
+        f"    config.model_kwargs = ml_collections.ConfigDict({TINY!r})\n"
+        "    return config\n"
+    )
+    run = train_py(
+        tmp_path / "run",
+        "--config",
+        f"{tiny_ra}:dpn68b",
+        "--config.dataset=digits",
+        "--config.image_size=32",
+        "--config.num_train_steps=50",
+        "--config.batch_size=32",
+        "--config.eval_batch_size=40",
+        "--config.mixup=0.2",
+        "--config.cutmix=1.0",
+        "--config.bce_loss=True",
+        "--config.data_workers=0",
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = metrics_records(tmp_path / "run")
+    losses = [r["train_loss"] for r in records if "train_loss" in r]
+    assert losses and all(map(np.isfinite, losses))
+    assert "final validation top-1 (EMA weights, exported): " in run.stdout.splitlines()[-1]

@@ -22,9 +22,10 @@ def config_with(**overrides):
 
 
 def test_the_shipped_configs_are_valid():
-    from configs import finetune, imagenet
+    from configs import finetune, imagenet, ra
 
     validate_config(default.get_config())
+    validate_config(ra.get_config("dpn68b"))
     validate_config(imagenet.get_config("dpn131"))
     validate_config(config_with(**{**finetune.get_config().to_dict(), "init_from": "some/dir"}))
 

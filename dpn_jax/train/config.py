@@ -15,7 +15,7 @@ import jax
 import ml_collections
 
 from dpn_jax.data.auto_augment import auto_augment
-from dpn_jax.data.batch_augment import ERASING_MODES
+from dpn_jax.data.batch_augment import ERASING_MODES, MIXUP_MODES
 from dpn_jax.data.transforms import PIL_INTERPOLATION
 from dpn_jax.errors import ConfigError
 from dpn_jax.models.dpn import CONFIG_FIELDS, MODEL_CONFIGS
@@ -109,6 +109,18 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "reprob": _interval(0, 1, high_open=False),
     "remode": _choice(*ERASING_MODES),
     "recount": POSITIVE_INT,
+    "no_aug": BOOL,
+    "mixup": NON_NEGATIVE,
+    "cutmix": NON_NEGATIVE,
+    "cutmix_minmax": _optional(
+        (
+            (lambda value: len(value) == 2 and 0 <= value[0] < value[1] <= 1),
+            "two fractions min < max",
+        )
+    ),
+    "mixup_prob": _interval(0, 1, high_open=False),
+    "mixup_switch_prob": _interval(0, 1, high_open=False),
+    "mixup_mode": _choice(*MIXUP_MODES),
     "num_epochs": NON_NEGATIVE,
     "num_train_steps": ((lambda value: _is_int(value)), "an integer (<= 0: use num_epochs)"),
     "batch_size": POSITIVE_INT,

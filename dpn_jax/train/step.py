@@ -10,6 +10,7 @@ import ml_collections
 import optax
 from jax import lax
 
+from dpn_jax.data.batch_augment import Mixup, RandomErasing
 from dpn_jax.data.transforms import normalize
 from dpn_jax.infer.evaluate import top_k_correct
 from dpn_jax.models.dpn import DPN
@@ -54,6 +55,37 @@ def ema_decay_at(update: jax.Array, decay: float, warmup: bool) -> jax.Array:
     return jnp.where(n <= 0, 0.0, value)
 
 
+def mixup_active(config: ml_collections.ConfigDict) -> bool:
+    """timm train.py's `mixup_active`."""
+    return config.mixup > 0 or config.cutmix > 0 or config.cutmix_minmax is not None
+
+
+def batch_augmentations(
+    config: ml_collections.ConfigDict, num_classes: int
+) -> tuple[RandomErasing | None, Mixup | None]:
+    """timm's device-side train augmentations as train.py configures them (None: off)."""
+    erasing = (
+        RandomErasing(probability=config.reprob, mode=config.remode, max_count=config.recount)
+        if config.reprob > 0
+        else None
+    )
+    mixup = (
+        Mixup(
+            mixup_alpha=config.mixup,
+            cutmix_alpha=config.cutmix,
+            cutmix_minmax=config.cutmix_minmax,
+            prob=config.mixup_prob,
+            switch_prob=config.mixup_switch_prob,
+            mode=config.mixup_mode,
+            label_smoothing=config.smoothing,
+            num_classes=num_classes,
+        )
+        if mixup_active(config)
+        else None
+    )
+    return erasing, mixup
+
+
 def make_train_step(
     model: DPN,
     tx: optax.GradientTransformation,
@@ -65,16 +97,18 @@ def make_train_step(
     """`train_step(state, batch) -> (state, metrics)` for one device of the runner.
 
     The state is replicated; each device differentiates its own copy of the parameters on its
-    rows of the batch (uint8 images, normalised here), and the gradients are averaged over the
-    devices (`pmean`), as are the BatchNorm statistics (inside the model) and the metrics. A step
-    whose loss or gradient is NaN/Inf changes nothing but `step` and records itself in
-    `nonfinite_step` (the trainer then stops or carries on, per `config.skip_nonfinite_updates`).
+    rows of the batch (uint8 images, normalised, erased and mixed here), and the gradients are
+    averaged over the devices (`pmean`), as are the BatchNorm statistics (inside the model) and
+    the metrics. A step whose loss or gradient is NaN/Inf changes nothing but `step` and
+    records itself in `nonfinite_step` (the trainer then stops or carries on, per
+    `config.skip_nonfinite_updates`).
     The gradient is tested through its global norm, which is NaN/Inf exactly when an element is
     (or when the norm overflows float32, ~1.8e19, a diverged run anyway): one fused sum of
     squares, where a per-leaf `all(isfinite(...))` made XLA compile the step several times
     longer (BENCHMARKS.md, "Compile time of the train step").
     """
     accum = config.grad_accum_steps
+    erasing, mixup = batch_augmentations(config, model.num_classes)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         dropout_rng = jax.random.fold_in(
@@ -82,6 +116,12 @@ def make_train_step(
             lax.axis_index(AXIS),
         )
         images = normalize(batch["image"], mean, std, model.dtype)
+        erase_key, mix_key = jax.random.split(jax.random.fold_in(dropout_rng, 1))
+        targets = batch["label"]
+        if erasing is not None:  # timm's order: normalise, erase, mix
+            images = erasing(erase_key, images)
+        if mixup is not None:
+            images, targets = mixup(mix_key, images, targets)
 
         def loss_fn(params):
             logits, new_vars = model.apply(
@@ -93,7 +133,7 @@ def make_train_step(
             )
             loss = classification_loss(
                 logits,
-                batch["label"],
+                targets,
                 smoothing=config.smoothing,
                 bce=config.bce_loss,
                 bce_target_thresh=config.bce_target_thresh,

@@ -37,7 +37,7 @@ from dpn_jax.train.feed import BatchFeeder
 from dpn_jax.train.logger import MetricsLogger
 from dpn_jax.train.optim import RunLength, ScheduleSettings, create_optimizer
 from dpn_jax.train.state import TrainState, create_train_state, merge_for_finetuning
-from dpn_jax.train.step import compile_train_step
+from dpn_jax.train.step import compile_train_step, mixup_active
 from dpn_jax.train.stop import StopRequest
 from dpn_jax.train.workdir import WorkdirLock
 from dpn_jax.weights.model_dir import ModelDir, Preprocessing
@@ -156,6 +156,12 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
             f"--config.batch_size={config.batch_size} exceeds the "
             f"{info.num_train_examples} training examples of {config.dataset}"
         )
+    per_device = config.batch_size // jax.device_count()
+    if mixup_active(config) and per_device % 2:
+        raise ConfigError(
+            f"--config.mixup/cutmix mix each device's rows in pairs: --config.batch_size="
+            f"{config.batch_size} gives {per_device} per device; make that even"
+        )
     length = RunLength.from_config(config, steps_per_epoch)
     total_steps = length.total_steps
     model, variables, arch, model_kwargs, base_cfg = build_model(config, info.num_classes)
@@ -224,10 +230,15 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
             config.dataset,
             batch_size=batch_size,
             image_size=config.image_size,
-            interpolation=data_cfg["interpolation"],
+            interpolation=config.train_interpolation or data_cfg["interpolation"],
             seed=config.seed,
             data_dir=config.data_dir,
             num_workers=config.data_workers,
+            aa=config.aa,
+            color_jitter=config.color_jitter,
+            color_jitter_prob=config.color_jitter_prob,
+            mean=data_cfg["mean"],
+            no_aug=config.no_aug,
         )
         if data_state is not None:
             train_batches.set_state(data_state)
