@@ -212,3 +212,42 @@ def test_learning_rate_scales_with_the_effective_batch():
     config = tiny_config(learning_rate=0.4, batch_size=64, base_batch_size=32, grad_accum_steps=2)
     settings = ScheduleSettings.from_config(config, RunLength(10, 100, 2))
     assert settings.lr == pytest.approx(1.6) and settings.updates_per_epoch == 5
+
+
+@pytest.mark.parametrize("bce, thresh", [(False, None), (True, None), (True, 0.2)])
+@pytest.mark.parametrize("soft", [False, True])
+def test_losses_equal_timms(bce, thresh, soft):
+    """Hard labels (smoothed here) and mixup's soft targets, against timm's loss classes."""
+    import torch
+    from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    from dpn_jax.data.batch_augment import mixup_target
+    from dpn_jax.train.step import classification_loss
+
+    rng = np.random.RandomState(0)
+    logits = rng.normal(0, 2, (6, 7)).astype(np.float32)
+    labels = rng.randint(0, 7, 6)
+    targets = np.array(mixup_target(labels, 7, 0.7, 0.1)) if soft else labels
+    ours = classification_loss(
+        logits, targets, smoothing=0.0 if soft else 0.1, bce=bce, bce_target_thresh=thresh
+    )
+    if bce:
+        reference = BinaryCrossEntropy(smoothing=0.0 if soft else 0.1, target_threshold=thresh)
+    else:
+        reference = SoftTargetCrossEntropy() if soft else LabelSmoothingCrossEntropy(0.1)
+    target_tensor = torch.from_numpy(targets) if soft else torch.from_numpy(labels).long()
+    expected = reference(torch.from_numpy(logits), target_tensor).item()
+    assert float(ours) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_decay_equals_timm_model_ema_v3(warmup):
+    import torch
+    from timm.utils import ModelEmaV3
+
+    from dpn_jax.train.step import ema_decay_at
+
+    ema = ModelEmaV3(torch.nn.Linear(1, 1), decay=0.999, use_warmup=warmup)
+    for update in (1, 2, 3, 10, 1000, 10**6):
+        ours = float(ema_decay_at(np.int32(update), 0.999, warmup))
+        assert ours == pytest.approx(ema.get_decay(update), rel=1e-6, abs=1e-7), update
