@@ -109,7 +109,7 @@ class JaxEngine(Engine):
         from configs import default  # the trainer's defaults (the repository's configs/)
         from dpn_jax.infer.predict import make_predict_step
         from dpn_jax.runtime.runner import AXIS, REPLICATED, SHARDED, Runner
-        from dpn_jax.train.optim import create_optimizer
+        from dpn_jax.train.optim import RunLength, ScheduleSettings, create_optimizer
         from dpn_jax.train.state import create_train_state
         from dpn_jax.train.step import compile_train_step
 
@@ -144,7 +144,8 @@ class JaxEngine(Engine):
                 schedule="constant",
                 warmup_epochs=0.0,
             )
-            tx, schedule = create_optimizer(config, updates_per_epoch=1000)
+            length = RunLength(steps_per_epoch=1000, total_steps=1000, grad_accum_steps=1)
+            tx, schedule = create_optimizer(config, ScheduleSettings.from_config(config, length))
             state = create_train_state(variables, tx, seed=0, use_ema=False)
             fn = compile_train_step(runner, model, tx, schedule, config, cfg["mean"], cfg["std"])
             labels = rng.integers(0, 1000, self.batch).astype(np.int32)

@@ -33,7 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
         )
     )
     config.init_from = config_dict.placeholder(str)  # a model directory to fine-tune from
-    config.dtype = "float32"  # compute dtype; parameters stay float32 ("bfloat16" on GPU/TPU)
+    # float64 needs JAX_ENABLE_X64=1: everything in float64, for checking numerics against torch.
+    config.dtype = "float32"  # compute: float32, bfloat16 (params stay float32) or float64
     config.drop_rate = 0.0  # dropout before the classifier
 
     # Data (see dpn_jax.data.pipeline): mean/std/crop_pct/interpolation default to the model's
@@ -47,37 +48,63 @@ def get_config() -> ml_collections.ConfigDict:
     config.crop_pct = config_dict.placeholder(float)  # evaluation centre crop fraction
     config.interpolation = config_dict.placeholder(str)  # resize filter, e.g. "bicubic"
     config.data_workers = 0  # grain worker processes decoding batches (0: threads of the trainer)
-    # Augmentation, timm's keys: `aa` (e.g. "rand-m9-mstd0.5-inc1", "original") and colour jitter
-    # (ignored when aa is set, as in timm; timm's train.py default is 0.4) run per image on the
-    # host; random erasing (`reprob` > 0) on the device. train_interpolation: unset is
-    # `interpolation`; "random" is timm's train.py default (bilinear or bicubic per image).
-    config.aa = config_dict.placeholder(str)
-    config.color_jitter = 0.0
-    config.color_jitter_prob = config_dict.placeholder(float)
-    config.train_interpolation = config_dict.placeholder(str)
-    config.reprob = 0.0
-    config.remode = "pixel"
-    config.recount = 1
+    # Augmentation, timm's keys: `aa` and colour jitter (ignored when aa is set, as in timm;
+    # timm's train.py default is 0.4) run per image on the host; random erasing (`reprob` > 0)
+    # on the device. "random" train_interpolation is timm's train.py default.
+    config.aa = config_dict.placeholder(str)  # timm policy, e.g. "rand-m9-mstd0.5-inc1", "original"
+    config.color_jitter = 0.0  # brightness/contrast/saturation jitter strength
+    config.color_jitter_prob = config_dict.placeholder(float)  # unset: always jitter
+    config.train_interpolation = config_dict.placeholder(str)  # unset: interpolation; "random"
+    config.reprob = 0.0  # random erasing probability per image
+    config.remode = "pixel"  # random erasing fill: "const", "rand" or "pixel"
+    config.recount = 1  # random erasing: at most this many boxes per image
+    config.no_aug = False  # timm --no-aug: the eval transform at the training size (no crop/flip)
+    # Mixup/CutMix on the device (timm's Mixup, targets smoothed by `smoothing`): active when
+    # mixup > 0, cutmix > 0 or cutmix_minmax is set; needs an even batch per device.
+    config.mixup = 0.0  # mixup alpha (0: off)
+    config.cutmix = 0.0  # cutmix alpha (0: off)
+    config.cutmix_minmax = config_dict.placeholder(tuple)  # cutmix box size range, overrides alpha
+    config.mixup_prob = 1.0  # probability of mixing a batch
+    config.mixup_switch_prob = 0.5  # probability of cutmix instead of mixup when both are on
+    config.mixup_mode = "batch"  # "batch", "pair" or "elem"
 
     # Optimisation: `learning_rate` is for `base_batch_size` and scales linearly with the
     # effective batch (batch_size * grad_accum_steps).
-    config.num_epochs = 30.0
+    config.num_epochs = 30.0  # run length in epochs (cooldown_epochs come on top)
     config.num_train_steps = -1  # > 0 overrides num_epochs
     config.batch_size = 64  # global, over all devices and processes
     config.eval_batch_size = 128  # global, for evaluation
     config.grad_accum_steps = 1  # optax.MultiSteps
     config.learning_rate = 0.1  # for base_batch_size, scaled linearly to the effective batch
     config.base_batch_size = 64  # the batch learning_rate is given for
-    config.schedule = "cosine"  # "cosine" (after linear warmup), "step" or "constant"
-    config.warmup_epochs = 1.0
-    config.step_decay_epochs = (30, 60, 90)  # "step": multiply by step_decay_factor at each
-    config.step_decay_factor = 0.1  # see step_decay_epochs
-    config.momentum = 0.9  # SGD momentum
-    config.nesterov = False  # Nesterov momentum
-    config.weight_decay = 1e-4  # L2, on the parameters weight_decay_pattern matches
+    # timm's scheduler (create_scheduler_v2): LR from warmup_lr up to the peak over
+    # warmup_epochs, then "cosine" (down to min_lr at the end of the run, less cooldown_epochs),
+    # "step" (x decay_rate every decay_epochs), "multistep" (x decay_rate at each of
+    # decay_milestones) or "constant"; updated every optimizer update (sched_on_updates) or epoch.
+    config.schedule = "cosine"  # "cosine", "step", "multistep" or "constant"
+    config.sched_on_updates = True  # False: the LR changes once per epoch (timm's default)
+    config.warmup_epochs = 1.0  # linear warm-up from warmup_lr to the peak
+    config.warmup_lr = 1e-5  # the LR the warm-up starts from
+    config.min_lr = 0.0  # the cosine's end value
+    config.cooldown_epochs = 0.0  # at min_lr after the cosine, added to num_epochs (as timm)
+    config.decay_epochs = 90.0  # "step": multiply by decay_rate every decay_epochs
+    config.decay_milestones = (90, 180, 270)  # "multistep": multiply by decay_rate at each
+    config.decay_rate = 0.1  # "step"/"multistep" factor
+    # timm's optimizers; opt_eps/opt_betas unset: the optimizer's default.
+    config.opt = "momentum"  # "sgd"/"nesterov" (Nesterov), "momentum", "adamw", "lamb", "rmsproptf"
+    config.opt_eps = config_dict.placeholder(float)  # optimizer epsilon
+    config.opt_betas = config_dict.placeholder(tuple)  # Adam-style betas
+    config.momentum = 0.9  # SGD / RMSProp momentum
+    config.weight_decay = 1e-4  # on the parameters weight_decay_pattern matches
     config.weight_decay_pattern = r".*/kernel"  # conv and dense kernels: not BatchNorm, not biases
-    config.label_smoothing = 0.0  # of the cross-entropy targets
-    config.ema_decay = 0.0  # > 0: keep an EMA of the weights, evaluate and export it
+    config.clip_grad = config_dict.placeholder(float)  # unset: no clipping
+    config.clip_mode = "norm"  # "norm" (global), "value" or "agc" (unit-wise, not the head)
+    # Loss: softmax cross-entropy with label smoothing `smoothing`, or timm's BinaryCrossEntropy.
+    config.smoothing = 0.0  # label smoothing (timm's --smoothing)
+    config.bce_loss = False  # timm's BinaryCrossEntropy instead of softmax cross-entropy
+    config.bce_target_thresh = config_dict.placeholder(float)  # BCE targets above it become 1
+    config.ema_decay = 0.0  # > 0: keep an EMA of the weights (timm ModelEmaV3), export it
+    config.ema_warmup = False  # timm --model-ema-warmup: decay min(ema_decay, 1 - (1 + n)^-2/3)
     config.skip_nonfinite_updates = False  # False: stop with an error at the first NaN/Inf step
 
     # Running.

@@ -22,7 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.weight_decay = 1e-4
     config.num_epochs = 10.0
     config.warmup_epochs = 1.0
-    config.label_smoothing = 0.1
+    config.smoothing = 0.1
     config.ema_decay = 0.999
+    config.ema_warmup = True  # a short fine-tune: the EMA follows the weights early on
     config.log_every_steps = 20
     return config

@@ -17,7 +17,13 @@ from configs import default
 from dpn_jax import create_model
 from dpn_jax.infer.evaluate import compile_eval_step
 from dpn_jax.runtime.runner import Runner
-from dpn_jax.train.optim import create_learning_rate_schedule, create_optimizer, path_mask
+from dpn_jax.train.optim import (
+    RunLength,
+    ScheduleSettings,
+    create_learning_rate_schedule,
+    create_optimizer,
+    path_mask,
+)
 from dpn_jax.train.state import create_train_state
 from dpn_jax.train.step import compile_train_step
 
@@ -56,7 +62,9 @@ def run_steps(parallelism: str, devices) -> Run:
     model, variables = create_model(
         "dpn68", num_classes=10, axis_name="batch", rng=jax.random.key(0), **TINY
     )
-    tx, schedule = create_optimizer(config, updates_per_epoch=10)
+    tx, schedule = create_optimizer(
+        config, ScheduleSettings.from_config(config, RunLength(10, 30, 1))
+    )
     runner = Runner(parallelism, devices)
     state = runner.replicate(create_train_state(variables, tx, seed=0, use_ema=True))
     step = compile_train_step(runner, model, tx, schedule, config, MEAN, STD)
@@ -142,20 +150,104 @@ def test_weight_decay_mask_only_kernels():
     assert not names["['features']['conv2_1']['c3x3_b']['bn']['bias']"]
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "step", "constant"])
-def test_schedules_warm_up_then_follow_their_shape(schedule):
-    config = tiny_config(
-        schedule=schedule,
-        warmup_epochs=1.0,
-        num_epochs=10.0,
-        learning_rate=0.4,
-        batch_size=64,
-        base_batch_size=32,
-        step_decay_epochs=(5,),
+def timm_learning_rates(config, length: RunLength) -> list[float]:
+    """The LR of each optimizer update under timm's own scheduler, driven as timm's train.py
+    drives it: `step(epoch)` per epoch or `step_update(num_updates)` after each update."""
+    import torch
+    from timm.scheduler import create_scheduler_v2
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate)
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=config.schedule,
+        num_epochs=length.total_updates / length.updates_per_epoch - config.cooldown_epochs,
+        decay_epochs=config.decay_epochs,
+        decay_milestones=list(config.decay_milestones),
+        cooldown_epochs=config.cooldown_epochs,
+        decay_rate=config.decay_rate,
+        min_lr=config.min_lr,
+        warmup_lr=config.warmup_lr,
+        warmup_epochs=config.warmup_epochs,
+        step_on_epochs=not config.sched_on_updates,
+        updates_per_epoch=length.updates_per_epoch,
     )
-    lr = create_learning_rate_schedule(config, updates_per_epoch=10)
-    peak = 0.8  # linear scaling: 0.4 at batch 32 -> 0.8 at batch 64
-    assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(peak / 2)
-    assert float(lr(10)) == pytest.approx(peak)
-    expected_late = {"cosine": 0.0, "step": peak * 0.1, "constant": peak}[schedule]
-    assert float(lr(99)) == pytest.approx(expected_late, abs=0.01)
+    rates = []
+    for update in range(length.total_updates + 1):  # + 1: the LR after the last update
+        if update and config.sched_on_updates:
+            scheduler.step_update(num_updates=update)
+        elif update % length.updates_per_epoch == 0 and update:
+            scheduler.step(update // length.updates_per_epoch)
+        rates.append(optimizer.param_groups[0]["lr"])
+    return rates
+
+
+SCHEDULE_CASES = {
+    "cosine_per_update": dict(schedule="cosine", warmup_epochs=2.0, min_lr=0.01),
+    "cosine_cooldown": dict(schedule="cosine", warmup_epochs=1.0, cooldown_epochs=2.0),
+    "cosine_per_epoch": dict(schedule="cosine", warmup_epochs=2.0, sched_on_updates=False),
+    "step_per_update": dict(schedule="step", warmup_epochs=1.0, decay_epochs=2.4, decay_rate=0.5),
+    "step_per_epoch": dict(schedule="step", decay_epochs=3, decay_rate=0.5, sched_on_updates=False),
+    "multistep": dict(schedule="multistep", decay_milestones=(3, 7), warmup_epochs=1.0),
+    "constant": dict(schedule="constant", warmup_epochs=1.5),
+}
+
+
+@pytest.mark.parametrize("case", SCHEDULE_CASES)
+def test_schedules_equal_timms_schedulers(case):
+    """Every update's LR equals timm's, and the cosine ends at min_lr after the last update."""
+    config = tiny_config(
+        num_epochs=10.0, learning_rate=0.4, warmup_lr=0.001, **SCHEDULE_CASES[case]
+    )
+    length = RunLength.from_config(config, steps_per_epoch=10)
+    settings = ScheduleSettings.from_config(config, length)
+    ours = [
+        float(create_learning_rate_schedule(settings)(k)) for k in range(length.total_updates + 1)
+    ]
+    np.testing.assert_allclose(ours, timm_learning_rates(config, length), rtol=1e-6, atol=1e-7)
+    if config.schedule == "cosine" and not config.cooldown_epochs:
+        assert ours[-1] == pytest.approx(config.min_lr) and ours[-2] > config.min_lr
+
+
+def test_learning_rate_scales_with_the_effective_batch():
+    config = tiny_config(learning_rate=0.4, batch_size=64, base_batch_size=32, grad_accum_steps=2)
+    settings = ScheduleSettings.from_config(config, RunLength(10, 100, 2))
+    assert settings.lr == pytest.approx(1.6) and settings.updates_per_epoch == 5
+
+
+@pytest.mark.parametrize("bce, thresh", [(False, None), (True, None), (True, 0.2)])
+@pytest.mark.parametrize("soft", [False, True])
+def test_losses_equal_timms(bce, thresh, soft):
+    """Hard labels (smoothed here) and mixup's soft targets, against timm's loss classes."""
+    import torch
+    from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    from dpn_jax.data.batch_augment import mixup_target
+    from dpn_jax.train.step import classification_loss
+
+    rng = np.random.RandomState(0)
+    logits = rng.normal(0, 2, (6, 7)).astype(np.float32)
+    labels = rng.randint(0, 7, 6)
+    targets = np.array(mixup_target(labels, 7, 0.7, 0.1)) if soft else labels
+    ours = classification_loss(
+        logits, targets, smoothing=0.0 if soft else 0.1, bce=bce, bce_target_thresh=thresh
+    )
+    if bce:
+        reference = BinaryCrossEntropy(smoothing=0.0 if soft else 0.1, target_threshold=thresh)
+    else:
+        reference = SoftTargetCrossEntropy() if soft else LabelSmoothingCrossEntropy(0.1)
+    target_tensor = torch.from_numpy(targets) if soft else torch.from_numpy(labels).long()
+    expected = reference(torch.from_numpy(logits), target_tensor).item()
+    assert float(ours) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_decay_equals_timm_model_ema_v3(warmup):
+    import torch
+    from timm.utils import ModelEmaV3
+
+    from dpn_jax.train.step import ema_decay_at
+
+    ema = ModelEmaV3(torch.nn.Linear(1, 1), decay=0.999, use_warmup=warmup)
+    for update in (1, 2, 3, 10, 1000, 10**6):
+        ours = float(ema_decay_at(np.int32(update), 0.999, warmup))
+        assert ours == pytest.approx(ema.get_decay(update), rel=1e-6, abs=1e-7), update

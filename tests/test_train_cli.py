@@ -154,7 +154,7 @@ def test_a_run_says_what_it_trains_where_it_resumed_and_where_the_model_is(tmp_p
         "M params, on digits (1437 train / 360 eval images, 10 classes), 4 cpu devices"
         in (first[0])
     )
-    assert first[-1].startswith("final validation top-1: ")
+    assert first[-1].startswith("final validation top-1 (raw weights, exported): ")
     assert first[-1].endswith(f"model saved to {model} (dpn-predict --checkpoint {model} IMAGE)")
     again = run(4)  # finished: the result again, not only a full bar
     assert again[1] == f"resuming from step 4 of 4 ({tmp_path / 'run' / 'checkpoints' / '4'})"

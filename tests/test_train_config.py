@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -21,9 +22,10 @@ def config_with(**overrides):
 
 
 def test_the_shipped_configs_are_valid():
-    from configs import finetune, imagenet
+    from configs import finetune, imagenet, ra
 
     validate_config(default.get_config())
+    validate_config(ra.get_config("dpn68b"))
     validate_config(imagenet.get_config("dpn131"))
     validate_config(config_with(**{**finetune.get_config().to_dict(), "init_from": "some/dir"}))
 
@@ -41,16 +43,22 @@ def test_the_shipped_configs_are_valid():
         ("learning_rate", -1.0, "a number in (0, inf)"),
         ("learning_rate", 0.0, "a number in (0, inf)"),
         ("momentum", 1.0, "a number in [0, 1)"),
-        ("label_smoothing", -0.1, "a number in [0, 1)"),
+        ("smoothing", -0.1, "a number in [0, 1)"),
         ("ema_decay", 1.0, "a number in [0, 1)"),
         ("drop_rate", 1.5, "a number in [0, 1)"),
         ("crop_pct", 1e-300, "unset or a number in [0.25, 1]"),
         ("std", (0.2, 1e-300, 0.2), "unset or three numbers >= 0.001"),
         ("image_size", 8, "an integer in [32, 4096]"),
         ("image_size", 10**9, "an integer in [32, 4096]"),
-        ("dtype", "float16", "one of 'float32', 'bfloat16'"),
+        ("dtype", "float16", "one of 'float32', 'bfloat16', 'float64'"),
         ("parallelism", "ddp", "one of 'shard_map', 'pmap'"),
-        ("schedule", "linear", "one of 'cosine', 'step', 'constant'"),
+        ("schedule", "linear", "one of 'cosine', 'step', 'multistep', 'constant'"),
+        ("opt", "adam", "one of 'sgd', 'nesterov', 'momentum', 'adamw', 'lamb', 'rmsproptf'"),
+        ("opt_betas", (0.9, 1.0), "unset or two numbers in [0, 1)"),
+        ("clip_grad", 0.0, "unset or a number in (0, inf)"),
+        ("clip_mode", "agc2", "one of 'norm', 'value', 'agc'"),
+        ("decay_rate", 0.0, "a number in (0, inf)"),
+        ("bce_target_thresh", 1.0, "unset or a number in [0, 1)"),
         ("interpolation", "cubic", "unset or one of"),
         ("weight_decay_pattern", "(unclosed", "a regular expression"),
     ],
@@ -138,3 +146,18 @@ def test_a_read_only_workdir_is_one_line_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(OutputError, match=f"cannot write in the workdir {read_only}: permission"):
         train_and_evaluate(config_with(), tmp_path / "run")
     assert os.listdir(read_only) == []  # no lock file, nothing else
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            {"opt": "sgd", "momentum": 0.0},
+            "--config.opt=sgd (Nesterov) needs --config.momentum > 0",
+        ),
+        ({"dtype": "float64"}, "--config.dtype=float64 needs JAX_ENABLE_X64=1"),
+    ],
+)
+def test_combinations_the_optimizer_and_dtype_cannot_run(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_config(config_with(**overrides))

@@ -391,8 +391,10 @@ class TrainTransform:
 def normalize(
     images: Any, mean: Sequence[float], std: Sequence[float], dtype: Any = np.float32
 ) -> jax.Array:
-    """uint8 images -> `(x / 255 - mean) / std` in float32, cast to `dtype` (timm's ToTensor +
-    Normalize). Meant for the inside of a jitted step; works on any array of [..., 3] pixels."""
-    pixels = jnp.asarray(images).astype(jnp.float32) / jnp.float32(255)
-    normalized = (pixels - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+    """uint8 images -> `(x / 255 - mean) / std` in float32 (float64 for float64), cast to
+    `dtype` (timm's ToTensor + Normalize). Meant for the inside of a jitted step; works on any
+    array of [..., 3] pixels."""
+    compute = jnp.promote_types(dtype, jnp.float32)
+    pixels = jnp.asarray(images).astype(compute) / jnp.asarray(255, compute)
+    normalized = (pixels - jnp.asarray(mean, compute)) / jnp.asarray(std, compute)
     return normalized.astype(dtype)

@@ -322,7 +322,7 @@ def global_pool(x: jax.Array, pool_type: str) -> jax.Array:
     """timm's `SelectAdaptivePool2d` over NHWC; '' keeps the spatial map (head: a 1x1 conv)."""
     if pool_type == "":
         return x
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float64 stays float64
     avg, mx = jnp.mean(x32, axis=(1, 2)), jnp.max(x32, axis=(1, 2))
     pooled = {
         "avg": avg,
@@ -338,8 +338,8 @@ class DPN(nn.Module):
 
     `config` is the architecture (`MODEL_CONFIGS[name]`, possibly `.replace(...)`d); the other
     fields say how it runs. Input is NHWC, normalised with the pretrained config's mean/std.
-    Logits are float32 whatever the compute `dtype`; parameters and BatchNorm statistics are
-    always float32.
+    Logits are float32 whatever the compute `dtype` (float64 for float64); parameters and
+    BatchNorm statistics are created float32 (the trainer casts them for float64 runs).
     """
 
     config: DPNConfig
@@ -412,7 +412,7 @@ class DPN(nn.Module):
         x = self.head_drop(x, deterministic=not train)
         if pre_logits or not self.num_classes:
             return x
-        return self.classifier(x).astype(jnp.float32)
+        return self.classifier(x).astype(jnp.promote_types(self.dtype, jnp.float32))
 
     @nn.nowrap
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> DPN:

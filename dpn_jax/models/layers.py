@@ -78,14 +78,14 @@ class Conv2d(nn.Module):
 
 @jax.checkpoint
 def _moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-channel float32 mean and mean square of `x`.
+    """Per-channel mean and mean square of `x`, in float32 (float64 for float64 `x`).
 
     Under `jax.checkpoint` the backward pass keeps `x` itself (bfloat16 under mixed precision)
     and recomputes the float32 upcast: autodiff alone kept `2 * float32(x)` for every BatchNorm,
     which raised a bfloat16 train step's peak memory (BENCHMARKS.md, "Memory and
     rematerialisation").
     """
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     axes = tuple(range(x.ndim - 1))
     return jnp.mean(x32, axes), jnp.mean(lax.square(x32), axes)
 

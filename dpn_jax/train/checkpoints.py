@@ -124,6 +124,12 @@ class Checkpoints:
         )
         self._guard(lambda: self._manager.save(step, args=args, force=True))
 
+    def meta(self, step: int) -> dict:
+        """The run description saved with `step` (process 0's `meta`)."""
+        return self._manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        ).meta
+
     def wait(self) -> None:
         """Block until pending saves are complete (raising as `save` does if one failed)."""
         self._guard(self._manager.wait_until_finished)

@@ -15,18 +15,19 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import ml_collections
 
 from dpn_jax.data.auto_augment import auto_augment
-from dpn_jax.data.batch_augment import ERASING_MODES
+from dpn_jax.data.batch_augment import ERASING_MODES, MIXUP_MODES
 from dpn_jax.data.transforms import PIL_INTERPOLATION
 from dpn_jax.errors import QUOTE_LIMIT, ConfigError, printable
 from dpn_jax.models.dpn import CONFIG_FIELDS, MODEL_CONFIGS, DPNConfig
 from dpn_jax.runtime.runner import PARALLELISMS
-from dpn_jax.train.optim import SCHEDULES
+from dpn_jax.train.optim import CLIP_MODES, OPTIMIZERS, SCHEDULES
 from dpn_jax.weights.model_dir import MAX_INPUT_SIZE, MIN_CROP_PCT, MIN_STD
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float64")
 # `config.model = "demo"`: dpn68 shrunk to train on CPU in minutes (the README's demo). Its
 # shrinkage belongs to this name: `--config.model=dpn92` trains timm's dpn92.
 DEMO = "demo"
@@ -125,6 +126,18 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "reprob": _interval(0, 1, high_open=False),
     "remode": _choice(*ERASING_MODES),
     "recount": POSITIVE_INT,
+    "no_aug": BOOL,
+    "mixup": NON_NEGATIVE,
+    "cutmix": NON_NEGATIVE,
+    "cutmix_minmax": _optional(
+        (
+            (lambda value: len(value) == 2 and 0 <= value[0] < value[1] <= 1),
+            "two fractions min < max",
+        )
+    ),
+    "mixup_prob": _interval(0, 1, high_open=False),
+    "mixup_switch_prob": _interval(0, 1, high_open=False),
+    "mixup_mode": _choice(*MIXUP_MODES),
     "num_epochs": EPOCHS,
     "num_train_steps": ((lambda value: _is_int(value)), "an integer (<= 0: use num_epochs)"),
     "batch_size": POSITIVE_INT,
@@ -133,18 +146,32 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "learning_rate": POSITIVE,
     "base_batch_size": POSITIVE_INT,
     "schedule": _choice(*SCHEDULES),
+    "sched_on_updates": BOOL,
     "warmup_epochs": EPOCHS,
-    "step_decay_epochs": (
-        (lambda value: all(_is_number(v) and v >= 0 for v in value)),
+    "warmup_lr": NON_NEGATIVE,
+    "min_lr": NON_NEGATIVE,
+    "cooldown_epochs": EPOCHS,
+    "decay_epochs": POSITIVE,
+    "decay_milestones": (
+        (lambda value: value is not None and all(_is_number(v) and v >= 0 for v in value)),
         "a list of epochs >= 0",
     ),
-    "step_decay_factor": POSITIVE,
+    "decay_rate": POSITIVE,
+    "opt": _choice(*OPTIMIZERS),
+    "opt_eps": _optional(POSITIVE),
+    "opt_betas": _optional(
+        ((lambda value: len(value) == 2 and all(map(FRACTION[0], value))), "two numbers in [0, 1)")
+    ),
     "momentum": FRACTION,
-    "nesterov": BOOL,
     "weight_decay": NON_NEGATIVE,
     "weight_decay_pattern": (_valid_regex, "a regular expression"),
-    "label_smoothing": FRACTION,
+    "clip_grad": _optional(POSITIVE),
+    "clip_mode": _choice(*CLIP_MODES),
+    "smoothing": FRACTION,
+    "bce_loss": BOOL,
+    "bce_target_thresh": _optional(FRACTION),
     "ema_decay": FRACTION,
+    "ema_warmup": BOOL,
     "skip_nonfinite_updates": BOOL,
     "parallelism": _choice(*PARALLELISMS),
     "deterministic": BOOL,
@@ -194,8 +221,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             "nothing to train: set --config.num_epochs > 0 or --config.num_train_steps > 0"
         )
-    if config.nesterov and not config.momentum:
-        raise ConfigError("--config.nesterov=True needs --config.momentum > 0")
+    if config.opt in ("sgd", "nesterov") and not config.momentum:
+        raise ConfigError(f"--config.opt={config.opt} (Nesterov) needs --config.momentum > 0")
+    if config.dtype == "float64" and not jax.config.read("jax_enable_x64"):
+        raise ConfigError("--config.dtype=float64 needs JAX_ENABLE_X64=1 in the environment")
     if config.init_from == "":
         raise ConfigError(
             "this config fine-tunes: set --config.init_from=DIR (a model directory "

@@ -73,15 +73,21 @@ def stopped(
     )
 
 
-def finished(metrics: Mapping[str, float], model: Path) -> str:
-    """The result of a finished run and where its model is."""
-    result = (
-        f"final validation top-1: {100 * metrics['eval_top1']:.2f}% (top-5 "
-        f"{100 * metrics['eval_top5']:.2f}%, {metrics['eval_examples']} images); "
-        if metrics
-        else ""
-    )
-    return f"{result}model saved to {model} (dpn-predict --checkpoint {model} IMAGE)"
+def finished(metrics: Mapping[str, float], model: Path) -> list[str]:
+    """The result of a finished run and where its model is: the exported weights' accuracy last
+    (the EMA's when there is one, after a line with the raw weights')."""
+    saved = f"model saved to {model} (dpn-predict --checkpoint {model} IMAGE)"
+    if not metrics:
+        return [saved]
+    ema = "eval_top1_ema" in metrics
+    suffix = "_ema" if ema else ""
+    raw = [f"raw weights top-1: {100 * metrics['eval_top1']:.2f}% (not exported)"] if ema else []
+    return [
+        *raw,
+        f"final validation top-1 ({'EMA' if ema else 'raw'} weights, exported): "
+        f"{100 * metrics['eval_top1' + suffix]:.2f}% (top-5 "
+        f"{100 * metrics['eval_top5' + suffix]:.2f}%, {metrics['eval_examples']} images); " + saved,
+    ]
 
 
 def last_evaluation(metrics_file: Path) -> dict[str, float]:

@@ -36,16 +36,16 @@ from dpn_jax.train.checkpoints import Checkpoints
 from dpn_jax.train.config import architecture, explicit_model_kwargs, validate_config
 from dpn_jax.train.feed import BatchFeeder
 from dpn_jax.train.logger import MetricsLogger
-from dpn_jax.train.optim import create_optimizer
+from dpn_jax.train.optim import RunLength, ScheduleSettings, create_optimizer
 from dpn_jax.train.state import TrainState, create_train_state, merge_for_finetuning
-from dpn_jax.train.step import compile_train_step
+from dpn_jax.train.step import compile_train_step, mixup_active
 from dpn_jax.train.stop import StopRequest
 from dpn_jax.train.workdir import WorkdirLock
 from dpn_jax.weights.model_dir import ModelDir, Preprocessing
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
 def data_config(
@@ -89,6 +89,8 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
     )
     if loaded is not None:
         variables = merge_for_finetuning(variables, loaded, config.init_from)
+    if config.dtype == "float64":  # parameters, BatchNorm statistics and so optimizer state
+        variables = jax.tree.map(lambda x: np.asarray(x, np.float64), variables)
     return model, variables, arch, model_kwargs, base_cfg
 
 
@@ -112,7 +114,7 @@ class _LogWindow:
         return {
             "train_loss": mean("loss"),
             "train_top1": mean("top1"),
-            "lr": mean("lr"),
+            "lr": float(values[-1]["lr"]),  # after the window's last update
             "img_per_sec": (step - self.start_step) * batch_size / elapsed,
             "data_wait": min(self.wait_seconds / elapsed, 1.0),
         }
@@ -159,11 +161,14 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
             f"--config.batch_size={config.batch_size} exceeds the "
             f"{info.num_train_examples} training examples of {config.dataset}"
         )
-    total_steps = (
-        config.num_train_steps
-        if config.num_train_steps > 0
-        else max(1, int(config.num_epochs * steps_per_epoch))
-    )
+    per_device = config.batch_size // jax.device_count()
+    if mixup_active(config) and per_device % 2:
+        raise ConfigError(
+            f"--config.mixup/cutmix mix each device's rows in pairs: --config.batch_size="
+            f"{config.batch_size} gives {per_device} per device; make that even"
+        )
+    length = RunLength.from_config(config, steps_per_epoch)
+    total_steps = length.total_steps
     model, variables, arch, model_kwargs, base_cfg = build_model(config, info.num_classes)
     report.say(
         report.describe_run(
@@ -179,7 +184,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
         )
     )
     data_cfg = data_config(config, arch, base_cfg)
-    tx, schedule = create_optimizer(config, steps_per_epoch // config.grad_accum_steps)
+    schedule_settings = ScheduleSettings.from_config(config, length)
+    tx, schedule = create_optimizer(config, schedule_settings)
     host_state = create_train_state(variables, tx, seed=config.seed, use_ema=config.ema_decay > 0)
     meta = {
         "class_names": list(info.class_names),
@@ -188,6 +194,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
         "dataset": config.dataset,
         "seed": config.seed,
         "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "schedule": schedule_settings.as_dict(),
         "config": config.to_dict(),
     }
 
@@ -235,6 +243,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
             return {}
         if restored:
             report.say(report.resuming(step, total_steps, checkpoints.directory / str(step)))
+            check_resumed_schedule(checkpoints.meta(step), meta, checkpoints.directory)
         logger = MetricsLogger(workdir, resume_step=start_step)
         stack.callback(logger.close)
         stop = stack.enter_context(StopRequest().installed())
@@ -242,10 +251,15 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
             config.dataset,
             batch_size=batch_size,
             image_size=config.image_size,
-            interpolation=data_cfg["interpolation"],
+            interpolation=config.train_interpolation or data_cfg["interpolation"],
             seed=config.seed,
             data_dir=config.data_dir,
             num_workers=config.data_workers,
+            aa=config.aa,
+            color_jitter=config.color_jitter,
+            color_jitter_prob=config.color_jitter_prob,
+            mean=data_cfg["mean"],
+            no_aug=config.no_aug,
         )
         if data_state is not None:
             train_batches.set_state(data_state)
@@ -332,8 +346,34 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
             )
             logger.plot_curves()
             eval_metrics = eval_metrics or report.last_evaluation(logger.jsonl_path)
-            report.say(report.finished(eval_metrics, workdir / "model"))
+            for line in report.finished(eval_metrics, workdir / "model"):
+                report.say(line)
     return eval_metrics
+
+
+def check_resumed_schedule(saved: dict, meta: dict, directory: Path) -> None:
+    """A resumed run keeps its LR schedule: another one is refused; a new run length that
+    leaves the schedule as it was (step, multistep, constant) is honoured, said in one line."""
+    if "schedule" not in saved:
+        return  # written before the schedule was recorded
+    now = meta["schedule"]
+    changed = [key for key in now if saved["schedule"].get(key) != now[key]]
+    if changed:
+        key = changed[0]
+        raise ConfigError(
+            f"{directory} holds a run with another LR schedule ({key}: "
+            f"{saved['schedule'].get(key)!r} there, {now[key]!r} now; run length "
+            f"{saved.get('total_steps')} steps there, {meta['total_steps']} now): resume with "
+            "the same num_epochs/num_train_steps and schedule keys, or use another --workdir"
+        )
+    if saved.get("total_steps") != meta["total_steps"]:
+        log.warning(
+            "run length changed from %s to %d steps on resume; the %s LR schedule does not "
+            "depend on it",
+            saved.get("total_steps"),
+            meta["total_steps"],
+            now["sched"],
+        )
 
 
 def export_model(
