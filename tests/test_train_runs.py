@@ -181,6 +181,24 @@ def test_sigterm_while_waiting_for_data_saves_and_exits_0(tmp_path, env):
     assert checkpoint_steps(tmp_path) == [5]
 
 
+def test_sigterm_while_a_read_is_stuck_saves_and_exits_within_seconds(tmp_path, env):
+    """Reader threads blocked in a read (a FIFO, a hung network filesystem) that never returns
+    used to keep the process alive forever after "saved step N"."""
+    proc = start_worker(tmp_path, {"num_train_steps": 100}, "--block-reads-after", 200, env=env)
+    try:
+        wait_for(tmp_path / STALLED_MARKER, proc)
+        wait_for(tmp_path / "metrics.jsonl", proc)  # trained on the batches read before
+        time.sleep(3)  # every batch read is used: the trainer waits for data
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    [saved] = re.findall(r"while waiting for data: saved step (\d+)", err + out)
+    assert checkpoint_steps(tmp_path) == [int(saved)] and int(saved) > 0
+    assert "METRICS " in out
+
+
 def test_nan_fails_naming_the_step_and_is_never_saved(tmp_path, env):
     result = run_worker(
         tmp_path,

@@ -12,6 +12,9 @@ On Linux the replacement is one `renameat2(RENAME_EXCHANGE)`: there is no moment
 version at the path. Elsewhere (or on a filesystem without it) the old version is first renamed
 aside; should the process die between the two renames, the next write to that path puts it back.
 
+Inputs are read only from regular files: `special_file` names a FIFO or a device a user's path
+leads to (reading a FIFO waits for a writer forever, a device may never end).
+
 Staging entries are named `.NAME.dpn_jax-KIND-HOST-PID-TOKEN` (KIND `tmp` or `old`, HOST a hash
 of the host name). A later write to the same output removes those of a dead process on this
 host - entries no other program makes - and leaves every other entry alone.
@@ -28,6 +31,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -60,6 +64,22 @@ USER_WRITE_ERRNOS = frozenset(
     }
 )
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_SPECIAL_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def special_file(path: str | os.PathLike) -> str | None:
+    """'a FIFO', 'a character device', ... if `path` (links followed) is one, else None (a
+    regular file, a directory, a missing path: their readers report those)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    return next((kind for is_kind, kind in _SPECIAL_KINDS if is_kind(mode)), None)
 
 
 def check_output(
