@@ -3,9 +3,11 @@ behind after success, failure or a full disk, and a killed run's leftovers are c
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -251,8 +253,88 @@ def test_training_refuses_a_workdir_model_holding_a_users_files(tmp_path):
     (tmp_path / "model" / "notes.txt").write_text("mine")
     refusal = (
         rf"refusing to replace {re.escape(str(tmp_path))}/model: it is not a dpn_jax model "
-        r"directory \(it holds notes.txt\)"
+        r"directory \(it holds notes.txt, which dpn_jax does not write\)"
     )
     with pytest.raises(OutputError, match=refusal):
         train_and_evaluate(tiny_config(num_train_steps=1), tmp_path)
     assert listing(tmp_path) == ["model", "model/notes.txt"]  # refused before any work
+
+
+# --- model directories: ours at every depth -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir_files(tmp_path_factory) -> Path:
+    """A model directory as ModelDir.save writes it (a tiny dpn68)."""
+    import jax
+
+    import dpn_jax
+    from dpn_jax.weights.model_dir import ModelDir, Preprocessing
+
+    tiny = {"k_sec": (1, 1, 1, 1), "groups": 4}
+    variables = jax.device_get(dpn_jax.create_model("dpn68", num_classes=2, **tiny)[1])
+    return ModelDir(
+        architecture="dpn68",
+        num_classes=2,
+        model_kwargs=tiny,
+        preprocessing=Preprocessing.from_cfg(dpn_jax.pretrained_cfg("dpn68")),
+        variables=variables,
+        source="first",
+    ).save(tmp_path_factory.mktemp("model_dir") / "md")
+
+
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes() if p.is_file() and not p.is_symlink() else None
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize(
+    "add, unexpected",
+    [
+        (lambda md: (md / "variables" / "NOTES.txt").write_text("mine"), "variables/NOTES.txt"),
+        (lambda md: (md / "variables" / "mystuff").mkdir(), "variables/mystuff/"),
+        (
+            lambda md: (md / "variables" / "ocdbt.process_0" / "d" / "notes").write_text("x"),
+            "variables/ocdbt.process_0/d/notes",
+        ),
+        (
+            lambda md: (md / "variables" / "d" / ("ab" * 16)).symlink_to(md.parent / "victim"),
+            f"variables/d/{'ab' * 16} (a symbolic link)",
+        ),
+    ],
+)
+def test_a_model_directory_holding_a_users_file_at_any_depth_is_refused(
+    add, unexpected, model_dir_files, tmp_path
+):
+    """dpn-convert --overwrite and train.py's WORKDIR/model used to delete these."""
+    from dpn_jax.weights.model_dir import ModelDir
+
+    (tmp_path / "victim").write_text("the user's")
+    md = tmp_path / "md"
+    shutil.copytree(model_dir_files, md)
+    add(md)
+    before = snapshot(tmp_path)
+    message = (
+        f"refusing to replace {md}: it is not a dpn_jax model directory (it holds {unexpected}, "
+        "which dpn_jax does not write); dpn_jax replaces only what it wrote; move it away or "
+        "choose another output"
+    )
+    with pytest.raises(OutputError) as error:
+        ModelDir.check_output(md, overwrite=True)
+    assert str(error.value) == message
+    with pytest.raises(OutputError) as error:
+        ModelDir.load(model_dir_files).save(md, overwrite=True)
+    assert str(error.value) == message
+    assert snapshot(tmp_path) == before
+
+
+def test_a_model_directory_of_ours_is_replaced(model_dir_files, tmp_path):
+    from dpn_jax.weights.model_dir import ModelDir
+
+    md = tmp_path / "md"
+    shutil.copytree(model_dir_files, md)
+    replacement = dataclasses.replace(ModelDir.load(model_dir_files), source="second")
+    replacement.save(md, overwrite=True)
+    assert ModelDir.load(md).source == "second"

@@ -100,6 +100,106 @@ def test_damaged_latest_checkpoint_falls_back_to_the_one_before(straight_run, tm
     assert_same_variables(model_variables(workdir)[0], model_variables(reference)[0])
 
 
+SHORT_RUN = {"num_train_steps": 6, "checkpoint_every_steps": 2}  # checkpoints 2, 4, 6
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, env):
+    """A 6-step run on synthetic batches with checkpoints at steps 2, 4 and 6, for damaging."""
+    workdir = tmp_path_factory.mktemp("short")
+    run_worker(workdir, SHORT_RUN, "--synthetic-data", env=env)
+    assert checkpoint_steps(workdir) == [2, 4, 6]
+    return workdir
+
+
+def copy_run(workdir: Path, destination: Path) -> Path:
+    shutil.copytree(workdir, destination)
+    shutil.rmtree(destination / "model")
+    return destination
+
+
+def flip_array_byte(step: Path) -> None:
+    """One flipped byte in the middle of the largest array data file (not an index node)."""
+    data = max((step / "state").rglob("d/*"), key=lambda f: f.stat().st_size)
+    content = bytearray(data.read_bytes())
+    content[len(content) // 2] ^= 0x01
+    data.write_bytes(bytes(content))
+
+
+def write_data_state(text: str):
+    def damage(step: Path) -> None:
+        [data] = (step / "data").iterdir()
+        data.write_text(text)
+
+    return damage
+
+
+DAMAGE = {
+    "flipped_byte": flip_array_byte,
+    "no_state_metadata": lambda step: (step / "state" / "_METADATA").unlink(),
+    "data_state_{}": write_data_state("{}"),
+    "data_state_[1,2]": write_data_state("[1, 2]"),
+    "cut_checksums": lambda step: (step / "checksums" / "checksums.json").write_text('{"chec'),
+}
+
+
+@pytest.mark.parametrize(
+    "damage_6, damage_4",
+    [("flipped_byte", "no_state_metadata"), ("data_state_{}", "data_state_[1,2]")],
+)
+def test_any_damage_to_a_step_sets_it_aside_and_falls_back(
+    damage_6, damage_4, short_run, tmp_path, env
+):
+    """A flipped byte used to be restored silently, a missing _METADATA was "another
+    configuration", a data state of the wrong shape a misleading line or a traceback."""
+    workdir = copy_run(short_run, tmp_path / "run")
+    (workdir / "checkpoints" / "6.corrupt").mkdir()  # set aside by an earlier run: kept
+    (workdir / "checkpoints" / "6.corrupt" / "notes.txt").write_text("mine")
+    DAMAGE[damage_6](workdir / "checkpoints" / "6")
+    DAMAGE[damage_4](workdir / "checkpoints" / "4")
+    result = run_worker(workdir, SHORT_RUN, "--synthetic-data", "--print-restored", env=env)
+    warnings = [line for line in result.stderr.splitlines() if "cannot be read" in line]
+    assert [re.search(r"checkpoint step (\d+) ", line)[1] for line in warnings] == ["6", "4"]
+    assert "another model or configuration" not in result.stderr
+    if damage_6 == "flipped_byte":
+        assert "is not what was saved (checksum mismatch)" in warnings[0]
+    assert result.stdout.count("RESTORED 2 ") == 1
+    assert (workdir / "checkpoints" / "6.corrupt" / "notes.txt").read_text() == "mine"
+    assert (workdir / "checkpoints" / "6.corrupt-2" / "state").is_dir()
+    assert (workdir / "checkpoints" / "4.corrupt" / "state").is_dir()
+    assert checkpoint_steps(workdir) == [2, 4, 6]  # trained on from 2
+    assert_same_variables(model_variables(workdir)[0], model_variables(short_run)[0])
+
+
+def test_all_checkpoints_damaged_stops_naming_them(short_run, tmp_path, env):
+    """Used to start again from step 0, silently, with rc 0."""
+    workdir = copy_run(short_run, tmp_path / "run")
+    for step, damage in zip((2, 4, 6), ("data_state_{}", "cut_checksums", "flipped_byte")):
+        DAMAGE[damage](workdir / "checkpoints" / str(step))
+    result = run_worker(workdir, SHORT_RUN, "--synthetic-data", env=env, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    [error] = [line for line in result.stderr.splitlines() if "error:" in line]
+    checkpoints = workdir / "checkpoints"
+    assert error == (
+        f"train_worker: error: no intact checkpoint in {checkpoints}: every step is damaged and "
+        f"set aside ({checkpoints}/2.corrupt, {checkpoints}/4.corrupt, {checkpoints}/6.corrupt); "
+        "to start over, use another --workdir or move those out of checkpoints/ (dpn_jax "
+        "deletes none of them)"
+    )
+    assert checkpoint_steps(workdir) == []  # nothing trained
+    assert not (workdir / "model").exists()
+
+
+def test_another_configuration_is_refused_and_its_checkpoints_kept(short_run, tmp_path, env):
+    workdir = copy_run(short_run, tmp_path / "run")
+    other = {**SHORT_RUN, "model_kwargs": {**TINY, "num_init_features": 16}}
+    result = run_worker(workdir, other, "--synthetic-data", env=env, check=False)
+    assert result.returncode == 1
+    [error] = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert "holds checkpoints of another model or configuration" in error
+    assert checkpoint_steps(workdir) == [2, 4, 6] and "cannot be read" not in result.stderr
+
+
 def test_full_disk_ends_with_one_line_and_keeps_earlier_checkpoints(tmp_path, env):
     result = run_worker(
         tmp_path, DIGITS_RUN, "--disk-full-after-checkpoint", 33, env=env, check=False
@@ -181,6 +281,24 @@ def test_sigterm_while_waiting_for_data_saves_and_exits_0(tmp_path, env):
     assert proc.returncode == 0, err[-3000:]
     assert "while waiting for data: saved step 5" in err + out
     assert checkpoint_steps(tmp_path) == [5]
+
+
+def test_sigterm_while_a_read_is_stuck_saves_and_exits_within_seconds(tmp_path, env):
+    """Reader threads blocked in a read (a FIFO, a hung network filesystem) that never returns
+    used to keep the process alive forever after "saved step N"."""
+    proc = start_worker(tmp_path, {"num_train_steps": 100}, "--block-reads-after", 200, env=env)
+    try:
+        wait_for(tmp_path / STALLED_MARKER, proc)
+        wait_for(tmp_path / "metrics.jsonl", proc)  # trained on the batches read before
+        time.sleep(3)  # every batch read is used: the trainer waits for data
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    [saved] = re.findall(r"while waiting for data: saved step (\d+)", err + out)
+    assert checkpoint_steps(tmp_path) == [int(saved)] and int(saved) > 0
+    assert "METRICS " in out
 
 
 def test_nan_fails_naming_the_step_and_is_never_saved(tmp_path, env):

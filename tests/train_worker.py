@@ -2,6 +2,7 @@
 
     python tests/train_worker.py WORKDIR '{"num_train_steps": 8}' [--synthetic-data]
         [--poison-step K] [--kill-after-checkpoint N] [--stall-data-after N]
+        [--block-reads-after N]
         [--disk-full-after-checkpoint N] [--print-restored]
         [--coordinator HOST:PORT --num-processes P --process-id I]
 
@@ -139,6 +140,25 @@ def after_checkpoint(step: int, action) -> None:
     Checkpoints.save = save_then_act
 
 
+def block_reads_after(count: int, marker: str) -> None:
+    """Every record read after the first `count` blocks forever in the pipeline's reader
+    threads, as a read of a FIFO or of a hung network filesystem does (`marker` is written)."""
+    import threading
+
+    from dpn_jax.data.sources import InMemoryRecords
+
+    read = InMemoryRecords.__getitem__
+    reads = iter(range(count))
+
+    def blocking_read(self, index):
+        if next(reads, None) is None:
+            open(marker, "w").close()
+            threading.Event().wait()
+        return read(self, index)
+
+    InMemoryRecords.__getitem__ = blocking_read
+
+
 def digest(tree) -> str:
     """A short hash of a tree's values (global arrays: this process's copy; or numpy)."""
     import jax
@@ -177,6 +197,7 @@ def main() -> None:
     parser.add_argument("--poison-step", type=int)
     parser.add_argument("--kill-after-checkpoint", type=int)
     parser.add_argument("--stall-data-after", type=int)
+    parser.add_argument("--block-reads-after", type=int)
     parser.add_argument("--disk-full-after-checkpoint", type=int)
     parser.add_argument("--print-restored", action="store_true")
     parser.add_argument("--coordinator")
@@ -214,6 +235,8 @@ def main() -> None:
                     time.sleep(1)
 
         wrap_pipeline(pipeline, stall)
+    if args.block_reads_after is not None:
+        block_reads_after(args.block_reads_after, os.path.join(args.workdir, STALLED_MARKER))
     if args.kill_after_checkpoint is not None:
         after_checkpoint(args.kill_after_checkpoint, lambda: os.kill(os.getpid(), signal.SIGKILL))
     if args.disk_full_after_checkpoint is not None:

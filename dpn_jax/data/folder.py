@@ -2,7 +2,8 @@
 
 Classes are the sorted union of class folder names over all splits, so labels agree between
 splits. Files are listed in sorted order; a file is read only when its record is indexed, and
-corrupt files are found (and skipped) when decoded.
+corrupt files are found (and skipped) when decoded. A FIFO or a device among the images is
+refused when listed: reading it would block the pipeline forever.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 
 from dpn_jax.data.sources import Record
 from dpn_jax.errors import DataError
+from dpn_jax.runtime.files import special_file
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 EVAL_SPLIT_NAMES = ("validation", "val", "test")
@@ -78,10 +80,9 @@ class FolderDataset:
                 class_dir = os.path.join(self.root, split, name)
                 if not os.path.isdir(class_dir):
                     continue
-                for file in sorted(os.listdir(class_dir)):
-                    if file.lower().endswith(IMAGE_EXTENSIONS):
-                        paths.append(os.path.join(class_dir, file))
-                        labels.append(label)
+                for path in self._image_files(class_dir):
+                    paths.append(path)
+                    labels.append(label)
             if not paths:
                 raise DataError(
                     f"folder dataset {self.root!r}: no "
@@ -89,6 +90,22 @@ class FolderDataset:
                 )
             self._records[split] = FileRecords(paths, labels)
         return self._records[split]
+
+    def _image_files(self, class_dir: str) -> list[str]:
+        """The paths of the image files in `class_dir`, sorted; DataError for a special file
+        (only entries that are not plain files are checked: a directory entry says which)."""
+        with os.scandir(class_dir) as scan:
+            entries = sorted(
+                (e for e in scan if e.name.lower().endswith(IMAGE_EXTENSIONS)),
+                key=lambda e: e.name,
+            )
+        for entry in entries:
+            if not entry.is_file(follow_symlinks=False) and (kind := special_file(entry.path)):
+                raise DataError(
+                    f"folder dataset {self.root!r}: {entry.path} is {kind}, not a regular "
+                    "file; move it out of the dataset"
+                )
+        return [entry.path for entry in entries]
 
     def num_examples(self, split: str) -> int:
         return len(self.records(split))

@@ -30,6 +30,7 @@ from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
 
 from dpn_jax.data.auto_augment import auto_augment
 from dpn_jax.errors import ConfigError, DataError
+from dpn_jax.runtime.files import special_file
 
 # timm's interpolation names -> Pillow filters (timm.data.transforms._str_to_pil_interpolation).
 PIL_INTERPOLATION = {
@@ -78,6 +79,8 @@ def load_image(
     else:
         name = getattr(path_or_file, "name", "<image bytes>")
     try:
+        if isinstance(path_or_file, (str, os.PathLike)) and (kind := special_file(name)):
+            raise ValueError(f"{kind}, not a regular file (an image)")  # reading it would block
         image = Image.open(path_or_file)  # raises DecompressionBombError above 2x the limit
         pixels = image.width * image.height
         if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:

@@ -4,12 +4,16 @@ An output (a model directory, an exported file) is written into a staging entry 
 moved into place when complete, so a reader sees the old version or the new one, never a
 mixture, and a failure (an error, a full disk, Ctrl-C) leaves nothing behind. An existing output
 is replaced only when the caller says so (`overwrite`) and only when it is recognisably one of
-ours (`replaceable`); anything else - `.`, a workdir, a directory holding other files - is
-refused with an OutputError before any work is done.
+ours (`replaceable`); anything else - `.`, a workdir, a directory holding other files at any
+depth (`check_layout`), a link - is refused with an OutputError before any work is done. Links
+are never followed.
 
 On Linux the replacement is one `renameat2(RENAME_EXCHANGE)`: there is no moment without a
 version at the path. Elsewhere (or on a filesystem without it) the old version is first renamed
 aside; should the process die between the two renames, the next write to that path puts it back.
+
+Inputs are read only from regular files: `special_file` names a FIFO or a device a user's path
+leads to (reading a FIFO waits for a writer forever, a device may never end).
 
 Staging entries are named `.NAME.dpn_jax-KIND-HOST-PID-TOKEN` (KIND `tmp` or `old`, HOST a hash
 of the host name). A later write to the same output removes those of a dead process on this
@@ -27,6 +31,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,6 +41,11 @@ from dpn_jax.errors import OutputError
 
 class OutputExistsError(OutputError, FileExistsError):
     """The output exists and `overwrite` was not given."""
+
+
+class NotOurs(Exception):
+    """Raised by a `replaceable` check to name what in the output dpn_jax did not write; the
+    refusal quotes it."""
 
 
 # OS errors that a write to a user's path can meet through no fault of dpn_jax: reported as one
@@ -54,6 +64,22 @@ USER_WRITE_ERRNOS = frozenset(
     }
 )
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_SPECIAL_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def special_file(path: str | os.PathLike) -> str | None:
+    """'a FIFO', 'a character device', ... if `path` (links followed) is one, else None (a
+    regular file, a directory, a missing path: their readers report those)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    return next((kind for is_kind, kind in _SPECIAL_KINDS if is_kind(mode)), None)
 
 
 def check_output(
@@ -73,9 +99,10 @@ def check_output(
         raise OutputExistsError(
             f"{path} already exists; pass --overwrite (overwrite=True) to replace it"
         )
-    if path.is_symlink() or not replaceable(path):
+    reason = _not_ours(path, replaceable)
+    if reason is not None:
         raise OutputError(
-            f"refusing to replace {path}: it is not {what} ({_describe(path)}); "
+            f"refusing to replace {path}: it is not {what} ({reason}); "
             "dpn_jax replaces only what it wrote; move it away or choose another "
             "output"
         )
@@ -146,10 +173,42 @@ def _make_parents(directory: Path) -> Path | None:
     return missing[-1] if missing else None
 
 
-def _describe(path: Path) -> str:
-    """'a file', 'an empty directory' or 'it holds notes.txt, src, ...' for refusals."""
+def check_layout(directory: Path, layout: str) -> None:
+    """NotOurs naming the first entry under `directory` (walked without following links) whose
+    path relative to it - a directory's with a trailing "/" - the regular expression `layout`
+    does not match in full; a link is never one of ours."""
+
+    def walk(prefix: str) -> None:
+        with os.scandir(directory / prefix) as scan:
+            entries = sorted(scan, key=lambda entry: entry.name)
+        for entry in entries:
+            name = prefix + entry.name
+            if entry.is_symlink():
+                raise NotOurs(f"it holds {name} (a symbolic link), which dpn_jax does not write")
+            if entry.is_dir(follow_symlinks=False):
+                name += "/"
+            if not re.fullmatch(layout, name):
+                raise NotOurs(f"it holds {name}, which dpn_jax does not write")
+            if name.endswith("/"):
+                walk(name)
+
+    walk("")
+
+
+def _not_ours(path: Path, replaceable: Callable[[Path], bool]) -> str | None:
+    """Why `path` is not an output dpn_jax may replace (for the refusal), or None if it is."""
     if path.is_symlink():
         return "a symbolic link"
+    try:
+        if replaceable(path):
+            return None
+    except NotOurs as reason:
+        return str(reason)
+    return _describe(path)
+
+
+def _describe(path: Path) -> str:
+    """'a file', 'an empty directory' or 'it holds notes.txt, src, ...' for refusals."""
     if not path.is_dir():
         return "a file" if path.is_file() else "a special file"
     try:

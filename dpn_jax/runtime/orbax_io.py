@@ -8,7 +8,7 @@ still in flight may complete after orbax's event loop has closed, each printing 
 again when their tasks are collected. `quiet_about(directory)` keeps that noise out of the
 user's terminal while dpn_jax works in `directory`, `ignore_failure_aftermath` after it;
 `os_error_of` recovers the OSError the ValueError stands for, which the caller reports in one
-line.
+line. `CHECKPOINT_LAYOUT` names the files orbax writes into a checkpoint directory.
 """
 
 from __future__ import annotations
@@ -22,6 +22,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 _OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'")
+# Every entry orbax (0.11, OCDBT format; `_sharding`, `array_metadatas/` and `commit_success.txt`
+# in some versions and settings) writes into a checkpoint directory, as a regular expression
+# over the paths relative to it, directories ending in "/" (`dpn_jax.runtime.files.check_layout`).
+CHECKPOINT_LAYOUT = (
+    r"(?:_CHECKPOINT_METADATA|_METADATA|_sharding|manifest\.ocdbt|commit_success\.txt"
+    r"|d/(?:[0-9a-f]+)?|array_metadatas/(?:process_\d+)?"
+    r"|ocdbt\.process_\d+/(?:manifest\.ocdbt|d/(?:[0-9a-f]+)?)?)"
+)
 
 
 def os_error_of(error: BaseException, path: str | os.PathLike) -> OSError | None:

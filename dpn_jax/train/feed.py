@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 from dpn_jax.runtime.runner import Runner
+from dpn_jax.train.stop import exit_despite_stuck
 
 
 class FedBatch(NamedTuple):
@@ -26,7 +27,9 @@ class BatchFeeder:
 
     The pipeline's `get_state()` is recorded right after each batch, so a checkpoint saved
     after a batch's step holds exactly that position, however far the feeder has read ahead.
-    An error in the pipeline is raised by `next`, in the consumer's thread.
+    An error in the pipeline is raised by `next`, in the consumer's thread. Used as a context
+    manager, it closes on exit, and a pipeline thread stuck in a read does not keep the
+    process from exiting (`exit_despite_stuck`).
     """
 
     def __init__(self, batches: Iterator[dict], runner: Runner, ahead: int = 2):
@@ -34,6 +37,7 @@ class BatchFeeder:
         self._runner = runner
         self._queue: queue.Queue = queue.Queue(maxsize=ahead)
         self._closed = threading.Event()
+        self._threads_before = set(threading.enumerate())
         self._thread = threading.Thread(target=self._feed, name="dpn_jax batch feeder", daemon=True)
         self._thread.start()
 
@@ -79,3 +83,13 @@ class BatchFeeder:
         close_batches = getattr(self._batches, "close", None)
         if close_batches is not None:
             close_batches()
+
+    def __enter__(self) -> BatchFeeder:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        self.close()
+        # The threads started while feeding (the pipeline's readers) that Python's exit would
+        # wait for may be stuck in a read; idle ones end at exit, a stuck one must not block it.
+        started = [t for t in threading.enumerate() if t not in self._threads_before]
+        exit_despite_stuck(started, status=0 if kind is None else 1)

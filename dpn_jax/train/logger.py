@@ -3,12 +3,18 @@
 Only process 0 writes. A resumed run continues the same records from the step it resumed at:
 lines of later steps (written by the interrupted run after its last checkpoint) are dropped
 from metrics.jsonl, and TensorBoard is told to discard them (`purge_step`), so no step is
-recorded twice. TensorBoard events are written with tensorboardX (no TensorFlow needed).
+recorded twice. A damaged metrics.jsonl (a line cut by a crash, or not a record) keeps the
+records before the first damaged line; that line and the rest are moved, as they were, to
+`metrics.jsonl.damaged-N` beside it with a warning, and the run goes on. TensorBoard events are
+written with tensorboardX (no TensorFlow needed).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
+import numbers
 import os
 from pathlib import Path
 from typing import Any
@@ -17,7 +23,10 @@ import jax
 
 from dpn_jax.errors import OutputError
 
+log = logging.getLogger(__name__)
+
 METRICS_FILE = "metrics.jsonl"
+DAMAGED_SUFFIX = ".damaged-"
 
 
 class MetricsLogger:
@@ -38,17 +47,36 @@ class MetricsLogger:
     def jsonl_path(self) -> Path:
         return self.workdir / METRICS_FILE
 
-    def _records(self) -> list[dict[str, Any]]:
-        if not self.jsonl_path.exists():
-            return []
-        with open(self.jsonl_path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+    def _read(self) -> tuple[list[dict[str, Any]], tuple[int, bytes] | None, bool]:
+        """(the records before the first damaged line, (its number, the bytes from it on) or
+        None, whether the file ends with a newline). A record is a JSON object with an integer
+        "step"."""
+        try:
+            content = self.jsonl_path.read_bytes()
+        except FileNotFoundError:
+            return [], None, True
+        records, offset = [], 0
+        for number, line in enumerate(content.splitlines(keepends=True), 1):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except ValueError:  # (UnicodeDecodeError included)
+                    record = None
+                step = record.get("step") if isinstance(record, dict) else None
+                if not isinstance(step, numbers.Integral) or isinstance(step, bool):
+                    return records, (number, content[offset:]), True
+                records.append(record)
+            offset += len(line)
+        return records, None, content.endswith(b"\n") or not content
 
     def _keep_records_up_to(self, step: int) -> None:
-        """Rewrite metrics.jsonl (atomically) without the records of steps after `step`."""
-        records = self._records()
+        """Rewrite metrics.jsonl (atomically) without the records of steps after `step`, or a
+        damaged tail (set aside first)."""
+        records, damaged, complete = self._read()
+        if damaged:
+            self._set_aside(*damaged, intact=len(records))
         kept = [r for r in records if r["step"] <= step]
-        if len(kept) == len(records):
+        if len(kept) == len(records) and not damaged and complete:
             return
         staging = self.jsonl_path.with_name(f".{METRICS_FILE}.{os.getpid()}.tmp")
         try:
@@ -57,6 +85,26 @@ class MetricsLogger:
         except OSError as error:
             staging.unlink(missing_ok=True)
             raise OutputError(f"cannot rewrite {self.jsonl_path}: {error.strerror}") from None
+
+    def _set_aside(self, line: int, damaged: bytes, *, intact: int) -> None:
+        """Write `damaged` (from `line` on) to the first free metrics.jsonl.damaged-N."""
+        for number in itertools.count(1):
+            path = self.jsonl_path.with_name(f"{METRICS_FILE}{DAMAGED_SUFFIX}{number}")
+            try:
+                with open(path, "xb") as file:
+                    file.write(damaged)
+                break
+            except FileExistsError:
+                continue
+            except OSError as error:
+                raise OutputError(f"cannot write {path}: {error.strerror}") from None
+        log.warning(
+            "%s: line %d on is damaged; kept the %d records before it and moved the rest to %s",
+            self.jsonl_path,
+            line,
+            intact,
+            path,
+        )
 
     def write(self, step: int, scalars: dict[str, Any], **context: Any) -> None:
         """One JSON line {"step", **context, **scalars} and one TensorBoard scalar per entry."""
@@ -76,7 +124,7 @@ class MetricsLogger:
 
     def plot_curves(self) -> Path | None:
         """Loss, top-1 and learning rate against step, from the whole metrics.jsonl, as a PNG."""
-        records = self._records() if self.enabled else []
+        records = self._read()[0] if self.enabled else []
         if not records:
             return None
         import matplotlib

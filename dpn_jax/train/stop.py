@@ -6,17 +6,29 @@ waits for data. Several processes: SIGTERM on any of them reaches JAX's preempti
 `should_stop(step)` is `multihost_utils.reached_preemption_sync_point`, called after every step
 (no collective of ours). SIGINT there is forwarded to the same service as a SIGTERM, so Ctrl-C
 on any host stops all of them at one step too.
+
+After the stop, the process must end even if a thread of the input pipeline is stuck in a read
+that never returns (a FIFO, a hung network filesystem): `exit_despite_stuck(threads, status)`.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import logging
 import os
 import signal
-from collections.abc import Iterator
+import sys
+import threading
+import time
+from collections.abc import Collection, Iterator
 
 import jax
 from jax.experimental import multihost_utils
+
+log = logging.getLogger(__name__)
+
+STUCK_GRACE_SECONDS = 3.0
 
 
 class StopRequest:
@@ -54,3 +66,45 @@ class StopRequest:
                 return True
             return False
         return self.signum is not None
+
+
+def exit_despite_stuck(candidates: Collection[threading.Thread], status: int) -> None:
+    """At interpreter exit, give those of `candidates` that the exit would join a few seconds;
+    if one is still running, run the exit handlers, flush the output and end the process with
+    `status` without joining it.
+
+    Why `os._exit`: a thread blocked in a read (a FIFO, a hung network filesystem) cannot be
+    interrupted, and Python's exit joins every thread of a `ThreadPoolExecutor` (grain's
+    readers) forever, daemon or not. `threading._register_atexit` runs this before those
+    joins (its handlers run last-registered first) and only when the interpreter exits, so a
+    program that goes on after training (a notebook) is never ended. `status` is what the
+    program would have exited with (0 after a finished or stopped run, 1 after an error).
+    """
+
+    def exit_if_stuck() -> None:
+        threads = [t for t in candidates if _joined_at_exit(t)]
+        deadline = time.monotonic() + STUCK_GRACE_SECONDS
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        stuck = [thread.name for thread in threads if thread.is_alive()]
+        if not stuck:
+            return
+        log.warning(
+            "input threads stuck in a read (%s); exiting without waiting for them",
+            ", ".join(stuck),
+        )
+        atexit._run_exitfuncs()  # what a normal exit runs after the joins: logging, jax, ...
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(status)
+
+    threading._register_atexit(exit_if_stuck)
+
+
+def _joined_at_exit(thread: threading.Thread) -> bool:
+    """Whether Python's exit waits for `thread`: a non-daemon thread, or a worker of a
+    `ThreadPoolExecutor` (registered in `concurrent.futures.thread._threads_queues`)."""
+    from concurrent.futures import thread as executor_threads
+
+    return not thread.daemon or thread in executor_threads._threads_queues

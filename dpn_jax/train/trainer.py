@@ -264,8 +264,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
         if data_state is not None:
             train_batches.set_state(data_state)
         data_state = train_batches.get_state()
-        feeder = BatchFeeder(train_batches, runner)
-        stack.callback(feeder.close)
+        feeder = stack.enter_context(BatchFeeder(train_batches, runner))
         # One process may leave a wait for data on a signal; several must stay in step.
         interruptible = stop.requested_locally if jax.process_count() == 1 else (lambda: False)
         progress = stack.enter_context(

@@ -30,8 +30,13 @@ from dpn_jax.data.transforms import PIL_INTERPOLATION
 from dpn_jax.errors import ConfigError, WeightsError, first_line
 from dpn_jax.models.dpn import DPN, MODEL_CONFIGS, DPNConfig
 from dpn_jax.models.registry import build_dpn
-from dpn_jax.runtime.files import atomic_output, check_output
-from dpn_jax.runtime.orbax_io import ignore_failure_aftermath, os_error_of, quiet_about
+from dpn_jax.runtime.files import atomic_output, check_layout, check_output
+from dpn_jax.runtime.orbax_io import (
+    CHECKPOINT_LAYOUT,
+    ignore_failure_aftermath,
+    os_error_of,
+    quiet_about,
+)
 from dpn_jax.weights.convert import Variables, abstract_variables, check_variables, num_classes_in
 
 FORMAT_VERSION = 1
@@ -45,6 +50,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 MAX_INPUT_SIZE = 4096
 MIN_CROP_PCT = 0.25
 MIN_STD = 1e-3
+_MODEL_DIR_LAYOUT = rf"{re.escape(METADATA_FILE)}|{VARIABLES_DIR}/{CHECKPOINT_LAYOUT}?"
 
 
 def _version() -> str:
@@ -342,15 +348,13 @@ def parse_metadata(text: str, origin: Path) -> dict[str, Any]:
 
 
 def is_model_dir(path: Path) -> bool:
-    """Whether `path` is a model directory dpn_jax wrote and holds nothing else: what
-    `--overwrite` may replace. Its metadata.json must be a JSON object with `dpn_jax_version`
-    (every version writes it)."""
+    """Whether `path` is a model directory dpn_jax wrote and holds nothing else, at any depth:
+    what `--overwrite` may replace (NotOurs names an entry dpn_jax did not write). Its
+    metadata.json must be a JSON object with `dpn_jax_version` (every version writes it)."""
     try:
         if path.is_symlink() or not path.is_dir():
             return False
-        names = set(os.listdir(path))
-        if METADATA_FILE not in names or names - {METADATA_FILE, VARIABLES_DIR}:
-            return False
+        check_layout(path, _MODEL_DIR_LAYOUT)
         metadata = json.loads((path / METADATA_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
