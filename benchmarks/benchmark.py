@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 # The dpn_jax engines are the trainer's and dpn-predict's steps under each parallelism.
 # dpn_jax's exports (inference only; opt-in with --engines): ONNX in ONNX Runtime, StableHLO in
@@ -92,6 +93,16 @@ class Engine:
     def build(self) -> None:
         raise NotImplementedError
 
+    def compile_jax(self, fn, args) -> Any:
+        """`fn` compiled for `args`, its compile time and XLA temporaries recorded."""
+        t0 = time.perf_counter()
+        compiled = self.compiled = fn.lower(*args).compile()
+        self.result.compile_s = time.perf_counter() - t0
+        memory = compiled.memory_analysis()
+        if memory is not None:
+            self.result.xla_temp_mib = memory.temp_size_in_bytes / 2**20
+        return compiled
+
 
 class JaxEngine(Engine):
     """dpn_jax as `train.py` and `dpn-predict` run it: the runner's step over every device
@@ -151,12 +162,7 @@ class JaxEngine(Engine):
             labels = rng.integers(0, 1000, self.batch).astype(np.int32)
             args = (runner.replicate(state), runner.put_batch({"image": images, "label": labels}))
 
-        t0 = time.perf_counter()
-        compiled = self.compiled = fn.lower(*args).compile()
-        self.result.compile_s = time.perf_counter() - t0
-        memory = compiled.memory_analysis()
-        if memory is not None:
-            self.result.xla_temp_mib = memory.temp_size_in_bytes / 2**20
+        compiled = self.compile_jax(fn, args)
         state = list(args)
 
         def step() -> None:
@@ -255,12 +261,7 @@ class NnxEngine(Engine):
 
             args = (model, optimizer, images, labels)
 
-        t0 = time.perf_counter()
-        compiled = self.compiled = fn.lower(*args).compile()
-        self.result.compile_s = time.perf_counter() - t0
-        memory = compiled.memory_analysis()
-        if memory is not None:
-            self.result.xla_temp_mib = memory.temp_size_in_bytes / 2**20
+        compiled = self.compile_jax(fn, args)
 
         def step() -> None:
             compiled(*args).block_until_ready()
