@@ -109,5 +109,7 @@ def last_evaluation(metrics_file: Path) -> dict[str, float]:
 def restart_eta(progress: tqdm.tqdm, step: int) -> None:
     """Count the progress bar's rate from `step` on: the first step compiles, and an ETA from
     it reads hours. Needs `smoothing=0` (tqdm then averages since `start_t` over n - initial)."""
+    if progress.disable:  # processes other than 0 show no bar (and a disabled bar has no clock)
+        return
     progress.initial = step
     progress.start_t = progress.last_print_t = progress._time()
