@@ -21,9 +21,10 @@ import tqdm
 from dpn_jax.errors import QUOTE_LIMIT, printable
 
 
-def say(line: str) -> None:
-    """One line for the user from process 0, escaped (it may quote file and class names)."""
-    if jax.process_index() == 0:
+def say(line: str, *, every_process: bool = False) -> None:
+    """One line for the user from process 0 (or from each process: what each one saved),
+    escaped (it may quote file and class names)."""
+    if every_process or jax.process_index() == 0:
         tqdm.tqdm.write(printable(line, 5 * QUOTE_LIMIT))
 
 

@@ -85,7 +85,9 @@ def exit_despite_stuck(candidates: Collection[threading.Thread], status: int) ->
         threads = [t for t in candidates if _joined_at_exit(t)]
         deadline = time.monotonic() + STUCK_GRACE_SECONDS
         for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+            # orbax's threads re-raise their failure on join (a full disk, already reported)
+            with contextlib.suppress(Exception):
+                thread.join(max(0.0, deadline - time.monotonic()))
         stuck = [thread.name for thread in threads if thread.is_alive()]
         if not stuck:
             return

@@ -289,7 +289,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
                 report.say(
                     report.stopped(
                         stop.signum, step, total_steps, checkpoints.directory, waiting=True
-                    )
+                    ),
+                    every_process=True,
                 )
                 return eval_metrics
             state, metrics = train_step(state, fed.batch)
@@ -329,7 +330,10 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
                 check_finite(state)
                 checkpoints.save(state, data_state, meta)
             if stopping:
-                report.say(report.stopped(stop.signum, step, total_steps, checkpoints.directory))
+                report.say(
+                    report.stopped(stop.signum, step, total_steps, checkpoints.directory),
+                    every_process=True,
+                )
                 return eval_metrics
 
         if step == total_steps:  # (also when resuming a finished run: re-export)
