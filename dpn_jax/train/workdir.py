@@ -16,6 +16,7 @@ hard link to another file or a file of the user's there is refused, left as it i
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
 import json
@@ -99,9 +100,11 @@ class WorkdirLock:
 
     def __exit__(self, *exc_info) -> None:
         if self._fd is not None:
-            if self.created and os.listdir(self.path.parent) == [LOCK_FILE]:
+            empty = self.created and os.listdir(self.path.parent) == [LOCK_FILE]
+            if empty and _names(self._fd, self.path):  # the file we locked, nothing beside it
                 self.path.unlink()
-                self.path.parent.rmdir()
+                with contextlib.suppress(OSError):  # something appeared meanwhile: it all stays
+                    self.path.parent.rmdir()
             os.close(self._fd)  # releases the flock
             self._fd = None
 
