@@ -83,7 +83,7 @@ def save_state_dict(
     from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
-    from dpn_jax import __version__
+    from dpn_jax.version import __version__
 
     check_export_output(path, overwrite=overwrite)
     with atomic_output(
