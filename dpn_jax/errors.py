@@ -59,6 +59,10 @@ def is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def is_positive_int(value: Any) -> bool:
+    return is_int(value) and value > 0
+
+
 def is_number(value: Any) -> bool:
     """A finite real number in a user's settings (not a bool, not inf or nan): every check of a
     setting or a model directory's metadata accepts the same values."""

@@ -13,7 +13,7 @@ from PIL import Image
 
 from dpn_jax.data import folder
 from dpn_jax.data.sources import open_dataset
-from dpn_jax.errors import ConfigError, is_int, is_number
+from dpn_jax.errors import ConfigError, is_int, is_number, is_positive_int
 from dpn_jax.export.exporter import ExportOptions
 from dpn_jax.infer import predict
 from dpn_jax.models.layers import DTYPES
@@ -50,6 +50,7 @@ def test_not_numbers(value):
 def test_integers():
     assert is_int(3) and is_int(np.int32(3)) and is_int(-(2**80))
     assert not any(map(is_int, (True, 3.0, "3", None)))
+    assert is_positive_int(1) and not any(map(is_positive_int, (0, -1, True, 1.0)))
 
 
 def test_settings_and_metadata_refuse_inf_alike():

@@ -20,7 +20,14 @@ import ml_collections
 from dpn_jax.data.auto_augment import auto_augment
 from dpn_jax.data.batch_augment import ERASING_MODES, MIXUP_MODES
 from dpn_jax.data.transforms import PIL_INTERPOLATION
-from dpn_jax.errors import QUOTE_LIMIT, ConfigError, is_int, is_number, printable
+from dpn_jax.errors import (
+    QUOTE_LIMIT,
+    ConfigError,
+    is_int,
+    is_number,
+    is_positive_int,
+    printable,
+)
 from dpn_jax.models.dpn import CONFIG_FIELDS, MODEL_CONFIGS, DPNConfig
 from dpn_jax.models.layers import DTYPES
 from dpn_jax.runtime.runner import PARALLELISMS
@@ -35,10 +42,6 @@ DEMO_MODEL_KWARGS = dict(
     k_sec=(1, 1, 1, 1), k_r=32, groups=4, num_init_features=16, inc_sec=(8, 8, 8, 8)
 )
 MAX_EPOCHS = 1e6  # beyond any real run; larger values overflow the step count
-
-
-def _positive_int(value: Any) -> bool:
-    return is_int(value) and value > 0
 
 
 def _choice(*allowed: Any) -> tuple[Callable[[Any], bool], str]:
@@ -88,7 +91,7 @@ def _valid_aa(value: Any) -> bool:
     return True
 
 
-POSITIVE_INT = (_positive_int, "a positive integer")
+POSITIVE_INT = (is_positive_int, "a positive integer")
 NON_NEGATIVE = _interval(0, float("inf"))
 EPOCHS = _interval(0, MAX_EPOCHS)
 POSITIVE = _interval(0, float("inf"), low_open=True)
