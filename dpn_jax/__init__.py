@@ -1,7 +1,7 @@
 """Dual Path Networks in JAX/Flax, numerically identical to timm.
 
 The public names load their modules on first use: `import dpn_jax` alone does not import JAX,
-so a command can restart itself (`dpn_jax.runtime.huge_pages`) before paying for that, and
+so a command can restart itself (`dpn_jax.system.huge_pages`) before paying for that, and
 `python -m dpn_jax.cli.predict` does not import itself twice.
 
 The public names are what a user builds on: models and their registry, weights conversion and

@@ -13,7 +13,9 @@ import dpn_jax
 
 PACKAGE = Path(dpn_jax.__file__).parent
 # What the model and ops layers may use: each other and the process-level basics.
-MODEL_AND_OPS_MAY_IMPORT = {"models", "ops", "errors", "runtime"}
+MODEL_AND_OPS_MAY_IMPORT = {"models", "ops", "errors", "system"}
+# The bottom layers: process/OS plumbing and the errors use nothing above them.
+BOTTOM_LAYERS = {"system", "errors"}
 
 
 def layer_of(module: str) -> str | None:
@@ -53,6 +55,14 @@ def test_model_and_ops_layers_import_nothing_above_them():
         assert not outside, f"{layer} imports {outside}"
 
 
+def test_system_and_errors_import_nothing_above_them():
+    graph = imports_by_layer()
+    for layer in BOTTOM_LAYERS:
+        above = {t: files for t, files in graph.get(layer, {}).items() if t not in BOTTOM_LAYERS}
+        assert not above, f"{layer} imports {above}"
+    assert "errors" in graph["system"]
+
+
 def test_no_import_cycles_between_layers():
     graph = {layer: set(targets) for layer, targets in imports_by_layer().items()}
     visiting, done = [], set()
@@ -80,6 +90,7 @@ def test_no_import_cycles_between_layers():
         "weights",
         "cli",
         "runtime",
+        "system",
         "export",
         "nnx",
     } <= set(graph) | {t for ts in graph.values() for t in ts}

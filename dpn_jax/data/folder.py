@@ -12,7 +12,7 @@ import os
 
 from dpn_jax.data.records import Record
 from dpn_jax.errors import DataError
-from dpn_jax.runtime.files import special_file
+from dpn_jax.system.files import special_file
 
 # What a folder dataset lists and `dpn-predict` reads from a directory: formats Pillow decodes.
 IMAGE_EXTENSIONS = (

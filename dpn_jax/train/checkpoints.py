@@ -33,8 +33,8 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint.handlers import DefaultCheckpointHandlerRegistry, JsonCheckpointHandler
 
 from dpn_jax.errors import ConfigError, OutputError, WeightsError, first_line
-from dpn_jax.runtime.orbax_io import ignore_failure_aftermath, os_error_of, quiet_about
 from dpn_jax.runtime.runner import Runner
+from dpn_jax.system.orbax_io import ignore_failure_aftermath, os_error_of, quiet_about
 from dpn_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)

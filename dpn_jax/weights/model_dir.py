@@ -9,7 +9,7 @@ known architecture and architecture overrides, as many class names as classes, a
 the shapes that model has - and names the file and the key (or tensor) that is wrong in one
 WeightsError. Directories written before `format_version` existed (version 0: preprocessing
 under "pretrained_cfg") still load. Writing is atomic and replaces only a model directory
-(`dpn_jax.runtime.files`).
+(`dpn_jax.system.files`).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from dpn_jax.data.transforms import PIL_INTERPOLATION
 from dpn_jax.errors import ConfigError, WeightsError, first_line, is_int, is_number
 from dpn_jax.models.dpn import DPN, MODEL_CONFIGS, DPNConfig
 from dpn_jax.models.registry import build_dpn
-from dpn_jax.runtime.files import atomic_output, check_layout, check_output
-from dpn_jax.runtime.orbax_io import (
+from dpn_jax.system.files import atomic_output, check_layout, check_output
+from dpn_jax.system.orbax_io import (
     CHECKPOINT_LAYOUT,
     ignore_failure_aftermath,
     os_error_of,

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from dpn_jax.errors import ConfigError, first_line
-from dpn_jax.runtime.files import atomic_output, check_output
+from dpn_jax.system.files import atomic_output, check_output
 from dpn_jax.weights.sources import SAFETENSORS_SUFFIX
 
 EXPORT_MARKER = "dpn_jax_version"
