@@ -164,7 +164,7 @@ def main(argv) -> int:
         if FLAGS.config.deterministic:
             request_deterministic_gpu_ops()
         initialize_distributed()
-        from dpn_jax.runtime.compilation_cache import enable_compilation_cache
+        from dpn_jax.system.compilation_cache import enable_compilation_cache
         from dpn_jax.train.trainer import train_and_evaluate
 
         enable_compilation_cache()
@@ -177,7 +177,7 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
     try:
-        from dpn_jax.runtime.huge_pages import reexec_with_huge_page_malloc
+        from dpn_jax.system.huge_pages import reexec_with_huge_page_malloc
 
         reexec_with_huge_page_malloc()
         app.run(main, flags_parser=parse_flags)

@@ -765,7 +765,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         _setup_threads(args.threads, uses_torch=args.engines[0].startswith("timm"))
         if args.cache_dir:
-            from dpn_jax.runtime.compilation_cache import enable_compilation_cache
+            from dpn_jax.system.compilation_cache import enable_compilation_cache
 
             enable_compilation_cache(args.cache_dir)
         worker = timing_worker if args.worker == "timing" else memory_worker
@@ -813,7 +813,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from dpn_jax.runtime.huge_pages import reexec_with_huge_page_malloc
+    from dpn_jax.system.huge_pages import reexec_with_huge_page_malloc
 
     reexec_with_huge_page_malloc()  # the workers, timm's included, inherit the environment
     main()

@@ -166,7 +166,7 @@ def _time_shape(
 
 
 if __name__ == "__main__":
-    from dpn_jax.runtime.huge_pages import reexec_with_huge_page_malloc
+    from dpn_jax.system.huge_pages import reexec_with_huge_page_malloc
 
     reexec_with_huge_page_malloc()  # time the kernels as train.py runs them
     main()

@@ -126,7 +126,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from dpn_jax.runtime.huge_pages import reexec_with_huge_page_malloc
+    from dpn_jax.system.huge_pages import reexec_with_huge_page_malloc
 
     reexec_with_huge_page_malloc()  # time the step as train.py and benchmark.py run it
     main()

@@ -182,7 +182,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from dpn_jax.runtime.huge_pages import reexec_with_huge_page_malloc
+    from dpn_jax.system.huge_pages import reexec_with_huge_page_malloc
 
     reexec_with_huge_page_malloc()  # profile the step as train.py and benchmark.py run it
     main()

@@ -24,7 +24,7 @@ def one_run(model: str, mode: str, batch: int, resolution: int, cache_dir: str) 
     import jax.numpy as jnp
 
     import dpn_jax
-    from dpn_jax.runtime.compilation_cache import enable_compilation_cache
+    from dpn_jax.system.compilation_cache import enable_compilation_cache
 
     enable_compilation_cache(cache_dir)
     t_import = time.perf_counter()

@@ -1,8 +1,15 @@
 """Dual Path Networks in JAX/Flax, numerically identical to timm.
 
 The public names load their modules on first use: `import dpn_jax` alone does not import JAX,
-so a command can restart itself (`dpn_jax.runtime.huge_pages`) before paying for that, and
+so a command can restart itself (`dpn_jax.system.huge_pages`) before paying for that, and
 `python -m dpn_jax.cli.predict` does not import itself twice.
+
+The public names are what a user builds on: models and their registry, weights conversion and
+model directories, prediction, evaluation, training, export, the device `Runner`, and
+`conv2d` - the grouped convolution with PyTorch's padding and dpn_jax's fast CPU kernels, meant
+for use in other Flax models too. A DPN's internals (`DualPathBlock`, the BN-act-conv units)
+stay in `dpn_jax.models` (as timm keeps `DualPathBlock` in `timm.models.dpn`).
+tests/test_public_api.py keeps `__all__`, the lazy table and the type checkers' imports equal.
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from dpn_jax.version import __version__
 
 # public name -> the module that defines it
 _EXPORTS = {
@@ -18,7 +25,6 @@ _EXPORTS = {
     "timm_to_flax": "dpn_jax.weights.convert",
     "DPN": "dpn_jax.models.dpn",
     "DPNConfig": "dpn_jax.models.dpn",
-    "DualPathBlock": "dpn_jax.models.dpn",
     "MODEL_CONFIGS": "dpn_jax.models.dpn",
     "PRETRAINED_CFGS": "dpn_jax.models.dpn",
     "feature_info": "dpn_jax.models.dpn",
@@ -50,7 +56,6 @@ if TYPE_CHECKING:
         MODEL_CONFIGS,
         PRETRAINED_CFGS,
         DPNConfig,
-        DualPathBlock,
         feature_info,
     )
     from dpn_jax.models.registry import init_variables, list_models, pretrained_cfg

@@ -6,6 +6,10 @@ shape) and what would be accepted. Each class also derives from the built-in err
 so code that catches `ValueError` or `OSError` keeps working.
 """
 
+import math
+import numbers
+from typing import Any
+
 
 class DpnJaxError(Exception):
     """A problem with what the user gave dpn_jax, described in one line."""
@@ -48,3 +52,20 @@ def first_line(error: BaseException) -> str:
     """'ErrorType: first line of the message', for reporting a library's error in one line."""
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def is_int(value: Any) -> bool:
+    """An integer in a user's settings: `True` is not one (it is an `int` to Python)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_positive_int(value: Any) -> bool:
+    return is_int(value) and value > 0
+
+
+def is_number(value: Any) -> bool:
+    """A finite real number in a user's settings (not a bool, not inf or nan): every check of a
+    setting or a model directory's metadata accepts the same values."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    return isinstance(value, numbers.Integral) or math.isfinite(value)  # ints: any size

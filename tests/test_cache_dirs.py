@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dpn_jax.runtime import cache_dirs
+from dpn_jax.system import cache_dirs
 
 ENV = (
     "XDG_CACHE_HOME",

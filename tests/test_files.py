@@ -1,4 +1,4 @@
-"""Atomic outputs (`dpn_jax.runtime.files`): only what dpn_jax wrote is replaced, nothing is left
+"""Atomic outputs (`dpn_jax.system.files`): only what dpn_jax wrote is replaced, nothing is left
 behind after success, failure or a full disk, and a killed run's leftovers are cleaned or kept."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from dpn_jax.errors import OutputError
-from dpn_jax.runtime import files
-from dpn_jax.runtime.files import OutputExistsError, atomic_output, check_output
+from dpn_jax.system import files
+from dpn_jax.system.files import OutputExistsError, atomic_output, check_output
 
 OURS = "ours.txt"  # the marker our stand-in writer leaves: what `replaceable` recognises
 

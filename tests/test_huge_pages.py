@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from dpn_jax.runtime import huge_pages
+from dpn_jax.system import huge_pages
 
 # Prints a line before and after the restart, then what the final process sees.
 SCRIPT = """import os, sys
-from dpn_jax.runtime.huge_pages import reexec_with_huge_page_malloc
+from dpn_jax.system.huge_pages import reexec_with_huge_page_malloc
 print("started", flush=True)
 reexec_with_huge_page_malloc()
 print("tunables", os.environ.get("GLIBC_TUNABLES", ""), "args", sys.argv[1:])
@@ -69,8 +69,6 @@ def test_applies_on_linux_glibc_unless_opted_out_or_already_set(clean_env, monke
 
 
 def test_restart_check_runs_before_jax_is_imported():
-    """The commands import `dpn_jax.runtime.huge_pages` first: a restart must not import JAX."""
-    check = (
-        "import sys, dpn_jax.runtime.huge_pages; assert 'jax' not in sys.modules, 'jax imported'"
-    )
+    """The commands import `dpn_jax.system.huge_pages` first: a restart must not import JAX."""
+    check = "import sys, dpn_jax.system.huge_pages; assert 'jax' not in sys.modules, 'jax imported'"
     subprocess.run([sys.executable, "-c", check], check=True, timeout=120)

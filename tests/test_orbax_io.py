@@ -15,7 +15,7 @@ def test_unretrieved_refusals_are_dropped_after_the_report_and_other_errors_kept
     script = textwrap.dedent(
         f"""
         import asyncio, gc
-        from dpn_jax.runtime.orbax_io import os_error_of
+        from dpn_jax.system.orbax_io import os_error_of
 
         async def fail(message):
             raise ValueError(message)

@@ -145,7 +145,7 @@ def block_reads_after(count: int, marker: str) -> None:
     threads, as a read of a FIFO or of a hung network filesystem does (`marker` is written)."""
     import threading
 
-    from dpn_jax.data.sources import InMemoryRecords
+    from dpn_jax.data.records import InMemoryRecords
 
     read = InMemoryRecords.__getitem__
     reads = iter(range(count))

@@ -22,7 +22,7 @@ import numpy as np
 
 from dpn_jax.cli.common import command_parser, echo, run_command
 from dpn_jax.errors import ConfigError
-from dpn_jax.runtime.compilation_cache import enable_compilation_cache
+from dpn_jax.system.compilation_cache import enable_compilation_cache
 from dpn_jax.weights.convert import ConversionError, Variables, flax_to_timm
 from dpn_jax.weights.model_dir import ModelDir
 from dpn_jax.weights.pretrained import Converted, convert_source, replace_head

@@ -18,8 +18,8 @@ from dpn_jax.cli.common import command_parser, echo, run_command
 from dpn_jax.cli.predict import add_model_arguments, load_from_arguments
 from dpn_jax.infer.evaluate import evaluate_dataset
 from dpn_jax.infer.predict import resolve_data_config
-from dpn_jax.runtime.compilation_cache import enable_compilation_cache
 from dpn_jax.runtime.runner import PARALLELISMS
+from dpn_jax.system.compilation_cache import enable_compilation_cache
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from dpn_jax.errors import ConfigError
 from dpn_jax.export.exporter import (
     DEFAULT_OPSET,
     DEFAULT_PLATFORMS,
-    DTYPES,
+    EXPORT_DTYPES,
     FORMATS,
     ExportOptions,
     export_model,
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dtype",
         default="float32",
-        metavar="{" + ",".join(DTYPES) + "}",
+        metavar="{" + ",".join(EXPORT_DTYPES) + "}",
         help="compute dtype; inputs and outputs are float32 (default float32)",
     )
     parser.add_argument(

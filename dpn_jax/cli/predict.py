@@ -21,7 +21,7 @@ from dpn_jax.infer.predict import (
     load_checkpoint,
     load_pretrained_tag,
 )
-from dpn_jax.runtime.compilation_cache import enable_compilation_cache
+from dpn_jax.system.compilation_cache import enable_compilation_cache
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -100,7 +100,7 @@ class Mixup:
     ) -> tuple[jax.Array, jax.Array]:
         batch, height, width, _ = images.shape
         if batch % 2:
-            raise ValueError(f"mixup needs an even number of rows per device, got {batch}")
+            raise ConfigError(f"mixup needs an even number of rows per device, got {batch}")
         draws = {"batch": 1, "pair": batch // 2, "elem": batch}[self.mode]
         key_lam, key_box = jax.random.split(key)
         lam, use_cutmix = self._lambdas(key_lam, draws)

@@ -12,7 +12,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from dpn_jax.data.sources import InMemoryRecords
+from dpn_jax.data.records import InMemoryRecords
 from dpn_jax.errors import DataError
 
 IMAGE_SIZE = 64

@@ -10,11 +10,24 @@ from __future__ import annotations
 
 import os
 
-from dpn_jax.data.sources import Record
+from dpn_jax.data.records import Record
 from dpn_jax.errors import DataError
-from dpn_jax.runtime.files import special_file
+from dpn_jax.system.files import special_file
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+# What a folder dataset lists and `dpn-predict` reads from a directory: formats Pillow decodes.
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".webp",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+)
 EVAL_SPLIT_NAMES = ("validation", "val", "test")
 
 

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 
+from dpn_jax.errors import WeightsError
+
 IMAGENET_NUM_CLASSES = 1000
 
 
@@ -35,7 +37,7 @@ def class_names(num_classes: int, names: Sequence[str] | None = None) -> list[st
     """
     if names is not None:
         if len(names) != num_classes:
-            raise ValueError(f"{len(names)} class names for a {num_classes}-class head")
+            raise WeightsError(f"{len(names)} class names for a {num_classes}-class head")
         return list(names)
     if num_classes == IMAGENET_NUM_CLASSES:
         return [c.name for c in imagenet_classes()]

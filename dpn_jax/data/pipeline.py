@@ -37,7 +37,8 @@ import absl.flags
 import grain
 import numpy as np
 
-from dpn_jax.data.sources import Dataset, RecordSource, even_shard_bounds, open_dataset
+from dpn_jax.data.records import RecordSource, even_shard_bounds
+from dpn_jax.data.sources import Dataset, open_dataset
 from dpn_jax.data.transforms import (
     TrainTransform,
     UndecodableImage,

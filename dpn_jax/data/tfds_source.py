@@ -16,7 +16,7 @@ import shlex
 
 import tensorflow_datasets as tfds
 
-from dpn_jax.data.sources import Record
+from dpn_jax.data.records import Record
 from dpn_jax.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
 
 from dpn_jax.data.auto_augment import auto_augment
 from dpn_jax.errors import ConfigError, DataError
-from dpn_jax.runtime.files import special_file
+from dpn_jax.system.files import special_file
 
 # timm's interpolation names -> Pillow filters (timm.data.transforms._str_to_pil_interpolation).
 PIL_INTERPOLATION = {

@@ -3,7 +3,7 @@
 Every export directory holds a manifest, `dpn_jax_export.json`, naming each file dpn-export wrote.
 That is how `--overwrite` recognises an earlier export: it replaces a directory only if the
 manifest is there and the directory holds nothing else, so a user's directory (or a file a user
-added to an export) is never deleted. Staging and replacement are `dpn_jax.runtime.files`'.
+added to an export) is never deleted. Staging and replacement are `dpn_jax.system.files`'.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dpn_jax.runtime.files import atomic_output
-from dpn_jax.runtime.files import check_output as check_path
+from dpn_jax.system.files import atomic_output
+from dpn_jax.system.files import check_output as check_path
 
 MANIFEST_FILE = "dpn_jax_export.json"
 MANIFEST_KIND = "dpn_jax export"

@@ -19,13 +19,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from dpn_jax import __version__
 from dpn_jax.data.labels import class_names as resolve_class_names
 from dpn_jax.errors import ConfigError, WeightsError
 from dpn_jax.export.artifact_dir import check_output, staged_output
 from dpn_jax.export.serving import Artifact, EntryPoint, TensorSpec, write_serving_config
 from dpn_jax.infer.predict import DataConfig, LoadedModel, resolve_data_config
+from dpn_jax.models.layers import DTYPES
 from dpn_jax.models.registry import Variables, split_model_name
+from dpn_jax.version import __version__
 from dpn_jax.weights.model_dir import ModelDir
 from dpn_jax.weights.pretrained import cached_pretrained
 
@@ -33,7 +34,7 @@ FORMATS = ("stablehlo", "onnx", "savedmodel")
 # `jax.export` platform names; the default artifact runs on all three.
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+EXPORT_DTYPES = ("float32", "bfloat16")
 # ONNX opset of the graph: 17 is read by onnxruntime >= 1.13, TensorRT >= 8.6 and OpenVINO.
 DEFAULT_OPSET = 17
 MIN_OPSET = 13
@@ -80,8 +81,10 @@ class ExportOptions:
             raise ConfigError(f"image size must be >= 32, got {self.img_size}")
         if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
             raise ConfigError(f"crop pct must be in (0, 1], got {self.crop_pct}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
+        if self.dtype not in EXPORT_DTYPES:
+            raise ConfigError(
+                f"unknown dtype {self.dtype!r}; choose from {', '.join(EXPORT_DTYPES)}"
+            )
         unknown = [p for p in self.platforms if p not in PLATFORMS]
         if unknown or not self.platforms:
             raise ConfigError(

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from dpn_jax.data.folder import IMAGE_EXTENSIONS
 from dpn_jax.data.labels import class_names as resolve_class_names
 from dpn_jax.data.transforms import eval_crop, load_image, normalize
 from dpn_jax.errors import ConfigError
@@ -27,19 +28,6 @@ from dpn_jax.runtime.runner import REPLICATED, SHARDED, Runner
 from dpn_jax.weights.model_dir import ModelDir
 from dpn_jax.weights.pretrained import cached_pretrained
 
-IMAGE_EXTENSIONS = (
-    ".jpg",
-    ".jpeg",
-    ".png",
-    ".webp",
-    ".bmp",
-    ".gif",
-    ".tif",
-    ".tiff",
-    ".ppm",
-    ".pgm",
-    ".pbm",
-)
 ImageInput = str | os.PathLike | Image.Image
 
 

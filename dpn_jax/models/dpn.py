@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dpn_jax.errors import ConfigError
+from dpn_jax.errors import ConfigError, is_positive_int
 from dpn_jax.models.layers import ACTIVATIONS, BnAct, BnActConv2d, Conv2d, ConvBnAct, kernel_init
 
 Dtype = Any
@@ -52,14 +52,14 @@ class DPNConfig:
                 isinstance(value, (str, bytes))
                 or not isinstance(value, Sequence)
                 or len(value) != 4
-                or not all(_positive_int(v) for v in value)
+                or not all(is_positive_int(v) for v in value)
             ):
                 raise ConfigError(
                     f"{name} must be 4 positive integers (one per stage), got {value!r}"
                 )
             object.__setattr__(self, name, tuple(int(v) for v in value))
         for name in ("k_r", "groups", "num_init_features"):
-            if not _positive_int(getattr(self, name)):
+            if not is_positive_int(getattr(self, name)):
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("small", "b"):
             if not isinstance(getattr(self, name), bool):
@@ -90,10 +90,6 @@ class DPNConfig:
             for name in CONFIG_FIELDS
             if getattr(self, name) != getattr(base, name)
         }
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
 
 
 CONFIG_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(DPNConfig))

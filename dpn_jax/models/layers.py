@@ -10,9 +10,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dpn_jax.errors import ConfigError
 from dpn_jax.ops.conv import conv2d
 
 Dtype = Any
+# The compute dtypes a model runs in, by the name settings use (`config.dtype`, `--dtype`).
+DTYPES: dict[str, Dtype] = {
+    "float32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "float64": jnp.float64,
+}
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
@@ -27,7 +34,7 @@ def get_act(name: str) -> Callable[[jax.Array], jax.Array]:
     try:
         return ACTIVATIONS[name]
     except KeyError:
-        raise ValueError(
+        raise ConfigError(
             f"unknown activation {name!r}; choose from {sorted(ACTIVATIONS)}"
         ) from None
 
@@ -57,7 +64,7 @@ class Conv2d(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         in_features = x.shape[-1]
         if in_features % self.groups:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.name}: {in_features} input channels not divisible by groups={self.groups}"
             )
         kernel = self.param(

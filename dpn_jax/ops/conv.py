@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dpn_jax.errors import ConfigError
 from dpn_jax.ops.cpu_kernels import cpu_kernels_available, kernel_call
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
@@ -259,7 +260,7 @@ def conv_lowering(lowering: str) -> Iterator[None]:
     """`conv2d` lowers as `lowering` in what is traced inside the block (a jitted function
     traced before keeps its trace: export a fresh function)."""
     if lowering not in CONV_LOWERINGS:
-        raise ValueError(f"unknown conv lowering {lowering!r}; choose from {CONV_LOWERINGS}")
+        raise ConfigError(f"unknown conv lowering {lowering!r}; choose from {CONV_LOWERINGS}")
     token = _conv_lowering.set(lowering)
     try:
         yield

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from dpn_jax.errors import ConfigError
-from dpn_jax.runtime.env_switches import switched_off
+from dpn_jax.system.env_switches import switched_off
 
 CPU_KERNELS_ENV = "DPN_JAX_CPU_KERNELS"
 BASELINE_LIBRARY = "dpn_jax.ops._cpu_kernels"

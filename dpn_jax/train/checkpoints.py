@@ -32,10 +32,9 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint.handlers import DefaultCheckpointHandlerRegistry, JsonCheckpointHandler
 
-from dpn_jax.errors import ConfigError, OutputError, WeightsError
-from dpn_jax.errors import first_line as _first_line
-from dpn_jax.runtime.orbax_io import ignore_failure_aftermath, os_error_of, quiet_about
+from dpn_jax.errors import ConfigError, OutputError, WeightsError, first_line
 from dpn_jax.runtime.runner import Runner
+from dpn_jax.system.orbax_io import ignore_failure_aftermath, os_error_of, quiet_about
 from dpn_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -94,7 +93,7 @@ class Checkpoints:
                 raise
             except Exception as error:  # orbax and tensorstore raise many types for bad files
                 ignore_failure_aftermath()
-                restored, damage = None, _first_line(error)
+                restored, damage = None, first_line(error)
             if _on_every_process(damage is None):
                 return restored
             log.warning(
@@ -150,7 +149,7 @@ class Checkpoints:
             checksums = record["checksums"]
             intact = record["crc32"] == _crc32_json(checksums)
         except (OSError, ValueError, KeyError, TypeError) as error:
-            raise DamagedCheckpoint(f"{CHECKSUMS_FILE}: {_first_line(error)}") from None
+            raise DamagedCheckpoint(f"{CHECKSUMS_FILE}: {first_line(error)}") from None
         if not intact:
             raise DamagedCheckpoint(f"{CHECKSUMS_FILE} does not match its own checksum")
         return checksums

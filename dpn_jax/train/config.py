@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import numbers
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -21,13 +20,20 @@ import ml_collections
 from dpn_jax.data.auto_augment import auto_augment
 from dpn_jax.data.batch_augment import ERASING_MODES, MIXUP_MODES
 from dpn_jax.data.transforms import PIL_INTERPOLATION
-from dpn_jax.errors import QUOTE_LIMIT, ConfigError, printable
+from dpn_jax.errors import (
+    QUOTE_LIMIT,
+    ConfigError,
+    is_int,
+    is_number,
+    is_positive_int,
+    printable,
+)
 from dpn_jax.models.dpn import CONFIG_FIELDS, MODEL_CONFIGS, DPNConfig
+from dpn_jax.models.layers import DTYPES
 from dpn_jax.runtime.runner import PARALLELISMS
 from dpn_jax.train.optim import CLIP_MODES, OPTIMIZERS, SCHEDULES
 from dpn_jax.weights.model_dir import MAX_INPUT_SIZE, MIN_CROP_PCT, MIN_STD
 
-DTYPES = ("float32", "bfloat16", "float64")
 # `config.model = "demo"`: dpn68 shrunk to train on CPU in minutes (the README's demo). Its
 # shrinkage belongs to this name: `--config.model=dpn92` trains timm's dpn92.
 DEMO = "demo"
@@ -36,18 +42,6 @@ DEMO_MODEL_KWARGS = dict(
     k_sec=(1, 1, 1, 1), k_r=32, groups=4, num_init_features=16, inc_sec=(8, 8, 8, 8)
 )
 MAX_EPOCHS = 1e6  # beyond any real run; larger values overflow the step count
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _positive_int(value: Any) -> bool:
-    return _is_int(value) and value > 0
 
 
 def _choice(*allowed: Any) -> tuple[Callable[[Any], bool], str]:
@@ -59,7 +53,7 @@ def _interval(
 ) -> tuple[Callable[[Any], bool], str]:
     def check(value: Any) -> bool:
         return (
-            _is_number(value)
+            is_number(value)
             and (value > low if low_open else value >= low)
             and (value < high if high_open else value <= high)
         )
@@ -97,7 +91,7 @@ def _valid_aa(value: Any) -> bool:
     return True
 
 
-POSITIVE_INT = (_positive_int, "a positive integer")
+POSITIVE_INT = (is_positive_int, "a positive integer")
 NON_NEGATIVE = _interval(0, float("inf"))
 EPOCHS = _interval(0, MAX_EPOCHS)
 POSITIVE = _interval(0, float("inf"), low_open=True)
@@ -109,14 +103,14 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "drop_rate": FRACTION,
     "dataset": ((lambda value: isinstance(value, str) and bool(value)), "a dataset spec"),
     "image_size": (
-        (lambda value: _is_int(value) and 32 <= value <= MAX_INPUT_SIZE),
+        (lambda value: is_int(value) and 32 <= value <= MAX_INPUT_SIZE),
         f"an integer in [32, {MAX_INPUT_SIZE}]",
     ),
-    "mean": _optional(_triple_of(_is_number, "numbers")),
-    "std": _optional(_triple_of(lambda v: _is_number(v) and v >= MIN_STD, f"numbers >= {MIN_STD}")),
+    "mean": _optional(_triple_of(is_number, "numbers")),
+    "std": _optional(_triple_of(lambda v: is_number(v) and v >= MIN_STD, f"numbers >= {MIN_STD}")),
     "crop_pct": _optional(_interval(MIN_CROP_PCT, 1, high_open=False)),
     "interpolation": _optional(_choice(*PIL_INTERPOLATION)),
-    "data_workers": ((lambda value: _is_int(value) and value >= 0), "an integer >= 0"),
+    "data_workers": ((lambda value: is_int(value) and value >= 0), "an integer >= 0"),
     "aa": _optional(
         (_valid_aa, "timm's rand-m9-mstd0.5-inc1, augmix-m5-w4-d2 or original, v0, ...")
     ),
@@ -139,7 +133,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "mixup_switch_prob": _interval(0, 1, high_open=False),
     "mixup_mode": _choice(*MIXUP_MODES),
     "num_epochs": EPOCHS,
-    "num_train_steps": ((lambda value: _is_int(value)), "an integer (<= 0: use num_epochs)"),
+    "num_train_steps": ((lambda value: is_int(value)), "an integer (<= 0: use num_epochs)"),
     "batch_size": POSITIVE_INT,
     "eval_batch_size": POSITIVE_INT,
     "grad_accum_steps": POSITIVE_INT,
@@ -153,7 +147,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "cooldown_epochs": EPOCHS,
     "decay_epochs": POSITIVE,
     "decay_milestones": (
-        (lambda value: value is not None and all(_is_number(v) and v >= 0 for v in value)),
+        (lambda value: value is not None and all(is_number(v) and v >= 0 for v in value)),
         "a list of epochs >= 0",
     ),
     "decay_rate": POSITIVE,
@@ -175,7 +169,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "skip_nonfinite_updates": BOOL,
     "parallelism": _choice(*PARALLELISMS),
     "deterministic": BOOL,
-    "seed": ((lambda value: _is_int(value) and 0 <= value < 2**31), "an integer in [0, 2**31)"),
+    "seed": ((lambda value: is_int(value) and 0 <= value < 2**31), "an integer in [0, 2**31)"),
     "log_every_steps": POSITIVE_INT,
     "checkpoint_every_steps": POSITIVE_INT,
     "keep_checkpoints": POSITIVE_INT,

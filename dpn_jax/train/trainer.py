@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
@@ -29,6 +28,7 @@ from dpn_jax.data import pipeline
 from dpn_jax.errors import ConfigError, DataError, OutputError
 from dpn_jax.factory import create_model
 from dpn_jax.infer.evaluate import compile_eval_step, run_evaluation
+from dpn_jax.models.layers import DTYPES
 from dpn_jax.models.registry import pretrained_cfg
 from dpn_jax.runtime.runner import AXIS, Runner
 from dpn_jax.train import report
@@ -44,8 +44,6 @@ from dpn_jax.train.workdir import WorkdirLock
 from dpn_jax.weights.model_dir import ModelDir, Preprocessing
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
 def data_config(

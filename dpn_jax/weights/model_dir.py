@@ -9,14 +9,13 @@ known architecture and architecture overrides, as many class names as classes, a
 the shapes that model has - and names the file and the key (or tensor) that is wrong in one
 WeightsError. Directories written before `format_version` existed (version 0: preprocessing
 under "pretrained_cfg") still load. Writing is atomic and replaces only a model directory
-(`dpn_jax.runtime.files`).
+(`dpn_jax.system.files`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import numbers
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -27,11 +26,11 @@ import jax
 import numpy as np
 
 from dpn_jax.data.transforms import PIL_INTERPOLATION
-from dpn_jax.errors import ConfigError, WeightsError, first_line
+from dpn_jax.errors import ConfigError, WeightsError, first_line, is_int, is_number
 from dpn_jax.models.dpn import DPN, MODEL_CONFIGS, DPNConfig
 from dpn_jax.models.registry import build_dpn
-from dpn_jax.runtime.files import atomic_output, check_layout, check_output
-from dpn_jax.runtime.orbax_io import (
+from dpn_jax.system.files import atomic_output, check_layout, check_output
+from dpn_jax.system.orbax_io import (
     CHECKPOINT_LAYOUT,
     ignore_failure_aftermath,
     os_error_of,
@@ -54,7 +53,7 @@ _MODEL_DIR_LAYOUT = rf"{re.escape(METADATA_FILE)}|{VARIABLES_DIR}/{CHECKPOINT_LA
 
 
 def _version() -> str:
-    from dpn_jax import __version__
+    from dpn_jax.version import __version__
 
     return __version__
 
@@ -76,7 +75,7 @@ class Preprocessing:
             value = getattr(self, name)
             if value is None and name == "test_input_size":
                 continue
-            if not _sequence_of(value, 2, lambda v: _is_int(v) and 0 < v <= MAX_INPUT_SIZE):
+            if not _sequence_of(value, 2, lambda v: is_int(v) and 0 < v <= MAX_INPUT_SIZE):
                 raise ConfigError(
                     f"{name} must be [height, width] (integers in [1, {MAX_INPUT_SIZE}]), "
                     f"got {value!r}"
@@ -86,7 +85,7 @@ class Preprocessing:
             value = getattr(self, name)
             if value is None and name == "test_crop_pct":
                 continue
-            if not (_is_number(value) and MIN_CROP_PCT <= value <= 1):
+            if not (is_number(value) and MIN_CROP_PCT <= value <= 1):
                 raise ConfigError(f"{name} must be a number in [{MIN_CROP_PCT}, 1], got {value!r}")
             object.__setattr__(self, name, float(value))
         if self.interpolation not in PIL_INTERPOLATION:
@@ -96,7 +95,7 @@ class Preprocessing:
             )
         for name in ("mean", "std"):
             value = getattr(self, name)
-            if not _sequence_of(value, 3, _is_number) or (name == "std" and min(value) < MIN_STD):
+            if not _sequence_of(value, 3, is_number) or (name == "std" and min(value) < MIN_STD):
                 positive = f", >= {MIN_STD}" if name == "std" else ""
                 raise ConfigError(
                     f"{name} must be 3 numbers (per RGB channel{positive}), got {value!r}"
@@ -137,7 +136,7 @@ class ModelDir:
             raise ConfigError(
                 f"architecture must be one of {', '.join(MODEL_CONFIGS)}, got {self.architecture!r}"
             )
-        if not (_is_int(self.num_classes) and self.num_classes >= 0):
+        if not (is_int(self.num_classes) and self.num_classes >= 0):
             raise ConfigError(f"num_classes must be an integer >= 0, got {self.num_classes!r}")
         if not isinstance(self.model_kwargs, Mapping):
             raise ConfigError(
@@ -169,7 +168,7 @@ class ModelDir:
             )
         if not isinstance(self.dpn_jax_version, str):
             raise ConfigError(f"dpn_jax_version must be a string, got {self.dpn_jax_version!r}")
-        if not (_is_int(self.format_version) and 0 <= self.format_version <= FORMAT_VERSION):
+        if not (is_int(self.format_version) and 0 <= self.format_version <= FORMAT_VERSION):
             raise ConfigError(
                 f"format_version must be an integer in [0, {FORMAT_VERSION}], "
                 f"got {self.format_version!r}"
@@ -306,7 +305,7 @@ def parse_metadata(text: str, origin: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise WeightsError(f"{origin}: expected a JSON object, got {type(raw).__name__}")
     version = raw.pop("format_version", 0)
-    if not _is_int(version) or version < 0:
+    if not is_int(version) or version < 0:
         raise WeightsError(
             f"{origin}: format_version must be a non-negative integer, got {version!r}"
         )
@@ -359,14 +358,6 @@ def is_model_dir(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(metadata, dict) and "dpn_jax_version" in metadata
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)
 
 
 def _sequence_of(value: Any, length: int | None, check) -> bool:

@@ -2,7 +2,7 @@
 
 `create_model(name, pretrained=DIR)` reads a model directory (`ModelDir`);
 `create_model(tag, pretrained=True)` converts timm's hub weights once into such a directory
-under the weights cache (`dpn_jax.runtime.cache_dirs.weights_cache_dir`) and reads it from there.
+under the weights cache (`dpn_jax.system.cache_dirs.weights_cache_dir`) and reads it from there.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np
 from dpn_jax.errors import ConfigError, WeightsError
 from dpn_jax.models.dpn import DPN, MODEL_CONFIGS, PRETRAINED_CFGS
 from dpn_jax.models.layers import kernel_init
-from dpn_jax.runtime.cache_dirs import weights_cache_dir
-from dpn_jax.runtime.files import OutputExistsError
+from dpn_jax.system.cache_dirs import weights_cache_dir
+from dpn_jax.system.files import OutputExistsError
 from dpn_jax.weights.convert import (
     ConversionError,
     Variables,

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from dpn_jax.errors import ConfigError, first_line
-from dpn_jax.runtime.files import atomic_output, check_output
+from dpn_jax.system.files import atomic_output, check_output
 from dpn_jax.weights.sources import SAFETENSORS_SUFFIX
 
 EXPORT_MARKER = "dpn_jax_version"
@@ -83,7 +83,7 @@ def save_state_dict(
     from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
-    from dpn_jax import __version__
+    from dpn_jax.version import __version__
 
     check_export_output(path, overwrite=overwrite)
     with atomic_output(

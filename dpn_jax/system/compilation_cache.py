@@ -1,7 +1,7 @@
 """JAX's persistent compilation cache, on by default for the command-line tools.
 
 A DPN train step takes long to compile on CPU; with the cache a second run of the same command
-loads the executable from disk instead. Where it lives: `dpn_jax.runtime.cache_dirs`
+loads the executable from disk instead. Where it lives: `dpn_jax.system.cache_dirs`
 (`DPN_JAX_COMPILATION_CACHE`, `off` to disable).
 """
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import jax
 
-from dpn_jax.runtime.cache_dirs import compilation_cache_dir
-from dpn_jax.runtime.env_switches import switched_off
+from dpn_jax.system.cache_dirs import compilation_cache_dir
+from dpn_jax.system.env_switches import switched_off
 
 
 def enable_compilation_cache(cache_dir: str | os.PathLike | None = None) -> Path | None:

@@ -24,7 +24,7 @@ from pathlib import Path
 _OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'")
 # Every entry orbax (0.11, OCDBT format; `_sharding`, `array_metadatas/` and `commit_success.txt`
 # in some versions and settings) writes into a checkpoint directory, as a regular expression
-# over the paths relative to it, directories ending in "/" (`dpn_jax.runtime.files.check_layout`).
+# over the paths relative to it, directories ending in "/" (`dpn_jax.system.files.check_layout`).
 CHECKPOINT_LAYOUT = (
     r"(?:_CHECKPOINT_METADATA|_METADATA|_sharding|manifest\.ocdbt|commit_success\.txt"
     r"|d/(?:[0-9a-f]+)?|array_metadatas/(?:process_\d+)?"

@@ -13,7 +13,7 @@ import os
 import warnings
 from pathlib import Path
 
-from dpn_jax.runtime.env_switches import switched_off
+from dpn_jax.system.env_switches import switched_off
 
 WEIGHTS_CACHE_ENV = "DPN_JAX_WEIGHTS_CACHE"
 COMPILATION_CACHE_ENV = "DPN_JAX_COMPILATION_CACHE"

@@ -15,7 +15,7 @@ import os
 import platform
 import sys
 
-from dpn_jax.runtime.env_switches import switched_off
+from dpn_jax.system.env_switches import switched_off
 
 HUGE_PAGES_ENV = "DPN_JAX_HUGE_PAGES"
 TUNABLE = "glibc.malloc.hugetlb=1"
