@@ -15,6 +15,8 @@ import jax
 import numpy as np
 import optax
 
+from dpn_jax.errors import WeightsError
+
 log = logging.getLogger(__name__)
 
 Variables = dict[str, Any]
@@ -58,13 +60,13 @@ def merge_for_finetuning(fresh: Variables, loaded: Variables, source: str) -> Va
 
     Every tensor is taken from `loaded`, except a classifier of another shape (a new
     `num_classes`), which keeps its fresh initialisation. Any other mismatch is an error naming
-    the tensor.
+    the tensor (WeightsError: the user's `init_from` does not fit the model).
     """
     fresh_flat = flax.traverse_util.flatten_dict(jax.device_get(fresh), sep="/")
     loaded_flat = flax.traverse_util.flatten_dict(jax.device_get(loaded), sep="/")
     missing = sorted(set(fresh_flat) - set(loaded_flat))
     if missing:
-        raise ValueError(
+        raise WeightsError(
             f"{source}: no tensor {missing[0]} ({len(missing)} missing); "
             "was it exported from the same architecture and model_kwargs?"
         )
@@ -73,7 +75,7 @@ def merge_for_finetuning(fresh: Variables, loaded: Variables, source: str) -> Va
         value = np.asarray(loaded_flat[name])
         if value.shape != fresh_value.shape:
             if not name.startswith("params/classifier/"):
-                raise ValueError(
+                raise WeightsError(
                     f"{source}: tensor {name} has shape {value.shape}, "
                     f"the model expects {fresh_value.shape}"
                 )
