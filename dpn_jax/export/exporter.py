@@ -172,7 +172,7 @@ def _importable(module: str) -> bool:
     return True
 
 
-def describe(source: str | os.PathLike, model: ModelDir) -> dict[str, Any]:
+def model_record(source: str | os.PathLike, model: ModelDir) -> dict[str, Any]:
     """serving.json's record of which model was exported."""
     return {
         "source": str(source),
@@ -254,7 +254,7 @@ def export_model(
             entry_points=artifact.entry_points,
             preprocessing=preprocessing,
             class_names=model_dir.labels,
-            model=describe(source, model_dir),
+            model=model_record(source, model_dir),
             export={**settings, **artifact.details},
         )
     log(
