@@ -31,6 +31,7 @@ _EXPORTS = {
     "conv2d": "dpn_jax.ops.conv",
     "ModelDir": "dpn_jax.weights.model_dir",
     "Preprocessing": "dpn_jax.weights.model_dir",
+    "load_model": "dpn_jax.weights.pretrained",
     "create_model": "dpn_jax.factory",
     "init_variables": "dpn_jax.models.registry",
     "list_models": "dpn_jax.models.registry",
@@ -64,6 +65,7 @@ if TYPE_CHECKING:
     from dpn_jax.train.trainer import train_and_evaluate
     from dpn_jax.weights.convert import flax_to_timm, timm_to_flax
     from dpn_jax.weights.model_dir import ModelDir, Preprocessing
+    from dpn_jax.weights.pretrained import load_model
 
 
 def __getattr__(name: str) -> Any:

@@ -12,8 +12,8 @@ from typing import Any
 import jax
 
 from dpn_jax.models.dpn import DPN
-from dpn_jax.models.registry import Variables, build_dpn, init_variables, split_model_name
-from dpn_jax.weights.pretrained import load_pretrained, saved_settings
+from dpn_jax.models.registry import Variables, build_dpn, init_variables
+from dpn_jax.weights.pretrained import create_pretrained
 
 
 def create_model(
@@ -31,9 +31,10 @@ def create_model(
     weights (downloaded and cached once); a path loads a model directory (`dpn-convert` or
     trainer output), which describes itself: its architecture fields and head are the defaults
     (a different `num_classes` gets a fresh head; a different architecture field is an error).
+    Both are read by `dpn_jax.load_model`.
     """
     if pretrained:
-        model = build_dpn(name, **{**saved_settings(pretrained), **kwargs})
-        return model, load_pretrained(model, split_model_name(name)[1], pretrained, rng=rng)
+        model, variables, _ = create_pretrained(name, pretrained, rng, **kwargs)
+        return model, variables
     model = build_dpn(name, **kwargs)
     return model, init_variables(model, rng)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -40,9 +39,9 @@ from flax.nnx.bridge import variables as bridge_variables
 from dpn_jax.errors import ConfigError
 from dpn_jax.factory import create_model as create_linen_model
 from dpn_jax.models import dpn as linen_dpn
-from dpn_jax.models.registry import Variables, pretrained_cfg, split_model_name
-from dpn_jax.weights.model_dir import METADATA_FILE, ModelDir, Preprocessing, parse_metadata
-from dpn_jax.weights.pretrained import replace_head
+from dpn_jax.models.registry import Variables, split_model_name
+from dpn_jax.weights.model_dir import ModelDir, Preprocessing
+from dpn_jax.weights.pretrained import create_pretrained, load_model, replace_head
 
 COLLECTIONS = {"params": nnx.Param, "batch_stats": nnx.BatchStat}
 
@@ -68,7 +67,7 @@ class DPN(nnx.Module):
     ):
         self.module = module
         self.architecture = split_model_name(architecture)[0]
-        self.preprocessing = preprocessing or Preprocessing.from_cfg(pretrained_cfg(architecture))
+        self.preprocessing = preprocessing or Preprocessing.of_model(architecture)
         for name, value in linen_variables_to_attributes(variables).items():
             setattr(self, name, nnx.data(value))
         self.rngs = rngs if rngs is not None else nnx.Rngs(dropout=0)
@@ -214,18 +213,22 @@ def create_model(
     """`dpn_jax.create_model` as an NNX module: the same names, keywords and `pretrained=`
     (True: the tag's timm weights through the weights cache; a path: a model directory), the
     same weights for the same `rng`. `rngs` holds the "dropout" stream."""
-    module, variables = create_linen_model(name, pretrained=pretrained, rng=rng, **kwargs)
-    preprocessing = None
-    if pretrained and pretrained is not True:  # load_pretrained has checked the directory
-        path = Path(pretrained)
-        preprocessing = parse_metadata((path / METADATA_FILE).read_text(), path)["preprocessing"]
+    if pretrained:
+        module, variables, model_dir = create_pretrained(name, pretrained, rng, **kwargs)
+        preprocessing = model_dir.preprocessing
+    else:
+        module, variables = create_linen_model(name, rng=rng, **kwargs)
+        preprocessing = None
     return DPN(module, variables, architecture=name, preprocessing=preprocessing, rngs=rngs)
 
 
-def load_model_dir(path: str | os.PathLike, *, rngs: nnx.Rngs | None = None, **fields: Any) -> DPN:
-    """A model directory (dpn-convert's or train.py's output) as an NNX module, with the
-    architecture it records; `fields` set how it runs (dtype, axis_name, remat, ...)."""
-    model_dir = ModelDir.load(path)
+def load_model_dir(
+    source: str | os.PathLike, *, rngs: nnx.Rngs | None = None, **fields: Any
+) -> DPN:
+    """A model (`dpn_jax.load_model`: a model directory, pretrained tag or hub id) as an NNX
+    module, with the architecture it records; `fields` set how it runs (dtype, axis_name,
+    remat, ...)."""
+    model_dir = load_model(source)
     return DPN(
         model_dir.build_model(**fields),
         model_dir.variables,

@@ -36,7 +36,7 @@ def test_printable_escapes_controls_and_keeps_other_text():
 # Each command, with the function its body calls first replaced by `fail`.
 COMMANDS = {
     "dpn-convert": (convert_cli, "convert_source", ["model.pth", "--output", "out"]),
-    "dpn-predict": (predict_cli, "load_checkpoint", ["--checkpoint", "model", "cat.jpg"]),
+    "dpn-predict": (predict_cli, "load_model", ["--checkpoint", "model", "cat.jpg"]),
     "dpn-evaluate": (evaluate_cli, "load_from_arguments", ["--checkpoint", "model"]),
 }
 

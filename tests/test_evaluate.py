@@ -18,7 +18,6 @@ import dpn_jax
 from dpn_jax.cli import evaluate as evaluate_cli
 from dpn_jax.data.transforms import eval_transform, load_image
 from dpn_jax.infer import evaluate
-from dpn_jax.infer.predict import resolve_data_config
 from dpn_jax.weights.model_dir import ModelDir, Preprocessing
 
 NUM_CLASSES = 8
@@ -49,7 +48,7 @@ def dataset(model_and_variables, tmp_path_factory):
     for i in range(len(RANKS)):
         paths.append(staging / f"img{i:02d}.png")
         Image.fromarray(rng.integers(0, 256, (40 + i, 48, 3), np.uint8)).save(paths[-1])
-    config = resolve_data_config(CFG)
+    config = Preprocessing(**CFG).resolve(use_test_size=True)
     pixels = np.stack(
         [
             eval_transform(
@@ -107,7 +106,7 @@ def test_folder_dataset_metrics_equal_hand_computation(model_and_variables, data
             model,
             variables,
             f"folder:{root}",
-            resolve_data_config(CFG),
+            Preprocessing(**CFG).resolve(use_test_size=True),
             batch_size=4,
             parallelism=parallelism,
             progress=False,
@@ -157,7 +156,7 @@ def test_undecodable_image_is_skipped_and_reported(model_and_variables, dataset,
         model,
         variables,
         f"folder:{tmp_path / 'data'}",
-        resolve_data_config(CFG),
+        Preprocessing(**CFG).resolve(use_test_size=True),
         batch_size=4,
         progress=False,
     )

@@ -29,7 +29,6 @@ from dpn_jax.data.transforms import eval_transform
 from dpn_jax.export import exporter, read_serving_config, read_stablehlo
 from dpn_jax.export.artifact_dir import MANIFEST_FILE
 from dpn_jax.export.onnx import onnxruntime_session
-from dpn_jax.infer.predict import resolve_data_config
 from dpn_jax.models.registry import pretrained_cfg
 from dpn_jax.ops.conv import CONV_LOWERINGS, conv2d, conv_lowering
 from dpn_jax.ops.cpu_kernels import cpu_kernel_targets
@@ -165,7 +164,7 @@ def test_sidecar_has_preprocessing_io_and_class_names(format, exports, model_dir
     directory = exports(format)
     config = read_serving_config(directory)
     preprocessing = ModelDir.load(model_dir).preprocessing.as_dict()
-    data_config = resolve_data_config(preprocessing, img_size=IMG_SIZE)
+    data_config = Preprocessing(**preprocessing).resolve(IMG_SIZE, use_test_size=True)
     preprocessing = config["preprocessing"]
     assert (preprocessing["image_size"], preprocessing["interpolation"]) == (IMG_SIZE, "bicubic")
     assert preprocessing["crop_pct"] == pretrained_cfg(ARCH)["crop_pct"] == data_config.crop_pct
@@ -266,9 +265,7 @@ def test_savedmodel_uint8_signature_normalises_inside(exports, model_dir):
     images = np.random.default_rng(1).integers(0, 256, (3, IMG_SIZE, IMG_SIZE, 3), np.uint8)
     actual = runner("savedmodel", directory, "serving_uint8")(images)
     # What dpn-predict feeds the model for the same (already cropped) images.
-    data_config = resolve_data_config(
-        ModelDir.load(model_dir).preprocessing.as_dict(), img_size=IMG_SIZE
-    )
+    data_config = ModelDir.load(model_dir).preprocessing.resolve(IMG_SIZE, use_test_size=True)
     pixels = np.stack(
         [
             eval_transform(

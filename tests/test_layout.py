@@ -63,6 +63,11 @@ def test_system_and_errors_import_nothing_above_them():
     assert "errors" in graph["system"]
 
 
+def test_export_does_not_depend_on_infer():
+    """An export needs a model and its preprocessing (weights/), not the Predictor."""
+    assert "infer" not in imports_by_layer().get("export", {})
+
+
 def test_no_import_cycles_between_layers():
     graph = {layer: set(targets) for layer, targets in imports_by_layer().items()}
     visiting, done = [], set()

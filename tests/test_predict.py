@@ -124,13 +124,13 @@ def test_top5_and_probabilities_match_timm_in_every_format(
 
 
 def test_test_size_is_used_unless_train_size_is_asked(checkpoint):
-    test_size = predict.Predictor.from_checkpoint(checkpoint)
-    train_size = predict.Predictor.from_checkpoint(checkpoint, use_test_size=False)
-    override = predict.Predictor.from_checkpoint(checkpoint, img_size=64, crop_pct=0.5)
-    assert (test_size.data_config.image_size, test_size.data_config.crop_pct) == (288, 1.0)
-    assert (train_size.data_config.image_size, train_size.data_config.crop_pct) == (224, 0.95)
-    assert (override.data_config.image_size, override.data_config.crop_pct) == (64, 0.5)
-    assert test_size.data_config.mean == (0.485, 0.456, 0.406)
+    test_size = predict.Predictor.load(checkpoint)
+    train_size = predict.Predictor.load(checkpoint, use_test_size=False)
+    override = predict.Predictor.load(checkpoint, img_size=64, crop_pct=0.5)
+    assert (test_size.preprocessing.image_size, test_size.preprocessing.crop_pct) == (288, 1.0)
+    assert (train_size.preprocessing.image_size, train_size.preprocessing.crop_pct) == (224, 0.95)
+    assert (override.preprocessing.image_size, override.preprocessing.crop_pct) == (64, 0.5)
+    assert test_size.preprocessing.mean == (0.485, 0.456, 0.406)
 
 
 def test_table_output(checkpoint, photos, capsys):
@@ -149,7 +149,7 @@ def test_table_output(checkpoint, photos, capsys):
 @pytest.fixture(scope="module")
 def predictor(checkpoint) -> predict.Predictor:
     """One Predictor at 64 px shared by the API tests, so they share its compiled batch shapes."""
-    return predict.Predictor.from_checkpoint(checkpoint, img_size=64, batch_size=4)
+    return predict.Predictor.load(checkpoint, img_size=64, batch_size=4)
 
 
 def test_predictor_batches_compile_once_per_shape(predictor, photos):

@@ -15,9 +15,8 @@ from collections.abc import Sequence
 import jax
 
 from dpn_jax.cli.common import command_parser, echo, run_command
-from dpn_jax.cli.predict import add_model_arguments, load_from_arguments
+from dpn_jax.cli.predict import add_model_arguments, load_from_arguments, source_name
 from dpn_jax.infer.evaluate import evaluate_dataset
-from dpn_jax.infer.predict import resolve_data_config
 from dpn_jax.runtime.runner import PARALLELISMS
 from dpn_jax.system.compilation_cache import enable_compilation_cache
 
@@ -54,17 +53,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def evaluate_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     loaded = load_from_arguments(parser, args)
-    data_config = resolve_data_config(
-        loaded.pretrained_cfg,
-        img_size=args.img_size,
-        crop_pct=args.crop_pct,
-        use_test_size=not args.use_train_size,
+    preprocessing = loaded.preprocessing.resolve(
+        args.img_size, args.crop_pct, use_test_size=not args.use_train_size
     )
     result, skipped = evaluate_dataset(
-        loaded.model,
+        loaded.build_model(),
         loaded.variables,
         args.dataset,
-        data_config,
+        preprocessing,
         batch_size=args.batch_size,
         data_dir=args.data_dir,
         manual_dir=args.manual_dir,
@@ -73,7 +69,7 @@ def evaluate_model(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         progress=not args.no_progress,
     )
     results = {
-        "model": loaded.name,
+        "model": source_name(args),
         "dataset": args.dataset,
         "top1": result.top1,
         "top5": result.top5,
@@ -82,19 +78,19 @@ def evaluate_model(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         "skipped": skipped,
         "img_per_sec": result.img_per_sec,
         "seconds": result.seconds,
-        "img_size": data_config.image_size,
-        "crop_pct": data_config.crop_pct,
-        "interpolation": data_config.interpolation,
+        "img_size": preprocessing.image_size,
+        "crop_pct": preprocessing.crop_pct,
+        "interpolation": preprocessing.interpolation,
     }
     if jax.process_index() == 0:
         if args.json:  # fractions, for programs
             print(json.dumps(results, indent=2))
         else:  # percent, for people
             echo(
-                f"{loaded.name} on {args.dataset}: top-1 {100 * result.top1:.3f}%  "
+                f"{source_name(args)} on {args.dataset}: top-1 {100 * result.top1:.3f}%  "
                 f"top-5 {100 * result.top5:.3f}%  loss {result.loss:.4f}  "
                 f"({result.count} images, {result.img_per_sec:.1f} img/s, "
-                f"{data_config.image_size}px crop {data_config.crop_pct})"
+                f"{preprocessing.image_size}px crop {preprocessing.crop_pct})"
             )
         if skipped:
             print(

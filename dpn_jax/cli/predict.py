@@ -10,18 +10,16 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from dpn_jax.cli.common import EXIT_ERROR, command_parser, report_error, run_command
-from dpn_jax.errors import QUOTE_LIMIT, printable
-from dpn_jax.infer.predict import (
-    LoadedModel,
-    Predictor,
-    expand_inputs,
-    load_checkpoint,
-    load_pretrained_tag,
-)
+from dpn_jax.errors import QUOTE_LIMIT, ConfigError, printable
+from dpn_jax.infer.predict import Predictor, expand_inputs
+from dpn_jax.models.registry import split_model_name
 from dpn_jax.system.compilation_cache import enable_compilation_cache
+from dpn_jax.weights.model_dir import ModelDir, Preprocessing
+from dpn_jax.weights.pretrained import load_model, pretrained_hub_id
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,16 +49,30 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_from_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> LoadedModel:
+def load_from_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ModelDir:
+    """The model the flags name (`load_model`); usage errors exit 2 before it is read."""
     if args.pretrained and not args.model:
         parser.error("--pretrained needs --model NAME_OR_TAG")
-    if args.img_size is not None and args.img_size < 32:
-        parser.error(f"--img-size must be >= 32, got {args.img_size}")
-    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
-        parser.error(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+    try:
+        Preprocessing.check_overrides(
+            args.img_size, args.crop_pct, names={"img_size": "--img-size", "crop_pct": "--crop-pct"}
+        )
+    except ConfigError as error:
+        parser.error(str(error))
     if args.pretrained:
-        return load_pretrained_tag(args.model)
-    return load_checkpoint(args.checkpoint, args.model)
+        return load_model(pretrained_hub_id(args.model))
+    model = load_model(Path(args.checkpoint))
+    if args.model is not None and split_model_name(args.model)[0] != model.architecture:
+        raise ConfigError(
+            f"--model {args.model} does not match the checkpoint's architecture "
+            f"{model.architecture} ({args.checkpoint})"
+        )
+    return model
+
+
+def source_name(args: argparse.Namespace) -> str:
+    """How the results name the model: the tag, or the directory as given."""
+    return split_model_name(args.model)[1] if args.pretrained else args.checkpoint
 
 
 def format_table(file: str, top_k: list[dict[str, Any]]) -> str:
@@ -86,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def predict(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    predictor = Predictor.from_loaded(
+    predictor = Predictor.from_model(
         load_from_arguments(parser, args),
         img_size=args.img_size,
         crop_pct=args.crop_pct,

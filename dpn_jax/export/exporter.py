@@ -1,4 +1,5 @@
-"""`export_model`: a model directory or pretrained tag -> a serving artifact and its sidecars.
+"""`export_model`: a model (`load_model`: a directory, a tag, a hub id) -> a serving artifact
+and its sidecars.
 
 Every format exports the same function, `Graph.apply`: NHWC float32 pixels, preprocessed as
 `dpn-predict` does, -> float32 logits (or probabilities, or pooled features for a headless
@@ -19,16 +20,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from dpn_jax.data.labels import class_names as resolve_class_names
-from dpn_jax.errors import ConfigError, WeightsError
+from dpn_jax.errors import ConfigError
 from dpn_jax.export.artifact_dir import check_output, staged_output
 from dpn_jax.export.serving import Artifact, EntryPoint, TensorSpec, write_serving_config
-from dpn_jax.infer.predict import DataConfig, LoadedModel, resolve_data_config
 from dpn_jax.models.layers import DTYPES
-from dpn_jax.models.registry import Variables, split_model_name
+from dpn_jax.models.registry import Variables
 from dpn_jax.version import __version__
-from dpn_jax.weights.model_dir import ModelDir
-from dpn_jax.weights.pretrained import cached_pretrained
+from dpn_jax.weights.model_dir import ModelDir, Preprocessing
+from dpn_jax.weights.pretrained import load_model
 
 FORMATS = ("stablehlo", "onnx", "savedmodel")
 # `jax.export` platform names; the default artifact runs on all three.
@@ -77,10 +76,7 @@ class ExportOptions:
             raise ConfigError(f"unknown format {format!r}; choose from {', '.join(FORMATS)}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"batch size must be >= 1 (or dynamic), got {self.batch_size}")
-        if self.img_size is not None and self.img_size < 32:
-            raise ConfigError(f"image size must be >= 32, got {self.img_size}")
-        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
-            raise ConfigError(f"crop pct must be in (0, 1], got {self.crop_pct}")
+        Preprocessing.check_overrides(self.img_size, self.crop_pct)
         if self.dtype not in EXPORT_DTYPES:
             raise ConfigError(
                 f"unknown dtype {self.dtype!r}; choose from {', '.join(EXPORT_DTYPES)}"
@@ -119,13 +115,13 @@ class Graph:
     apply: Callable[[Variables, jax.Array], jax.Array]
     variables: Variables
     batch_size: int | None
-    data_config: DataConfig  # the preprocessing the pixels had
+    preprocessing: Preprocessing  # what the pixels had (resolved)
     output_name: str  # logits, probabilities or features
     output_size: int
 
     @property
     def image_size(self) -> int:
-        return self.data_config.image_size
+        return self.preprocessing.image_size
 
     def input_struct(self) -> jax.ShapeDtypeStruct:
         """The pixels' shape and dtype, with a symbolic `batch` unless the batch is fixed."""
@@ -179,43 +175,23 @@ def _importable(module: str) -> bool:
     return True
 
 
-def read_source(source: str | os.PathLike) -> tuple[LoadedModel, dict[str, Any]]:
-    """(the model, a description of it) from a model directory or, when no such path exists, a
-    model name or pretrained tag (timm's weights, converted once into the cache).
-
-    The one place export reads a model directory.
-    """
-    path = Path(source).expanduser()
-    if not path.exists():
-        try:
-            path = cached_pretrained(split_model_name(str(source))[1])
-        except ConfigError as error:
-            raise WeightsError(
-                f"{source}: no such model directory, and not a pretrained model: {error}"
-            ) from None
-    model_dir = ModelDir.load(path)
-    model = model_dir.build_model()
-    loaded = LoadedModel(
-        model,
-        model_dir.variables,
-        model_dir.preprocessing.as_dict(),
-        resolve_class_names(model.num_classes, model_dir.class_names),
-        name=str(source),
-    )
-    description = {
+def model_record(source: str | os.PathLike, model: ModelDir) -> dict[str, Any]:
+    """serving.json's record of which model was exported."""
+    return {
         "source": str(source),
-        "architecture": model_dir.architecture,
-        "num_classes": model_dir.num_classes,
-        "model_kwargs": dict(model_dir.model_kwargs),
-        "weights_sha256": model_dir.sha256,
+        "architecture": model.architecture,
+        "num_classes": model.num_classes,
+        "model_kwargs": dict(model.model_kwargs),
+        "weights_sha256": model.sha256,
     }
-    return loaded, description
 
 
-def build_graph(loaded: LoadedModel, data_config: DataConfig, options: ExportOptions) -> Graph:
-    model = loaded.model.clone(dtype=DTYPES[options.dtype])
+def build_graph(
+    model_dir: ModelDir, preprocessing: Preprocessing, options: ExportOptions, name: str
+) -> Graph:
+    model = model_dir.build_model(dtype=DTYPES[options.dtype])
     if options.softmax and not model.num_classes:
-        raise ConfigError(f"{loaded.name} has no classifier (num_classes=0): nothing to softmax")
+        raise ConfigError(f"{name} has no classifier (num_classes=0): nothing to softmax")
 
     def apply(variables: Variables, pixels: jax.Array) -> jax.Array:
         out = model.apply(variables, pixels, train=False)
@@ -225,11 +201,11 @@ def build_graph(loaded: LoadedModel, data_config: DataConfig, options: ExportOpt
         output_name = "features"
     else:
         output_name = "probabilities" if options.softmax else "logits"
-    pixels = jax.ShapeDtypeStruct(
-        (1, data_config.image_size, data_config.image_size, 3), jnp.float32
-    )
-    output_size = jax.eval_shape(apply, loaded.variables, pixels).shape[-1]
-    return Graph(apply, loaded.variables, options.batch_size, data_config, output_name, output_size)
+    size = preprocessing.image_size
+    pixels = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    variables = model_dir.variables
+    output_size = jax.eval_shape(apply, variables, pixels).shape[-1]
+    return Graph(apply, variables, options.batch_size, preprocessing, output_name, output_size)
 
 
 def _writer(format: str) -> Callable[[Graph, Path, ExportOptions], Artifact]:
@@ -257,20 +233,17 @@ def export_model(
     output = Path(output).expanduser().absolute()
     check_output(output, overwrite)
     start = time.perf_counter()
-    loaded, description = read_source(source)
+    model_dir = load_model(source)
     try:
-        data_config = resolve_data_config(
-            loaded.pretrained_cfg,
-            img_size=options.img_size,
-            crop_pct=options.crop_pct,
-            use_test_size=options.use_test_size,
+        preprocessing = model_dir.preprocessing.resolve(
+            options.img_size, options.crop_pct, options.use_test_size
         )
-    except ValueError as error:
-        raise ConfigError(f"{loaded.name}: {error}") from None
-    graph = build_graph(loaded, data_config, options)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+    graph = build_graph(model_dir, preprocessing, options, str(source))
     settings = {
         "batch_size": options.batch_size,
-        "image_size": data_config.image_size,
+        "image_size": preprocessing.image_size,
         "dtype": options.dtype,
         "softmax": options.softmax,
         "conv_lowering": options.lowering(format),
@@ -282,9 +255,9 @@ def export_model(
             staging,
             format=format,
             entry_points=artifact.entry_points,
-            data_config=data_config,
-            class_names=loaded.class_names,
-            model=description,
+            preprocessing=preprocessing,
+            class_names=model_dir.labels,
+            model=model_record(source, model_dir),
             export={**settings, **artifact.details},
         )
     log(

@@ -38,7 +38,7 @@ def write(graph: Graph, directory: Path, options: ExportOptions) -> Artifact:
     )
     mean, std = (
         tf.constant(np.asarray(v, np.float32))
-        for v in (graph.data_config.mean, graph.data_config.std)
+        for v in (graph.preprocessing.mean, graph.preprocessing.std)
     )
     with conv_lowering(options.lowering("savedmodel")):
         model = jax2tf.convert(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpn_jax.infer.predict import DataConfig
+from dpn_jax.weights.model_dir import Preprocessing
 
 SERVING_FILE = "serving.json"
 
@@ -54,7 +54,7 @@ class Artifact:
     details: dict[str, Any]
 
 
-def preprocessing_record(config: DataConfig) -> dict[str, Any]:
+def preprocessing_record(config: Preprocessing) -> dict[str, Any]:
     """timm's eval transform for `config`, as numbers and in words."""
     resize = math.floor(config.image_size / config.crop_pct)
     return {
@@ -75,7 +75,7 @@ def write_serving_config(
     *,
     format: str,
     entry_points: list[EntryPoint],
-    data_config: DataConfig,
+    preprocessing: Preprocessing,
     class_names: list[str] | None,
     model: dict[str, Any],
     export: dict[str, Any],
@@ -85,7 +85,7 @@ def write_serving_config(
         "entry_points": {
             e.name: {"input": e.input.as_json(), "output": e.output.as_json()} for e in entry_points
         },
-        "preprocessing": preprocessing_record(data_config),
+        "preprocessing": preprocessing_record(preprocessing),
         "class_names": class_names,
         "model": model,
         "export": export,

@@ -21,9 +21,9 @@ from tqdm import tqdm
 from dpn_jax.data import pipeline
 from dpn_jax.data.transforms import normalize
 from dpn_jax.errors import DataError
-from dpn_jax.infer.predict import DataConfig
 from dpn_jax.models.dpn import DPN
 from dpn_jax.runtime.runner import AXIS, REPLICATED, SHARDED, Runner
+from dpn_jax.weights.model_dir import Preprocessing
 
 
 def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
@@ -126,7 +126,7 @@ def evaluate_dataset(
     model: DPN,
     variables: Any,
     dataset: str,
-    data_config: DataConfig,
+    preprocessing: Preprocessing,
     *,
     batch_size: int = 256,
     data_dir: str | None = None,
@@ -135,7 +135,8 @@ def evaluate_dataset(
     parallelism: str = "shard_map",
     progress: bool = True,
 ) -> tuple[EvalResult, int]:
-    """(result, images skipped as undecodable) of `model` on a dataset spec's evaluation split.
+    """(result, images skipped as undecodable) of `model` on a dataset spec's evaluation split,
+    fed as `preprocessing` says (resolved: `Preprocessing.resolve`).
 
     `batch_size` is global: split over processes, then over each process's devices.
     """
@@ -151,9 +152,9 @@ def evaluate_dataset(
     batches = pipeline.eval_batches(
         dataset,
         batch_size=per_process,
-        image_size=data_config.image_size,
-        crop_pct=data_config.crop_pct,
-        interpolation=data_config.interpolation,
+        image_size=preprocessing.image_size,
+        crop_pct=preprocessing.crop_pct,
+        interpolation=preprocessing.interpolation,
         data_dir=data_dir,
         manual_dir=manual_dir,
         eval_split=split,
@@ -166,7 +167,7 @@ def evaluate_dataset(
     with bar:
         result = run_evaluation(
             runner,
-            compile_eval_step(runner, model, data_config.mean, data_config.std),
+            compile_eval_step(runner, model, preprocessing.mean, preprocessing.std),
             runner.replicate(variables),
             batches,
             progress=bar,

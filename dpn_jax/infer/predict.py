@@ -1,16 +1,16 @@
 """Classify images with a converted or fine-tuned DPN: the `Predictor` behind `dpn-predict`.
 
-Preprocessing is the checkpoint's pretrained config run through timm's eval transform, so a
-converted timm checkpoint gives the classes and probabilities timm gives. As in timm's
-`inference.py` / `validate.py`, a config's test-time size (dpn68b.ra_in1k: 288, crop 1.0) is used
-unless `--use-train-size` is given; `--img-size` / `--crop-pct` override both.
+Preprocessing is the model's `Preprocessing` run through timm's eval transform, so a converted
+timm checkpoint gives the classes and probabilities timm gives. As in timm's `inference.py` /
+`validate.py`, a model's test-time size (dpn68b.ra_in1k: 288, crop 1.0) is used unless
+`--use-train-size` is given; `--img-size` / `--crop-pct` override both.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,85 +23,11 @@ from dpn_jax.data.labels import class_names as resolve_class_names
 from dpn_jax.data.transforms import eval_crop, load_image, normalize
 from dpn_jax.errors import ConfigError
 from dpn_jax.models.dpn import DPN
-from dpn_jax.models.registry import split_model_name
 from dpn_jax.runtime.runner import REPLICATED, SHARDED, Runner
-from dpn_jax.weights.model_dir import ModelDir
-from dpn_jax.weights.pretrained import cached_pretrained
+from dpn_jax.weights.model_dir import ModelDir, Preprocessing
+from dpn_jax.weights.pretrained import load_model
 
 ImageInput = str | os.PathLike | Image.Image
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """The eval transform's settings, resolved from a pretrained config as timm does."""
-
-    image_size: int
-    crop_pct: float
-    interpolation: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-
-def resolve_data_config(
-    cfg: dict[str, Any],
-    *,
-    img_size: int | None = None,
-    crop_pct: float | None = None,
-    use_test_size: bool = True,
-) -> DataConfig:
-    """timm's `resolve_data_config`: explicit overrides, then the test size/crop if asked, then
-    the cfg."""
-    size = cfg["input_size"]
-    if use_test_size and cfg.get("test_input_size"):
-        size = cfg["test_input_size"]
-    size = tuple(size[-2:]) if not isinstance(size, int) else (size, size)
-    if img_size is None and size[0] != size[1]:
-        raise ConfigError(f"non-square input_size {size} in the pretrained config; pass --img-size")
-    if crop_pct is None:
-        crop_pct = (cfg.get("test_crop_pct") if use_test_size else None) or cfg["crop_pct"]
-    return DataConfig(
-        image_size=img_size or size[0],
-        crop_pct=float(crop_pct),
-        interpolation=cfg.get("interpolation", "bicubic"),
-        mean=tuple(cfg["mean"]),
-        std=tuple(cfg["std"]),
-    )
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A model with its weights and everything needed to feed it and name its outputs."""
-
-    model: DPN
-    variables: dict[str, Any]
-    pretrained_cfg: dict[str, Any]
-    class_names: list[str] | None
-    name: str
-
-
-def load_checkpoint(path: str | os.PathLike, model_name: str | None = None) -> LoadedModel:
-    """A model directory (`dpn-convert` output or a trainer export); `model_name` is checked."""
-    model_dir = ModelDir.load(path)
-    arch = model_dir.architecture
-    if model_name is not None and split_model_name(model_name)[0] != arch:
-        raise ConfigError(
-            f"--model {model_name} does not match the checkpoint's architecture {arch} ({path})"
-        )
-    model = model_dir.build_model()
-    return LoadedModel(
-        model,
-        model_dir.variables,
-        model_dir.preprocessing.as_dict(),
-        resolve_class_names(model.num_classes, model_dir.class_names),
-        name=str(path),
-    )
-
-
-def load_pretrained_tag(name: str) -> LoadedModel:
-    """timm's published weights for a tag (`dpn92.mx_in1k`) or an architecture's default tag,
-    downloaded and converted once into the cache."""
-    _, tag = split_model_name(name)
-    return replace(load_checkpoint(cached_pretrained(tag)), name=tag)
 
 
 @dataclass(frozen=True)
@@ -134,49 +60,45 @@ class Predictor:
         self,
         model: DPN,
         variables: dict[str, Any],
-        data_config: DataConfig,
+        preprocessing: Preprocessing,
         class_names: Sequence[str] | None = None,
         batch_size: int = 32,
         parallelism: str = "shard_map",
     ):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.runner = Runner(parallelism, jax.local_devices())
         self.variables = self.runner.replicate(variables)
-        self.data_config = data_config
+        self.preprocessing = preprocessing  # resolved (`Preprocessing.resolve`)
         self.class_names = resolve_class_names(model.num_classes, class_names)
         self.batch_size = batch_size
         self._probabilities = self.runner.compile(
-            make_predict_step(model, data_config.mean, data_config.std),
+            make_predict_step(model, preprocessing.mean, preprocessing.std),
             in_specs=(REPLICATED, SHARDED),
             out_specs=SHARDED,
         )
 
     @classmethod
-    def from_loaded(
+    def from_model(
         cls,
-        loaded: LoadedModel,
+        model: ModelDir,
         *,
         img_size: int | None = None,
         crop_pct: float | None = None,
         use_test_size: bool = True,
         batch_size: int = 32,
     ) -> Predictor:
-        config = resolve_data_config(
-            loaded.pretrained_cfg, img_size=img_size, crop_pct=crop_pct, use_test_size=use_test_size
-        )
-        return cls(loaded.model, loaded.variables, config, loaded.class_names, batch_size)
+        """Predictor for a loaded model, its preprocessing resolved as timm's scripts do (the
+        test-time size unless `use_test_size` is False; `img_size` / `crop_pct` override)."""
+        preprocessing = model.preprocessing.resolve(img_size, crop_pct, use_test_size)
+        return cls(model.build_model(), model.variables, preprocessing, model.labels, batch_size)
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, **kwargs: Any) -> Predictor:
-        """Predictor for a model directory (`ModelDir`); kwargs as `from_loaded`."""
-        return cls.from_loaded(load_checkpoint(path), **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, name: str, **kwargs: Any) -> Predictor:
-        """Predictor for timm's published weights of `name`; kwargs as `from_loaded`."""
-        return cls.from_loaded(load_pretrained_tag(name), **kwargs)
+    def load(cls, source: str | os.PathLike, **kwargs: Any) -> Predictor:
+        """Predictor for what `dpn_jax.load_model` reads (a model directory, a pretrained tag
+        such as `dpn92.mx_in1k`, a hub id); kwargs as `from_model`."""
+        return cls.from_model(load_model(source), **kwargs)
 
     def preprocess(self, image: ImageInput) -> np.ndarray:
         """A path or PIL image -> HWC uint8 pixels, resized and cropped as timm's eval transform.
@@ -185,7 +107,7 @@ class Predictor:
         it is and converted to RGB first, as timm does.
         """
         image = load_image(image) if not isinstance(image, Image.Image) else image.convert("RGB")
-        c = self.data_config
+        c = self.preprocessing
         return eval_crop(
             image, image_size=c.image_size, crop_pct=c.crop_pct, interpolation=c.interpolation
         )

@@ -60,7 +60,7 @@ def merge_for_finetuning(fresh: Variables, loaded: Variables, source: str) -> Va
 
     Every tensor is taken from `loaded`, except a classifier of another shape (a new
     `num_classes`), which keeps its fresh initialisation. Any other mismatch is an error naming
-    the tensor.
+    the tensor (WeightsError: the user's `init_from` does not fit the model).
     """
     fresh_flat = flax.traverse_util.flatten_dict(jax.device_get(fresh), sep="/")
     loaded_flat = flax.traverse_util.flatten_dict(jax.device_get(loaded), sep="/")

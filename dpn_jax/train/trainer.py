@@ -16,7 +16,6 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import ml_collections
@@ -29,7 +28,6 @@ from dpn_jax.errors import ConfigError, DataError, OutputError
 from dpn_jax.factory import create_model
 from dpn_jax.infer.evaluate import compile_eval_step, run_evaluation
 from dpn_jax.models.layers import DTYPES
-from dpn_jax.models.registry import pretrained_cfg
 from dpn_jax.runtime.runner import AXIS, Runner
 from dpn_jax.train import report
 from dpn_jax.train.checkpoints import Checkpoints
@@ -42,40 +40,23 @@ from dpn_jax.train.step import compile_train_step, mixup_active
 from dpn_jax.train.stop import StopRequest
 from dpn_jax.train.workdir import WorkdirLock
 from dpn_jax.weights.model_dir import ModelDir, Preprocessing
+from dpn_jax.weights.pretrained import load_model
 
 log = logging.getLogger(__name__)
 
 
-def data_config(
-    config: ml_collections.ConfigDict, model_name: str, base: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Preprocessing: config values where set, else the fine-tuning source's, else the tag's."""
-    cfg = dict(base or pretrained_cfg(model_name))
-    for key in ("mean", "std", "crop_pct", "interpolation"):
-        if config.get(key) is not None:
-            cfg[key] = config[key]
-    size = config.image_size
-    return dict(
-        cfg,
-        input_size=(size, size),
-        mean=tuple(cfg["mean"]),
-        std=tuple(cfg["std"]),
-        test_input_size=None,
-        test_crop_pct=None,
-    )
-
-
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
-    """The model and its initial variables: fresh, or a model directory's with a new head.
+    """The model and its initial variables: fresh, or a model's (`load_model`) with a new head.
 
-    Returns (model, variables, architecture, model_kwargs, preprocessing base cfg or None).
+    Returns (model, variables, architecture, model_kwargs, preprocessing): the fine-tuning
+    source's or the tag's preprocessing, resolved at the training size with the config's values
+    where set.
     """
-    (arch, model_kwargs), base_cfg, loaded = architecture(config), None, None
+    (arch, model_kwargs), source = architecture(config), None
     if config.init_from:
-        source = ModelDir.load(config.init_from)
-        arch, loaded = source.architecture, source.variables
+        source = load_model(config.init_from)
+        arch = source.architecture
         model_kwargs = {**source.model_kwargs, **explicit_model_kwargs(config)}
-        base_cfg = source.preprocessing.as_dict()
     model, variables = create_model(
         arch,
         num_classes=num_classes,
@@ -85,11 +66,19 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
         axis_name=AXIS,
         **model_kwargs,
     )
-    if loaded is not None:
-        variables = merge_for_finetuning(variables, loaded, config.init_from)
+    if source is not None:
+        variables = merge_for_finetuning(variables, source.variables, config.init_from)
     if config.dtype == "float64":  # parameters, BatchNorm statistics and so optimizer state
         variables = jax.tree.map(lambda x: np.asarray(x, np.float64), variables)
-    return model, variables, arch, model_kwargs, base_cfg
+    base = source.preprocessing if source is not None else Preprocessing.of_model(arch)
+    preprocessing = base.resolve(
+        config.image_size,
+        config.get("crop_pct"),
+        interpolation=config.get("interpolation"),
+        mean=config.get("mean"),
+        std=config.get("std"),
+    )
+    return model, variables, arch, model_kwargs, preprocessing
 
 
 @dataclasses.dataclass
@@ -167,7 +156,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
         )
     length = RunLength.from_config(config, steps_per_epoch)
     total_steps = length.total_steps
-    model, variables, arch, model_kwargs, base_cfg = build_model(config, info.num_classes)
+    model, variables, arch, model_kwargs, data_cfg = build_model(config, info.num_classes)
     report.say(
         report.describe_run(
             arch=arch,
@@ -181,7 +170,6 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
             workdir=workdir,
         )
     )
-    data_cfg = data_config(config, arch, base_cfg)
     schedule_settings = ScheduleSettings.from_config(config, length)
     tx, schedule = create_optimizer(config, schedule_settings)
     host_state = create_train_state(variables, tx, seed=config.seed, use_ema=config.ema_decay > 0)
@@ -198,9 +186,9 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
     }
 
     train_step = compile_train_step(
-        runner, model, tx, schedule, config, data_cfg["mean"], data_cfg["std"]
+        runner, model, tx, schedule, config, data_cfg.mean, data_cfg.std
     )
-    eval_step = compile_eval_step(runner, model, data_cfg["mean"], data_cfg["std"])
+    eval_step = compile_eval_step(runner, model, data_cfg.mean, data_cfg.std)
 
     def evaluate(state: TrainState) -> dict[str, float]:
         def batches():
@@ -208,8 +196,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
                 config.dataset,
                 batch_size=eval_batch_size,
                 image_size=config.image_size,
-                crop_pct=data_cfg["crop_pct"],
-                interpolation=data_cfg["interpolation"],
+                crop_pct=data_cfg.crop_pct,
+                interpolation=data_cfg.interpolation,
                 data_dir=config.data_dir,
                 eval_split=config.eval_split,
                 num_workers=config.data_workers,
@@ -249,14 +237,14 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
             config.dataset,
             batch_size=batch_size,
             image_size=config.image_size,
-            interpolation=config.train_interpolation or data_cfg["interpolation"],
+            interpolation=config.train_interpolation or data_cfg.interpolation,
             seed=config.seed,
             data_dir=config.data_dir,
             num_workers=config.data_workers,
             aa=config.aa,
             color_jitter=config.color_jitter,
             color_jitter_prob=config.color_jitter_prob,
-            mean=data_cfg["mean"],
+            mean=data_cfg.mean,
             no_aug=config.no_aug,
         )
         if data_state is not None:
@@ -384,7 +372,7 @@ def export_model(
     arch: str,
     model_kwargs: dict,
     num_classes: int,
-    data_cfg: dict,
+    data_cfg: Preprocessing,
     class_names,
     workdir: Path,
 ) -> None:
@@ -398,7 +386,7 @@ def export_model(
             architecture=arch,
             num_classes=num_classes,
             model_kwargs=model_kwargs,
-            preprocessing=Preprocessing.from_cfg(data_cfg),
+            preprocessing=data_cfg,
             variables=Runner.value(variables),
             class_names=tuple(class_names),
             source=f"dpn_jax train.py, workdir {workdir}",

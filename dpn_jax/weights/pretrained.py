@@ -1,8 +1,9 @@
-"""Converting a checkpoint into a model directory, and `create_model`'s pretrained weights.
+"""Converting a checkpoint into a model directory, and `load_model`, the one way to read a model.
 
-`create_model(name, pretrained=DIR)` reads a model directory (`ModelDir`);
-`create_model(tag, pretrained=True)` converts timm's hub weights once into such a directory
-under the weights cache (`dpn_jax.system.cache_dirs.weights_cache_dir`) and reads it from there.
+`load_model(source)` reads a model directory, a pretrained tag or a hub id into a `ModelDir`;
+timm's hub weights are converted once into a directory under the weights cache
+(`dpn_jax.system.cache_dirs.weights_cache_dir`) and read from there. `create_model(name,
+pretrained=...)` builds its DPN from what `load_model` read (`create_pretrained`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from dpn_jax.errors import ConfigError, WeightsError
 from dpn_jax.models.dpn import DPN, MODEL_CONFIGS, PRETRAINED_CFGS
 from dpn_jax.models.layers import kernel_init
+from dpn_jax.models.registry import build_dpn, split_model_name
 from dpn_jax.system.cache_dirs import weights_cache_dir
 from dpn_jax.system.files import OutputExistsError
 from dpn_jax.weights.convert import (
@@ -30,8 +32,16 @@ from dpn_jax.weights.convert import (
     num_classes_in,
     timm_to_flax,
 )
-from dpn_jax.weights.model_dir import METADATA_FILE, ModelDir, Preprocessing, parse_metadata
-from dpn_jax.weights.sources import Source, StateDict, read_state_dict, resolve_source, sha256_of
+from dpn_jax.weights.model_dir import METADATA_FILE, ModelDir, Preprocessing
+from dpn_jax.weights.sources import (
+    HUB_PREFIX,
+    TIMM_HUB_OWNER,
+    Source,
+    StateDict,
+    read_state_dict,
+    resolve_source,
+    sha256_of,
+)
 from dpn_jax.weights.torch_export import export_architecture
 
 # --- Converting a source ------------------------------------------------------------------------
@@ -58,8 +68,6 @@ def convert_source(
     """Read any supported source (file or hub repo), check it against `model` (an architecture
     or tag; detected from the shapes when None) and convert it; `num_classes` different from the
     checkpoint's replaces the classifier with a fresh one."""
-    from dpn_jax.models.registry import split_model_name
-
     source = resolve_source(src)
     state_dict = read_state_dict(source.path, ema=ema)
     recorded = export_architecture(source.path) if model is None else None
@@ -90,7 +98,7 @@ def convert_source(
         num_classes=num_classes_in(variables),
         model_kwargs=overrides,
         variables=variables,
-        preprocessing=Preprocessing.from_cfg(PRETRAINED_CFGS[tag]),
+        preprocessing=Preprocessing.of_model(tag),
         source=source.name,
         sha256=sha256_of(source.path),
     )
@@ -133,42 +141,92 @@ def replace_head(
     return {**variables, "params": params}
 
 
+# --- Loading a model -----------------------------------------------------------------------------
+
+
+def load_model(source: str | os.PathLike) -> ModelDir:
+    """The one loader: a model (weights, architecture, preprocessing, class names) from
+    - a model directory (dpn-convert's or train.py's output; a `Path` is always one, a string
+      when that path exists),
+    - a hub id (`hf-hub:timm/dpn92.mx_in1k`, `timm/dpn92.mx_in1k`, `hf-hub:owner/repo`), or
+    - a pretrained tag or architecture (`dpn68b.ra_in1k`, `dpn92`: its default tag).
+    timm's published weights are converted once into the weights cache and read from there;
+    another hub repository is converted on each load. WeightsError (one line) when `source` is
+    none of these.
+    """
+    if isinstance(source, os.PathLike):
+        return ModelDir.load(source)
+    if not source.startswith(HUB_PREFIX) and Path(source).expanduser().exists():
+        return ModelDir.load(source)
+    tag = _tag_of_hub_id(source)
+    if tag is None and source.startswith((HUB_PREFIX, TIMM_HUB_OWNER)):
+        return convert_source(source).model_dir
+    if tag is None:
+        try:
+            tag = split_model_name(source)[1]
+        except ConfigError as error:
+            raise WeightsError(
+                f"{source}: no such model directory, and not a pretrained model: {error}"
+            ) from None
+    return ModelDir.load(cached_pretrained(tag))
+
+
+def _tag_of_hub_id(source: str) -> str | None:
+    """'hf-hub:timm/dpn92.mx_in1k' (or without the prefix) -> 'dpn92.mx_in1k': timm's published
+    weights, which the weights cache keeps."""
+    repo = source.removeprefix(HUB_PREFIX)
+    return next((t for t, c in PRETRAINED_CFGS.items() if c["hf_hub_id"] == repo), None)
+
+
+def pretrained_hub_id(name: str) -> str:
+    """`hf-hub:timm/...` of a tag's (or an architecture's default tag's) timm weights: what
+    `pretrained=True` and `--pretrained` load, never mistaken for a local directory."""
+    return f"{HUB_PREFIX}{_hub_id(split_model_name(name)[1])}"
+
+
+def _hub_id(tag: str) -> str:
+    """The hub repository of a tag's timm weights; ConfigError for a tag that has none."""
+    hub_id = PRETRAINED_CFGS[tag]["hf_hub_id"]
+    if not hub_id:
+        raise ConfigError(
+            f"{tag} has no pretrained weights; pretrained tags: "
+            + ", ".join(t for t, c in PRETRAINED_CFGS.items() if c["hf_hub_id"])
+        )
+    return hub_id
+
+
 # --- create_model(pretrained=...) ---------------------------------------------------------------
 
 
-def saved_settings(pretrained: bool | str | os.PathLike) -> dict[str, Any]:
-    """A model directory's architecture fields and head size from its metadata.json: what
-    `create_model(pretrained=DIR)` builds unless told otherwise (a directory describes itself).
-    Empty for hub weights, or when the file is unreadable (`ModelDir.load` then says why)."""
-    if pretrained is True:
-        return {}
-    metadata_file = Path(pretrained).expanduser() / METADATA_FILE
-    try:
-        metadata = parse_metadata(metadata_file.read_text(encoding="utf-8"), metadata_file)
-    except (OSError, UnicodeDecodeError):
-        return {}
-    model_kwargs = metadata.get("model_kwargs") or {}
-    if not isinstance(model_kwargs, dict):
-        return {}
-    return {**model_kwargs, "num_classes": metadata["num_classes"]}
-
-
-def load_pretrained(
-    model: DPN, tag: str, pretrained: bool | str | os.PathLike, rng: jax.Array | None = None
-) -> Variables:
-    """Variables for `model` from a model directory (`pretrained=PATH`) or from the tag's hub
-    weights (`pretrained=True`, converted once into the cache). A different classifier size gets
-    a fresh head, with a warning."""
-    path = cached_pretrained(tag) if pretrained is True else Path(pretrained)
-    model_dir = ModelDir.load(path)
-    arch = tag.partition(".")[0]
+def create_pretrained(
+    name: str,
+    pretrained: bool | str | os.PathLike,
+    rng: jax.Array | None = None,
+    **kwargs: Any,
+) -> tuple[DPN, Variables, ModelDir]:
+    """`create_model(name, pretrained=...)` with the model it loaded: the tag's hub weights for
+    True, else the model directory `pretrained` names. The model describes itself: its
+    architecture fields and head size are the defaults `kwargs` may override."""
+    source = pretrained_hub_id(name) if pretrained is True else Path(pretrained)
+    model_dir = load_model(source)
+    arch = split_model_name(name)[0]
     if model_dir.architecture != arch:
-        raise WeightsError(f"{path} holds a {model_dir.architecture}, not a {arch}")
+        raise WeightsError(f"{source} holds a {model_dir.architecture}, not a {arch}")
+    saved = {**model_dir.model_kwargs, "num_classes": model_dir.num_classes}
+    model = build_dpn(name, **{**saved, **kwargs})
+    return model, fit_variables(model, model_dir, str(source), rng), model_dir
+
+
+def fit_variables(
+    model: DPN, model_dir: ModelDir, origin: str, rng: jax.Array | None = None
+) -> Variables:
+    """`model_dir`'s variables for `model`, which must be the same architecture; a different
+    classifier size gets a fresh head, with a warning."""
     if model_dir.config != model.config:
         given = model.config.overrides_from(model_dir.config)
         raise WeightsError(
-            f"{path} holds a {arch} with {model_dir.model_kwargs}; create_model was given "
-            f"{given}: leave them out to build the saved architecture"
+            f"{origin} holds a {model_dir.architecture} with {model_dir.model_kwargs}; "
+            f"create_model was given {given}: leave them out to build the saved architecture"
         )
     variables = model_dir.variables
     expected = abstract_variables(model)
@@ -178,9 +236,9 @@ def load_pretrained(
     if want_shape != (np.shape(have["kernel"]) if have else None):
         if want_shape:
             warnings.warn(
-                f"{path}: checkpoint has {num_classes_in(variables)} classes, the model "
+                f"{origin}: checkpoint has {num_classes_in(variables)} classes, the model "
                 f"{want_shape[1]}: the classifier is freshly initialised",
-                stacklevel=3,
+                stacklevel=4,  # create_model's caller
             )
         variables = replace_head(
             variables,
@@ -188,20 +246,16 @@ def load_pretrained(
             rng,
             in_features=want_shape and want_shape[0],
         )
-    check_variables(variables, expected, str(path))
+    check_variables(variables, expected, origin)
     return jax.device_put(variables)
 
 
 def cached_pretrained(tag: str) -> Path:
     """The model directory of a tag's timm weights: cached, else downloaded and converted."""
-    if not PRETRAINED_CFGS[tag]["hf_hub_id"]:
-        raise ConfigError(
-            f"{tag} has no pretrained weights; pretrained tags: "
-            + ", ".join(t for t, c in PRETRAINED_CFGS.items() if c["hf_hub_id"])
-        )
+    hub_id = _hub_id(tag)
     path = weights_cache_dir() / tag
     if not (path / METADATA_FILE).is_file():
-        converted = convert_source(f"hf-hub:{PRETRAINED_CFGS[tag]['hf_hub_id']}", model=tag)
+        converted = convert_source(f"{HUB_PREFIX}{hub_id}", model=tag)
         try:
             converted.model_dir.save(path)
         except OutputExistsError:
