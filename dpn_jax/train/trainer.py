@@ -181,6 +181,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
             num_classes=info.num_classes,
             devices=runner.devices,
             workdir=workdir,
+            prepared=info.prepared,
         )
     )
     data_cfg = data_config(config, arch, base_cfg)
