@@ -76,6 +76,25 @@ def test_reduced_eval_crop_is_close_to_timms_and_decodes_less():
     assert needed == [(160, 120)] and image.size == (80, 60)
 
 
+def test_reduced_decoding_follows_exif_orientation():
+    """A JPEG stored 400x100 and shown 100x400 (EXIF orientation 6): the caller's size needs
+    are about the shown image, and the decode is reduced by the scale they allow."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees clockwise when shown
+    buffer = io.BytesIO()
+    Image.fromarray(photo(400, 100)).save(buffer, "JPEG", quality=95, exif=exif)
+    seen = []
+    image = decode_image(buffer.getvalue(), "x", lambda w, h: seen.append((w, h)) or (50, 200))
+    assert seen == [(100, 400)] and image.size == (50, 200)  # 1/2 scale, shown upright
+    full = decode_image(buffer.getvalue(), "x")
+    settings = dict(image_size=32, crop_pct=0.875, interpolation="bicubic")
+    difference = np.abs(
+        reduced_eval_crop(buffer.getvalue(), "x", **settings).astype(int)
+        - eval_crop(full, **settings).astype(int)
+    )
+    assert full.size == (100, 400) and difference.mean() < 2.0
+
+
 def test_reduced_train_crop_has_timms_windows_and_close_pixels():
     """Train: the same draws give the same windows (so timm's scale/aspect statistics, checked
     against timm in test_augment), a crop window >= 2x the output decodes reduced, and the

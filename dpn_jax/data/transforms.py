@@ -133,7 +133,8 @@ def _needed_in_storage(
     image: Image.Image, needed: Callable[[int, int], tuple[int, int]]
 ) -> tuple[int, int]:
     """`needed` for the displayed (EXIF-oriented) size, as a size of the stored image."""
-    turned = image.getexif().get(ExifTags.Base.Orientation) in _TRANSPOSING_ORIENTATIONS
+    tagged = "exif" in image.info or "xmp" in image.info  # where getexif finds an orientation
+    turned = tagged and image.getexif().get(ExifTags.Base.Orientation) in _TRANSPOSING_ORIENTATIONS
     width, height = (image.height, image.width) if turned else image.size
     request_w, request_h = needed(width, height)
     return (request_h, request_w) if turned else (request_w, request_h)
