@@ -18,10 +18,11 @@ All cores: dpn_jax with its threads in the process and with grain worker process
 With `--augmentations`, only dpn_jax's training pipeline on one core, per CPU-second, with each
 host augmentation of timm's train transform in turn (AUGMENTATIONS: crop + flip, + colour
 jitter, + RandAugment, + AutoAugment), and the cores one H200 needs for each.
-With `--decoding`, dpn_jax's train (crop + flip, and + RandAugment) and eval pipelines on one
-core, per CPU-second, on three sources of the same images: the original JPEGs, the original
-JPEGs with `reduced_decode` (DCT-scaled decoding where the crop allows), and the JPEGs as
-`dpn-prepare-data --resize-shorter 256 --quality 90` re-encodes them (`data.resized`); and the
+With `--decoding` (`--photo-scale 2`: on 1000x750 JPEGs), dpn_jax's train (crop + flip, and
++ RandAugment) and eval pipelines on one core, per CPU-second, on four sources of the same
+images: the original JPEGs, the original JPEGs with `reduced_decode` (DCT-scaled decoding where
+the crop allows), and the JPEGs as `dpn-prepare-data --resize-shorter 256 --quality 90` (and
+75) re-encodes them (`data.resized`); and the
 cores one H200 needs. With `--scaling`, training (crop + flip) on all cores, wall clock, with
 `num_workers` 0 (threads), 1, 2, ... up to the cores. With `--feeder`, the trainer's
 `BatchFeeder` alone (the thread that puts each batch on the devices) on ready-made batches of
@@ -91,18 +92,22 @@ def write_prepared_folder(source: str, target: str, shorter: int, quality: int) 
     return float(np.mean(sizes))
 
 
-def write_jpeg_folder(root: str, num_images: int) -> float:
-    """`num_images` JPEGs in train/ and the same in val/, two classes; returns the mean size."""
+def write_jpeg_folder(root: str, num_images: int, scale: int = 1) -> float:
+    """`num_images` JPEGs in train/ and the same in val/, two classes; returns the mean size.
+    `scale` 2 makes them 1000x750 (the photos upscaled first; the noise is per pixel)."""
     import sklearn.datasets
     from PIL import Image
 
-    photos = [p.astype(np.float32) for p in sklearn.datasets.load_sample_images().images]
+    photos = [
+        np.asarray(Image.fromarray(p).resize((p.shape[1] * scale, p.shape[0] * scale)), np.float32)
+        for p in sklearn.datasets.load_sample_images().images
+    ]
     rng = np.random.default_rng(0)
     sizes = []
     for split in ("train", "val"):
         for i in range(num_images):
             photo = photos[i % 2]
-            width, height = (500, 375) if i % 3 else (375, 500)
+            width, height = (500 * scale, 375 * scale) if i % 3 else (375 * scale, 500 * scale)
             if height > photo.shape[0]:  # portrait: rotate the landscape photo
                 photo = photo.transpose(1, 0, 2)
             top = rng.integers(0, photo.shape[0] - height + 1)
@@ -534,6 +539,9 @@ def print_tables(median: dict, all_cores: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-images", type=int, default=1024)
+    parser.add_argument(
+        "--photo-scale", type=int, default=1, help="2: 1000x750 JPEGs (default 500x375)"
+    )
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
@@ -572,7 +580,7 @@ def main() -> None:
         mean_bytes = (
             0.0
             if args.study == "feeder"  # needs no images
-            else write_jpeg_folder(os.path.join(root, "jpeg"), args.num_images)
+            else write_jpeg_folder(os.path.join(root, "jpeg"), args.num_images, args.photo_scale)
         )
         prepared_bytes = {}
         if args.study == "decoding":
@@ -585,7 +593,8 @@ def main() -> None:
                     )
         sizes = "".join(f", {name} {size / 1024:.0f} KB" for name, size in prepared_bytes.items())
         print(
-            f"{args.num_images} JPEGs per split, 500x375 / 375x500, mean {mean_bytes / 1024:.0f}"
+            f"{args.num_images} JPEGs per split, {500 * args.photo_scale}x{375 * args.photo_scale}"
+            f" / {375 * args.photo_scale}x{500 * args.photo_scale}, mean {mean_bytes / 1024:.0f}"
             f" KB{sizes}; "
             f"{args.image_size} px, batch {args.batch_size}, {all_cores} CPUs; load "
             f"average {os.getloadavg()[0]:.1f} at start",
