@@ -251,6 +251,22 @@ def test_prepare_data_resized_copy(imagenet_photos, capsys):
     assert notes.read_text() == "mine" and os.listdir(notes.parent) == ["notes.txt"]
 
 
+def test_prepare_data_refuses_bad_resize_settings_first(tmp_path, capsys):
+    """Bad --resize-shorter / --quality are one line, before any preparing (here an unprepared
+    ImageNet without its tars would otherwise be the error)."""
+    from dpn_jax.cli.prepare_data import main as prepare_main
+
+    for flags in (["--resize-shorter", "0"], ["--resize-shorter", "256", "--quality", "101"]):
+        assert prepare_main(["imagenet2012", "--data-dir", str(tmp_path), *flags]) == 1
+        error = capsys.readouterr().err.strip()
+        assert error.endswith(
+            "--resize-shorter must be >= 1 and --quality in [1, 100], got "
+            f"{flags[1]} and {flags[3] if len(flags) > 2 else 90}"
+        ), error
+        assert len(error.splitlines()) == 1
+    assert os.listdir(tmp_path) == []
+
+
 def test_trainer_line_names_the_prepared_images():
     from dpn_jax.train import report
 

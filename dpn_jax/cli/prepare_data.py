@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 
 from dpn_jax.cli.common import command_parser, echo, run_command
-from dpn_jax.data.resized import DEFAULT_QUALITY
+from dpn_jax.data.resized import DEFAULT_QUALITY, check_resize_settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def prepare_dataset(args: argparse.Namespace) -> int:
     from dpn_jax.data.tfds_source import prepare, prepare_resized
 
+    if args.resize_shorter is not None:
+        check_resize_settings(args.resize_shorter, args.quality)  # before downloading anything
     where = prepare(
         args.dataset,
         data_dir=args.data_dir,

@@ -22,13 +22,14 @@ import io
 import json
 import multiprocessing
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from dpn_jax.data.transforms import UndecodableImage, decode_image
-from dpn_jax.errors import DataError
+from dpn_jax.errors import ConfigError, DataError
 from dpn_jax.runtime.files import NotOurs, atomic_output
 
 PREPARED_FILE = "dpn_jax_prepared.json"
@@ -36,6 +37,7 @@ PREPARED_KIND = "dpn_jax resized dataset"
 RESIZE_FILTER = "bicubic"
 DEFAULT_QUALITY = 90
 SHARD_MARK = ".array_record-"  # TFDS's shard names: NAME-SPLIT.array_record-00000-of-00004
+SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}$")  # any format's shard, the ArrayRecord ones too
 
 
 def resized_jpeg(encoded: bytes, name: str, shorter: int, quality: int) -> bytes:
@@ -56,6 +58,14 @@ def resized_jpeg(encoded: bytes, name: str, shorter: int, quality: int) -> bytes
     buffer = io.BytesIO()
     resized.save(buffer, "JPEG", quality=quality)
     return buffer.getvalue()
+
+
+def check_resize_settings(shorter: int, quality: int) -> None:
+    """ConfigError unless the shorter side is >= 1 and the quality in [1, 100]."""
+    if shorter < 1 or not 1 <= quality <= 100:
+        raise ConfigError(
+            f"--resize-shorter must be >= 1 and --quality in [1, 100], got {shorter} and {quality}"
+        )
 
 
 def read_prepared(dataset_dir: str | os.PathLike) -> dict[str, Any] | None:
@@ -94,10 +104,7 @@ def write_resized_copy(
     """Write `source_dir` (a prepared TFDS dataset version directory) to `target_dir` with its
     images resized; returns `target_dir`. Reuses a copy of ours with the same settings; any
     other existing `target_dir` is refused (OutputError)."""
-    if shorter < 1 or not 1 <= quality <= 100:
-        raise DataError(
-            f"--resize-shorter must be >= 1 and --quality in [1, 100], got {shorter} and {quality}"
-        )
+    check_resize_settings(shorter, quality)
     settings = {"shorter_side": shorter, "quality": quality, "source": os.path.abspath(source_dir)}
     existing = read_prepared(target_dir)
     if existing is not None and all(existing.get(k) == v for k, v in settings.items()):
@@ -112,8 +119,9 @@ def write_resized_copy(
             )
         return False
 
-    entries = sorted(os.scandir(source_dir), key=lambda e: e.name)
-    shards = [e.path for e in entries if SHARD_MARK in e.name and e.is_file(follow_symlinks=False)]
+    entries = [e for e in os.scandir(source_dir) if e.is_file(follow_symlinks=False)]
+    entries.sort(key=lambda e: e.name)
+    shards = [e.path for e in entries if SHARD_MARK in e.name]
     if not shards:
         raise DataError(f"{source_dir} holds no ArrayRecord shards to resize")
     with atomic_output(
@@ -123,8 +131,8 @@ def write_resized_copy(
         what="a resized dataset",
         directory=True,
     ) as staging:
-        for entry in entries:
-            if SHARD_MARK not in entry.name and entry.is_file(follow_symlinks=False):
+        for entry in entries:  # the metadata; not the shards, nor another format's (TFRecord)
+            if not SHARD_NAME.search(entry.name):
                 (staging / entry.name).write_bytes(Path(entry.path).read_bytes())
         counts = _resize_shards(shards, staging, image_key, shorter, quality, workers)
         meta = {"kind": PREPARED_KIND, **settings, "filter": RESIZE_FILTER, **counts}
