@@ -1,7 +1,7 @@
 """Input pipeline throughput (img/s): dpn_jax (grain) vs its old tf.data pipeline vs timm.
 
     python benchmarks/input_pipeline.py [--num-images 1024] [--image-size 224] [--batch-size 64]
-        [--rounds 3] [--json results.json] [--augmentations]
+        [--rounds 3] [--json results.json] [--augmentations | --decoding | --scaling | --feeder]
 
 Writes a folder dataset of ImageNet-like JPEGs (500x375 and 375x500, ~100 KB: scikit-learn's
 sample photos with sensor-like noise, quality 95) to a temporary directory, then times, per CPU
@@ -18,6 +18,15 @@ All cores: dpn_jax with its threads in the process and with grain worker process
 With `--augmentations`, only dpn_jax's training pipeline on one core, per CPU-second, with each
 host augmentation of timm's train transform in turn (AUGMENTATIONS: crop + flip, + colour
 jitter, + RandAugment, + AutoAugment), and the cores one H200 needs for each.
+With `--decoding` (`--photo-scale 2`: on 1000x750 JPEGs), dpn_jax's train (crop + flip, and
++ RandAugment) and eval pipelines on one core, per CPU-second, on four sources of the same
+images: the original JPEGs, the original JPEGs with `reduced_decode` (DCT-scaled decoding where
+the crop allows), and the JPEGs as `dpn-prepare-data --resize-shorter 256 --quality 90` (and
+75) re-encodes them (`data.resized`); and the
+cores one H200 needs. With `--scaling`, training (crop + flip) on all cores, wall clock, with
+`num_workers` 0 (threads), 1, 2, ... up to the cores. With `--feeder`, the trainer's
+`BatchFeeder` alone (the thread that puts each batch on the devices) on ready-made batches of
+--batch-size: its wall and CPU milliseconds per batch.
 Each measurement is its own process; rounds interleave the configurations and the table shows
 each one's median. Start-up is not timed (the first batch, or each worker process's first).
 """
@@ -40,6 +49,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CROP_PCT = 0.875
 # One H200 trains at these rates (bf16, batch 256; BENCHMARKS.md "NVIDIA H200").
 GPU_TRAIN_RATES = {"dpn68": 5500, "dpn92": 1700}
+UNITS = ("img/s wall", "img/CPU-s")
 # --augmentations: engine -> (label, train_batches keywords)
 AUGMENTATIONS = {
     "dpn_jax": ("crop + flip", {}),
@@ -48,19 +58,56 @@ AUGMENTATIONS = {
     "dpn_jax_aa": ("+ aa=original", {"aa": "original"}),
 }
 
+RANDAUGMENT = {"aa": "rand-m9-mstd0.5-inc1"}
+# --decoding: source -> (label, (shorter side, quality) of the pre-resized copy or None for the
+# original JPEGs, pipeline keywords)
+DECODINGS = {
+    "orig": ("original JPEGs", None, {}),
+    "reduced": ("original JPEGs, reduced_decode", None, {"reduced_decode": True}),
+    "prepared": ("pre-resized: shorter side 256, quality 90", (256, 90), {}),
+    "prepared_q75": ("pre-resized: shorter side 256, quality 75", (256, 75), {}),
+}
 
-def write_jpeg_folder(root: str, num_images: int) -> float:
-    """`num_images` JPEGs in train/ and the same in val/, two classes; returns the mean size."""
+
+def folder_name(prepared: tuple[int, int] | None) -> str:
+    return "jpeg" if prepared is None else "shorter{}_q{}".format(*prepared)
+
+
+def write_prepared_folder(source: str, target: str, shorter: int, quality: int) -> float:
+    """The folder `source` with each JPEG as `dpn-prepare-data --resize-shorter SHORTER
+    --quality QUALITY` writes it; returns the mean size."""
+    from dpn_jax.data.resized import resized_jpeg
+
+    sizes = []
+    for directory, _, names in os.walk(source):
+        for name in names:
+            path = os.path.join(directory, name)
+            with open(path, "rb") as file:
+                image = resized_jpeg(file.read(), path, shorter, quality)
+            out = os.path.join(target, os.path.relpath(path, source))
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            with open(out, "wb") as file:
+                file.write(image)
+            sizes.append(len(image))
+    return float(np.mean(sizes))
+
+
+def write_jpeg_folder(root: str, num_images: int, scale: int = 1) -> float:
+    """`num_images` JPEGs in train/ and the same in val/, two classes; returns the mean size.
+    `scale` 2 makes them 1000x750 (the photos upscaled first; the noise is per pixel)."""
     import sklearn.datasets
     from PIL import Image
 
-    photos = [p.astype(np.float32) for p in sklearn.datasets.load_sample_images().images]
+    photos = [
+        np.asarray(Image.fromarray(p).resize((p.shape[1] * scale, p.shape[0] * scale)), np.float32)
+        for p in sklearn.datasets.load_sample_images().images
+    ]
     rng = np.random.default_rng(0)
     sizes = []
     for split in ("train", "val"):
         for i in range(num_images):
             photo = photos[i % 2]
-            width, height = (500, 375) if i % 3 else (375, 500)
+            width, height = (500 * scale, 375 * scale) if i % 3 else (375 * scale, 500 * scale)
             if height > photo.shape[0]:  # portrait: rotate the landscape photo
                 photo = photo.transpose(1, 0, 2)
             top = rng.integers(0, photo.shape[0] - height + 1)
@@ -99,6 +146,45 @@ def images_per_second(batches, num_batches: int, count, num_workers: int = 0) ->
     }
 
 
+def run_feeder(args) -> dict[str, float]:
+    """Wall and CPU milliseconds per batch of `BatchFeeder` putting ready-made uint8 batches
+    (and int32 labels) on this process's devices, the consumer taking each at once."""
+    from dpn_jax.runtime.runner import Runner
+    from dpn_jax.train.feed import BatchFeeder
+
+    rng = np.random.default_rng(0)
+    shape = (args.batch_size, args.image_size, args.image_size, 3)
+    batch = {
+        "image": rng.integers(0, 256, shape, dtype=np.uint8),
+        "label": np.zeros(args.batch_size, np.int32),
+    }
+
+    class Ready:
+        def __init__(self, count: int):
+            self.left = count
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            if not self.left:
+                raise StopIteration
+            self.left -= 1
+            return dict(batch)
+
+        def get_state(self):
+            return {"next_batch": self.left}
+
+    count = max(args.num_batches, 20)
+    with BatchFeeder(Ready(count + 1), Runner()) as feeder:
+        feeder.next().batch["image"].block_until_ready()  # start-up not timed
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in range(count):
+            feeder.next().batch["image"].block_until_ready()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {"wall": 1000 * wall / count, "cpu": 1000 * cpu / count}
+
+
 def run_dpn_jax(
     root: str, mode: str, args, num_workers: int, augment: dict | None = None
 ) -> dict[str, float]:
@@ -117,7 +203,12 @@ def run_dpn_jax(
             f"folder:{root}", seed=0, mean=MEAN, **(augment or {}), **common
         )
         return images_per_second(batches, args.num_batches, lambda b: len(b["label"]), num_workers)
-    batches = pipeline.eval_batches(f"folder:{root}", crop_pct=CROP_PCT, **common)
+    batches = pipeline.eval_batches(
+        f"folder:{root}",
+        crop_pct=CROP_PCT,
+        reduced_decode=(augment or {}).get("reduced_decode", False),
+        **common,
+    )
     return images_per_second(batches, args.num_batches, lambda b: int(b["mask"].sum()), num_workers)
 
 
@@ -322,15 +413,25 @@ def worker(args) -> None:
     os.sched_setaffinity(0, cpus)  # before any library sizes a thread pool
     engine, mode = args.worker.split(":")
     all_cores = len(cpus)
+    jpeg_root = os.path.join(args.root, "jpeg")
     if engine in AUGMENTATIONS:
-        rate = run_dpn_jax(args.root, mode, args, num_workers=0, augment=AUGMENTATIONS[engine][1])
+        rate = run_dpn_jax(jpeg_root, mode, args, num_workers=0, augment=AUGMENTATIONS[engine][1])
+    elif engine.startswith("decode/"):  # decode/SOURCE or decode/SOURCE/ra
+        _, source, *ra = engine.split("/")
+        _, prepared, keywords = DECODINGS[source]
+        root = os.path.join(args.root, folder_name(prepared))
+        rate = run_dpn_jax(root, mode, args, 0, {**keywords, **(RANDAUGMENT if ra else {})})
+    elif engine.startswith("workers/"):
+        rate = run_dpn_jax(jpeg_root, mode, args, int(engine[8:]))
+    elif engine == "feeder":
+        rate = run_feeder(args)
     elif engine == "dpn_jax_workers":
-        rate = run_dpn_jax(args.root, mode, args, num_workers=all_cores)
+        rate = run_dpn_jax(jpeg_root, mode, args, num_workers=all_cores)
     elif engine == "tf_data":
-        rate = run_tf_data(args.root, mode, args)
+        rate = run_tf_data(jpeg_root, mode, args)
     elif engine in ("timm", "timm_jitter"):
         rate = run_timm(
-            args.root,
+            jpeg_root,
             mode,
             args,
             num_workers=0 if all_cores == 1 else all_cores,
@@ -350,14 +451,25 @@ LABELS = {
     "timm": "timm DataLoader",
     "timm_jitter": "timm DataLoader + ColorJitter(0.4)",
     **{engine: f"dpn_jax grain {label}" for engine, (label, _) in AUGMENTATIONS.items()},
+    **{f"decode/{source}": label for source, (label, _, _) in DECODINGS.items()},
+    **{f"decode/{source}/ra": f"{label}, + RA" for source, (label, _, _) in DECODINGS.items()},
+    **{f"workers/{n}": f"num_workers={n}" for n in range(65)},
+    "feeder": "BatchFeeder (ms per batch)",
 }
 
 
-def configurations(all_cores: int, augmentations: bool) -> list[tuple[str, str, int]]:
-    """(engine, mode, cores): every engine on one core, then on all cores; or each host
-    augmentation, training, on one core."""
-    if augmentations:
+def configurations(all_cores: int, study: str | None) -> list[tuple[str, str, int]]:
+    """(engine, mode, cores): every engine on one core, then on all cores; or the study's
+    (see the module docstring)."""
+    if study == "augmentations":
         return [(engine, "train", 1) for engine in AUGMENTATIONS]
+    if study == "decoding":
+        train = [(f"decode/{s}{ra}", "train", 1) for ra in ("", "/ra") for s in DECODINGS]
+        return train + [(f"decode/{source}", "eval", 1) for source in DECODINGS]
+    if study == "scaling":
+        return [(f"workers/{n}", "train", all_cores) for n in range(all_cores + 1)]
+    if study == "feeder":
+        return [("feeder", "train", all_cores)]
     configs = []
     for mode in ("train", "eval"):
         engines = ["dpn_jax", "tf_data", "timm"] + (["timm_jitter"] if mode == "train" else [])
@@ -379,6 +491,23 @@ def print_augmentation_table(median: dict) -> None:
             f"| {AUGMENTATIONS[engine][0]} | {rate['cpu']:.0f} | {rate['cpu'] / base:.2f}x | "
             f"{cores} |"
         )
+
+
+def print_decoding_table(median: dict) -> None:
+    """Markdown: img per CPU-second per source of the images, and cores per H200 (train)."""
+    models = " | ".join(f"cores per H200, {m}" for m in GPU_TRAIN_RATES)
+    print(f"| transform | images | img per CPU-s, 1 core | vs original | {models} |")
+    print("|---|---|---|---|" + "---|" * len(GPU_TRAIN_RATES))
+    for (engine, mode, _), rate in median.items():
+        base = median[(engine.replace(engine.split("/")[1], "orig"), mode, 1)]["cpu"]
+        what = f"{mode}{' + RandAugment' if engine.endswith('/ra') else ''}"
+        cores = (
+            " | ".join(f"{r / rate['cpu']:.1f}" for r in GPU_TRAIN_RATES.values())
+            if mode == "train"
+            else " | ".join("-" for _ in GPU_TRAIN_RATES)
+        )
+        label = DECODINGS[engine.split("/")[1]][0]
+        print(f"| {what} | {label} | {rate['cpu']:.0f} | {rate['cpu'] / base:.2f}x | {cores} |")
 
 
 def print_tables(median: dict, all_cores: int) -> None:
@@ -410,13 +539,29 @@ def print_tables(median: dict, all_cores: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-images", type=int, default=1024)
+    parser.add_argument(
+        "--photo-scale", type=int, default=1, help="2: 1000x750 JPEGs (default 500x375)"
+    )
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", help="write the measurements here")
-    parser.add_argument(
-        "--augmentations", action="store_true", help="the host cost of each augmentation only"
+    studies = parser.add_mutually_exclusive_group()
+    studies.add_argument(
+        "--augmentations",
+        action="store_const",
+        const="augmentations",
+        dest="study",
+        help="the host cost of each augmentation only",
     )
+    for study, what in (
+        ("decoding", "original vs reduced_decode vs pre-resized images, one core"),
+        ("scaling", "training on all cores with num_workers 0..cores"),
+        ("feeder", "the BatchFeeder's cost per batch"),
+    ):
+        studies.add_argument(
+            f"--{study}", action="store_const", const=study, dest="study", help=what
+        )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--cores", type=int, help=argparse.SUPPRESS)
@@ -428,14 +573,30 @@ def main() -> None:
 
     all_cores = len(os.sched_getaffinity(0))
     num_batches = args.num_images // args.batch_size - 1
-    configs = configurations(all_cores, args.augmentations)
+    configs = configurations(all_cores, args.study)
     runs: dict[tuple[str, str, int], list[dict[str, float]]] = {c: [] for c in configs}
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
     with tempfile.TemporaryDirectory() as root:
-        mean_bytes = write_jpeg_folder(root, args.num_images)
+        mean_bytes = (
+            0.0
+            if args.study == "feeder"  # needs no images
+            else write_jpeg_folder(os.path.join(root, "jpeg"), args.num_images, args.photo_scale)
+        )
+        prepared_bytes = {}
+        if args.study == "decoding":
+            for _, prepared, _ in DECODINGS.values():
+                if prepared is not None:
+                    prepared_bytes[folder_name(prepared)] = write_prepared_folder(
+                        os.path.join(root, "jpeg"),
+                        os.path.join(root, folder_name(prepared)),
+                        *prepared,
+                    )
+        sizes = "".join(f", {name} {size / 1024:.0f} KB" for name, size in prepared_bytes.items())
         print(
-            f"{args.num_images} JPEGs per split, 500x375 / 375x500, mean {mean_bytes / 1024:.0f}"
-            f" KB; {args.image_size} px, batch {args.batch_size}, {all_cores} CPUs; load "
+            f"{args.num_images} JPEGs per split, {500 * args.photo_scale}x{375 * args.photo_scale}"
+            f" / {375 * args.photo_scale}x{500 * args.photo_scale}, mean {mean_bytes / 1024:.0f}"
+            f" KB{sizes}; "
+            f"{args.image_size} px, batch {args.batch_size}, {all_cores} CPUs; load "
             f"average {os.getloadavg()[0]:.1f} at start",
             flush=True,
         )
@@ -464,9 +625,10 @@ def main() -> None:
                     )
                 rate = json.loads(result.stdout.strip().splitlines()[-1])
                 runs[(engine, mode, cores)].append(rate)
+                units = ("ms/batch wall", "CPU-ms/batch") if engine == "feeder" else UNITS
                 print(
                     f"round {round_ + 1}: {LABELS[engine]:>36} {mode:>5} {cores} cores: "
-                    f"{rate['wall']:7.1f} img/s wall, {rate['cpu']:7.1f} img/CPU-s",
+                    f"{rate['wall']:7.1f} {units[0]}, {rate['cpu']:7.1f} {units[1]}",
                     flush=True,
                 )
     print(f"load average {os.getloadavg()[0]:.1f} at the end\n")
@@ -474,8 +636,17 @@ def main() -> None:
         config: {key: statistics.median(run[key] for run in values) for key in ("wall", "cpu")}
         for config, values in runs.items()
     }
-    if args.augmentations:
+    if args.study == "augmentations":
         print_augmentation_table(median)
+    elif args.study == "decoding":
+        print_decoding_table(median)
+    elif args.study in ("scaling", "feeder"):
+        for (engine, _, cores), rate in median.items():
+            units = ("ms/batch wall", "CPU-ms/batch") if engine == "feeder" else UNITS
+            print(
+                f"{LABELS[engine]}, {cores} cores: {rate['wall']:.1f} {units[0]}, "
+                f"{rate['cpu']:.1f} {units[1]} (this process)"
+            )
     else:
         print_tables(median, all_cores)
     if args.json:
@@ -485,6 +656,8 @@ def main() -> None:
                     "args": vars(args),
                     "cpus": all_cores,
                     "mean_jpeg_bytes": mean_bytes,
+                    "mean_prepared_bytes": prepared_bytes,
+                    "load_average_end": os.getloadavg()[0],
                     "runs": {" ".join(map(str, c)): v for c, v in runs.items()},
                 },
                 file,

@@ -45,6 +45,7 @@ from dpn_jax.data.transforms import (
     check_eval_settings,
     decode_image,
     eval_crop,
+    reduced_eval_crop,
     size_pair,
 )
 from dpn_jax.errors import ConfigError, DataError
@@ -68,6 +69,7 @@ class DatasetInfo:
     class_names: tuple[str, ...]
     num_train_examples: int  # 0 for an evaluation-only dataset (e.g. a folder with just val/)
     num_eval_examples: int
+    prepared: str = ""  # how the images were prepared, if not the originals (data.resized)
 
 
 def dataset_info(
@@ -90,6 +92,7 @@ def dataset_info(
         class_names=dataset.class_names,
         num_train_examples=num_train,
         num_eval_examples=num_eval,
+        prepared=getattr(dataset, "prepared", ""),
     )
 
 
@@ -112,6 +115,7 @@ def train_batches(
     color_jitter_prob: float | None = None,
     mean: Sequence[float] = (0.485, 0.456, 0.406),
     no_aug: bool = False,
+    reduced_decode: bool = False,
 ) -> TrainBatches:
     """Endless {"image": uint8 [batch_size, H, W, 3], "label": int32 [batch_size]} batches of
     this process's shard (see the module docstring); `get_state()` / `set_state()` resume.
@@ -119,7 +123,9 @@ def train_batches(
     `start_batch` k starts at batch k, as `set_state` to k would (for a checkpoint that saved
     its step but no input state). `interpolation` may be 'random'; `aa`, `color_jitter`,
     `color_jitter_prob` and `no_aug` are timm's (see `transforms.TrainTransform`; `mean` is
-    the fill of the `aa` ops).
+    the fill of the `aa` ops). `reduced_decode` decodes JPEGs at a reduced DCT scale where the
+    crop window keeps at least the output's pixels (`transforms.reduced_train_crop_image`):
+    the same crops, close but not identical pixels.
     """
     _check_batch_size(batch_size)
     transform = TrainTransform(  # bad settings fail here, not in a worker
@@ -130,6 +136,7 @@ def train_batches(
         color_jitter_prob=color_jitter_prob,
         mean=tuple(mean),
         no_aug=no_aug,
+        reduced_decode=reduced_decode,
     )
     process_index, process_count = _topology(process_index, process_count)
     dataset = open_dataset(spec, data_dir=data_dir, manual_dir=manual_dir)
@@ -172,12 +179,14 @@ def eval_batches(
     process_count: int | None = None,
     num_workers: int = 0,
     manual_dir: str | None = None,
+    reduced_decode: bool = False,
 ) -> Iterator[Batch]:
     """One pass over this process's shard: {"image": uint8, "label": int32, "mask": bool}.
 
     Every process yields ceil(largest shard / batch_size) batches, so collectives stay in step;
     mask is False on padding and on undecodable images (each named in a warning, and counted in
-    one at the end).
+    one at the end). `reduced_decode` decodes JPEGs at a reduced DCT scale that keeps at least
+    the resize size (`transforms.reduced_eval_crop`): close but not identical pixels.
     """
     _check_batch_size(batch_size)
     check_eval_settings(crop_pct, interpolation)  # fails here, not in a worker
@@ -187,7 +196,11 @@ def eval_batches(
     shard, split_size = _shard(dataset, split, process_index, process_count)
     num_batches = math.ceil(math.ceil(split_size / process_count) / batch_size)
     transform = _EvalExample(
-        shard, image_size=size_pair(image_size), crop_pct=crop_pct, interpolation=interpolation
+        shard,
+        image_size=size_pair(image_size),
+        crop_pct=crop_pct,
+        interpolation=interpolation,
+        reduced_decode=reduced_decode,
     )
     batches = (
         grain.MapDataset.range(num_batches * batch_size)
@@ -281,11 +294,10 @@ class _TrainExample:
         for offset in range(MAX_CONSECUTIVE_FAILURES):
             record = self.stream[index + offset]
             try:
-                image = decode_image(record["image"], record["name"])
+                pixels = self.transform.from_encoded(record["image"], record["name"], rng)
             except UndecodableImage as error:
                 skipped.append((error.name, error.why))
                 continue
-            pixels = self.transform(image, rng)
             return {"image": pixels, "label": np.int32(record["label"]), "skipped": skipped}
         name, why = skipped[-1]
         raise DataError(
@@ -304,22 +316,25 @@ class _EvalExample:
         image_size: tuple[int, int],
         crop_pct: float,
         interpolation: str,
+        reduced_decode: bool = False,
     ):
-        self.shard, self.image_size = shard, image_size
-        self.crop_pct, self.interpolation = crop_pct, interpolation
+        self.shard, self.reduced_decode = shard, reduced_decode
+        self.settings = {
+            "image_size": image_size,
+            "crop_pct": crop_pct,
+            "interpolation": interpolation,
+        }
 
     def __call__(self, index: int) -> dict[str, Any]:
         skipped = []
         if index < len(self.shard):
             record = self.shard[index]
             try:
-                image = decode_image(record["image"], record["name"])
-                pixels = eval_crop(
-                    image,
-                    image_size=self.image_size,
-                    crop_pct=self.crop_pct,
-                    interpolation=self.interpolation,
-                )
+                if self.reduced_decode:
+                    pixels = reduced_eval_crop(record["image"], record["name"], **self.settings)
+                else:
+                    image = decode_image(record["image"], record["name"])
+                    pixels = eval_crop(image, **self.settings)
                 return {
                     "image": pixels,
                     "label": np.int32(record["label"]),
@@ -329,7 +344,7 @@ class _EvalExample:
             except UndecodableImage as error:
                 skipped.append((error.name, error.why))
         return {
-            "image": np.zeros((*self.image_size, 3), np.uint8),
+            "image": np.zeros((*self.settings["image_size"], 3), np.uint8),
             "label": np.int32(0),
             "mask": np.bool_(False),
             "skipped": skipped,

@@ -17,6 +17,12 @@ import shlex
 import tensorflow_datasets as tfds
 
 from dpn_jax.data.records import Record
+from dpn_jax.data.resized import (
+    default_output_root,
+    describe_prepared,
+    read_prepared,
+    write_resized_copy,
+)
 from dpn_jax.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -99,6 +105,7 @@ class TfdsDataset:
         if not isinstance(info.features[self.image_key], tfds.features.Image):
             raise DataError(f"{spec}: feature {self.image_key!r} is not an image")
         self.class_names = tuple(info.features[self.label_key].names)
+        self.prepared = describe_prepared(read_prepared(self.builder.data_dir))
 
     @property
     def default_eval_split(self) -> str:
@@ -188,3 +195,28 @@ def prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
     )
     return builder.data_dir
+
+
+def prepare_resized(
+    spec: str,
+    *,
+    data_dir: str | None,
+    shorter: int,
+    quality: int,
+    output_data_dir: str | None = None,
+) -> tuple[str, str]:
+    """Write the prepared `spec`'s copy with pre-resized images (`dpn_jax.data.resized`);
+    returns (the copy's data dir, its dataset directory)."""
+    dataset = TfdsDataset(spec.partition(":")[2] or spec, spec=spec, data_dir=data_dir)
+    builder = dataset.builder
+    root = os.fspath(builder.data_dir_root)
+    output_root = output_data_dir or default_output_root(root, shorter, quality)
+    relative = os.path.relpath(builder.data_dir, root)
+    where = write_resized_copy(
+        builder.data_dir,
+        os.path.join(output_root, relative),
+        image_key=dataset.image_key,
+        shorter=shorter,
+        quality=quality,
+    )
+    return output_root, where

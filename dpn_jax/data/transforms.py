@@ -20,13 +20,13 @@ import dataclasses
 import io
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageEnhance, ImageOps, UnidentifiedImageError
 
 from dpn_jax.data.auto_augment import auto_augment
 from dpn_jax.errors import ConfigError, DataError
@@ -66,13 +66,18 @@ class UndecodableImage(DataError):
 
 
 def load_image(
-    path_or_file: str | os.PathLike | BinaryIO, max_pixels: int = MAX_DECODE_PIXELS
+    path_or_file: str | os.PathLike | BinaryIO,
+    max_pixels: int = MAX_DECODE_PIXELS,
+    needed: Callable[[int, int], tuple[int, int]] | None = None,
 ) -> Image.Image:
     """Open an image as 8-bit RGB the way timm does (`convert('RGB')`), EXIF orientation applied.
 
     16-bit grayscale is scaled to 8 bit (Pillow's convert would clip it); alpha is dropped.
     Raises `UndecodableImage` (a ValueError) naming the file for missing, unreadable or corrupt
-    files; a file object's name is its `name` attribute.
+    files; a file object's name is its `name` attribute. `needed`, given the image's (width,
+    height) before decoding, returns the smallest (width, height) the caller can use: a JPEG is
+    then decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still has that many pixels
+    (`reduced_size_box` maps coordinates to it).
     """
     if isinstance(path_or_file, (str, os.PathLike)):
         name = os.fspath(path_or_file)
@@ -90,9 +95,13 @@ def load_image(
                 f"{image.width}x{image.height} pixels exceeds the "
                 f"decompression-bomb limit of {Image.MAX_IMAGE_PIXELS}"
             )
+        request = _needed_in_storage(image, needed) if needed else None
         if image.format == "JPEG" and pixels > max_pixels:
             scale = math.sqrt(pixels / max_pixels)
-            image.draft("RGB", (int(image.width / scale), int(image.height / scale)))
+            bound = (int(image.width / scale), int(image.height / scale))
+            request = bound if request is None else tuple(map(min, request, bound))
+        if request is not None and image.format == "JPEG":
+            image.draft("RGB", request)
         image.load()
         ImageOps.exif_transpose(image, in_place=True)  # (not in place: a copy of every image)
         return _to_rgb(image)
@@ -107,11 +116,42 @@ def load_image(
         raise UndecodableImage(name, why) from None
 
 
-def decode_image(encoded: bytes, name: str) -> Image.Image:
+def decode_image(
+    encoded: bytes, name: str, needed: Callable[[int, int], tuple[int, int]] | None = None
+) -> Image.Image:
     """`load_image` on an encoded image held in memory (a dataset record); `name` for errors."""
     file = io.BytesIO(encoded)
     file.name = name
-    return load_image(file)
+    return load_image(file, needed=needed)
+
+
+# EXIF orientations that turn the stored image by 90 degrees (width and height swap).
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def _needed_in_storage(
+    image: Image.Image, needed: Callable[[int, int], tuple[int, int]]
+) -> tuple[int, int]:
+    """`needed` for the displayed (EXIF-oriented) size, as a size of the stored image."""
+    tagged = "exif" in image.info or "xmp" in image.info  # where getexif finds an orientation
+    turned = tagged and image.getexif().get(ExifTags.Base.Orientation) in _TRANSPOSING_ORIENTATIONS
+    width, height = (image.height, image.width) if turned else image.size
+    request_w, request_h = needed(width, height)
+    return (request_h, request_w) if turned else (request_w, request_h)
+
+
+def reduced_size_box(
+    box: tuple[float, float, float, float], full_size: tuple[int, int], image: Image.Image
+) -> tuple[float, float, float, float]:
+    """A (left, top, right, bottom) box of the full-size image in the coordinates of `image`,
+    the same image decoded at 1/s scale (s in 1, 2, 4, 8: libjpeg makes each side ceil(side /
+    s), pixel i covering the full image's [i * s, (i + 1) * s))."""
+    width, height = full_size
+    scale = next(
+        (s for s in (1, 2, 4, 8) if image.size == (-(-width // s), -(-height // s))),
+        width / image.width,  # (not from a DCT scale: proportional)
+    )
+    return tuple(coordinate / scale for coordinate in box)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -180,6 +220,37 @@ def eval_crop(
     if (new_h, new_w) != (image.height, image.width):
         image = image.resize((new_w, new_h), pil_filter(interpolation))
     return _center_crop(np.asarray(image.convert("RGB")), size_pair(image_size))
+
+
+def reduced_eval_crop(
+    encoded: bytes,
+    name: str,
+    *,
+    image_size: int | Sequence[int],
+    crop_pct: float,
+    interpolation: str = "bicubic",
+) -> np.ndarray:
+    """`eval_crop(decode_image(encoded, name), ...)` with a JPEG decoded at the smallest DCT
+    scale that keeps at least the size timm resizes to, so the resize starts from fewer
+    pixels. The geometry is timm's (the resize size and crop come from the full size); the
+    pixels are close to, not equal to, timm's (tests bound the difference). An image not
+    reduced (too small for 1/2, not a JPEG) takes `eval_crop`'s exact path."""
+    check_eval_settings(crop_pct, interpolation)
+    sizes = {}
+
+    def needed(width: int, height: int) -> tuple[int, int]:
+        new_h, new_w = eval_resize_size(height, width, image_size, crop_pct)
+        sizes.update(full=(width, height), resized=(new_w, new_h))
+        return new_w, new_h
+
+    image = decode_image(encoded, name, needed)
+    if image.size == sizes["full"]:
+        return eval_crop(
+            image, image_size=image_size, crop_pct=crop_pct, interpolation=interpolation
+        )
+    box = reduced_size_box((0, 0, *sizes["full"]), sizes["full"], image)
+    image = image.resize(sizes["resized"], pil_filter(interpolation), box=box)
+    return _center_crop(np.asarray(image), size_pair(image_size))
 
 
 def eval_transform(
@@ -295,9 +366,57 @@ def _train_crop_image(
 ) -> Image.Image:
     """`train_crop` as a PIL image; interpolation 'random' is timm's: bilinear or bicubic."""
     window = random_resized_crop_window(image.height, image.width, rng)
+    return _crop_window(image, window, image.size, image_size, interpolation, rng)
+
+
+def reduced_train_crop_image(
+    encoded: bytes, name: str, image_size: int | Sequence[int], interpolation: str, rng
+) -> Image.Image:
+    """`_train_crop_image(decode_image(encoded, name), ...)` with a JPEG decoded at the
+    smallest DCT scale 1/s at which the crop window still has at least the output's pixels.
+
+    The window is drawn from the full size (read from the header before decoding) with the
+    same draws in the same order (window, interpolation, flip), so every crop's scale, aspect,
+    position and flip are exactly timm's; only the pixels the window is resized from differ
+    (libjpeg's 1/s image instead of the full one, mapped with a fractional box). For output
+    size (H, W) the request is ceil(W * width / crop_w) x ceil(H * height / crop_h); Pillow
+    picks s <= width // request_w, so width / s >= request_w, i.e. crop_w / s >= W (and so for
+    the height): the resize still only shrinks. A window smaller than twice the output keeps
+    s = 1, the exact path.
+    """
+    out_h, out_w = size_pair(image_size)
+    drawn = {}
+
+    def needed(width: int, height: int) -> tuple[int, int]:
+        window = random_resized_crop_window(height, width, rng)
+        drawn.update(window=window, full=(width, height))
+        _, _, crop_h, crop_w = window
+        return math.ceil(out_w * width / crop_w), math.ceil(out_h * height / crop_h)
+
+    image = decode_image(encoded, name, needed)
+    return _crop_window(image, drawn["window"], drawn["full"], image_size, interpolation, rng)
+
+
+def _crop_window(
+    image: Image.Image,
+    window: tuple[int, int, int, int],
+    full_size: tuple[int, int],
+    image_size: int | Sequence[int],
+    interpolation: str,
+    rng,
+) -> Image.Image:
+    """Resize `window` of the full-size image to `image_size`, flipped with probability 1/2;
+    `image` is the full-size image or the same decoded at a reduced scale."""
     if interpolation == "random":  # drawn after the window, as timm's __call__ does
         interpolation = RANDOM_INTERPOLATION[int(rng.integers(len(RANDOM_INTERPOLATION)))]
-    return resized_crop_image(image, window, image_size, interpolation, flip=rng.random() < 0.5)
+    flip = rng.random() < 0.5
+    if image.size == full_size:
+        return resized_crop_image(image, window, image_size, interpolation, flip)
+    top, left, crop_h, crop_w = window
+    box = reduced_size_box((left, top, left + crop_w, top + crop_h), full_size, image)
+    height, width = size_pair(image_size)
+    crop = image.resize((width, height), pil_filter(interpolation), box=box)
+    return crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else crop
 
 
 def color_jitter(
@@ -342,7 +461,8 @@ class TrainTransform:
     `interpolation` is a timm name or 'random'. `no_aug` is timm's `--no-aug`
     (`transforms_noaug_train`): the eval transform at the training size, crop_pct 1, no flip
     ('random' interpolation becomes bilinear, as there), no draws. Random erasing and mixup run
-    on the device (`dpn_jax.data.batch_augment`). Raises ConfigError for a bad setting when built.
+    on the device (`dpn_jax.data.batch_augment`). `reduced_decode` is for `from_encoded`.
+    Raises ConfigError for a bad setting when built.
     """
 
     image_size: tuple[int, int]
@@ -352,6 +472,7 @@ class TrainTransform:
     color_jitter_prob: float | None = None
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     no_aug: bool = False
+    reduced_decode: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "image_size", size_pair(self.image_size))
@@ -375,11 +496,27 @@ class TrainTransform:
 
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
         if self.no_aug:
-            interpolation = "bilinear" if self.interpolation == "random" else self.interpolation
-            return eval_crop(
-                image, image_size=self.image_size, crop_pct=1.0, interpolation=interpolation
-            )
+            return eval_crop(image, **self._no_aug_settings())
         image = _train_crop_image(image, self.image_size, self.interpolation, rng)
+        return self._augmented(image, rng)
+
+    def from_encoded(self, encoded: bytes, name: str, rng: np.random.Generator) -> np.ndarray:
+        """`self(decode_image(encoded, name), rng)`; with `reduced_decode`, decoding a JPEG at
+        a reduced scale where the crop allows (`reduced_train_crop_image`, `reduced_eval_crop`
+        for `no_aug`): the same crops, close pixels."""
+        if not self.reduced_decode:
+            return self(decode_image(encoded, name), rng)
+        if self.no_aug:
+            return reduced_eval_crop(encoded, name, **self._no_aug_settings())
+        crop = reduced_train_crop_image(encoded, name, self.image_size, self.interpolation, rng)
+        return self._augmented(crop, rng)
+
+    def _no_aug_settings(self) -> dict[str, Any]:
+        interpolation = "bilinear" if self.interpolation == "random" else self.interpolation
+        return {"image_size": self.image_size, "crop_pct": 1.0, "interpolation": interpolation}
+
+    def _augmented(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
+        """The cropped image with `aa` or colour jitter applied, as an array."""
         if self._augment is not None:
             image = self._augment(image, rng)
         if any(self.color_jitter) and (not self.aa or "3a" in self.aa):

@@ -39,15 +39,18 @@ def describe_run(
     num_classes: int,
     devices: Sequence[jax.Device],
     workdir: Path,
+    prepared: str = "",
 ) -> str:
-    """The run's first line: what is really trained, on what, where."""
+    """The run's first line: what is really trained, on what (`prepared`: how the dataset's
+    images were, e.g. pre-resized), where."""
     size = sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params))
     overrides = ", ".join(f"{k}={v}" for k, v in sorted(model_kwargs.items()))
     model = f"{arch} ({overrides})" if overrides else arch
     processes = jax.process_count()
     return (
         f"training {model}, {size / 1e6:.2f}M params, on {printable(dataset, QUOTE_LIMIT)} "
-        f"({num_train} train / {num_eval} eval images, {num_classes} classes), "
+        f"({num_train} train / {num_eval} eval images{', ' * bool(prepared)}{prepared}, "
+        f"{num_classes} classes), "
         f"{len(devices)} {devices[0].platform} device{'s' * (len(devices) > 1)} in "
         f"{processes} process{'es' * (processes > 1)}; workdir {workdir}"
     )

@@ -168,6 +168,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
             num_classes=info.num_classes,
             devices=runner.devices,
             workdir=workdir,
+            prepared=info.prepared,
         )
     )
     schedule_settings = ScheduleSettings.from_config(config, length)

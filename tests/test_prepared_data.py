@@ -1,0 +1,286 @@
+"""Faster host decoding that keeps the recipe: `dpn-prepare-data --resize-shorter` (a pre-resized
+ArrayRecord copy) and reduced-size (DCT-scaled) JPEG decoding, checked against timm's
+RandomResizedCrop statistics and against the full decode's pixels."""
+
+import io
+import json
+import math
+import os
+import random
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_augment import assert_same_distribution
+from test_input_pipeline import SYNSETS, add_to_tar
+
+from dpn_jax.data import pipeline
+from dpn_jax.data.resized import PREPARED_FILE, resized_jpeg
+from dpn_jax.data.transforms import (
+    TrainTransform,
+    decode_image,
+    eval_crop,
+    random_resized_crop_window,
+    reduced_eval_crop,
+    reduced_train_crop_image,
+    resized_crop,
+)
+
+SAMPLES = 4000
+
+
+def photo(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A smooth photo-like image (gradients, blobs, mild noise): resizing and JPEG re-encoding
+    change it little, as with real photos, unlike uniform noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    channels = []
+    for c in range(3):
+        value = 120 + 60 * np.sin(2 * np.pi * (x * (2 + c) + y * (1 + seed % 3)))
+        for _ in range(4):
+            cx, cy, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.05, 0.2)
+            value += 50 * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * r * r))
+        channels.append(value + rng.normal(0, 3, value.shape))
+    return np.clip(np.stack(channels, -1), 0, 255).astype(np.uint8)
+
+
+def jpeg(pixels: np.ndarray, quality: int = 95) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+# ------------------------------------------------------------------------ reduced-size decoding
+
+
+def test_reduced_eval_crop_is_close_to_timms_and_decodes_less():
+    """Eval: a 4x larger JPEG drafts at 1/2 or 1/4 and stays close to the full decode; an image
+    too small to draft takes the exact path (bit-identical)."""
+    settings = dict(image_size=32, crop_pct=0.875, interpolation="bicubic")
+    for size, seed in (((160, 120), 1), ((120, 160), 2), ((300, 200), 3)):
+        encoded = jpeg(photo(*size, seed=seed))
+        full = eval_crop(decode_image(encoded, "x"), **settings)
+        reduced = reduced_eval_crop(encoded, "x", **settings)
+        assert reduced.shape == full.shape == (32, 32, 3)
+        difference = np.abs(reduced.astype(int) - full.astype(int))
+        assert difference.mean() < 2.0 and not (reduced == full).all(), difference.mean()
+    small = jpeg(photo(60, 45))  # 36 px resize target: no 1/2 scale keeps it
+    np.testing.assert_array_equal(
+        reduced_eval_crop(small, "x", **settings), eval_crop(decode_image(small, "x"), **settings)
+    )
+    needed = []
+    decode_image(jpeg(photo(160, 120)), "x", lambda w, h: needed.append((w, h)) or (40, 36))
+    image = decode_image(jpeg(photo(160, 120)), "x", lambda w, h: (40, 36))
+    # min(160 // 40, 120 // 36) = 3: 1/2 is the smallest scale keeping 40x36 (1/4 would not)
+    assert needed == [(160, 120)] and image.size == (80, 60)
+
+
+def test_reduced_decoding_follows_exif_orientation():
+    """A JPEG stored 400x100 and shown 100x400 (EXIF orientation 6): the caller's size needs
+    are about the shown image, and the decode is reduced by the scale they allow."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees clockwise when shown
+    buffer = io.BytesIO()
+    Image.fromarray(photo(400, 100)).save(buffer, "JPEG", quality=95, exif=exif)
+    seen = []
+    image = decode_image(buffer.getvalue(), "x", lambda w, h: seen.append((w, h)) or (50, 200))
+    assert seen == [(100, 400)] and image.size == (50, 200)  # 1/2 scale, shown upright
+    full = decode_image(buffer.getvalue(), "x")
+    settings = dict(image_size=32, crop_pct=0.875, interpolation="bicubic")
+    difference = np.abs(
+        reduced_eval_crop(buffer.getvalue(), "x", **settings).astype(int)
+        - eval_crop(full, **settings).astype(int)
+    )
+    assert full.size == (100, 400) and difference.mean() < 2.0
+
+
+def test_reduced_train_crop_has_timms_windows_and_close_pixels():
+    """Train: the same draws give the same windows (so timm's scale/aspect statistics, checked
+    against timm in test_augment), a crop window >= 2x the output decodes reduced, and the
+    pixels stay close to the full decode's crop of the same window."""
+    encoded = jpeg(photo(256, 192, seed=4))
+    full_image = decode_image(encoded, "x")
+    differences, reduced_count = [], 0
+    for seed in range(40):
+        rng_full, rng_reduced = np.random.default_rng(seed), np.random.default_rng(seed)
+        window = random_resized_crop_window(192, 256, rng_full)
+        flip = rng_full.random() < 0.5
+        full = resized_crop(full_image, window, 24, "bicubic", flip=flip)
+        reduced = reduced_train_crop_image(encoded, "x", 24, "bicubic", rng_reduced)
+        assert rng_full.random() == rng_reduced.random()  # the same number of draws
+        reduced = np.asarray(reduced)
+        if min(window[2], window[3]) >= 48:
+            reduced_count += 1
+            differences.append(np.abs(reduced.astype(int) - full.astype(int)).mean())
+        else:
+            np.testing.assert_array_equal(reduced, full)  # window < 2x output: the exact path
+    assert reduced_count >= 10 and np.mean(differences) < 3.0, (reduced_count, differences)
+
+
+def test_train_transform_reduced_decode_keeps_the_crops():
+    """`TrainTransform.from_encoded` with and without reduced decoding: same output shapes and
+    close pixels for every seed, including RandAugment after the crop."""
+    encoded = jpeg(photo(320, 240, seed=5))
+    for aa in (None, "rand-m9-mstd0.5-inc1"):
+        exact = TrainTransform(image_size=32, interpolation="bicubic", aa=aa)
+        reduced = TrainTransform(image_size=32, interpolation="bicubic", aa=aa, reduced_decode=True)
+        for seed in range(6):
+            a = exact.from_encoded(encoded, "x", np.random.default_rng(seed))
+            b = reduced.from_encoded(encoded, "x", np.random.default_rng(seed))
+            assert a.shape == b.shape == (32, 32, 3)
+            assert np.abs(a.astype(int) - b.astype(int)).mean() < 6.0
+
+
+# ---------------------------------------------------------------------- pre-resized ArrayRecord
+
+
+def test_resized_jpeg_sizes():
+    big, small = jpeg(photo(200, 150)), jpeg(photo(40, 30))
+    image = Image.open(io.BytesIO(resized_jpeg(big, "x", 48, 90)))
+    assert image.format == "JPEG" and image.size == (64, 48)
+    tall = Image.open(io.BytesIO(resized_jpeg(jpeg(photo(150, 200)), "x", 48, 90)))
+    assert tall.size == (48, 64)
+    assert resized_jpeg(small, "x", 48, 90) is small  # never upscaled: the same bytes
+    assert resized_jpeg(b"not an image", "x", 48, 90) == b"not an image"
+
+
+def test_prepared_crop_statistics_match_timm_on_the_original():
+    """Training crops on a pre-resized image (shorter side 256) against timm's RandomResizedCrop
+    on the original 500x375: the same distribution of area fraction and aspect ratio."""
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    random.seed(0)  # timm draws from Python's random
+    theirs_scale, theirs_aspect = [], []
+    timm_crop = RandomResizedCropAndInterpolation(224)
+    original = Image.new("RGB", (500, 375))
+    for _ in range(SAMPLES):
+        top, left, h, w = timm_crop.get_params(original, timm_crop.scale, timm_crop.ratio)
+        theirs_scale.append(h * w / (500 * 375))
+        theirs_aspect.append(math.log(w / h))
+    rng = np.random.default_rng(0)
+    ours_scale, ours_aspect = [], []
+    prepared = resized_jpeg(jpeg(photo(500, 375)), "x", 256, 90)
+    prepared_w, prepared_h = Image.open(io.BytesIO(prepared)).size
+    assert (prepared_w, prepared_h) == (341, 256)
+    for _ in range(SAMPLES):
+        top, left, h, w = random_resized_crop_window(prepared_h, prepared_w, rng)
+        ours_scale.append(h * w / (prepared_w * prepared_h))
+        ours_aspect.append(math.log(w / h))
+    assert_same_distribution(ours_scale, theirs_scale, "crop area fraction")
+    assert_same_distribution(ours_aspect, theirs_aspect, "crop log aspect")
+
+
+@pytest.fixture(scope="module")
+def imagenet_photos(tmp_path_factory):
+    """A tiny imagenet2012 manual dir of photo-like JPEGs (some larger than the 48-pixel
+    resize, one smaller), prepared as ArrayRecord; (data_dir, manual_dir, root)."""
+    pytest.importorskip("tensorflow")
+    from dpn_jax.data.tfds_source import prepare
+
+    root = tmp_path_factory.mktemp("photos")
+    manual = root / "manual"
+    manual.mkdir()
+    sizes = [(120, 90), (90, 120), (40, 36)]
+    with tarfile.open(manual / "ILSVRC2012_img_train.tar", "w") as train:
+        for s, synset in enumerate(SYNSETS):
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as synset_tar:
+                for i, size in enumerate(sizes):
+                    add_to_tar(synset_tar, f"{synset}_{i}.JPEG", jpeg(photo(*size, seed=3 * s + i)))
+            add_to_tar(train, f"{synset}.tar", inner.getvalue())
+    with tarfile.open(manual / "ILSVRC2012_img_val.tar", "w") as val:
+        for i in range(3):
+            add_to_tar(val, f"ILSVRC2012_val_{i + 1:08d}.JPEG", jpeg(photo(100, 80, seed=10 + i)))
+    data_dir = str(root / "tfds")
+    prepare("imagenet2012", data_dir=data_dir, manual_dir=str(manual))
+    return data_dir, str(manual), root
+
+
+def test_prepare_data_resized_copy(imagenet_photos, capsys):
+    """`dpn-prepare-data --resize-shorter 48 --quality 90`: a TFDS data dir whose records are
+    the originals' (same order, labels, names) with images at a 48-pixel shorter side (the small
+    one unchanged), metadata saying so, eval crops close to the originals'; a second run
+    reuses it; an output dir with a user's file is refused and left as it was."""
+    from dpn_jax.cli.prepare_data import main as prepare_main
+    from dpn_jax.data.sources import open_dataset
+
+    data_dir, manual, root = imagenet_photos
+    copy = str(root / "resized")
+    flags = ["--data-dir", data_dir, "--manual-dir", manual]
+    resize = ["--resize-shorter", "48", "--quality", "90", "--output-data-dir", copy]
+    assert prepare_main(["imagenet2012", *flags, *resize]) == 0
+    assert f"train on it with --config.data_dir={copy}" in capsys.readouterr().out
+    info = pipeline.dataset_info("imagenet2012", data_dir=copy)
+    assert (info.num_train_examples, info.num_eval_examples) == (6, 3)
+    assert info.prepared == "images pre-resized to a 48-pixel shorter side, JPEG quality 90"
+    assert pipeline.dataset_info("imagenet2012", data_dir=data_dir).prepared == ""
+    original, resized = (
+        open_dataset("imagenet2012", data_dir=d).records("train") for d in (data_dir, copy)
+    )
+    eval_settings = dict(image_size=42, crop_pct=0.875, interpolation="bicubic")  # resize: 48
+    for index in range(len(original)):
+        a, b = original[index], resized[index]
+        assert (a["label"], a["name"]) == (b["label"], b["name"])
+        full, small = decode_image(a["image"], "a"), decode_image(b["image"], "b")
+        if min(full.size) <= 48:
+            assert b["image"] == a["image"]
+            continue
+        assert min(small.size) == 48 and b["image"] != a["image"]
+        assert abs(small.width / small.height - full.width / full.height) < 0.02
+        difference = np.abs(
+            eval_crop(small, **eval_settings).astype(int)
+            - eval_crop(full, **eval_settings).astype(int)
+        )
+        assert difference.mean() < 3.0, difference.mean()
+    meta_path = next((root / "resized").rglob(PREPARED_FILE))
+    meta = json.loads(meta_path.read_text())
+    assert meta["shorter_side"] == 48 and meta["quality"] == 90
+    assert (meta["images_resized"], meta["images_kept"]) == (4 + 3, 2)
+    stamp = os.stat(meta_path).st_mtime_ns
+    assert prepare_main(["imagenet2012", *flags, *resize]) == 0  # reused, not rewritten
+    assert os.stat(meta_path).st_mtime_ns == stamp
+
+    user = root / "user"
+    (user / meta_path.parent.relative_to(copy)).mkdir(parents=True)
+    notes = user / meta_path.parent.relative_to(copy) / "notes.txt"
+    notes.write_text("mine")
+    resize[-1] = str(user)
+    assert prepare_main(["imagenet2012", *flags, *resize]) == 1
+    assert "refusing to replace" in capsys.readouterr().err
+    assert notes.read_text() == "mine" and os.listdir(notes.parent) == ["notes.txt"]
+
+
+def test_prepare_data_refuses_bad_resize_settings_first(tmp_path, capsys):
+    """Bad --resize-shorter / --quality are one line, before any preparing (here an unprepared
+    ImageNet without its tars would otherwise be the error)."""
+    from dpn_jax.cli.prepare_data import main as prepare_main
+
+    for flags in (["--resize-shorter", "0"], ["--resize-shorter", "256", "--quality", "101"]):
+        assert prepare_main(["imagenet2012", "--data-dir", str(tmp_path), *flags]) == 1
+        error = capsys.readouterr().err.strip()
+        assert error.endswith(
+            "--resize-shorter must be >= 1 and --quality in [1, 100], got "
+            f"{flags[1]} and {flags[3] if len(flags) > 2 else 90}"
+        ), error
+        assert len(error.splitlines()) == 1
+    assert os.listdir(tmp_path) == []
+
+
+def test_trainer_line_names_the_prepared_images():
+    from dpn_jax.train import report
+
+    common = dict(
+        arch="dpn68",
+        model_kwargs={},
+        params={},
+        dataset="imagenet2012",
+        num_train=6,
+        num_eval=3,
+        num_classes=1000,
+        devices=[type("Device", (), {"platform": "cpu"})()],
+        workdir="w",
+    )
+    line = report.describe_run(**common, prepared="images pre-resized to a 48-pixel shorter side")
+    assert "(6 train / 3 eval images, images pre-resized to a 48-pixel shorter side, 1000" in line
+    assert "(6 train / 3 eval images, 1000 classes)" in report.describe_run(**common)
