@@ -33,12 +33,18 @@ from dpn_jax.models.registry import pretrained_cfg
 from dpn_jax.runtime.runner import AXIS, Runner
 from dpn_jax.train import report
 from dpn_jax.train.checkpoints import Checkpoints
-from dpn_jax.train.config import architecture, explicit_model_kwargs, validate_config
+from dpn_jax.train.config import (
+    architecture,
+    explicit_model_kwargs,
+    mixup_active,
+    train_settings,
+    validate_config,
+)
 from dpn_jax.train.feed import BatchFeeder
 from dpn_jax.train.logger import MetricsLogger
-from dpn_jax.train.optim import RunLength, ScheduleSettings, create_optimizer
+from dpn_jax.train.optim import create_optimizer
 from dpn_jax.train.state import TrainState, create_train_state, merge_for_finetuning
-from dpn_jax.train.step import compile_train_step, mixup_active
+from dpn_jax.train.step import compile_train_step, make_train_step
 from dpn_jax.train.stop import StopRequest
 from dpn_jax.train.workdir import WorkdirLock
 from dpn_jax.weights.model_dir import ModelDir, Preprocessing
@@ -167,8 +173,6 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
             f"--config.mixup/cutmix mix each device's rows in pairs: --config.batch_size="
             f"{config.batch_size} gives {per_device} per device; make that even"
         )
-    length = RunLength.from_config(config, steps_per_epoch)
-    total_steps = length.total_steps
     model, variables, arch, model_kwargs, base_cfg = build_model(config, info.num_classes)
     report.say(
         report.describe_run(
@@ -184,9 +188,12 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
         )
     )
     data_cfg = data_config(config, arch, base_cfg)
-    schedule_settings = ScheduleSettings.from_config(config, length)
-    tx, schedule = create_optimizer(config, schedule_settings)
-    host_state = create_train_state(variables, tx, seed=config.seed, use_ema=config.ema_decay > 0)
+    settings = train_settings(config, steps_per_epoch, info.num_classes)
+    total_steps = settings.length.total_steps
+    tx, schedule = create_optimizer(settings.optimizer, settings.schedule)
+    host_state = create_train_state(
+        variables, tx, seed=config.seed, use_ema=settings.step.ema_decay > 0
+    )
     meta = {
         "class_names": list(info.class_names),
         "architecture": arch,
@@ -195,12 +202,13 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]
         "seed": config.seed,
         "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps,
-        "schedule": schedule_settings.as_dict(),
+        "schedule": settings.schedule.as_dict(),
         "config": config.to_dict(),
     }
 
     train_step = compile_train_step(
-        runner, model, tx, schedule, config, data_cfg["mean"], data_cfg["std"]
+        runner,
+        make_train_step(model, tx, schedule, settings.step, data_cfg["mean"], data_cfg["std"]),
     )
     eval_step = compile_eval_step(runner, model, data_cfg["mean"], data_cfg["std"])
 
