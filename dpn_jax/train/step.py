@@ -1,4 +1,15 @@
-"""One device's training step, with explicit collectives over the runner's `batch` axis."""
+"""One device's training step, with explicit collectives over the runner's `batch` axis.
+
+The state is replicated; each device differentiates its own copy of the parameters on its rows
+of the batch (uint8 images, normalised, erased and mixed in the step), and the gradients are
+averaged over the devices (`pmean`), as are the BatchNorm statistics (inside the model) and the
+metrics. A step whose loss or gradient is NaN/Inf changes nothing but `step` and records itself
+in `nonfinite_step` (the trainer then stops or carries on, per `skip_nonfinite_updates`).
+The gradient is tested through its global norm, which is NaN/Inf exactly when an element is (or
+when the norm overflows float32, ~1.8e19, a diverged run anyway): one fused sum of squares,
+where a per-leaf `all(isfinite(...))` made XLA compile the step several times longer
+(BENCHMARKS.md, "Compile time of the train step").
+"""
 
 from __future__ import annotations
 
@@ -46,6 +57,13 @@ def classification_loss(
     return optax.sigmoid_binary_cross_entropy(logits, targets).mean()
 
 
+def lerp_ema(ema: dict, variables: dict, decay: jax.Array) -> dict:
+    """timm's `ModelEmaV3` update `ema.lerp_(model, 1 - decay)`, in the EMA's own dtype."""
+    return jax.tree.map(
+        lambda new, old: (old + (1.0 - decay) * (new - old)).astype(old.dtype), variables, ema
+    )
+
+
 def ema_decay_at(update: jax.Array, decay: float, warmup: bool) -> jax.Array:
     """timm `ModelEmaV3.get_decay(step=update)` for the 1-based optimizer update `update`: 0 at
     the first (the EMA starts as the weights), then `decay`, or with warm-up
@@ -78,21 +96,8 @@ def make_train_step(
     mean,
     std,
 ) -> Callable:
-    """`train_step(state, batch) -> (state, metrics)` for one device of the runner.
-
-    The state is replicated; each device differentiates its own copy of the parameters on its
-    rows of the batch (uint8 images, normalised, erased and mixed here), and the gradients are
-    averaged over the devices (`pmean`), as are the BatchNorm statistics (inside the model) and
-    the metrics. A step whose loss or gradient is NaN/Inf changes nothing but `step` and
-    records itself in `nonfinite_step` (the trainer then stops or carries on, per
-    `skip_nonfinite_updates`).
-    The gradient is tested through its global norm, which is NaN/Inf exactly when an element is
-    (or when the norm overflows float32, ~1.8e19, a diverged run anyway): one fused sum of
-    squares, where a per-leaf `all(isfinite(...))` made XLA compile the step several times
-    longer (BENCHMARKS.md, "Compile time of the train step").
-    """
-    accum = settings.grad_accum_steps
-    erasing, mixup = settings.erasing, settings.mixup
+    """`train_step(state, batch) -> (state, metrics)` for one device (see the module doc)."""
+    accum, erasing, mixup = settings.grad_accum_steps, settings.erasing, settings.mixup
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         dropout_rng = jax.random.fold_in(
@@ -140,11 +145,7 @@ def make_train_step(
             decay = jnp.where(
                 applied, ema_decay_at(updates_done, settings.ema_decay, settings.ema_warmup), 1.0
             )
-            ema = jax.tree.map(  # timm's lerp_(model, 1 - decay), in the EMA's own dtype
-                lambda new, old: (old + (1.0 - decay) * (new - old)).astype(old.dtype),
-                {"params": params, "batch_stats": batch_stats},
-                ema,
-            )
+            ema = lerp_ema(ema, {"params": params, "batch_stats": batch_stats}, decay)
 
         metrics = lax.pmean(
             {"loss": loss, "top1": top_k_correct(logits, batch["label"], 1).mean()}, AXIS
