@@ -173,6 +173,7 @@ def train_and_evaluate(
 
 
 def _train(config: ml_collections.ConfigDict, workdir: Path, hooks: TrainHooks) -> dict[str, float]:
+    """The run's phases: set-up, restore, the loop, finish (not when a signal stopped it)."""
     setup = _set_up(config, workdir, hooks)
     with contextlib.ExitStack() as stack:
         checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints)
@@ -309,6 +310,7 @@ def _stream_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _train_batches(setup: _Setup, hooks: TrainHooks):
+    """This process's training stream (`pipeline.train_batches` unless a hook replaces it)."""
     config = setup.config
     return hooks.train_batches(
         config.dataset,
@@ -348,7 +350,7 @@ def _restore(
     setup: _Setup, checkpoints: Checkpoints, hooks: TrainHooks
 ) -> tuple[TrainState, dict | None] | None:
     """The state to start from (the newest intact checkpoint's, else the initial one) and the
-    pipeline position it reached; None when the workdir holds more steps than the setup."""
+    pipeline position it reached; None when the workdir holds more steps than the run."""
     restored = checkpoints.restore_latest(setup.runner.abstract_state(setup.host_state))
     if restored:
         hooks.after_restore(restored[0])
