@@ -120,9 +120,10 @@ class JaxEngine(Engine):
         from configs import default  # the trainer's defaults (the repository's configs/)
         from dpn_jax.infer.predict import make_predict_step
         from dpn_jax.runtime.runner import AXIS, REPLICATED, SHARDED, Runner
-        from dpn_jax.train.optim import RunLength, ScheduleSettings, create_optimizer
+        from dpn_jax.train.config import optimizer_settings, schedule_settings, step_settings
+        from dpn_jax.train.optim import RunLength, create_optimizer
         from dpn_jax.train.state import create_train_state
-        from dpn_jax.train.step import compile_train_step
+        from dpn_jax.train.step import compile_train_step, make_train_step
 
         jnp.zeros(()).block_until_ready()  # backend start-up is not model creation
         self.result.backend = jax.default_backend()
@@ -156,9 +157,14 @@ class JaxEngine(Engine):
                 warmup_epochs=0.0,
             )
             length = RunLength(steps_per_epoch=1000, total_steps=1000, grad_accum_steps=1)
-            tx, schedule = create_optimizer(config, ScheduleSettings.from_config(config, length))
+            tx, schedule = create_optimizer(
+                optimizer_settings(config), schedule_settings(config, length)
+            )
             state = create_train_state(variables, tx, seed=0, use_ema=False)
-            fn = compile_train_step(runner, model, tx, schedule, config, cfg["mean"], cfg["std"])
+            settings = step_settings(config, model.num_classes)
+            fn = compile_train_step(
+                runner, make_train_step(model, tx, schedule, settings, cfg["mean"], cfg["std"])
+            )
             labels = rng.integers(0, 1000, self.batch).astype(np.int32)
             args = (runner.replicate(state), runner.put_batch({"image": images, "label": labels}))
 
@@ -197,7 +203,8 @@ class NnxEngine(Engine):
 
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         from configs import default
-        from dpn_jax.train.optim import create_optimizer
+        from dpn_jax.train.config import optimizer_settings, schedule_settings
+        from dpn_jax.train.optim import RunLength, create_optimizer
 
         jnp.zeros(()).block_until_ready()
         self.result.backend = jax.default_backend()
@@ -234,7 +241,8 @@ class NnxEngine(Engine):
             config = default.get_config()
             config.update(learning_rate=0.1, momentum=0.9, weight_decay=1e-4)
             config.update(schedule="constant", warmup_epochs=0.0)
-            tx, _ = create_optimizer(config, updates_per_epoch=1000)
+            length = RunLength(steps_per_epoch=1000, total_steps=1000, grad_accum_steps=1)
+            tx, _ = create_optimizer(optimizer_settings(config), schedule_settings(config, length))
             model.train()
             optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
             labels = runner.put_batch(rng.integers(0, 1000, self.batch).astype(np.int32))

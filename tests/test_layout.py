@@ -243,3 +243,16 @@ def test_repeated_constants_are_found(tmp_path):
         "EXTENSIONS: dpn_jax/a.py, dpn_jax/b.py",
         "LIMIT: dpn_jax/a.py, dpn_jax/c.py",
     ]
+
+
+def test_every_function_reads_at_once():
+    """No function of the package is 80 lines or longer (issue 28: the trainer's 175-line
+    `_train` was cut into phases); a nested one counts on its own and inside its parent."""
+    too_long = {}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines >= 80:
+                    too_long[f"{path.relative_to(PACKAGE.parent)}:{node.lineno}"] = lines
+    assert not too_long

@@ -126,7 +126,7 @@ def run_torch(config, images: list, labels: list) -> dict:
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3, dispatch_clip_grad
 
-    from dpn_jax.train.optim import scaled_learning_rate
+    from dpn_jax.train.config import scaled_learning_rate
 
     dtype = torch.float64 if config.dtype == "float64" else torch.float32
     model = reference_model(dtype)
@@ -208,9 +208,10 @@ def run_jax(config, initial_state_dict: dict, images: list, data: list) -> dict:
 
     from dpn_jax import create_model
     from dpn_jax.runtime.runner import AXIS, Runner
-    from dpn_jax.train.optim import RunLength, ScheduleSettings, create_optimizer
+    from dpn_jax.train.config import optimizer_settings, schedule_settings, step_settings
+    from dpn_jax.train.optim import RunLength, create_optimizer
     from dpn_jax.train.state import create_train_state
-    from dpn_jax.train.step import compile_train_step
+    from dpn_jax.train.step import compile_train_step, make_train_step
     from dpn_jax.weights.convert import flax_to_timm, timm_to_flax
 
     dtype = np.float64 if config.dtype == "float64" else np.float32
@@ -221,12 +222,13 @@ def run_jax(config, initial_state_dict: dict, images: list, data: list) -> dict:
         lambda x: np.asarray(x, dtype), timm_to_flax(initial_state_dict, "dpn68", **TINY)
     )
     length = RunLength(STEPS_PER_EPOCH, NUM_STEPS, config.grad_accum_steps)
-    tx, schedule = create_optimizer(config, ScheduleSettings.from_config(config, length))
+    tx, schedule = create_optimizer(optimizer_settings(config), schedule_settings(config, length))
     runner = Runner("shard_map", jax.devices()[:1])
     state = runner.replicate(
         create_train_state(variables, tx, seed=0, use_ema=config.ema_decay > 0)
     )
-    step = compile_train_step(runner, model, tx, schedule, config, MEAN, STD)
+    settings = step_settings(config, NUM_CLASSES)
+    step = compile_train_step(runner, make_train_step(model, tx, schedule, settings, MEAN, STD))
     losses = []
     for batch in data[:NUM_STEPS]:
         state, metrics = step(state, runner.put_batch(batch))

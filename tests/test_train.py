@@ -17,15 +17,20 @@ from configs import default
 from dpn_jax import create_model
 from dpn_jax.infer.evaluate import compile_eval_step
 from dpn_jax.runtime.runner import Runner
+from dpn_jax.train.config import (
+    optimizer_settings,
+    run_length,
+    schedule_settings,
+    step_settings,
+)
 from dpn_jax.train.optim import (
     RunLength,
-    ScheduleSettings,
     create_learning_rate_schedule,
     create_optimizer,
     path_mask,
 )
 from dpn_jax.train.state import create_train_state
-from dpn_jax.train.step import compile_train_step
+from dpn_jax.train.step import compile_train_step, make_train_step
 
 NUM_STEPS = 3
 GLOBAL_BATCH = 8
@@ -63,11 +68,13 @@ def run_steps(parallelism: str, devices) -> Run:
         "dpn68", num_classes=10, axis_name="batch", rng=jax.random.key(0), **TINY
     )
     tx, schedule = create_optimizer(
-        config, ScheduleSettings.from_config(config, RunLength(10, 30, 1))
+        optimizer_settings(config), schedule_settings(config, RunLength(10, 30, 1))
     )
     runner = Runner(parallelism, devices)
     state = runner.replicate(create_train_state(variables, tx, seed=0, use_ema=True))
-    step = compile_train_step(runner, model, tx, schedule, config, MEAN, STD)
+    step = compile_train_step(
+        runner, make_train_step(model, tx, schedule, step_settings(config, 10), MEAN, STD)
+    )
     losses, donated = [], []
     batches = synthetic_batches(1, GLOBAL_BATCH) * NUM_STEPS  # the same batch: loss must fall
     for batch in batches:
@@ -198,8 +205,8 @@ def test_schedules_equal_timms_schedulers(case):
     config = tiny_config(
         num_epochs=10.0, learning_rate=0.4, warmup_lr=0.001, **SCHEDULE_CASES[case]
     )
-    length = RunLength.from_config(config, steps_per_epoch=10)
-    settings = ScheduleSettings.from_config(config, length)
+    length = run_length(config, steps_per_epoch=10)
+    settings = schedule_settings(config, length)
     ours = [
         float(create_learning_rate_schedule(settings)(k)) for k in range(length.total_updates + 1)
     ]
@@ -210,7 +217,7 @@ def test_schedules_equal_timms_schedulers(case):
 
 def test_learning_rate_scales_with_the_effective_batch():
     config = tiny_config(learning_rate=0.4, batch_size=64, base_batch_size=32, grad_accum_steps=2)
-    settings = ScheduleSettings.from_config(config, RunLength(10, 100, 2))
+    settings = schedule_settings(config, RunLength(10, 100, 2))
     assert settings.lr == pytest.approx(1.6) and settings.updates_per_epoch == 5
 
 

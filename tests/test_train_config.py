@@ -161,3 +161,31 @@ def test_a_read_only_workdir_is_one_line_before_any_work(tmp_path, monkeypatch):
 def test_combinations_the_optimizer_and_dtype_cannot_run(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate_config(config_with(**overrides))
+
+
+def test_the_step_and_the_optimizer_get_settings_derived_once_not_the_config():
+    """`train_settings` reads the config at set-up; step.py and optim.py never see it."""
+    import inspect
+
+    from dpn_jax.train import optim, step
+    from dpn_jax.train.config import train_settings
+
+    for module in (step, optim):
+        assert "ml_collections" not in inspect.getsource(module), module.__name__
+    config = config_with(
+        num_epochs=3.0,
+        cooldown_epochs=1.0,
+        batch_size=32,
+        base_batch_size=64,
+        grad_accum_steps=2,
+        mixup=0.2,
+        smoothing=0.1,
+        reprob=0.25,
+        ema_decay=0.99,
+    )
+    settings = train_settings(config, steps_per_epoch=10, num_classes=7)
+    assert settings.length.total_steps == 40 and settings.length.total_updates == 20
+    assert settings.schedule.lr == pytest.approx(0.1) and settings.schedule.updates_per_epoch == 5
+    assert settings.optimizer.grad_accum_steps == settings.step.grad_accum_steps == 2
+    assert settings.step.mixup.num_classes == 7 and settings.step.mixup.label_smoothing == 0.1
+    assert settings.step.erasing.probability == 0.25 and settings.step.ema_decay == 0.99

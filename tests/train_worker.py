@@ -8,12 +8,16 @@
 
 `--synthetic-data` replaces the training stream by global batches that depend only on the step,
 each process taking its rows, so runs with different process counts see the same global batch.
-The last line of a successful run is `METRICS {json}`.
+The last line of a successful run is `METRICS {json}`. The faults go in through the trainer's
+`TrainHooks` (the training stream, the per-device step, after a restore or a save); only
+`--block-reads-after` patches a class, the dataset's records, to block in the pipeline's own
+reader threads.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -107,37 +111,34 @@ class Wrapped:
         self.number = state["next_batch"] if "next_batch" in state else state["step"]
 
 
-def wrap_pipeline(pipeline, on_batch) -> None:
-    real = pipeline.train_batches
-    pipeline.train_batches = lambda *a, **kw: Wrapped(real(*a, **kw), on_batch)
+def wrapped(source, on_batch):
+    """The training-stream factory `source` with `on_batch` applied to each batch (`Wrapped`)."""
+    return lambda *args, **kwargs: Wrapped(source(*args, **kwargs), on_batch)
 
 
-def poison_normalize(step_module) -> None:
-    """Make `normalize` in the train step return NaN for a poisoned batch (uint8 can't hold NaN)."""
+def poisoned(train_step):
+    """One device's train step given NaN images when its first image is all POISON_VALUE
+    (uint8 cannot hold NaN; the step normalises float images as it does uint8 ones)."""
     import jax.numpy as jnp
 
-    real = step_module.normalize
+    def step(state, batch):
+        images = batch["image"]
+        poison = jnp.all(images[0] == POISON_VALUE)
+        images = jnp.where(poison, jnp.nan, images.astype(jnp.float32))
+        return train_step(state, dict(batch, image=images))
 
-    def normalize(images, *args):
-        out = real(images, *args)
-        return jnp.where(jnp.all(images[0] == POISON_VALUE), jnp.nan, out).astype(out.dtype)
-
-    step_module.normalize = normalize
+    return step
 
 
-def after_checkpoint(step: int, action) -> None:
-    """Run `action()` once the checkpoint of `step` is complete on disk."""
-    from dpn_jax.train.checkpoints import Checkpoints
+def after_checkpoint(step: int, action):
+    """An `after_save` hook running `action()` once the checkpoint of `step` is on disk."""
 
-    save = Checkpoints.save
-
-    def save_then_act(self, state, data_state, meta):
-        save(self, state, data_state, meta)
-        if int(np.asarray(state.step.addressable_data(0))) == step:
-            self.wait()
+    def hook(checkpoints, saved_step):
+        if saved_step == step:
+            checkpoints.wait()
             action()
 
-    Checkpoints.save = save_then_act
+    return hook
 
 
 def block_reads_after(count: int, marker: str) -> None:
@@ -170,23 +171,10 @@ def digest(tree) -> str:
     return hashlib.sha256(b"".join(leaf.tobytes() for leaf in leaves)).hexdigest()[:16]
 
 
-def print_restored() -> None:
-    from dpn_jax.train.checkpoints import Checkpoints
-
-    restore = Checkpoints.restore_latest
-
-    def restore_and_print(self, target):
-        restored = restore(self, target)
-        if restored is not None:
-            state = restored[0]
-            print(
-                f"RESTORED {int(np.asarray(state.step.addressable_data(0)))} "
-                f"{digest(state.params)}",
-                flush=True,
-            )
-        return restored
-
-    Checkpoints.restore_latest = restore_and_print
+def print_restored(state) -> None:
+    """An `after_restore` hook: `RESTORED STEP DIGEST` of the state a run resumes from."""
+    step = int(np.asarray(state.step.addressable_data(0)))
+    print(f"RESTORED {step} {digest(state.params)}", flush=True)
 
 
 def main() -> None:
@@ -214,18 +202,18 @@ def main() -> None:
     from dpn_jax.errors import DpnJaxError
     from dpn_jax.train import trainer
 
-    if args.synthetic_data:
-        pipeline.train_batches = SyntheticBatches
+    hooks = trainer.TrainHooks(
+        train_batches=SyntheticBatches if args.synthetic_data else pipeline.train_batches
+    )
     if args.poison_step is not None:
-        from dpn_jax.train import step as step_module
-
-        poison_normalize(step_module)
 
         def poison(number, batch):
             if number == args.poison_step + 1:
                 batch["image"][0] = POISON_VALUE
 
-        wrap_pipeline(pipeline, poison)
+        hooks = dataclasses.replace(
+            hooks, train_batches=wrapped(hooks.train_batches, poison), wrap_step=poisoned
+        )
     if args.stall_data_after is not None:
 
         def stall(number, batch):
@@ -234,24 +222,29 @@ def main() -> None:
                 while True:
                     time.sleep(1)
 
-        wrap_pipeline(pipeline, stall)
+        hooks = dataclasses.replace(hooks, train_batches=wrapped(hooks.train_batches, stall))
     if args.block_reads_after is not None:
         block_reads_after(args.block_reads_after, os.path.join(args.workdir, STALLED_MARKER))
     if args.kill_after_checkpoint is not None:
-        after_checkpoint(args.kill_after_checkpoint, lambda: os.kill(os.getpid(), signal.SIGKILL))
+        kill = lambda: os.kill(os.getpid(), signal.SIGKILL)
+        hooks = dataclasses.replace(
+            hooks, after_save=after_checkpoint(args.kill_after_checkpoint, kill)
+        )
     if args.disk_full_after_checkpoint is not None:
 
         def fill_disk():  # no file may grow past the limit: writes fail as on a full disk
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (DISK_LIMIT_BYTES, DISK_LIMIT_BYTES))
 
-        after_checkpoint(args.disk_full_after_checkpoint, fill_disk)
+        hooks = dataclasses.replace(
+            hooks, after_save=after_checkpoint(args.disk_full_after_checkpoint, fill_disk)
+        )
     if args.print_restored:
-        print_restored()
+        hooks = dataclasses.replace(hooks, after_restore=print_restored)
 
     try:
         metrics = trainer.train_and_evaluate(
-            tiny_config(**{**WORKER_SETTINGS, **args.overrides}), args.workdir
+            tiny_config(**{**WORKER_SETTINGS, **args.overrides}), args.workdir, hooks
         )
     except DpnJaxError as error:  # as train.py reports it
         print(f"train_worker: error: {error}", file=sys.stderr)

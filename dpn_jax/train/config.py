@@ -3,22 +3,27 @@
 `configs/default.py` defines every key (and says what each means in a comment, which
 `train.py --help` shows); this module says which values each accepts. A bad value is a
 ConfigError naming the key, the value and what is allowed; an unknown key is named with the
-closest known one.
+closest known one. `train_settings` turns a valid config into the typed settings of the step,
+the optimizer, the LR schedule and the run length, once: below the trainer's set-up nothing
+reads the config for them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
+import logging
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from dpn_jax.data.auto_augment import auto_augment
-from dpn_jax.data.batch_augment import ERASING_MODES, MIXUP_MODES
+from dpn_jax.data.batch_augment import ERASING_MODES, MIXUP_MODES, Mixup, RandomErasing
 from dpn_jax.data.transforms import PIL_INTERPOLATION
 from dpn_jax.errors import (
     QUOTE_LIMIT,
@@ -31,8 +36,18 @@ from dpn_jax.errors import (
 from dpn_jax.models.dpn import CONFIG_FIELDS, MODEL_CONFIGS, DPNConfig
 from dpn_jax.models.layers import DTYPES
 from dpn_jax.runtime.runner import PARALLELISMS
-from dpn_jax.train.optim import CLIP_MODES, OPTIMIZERS, SCHEDULES
+from dpn_jax.train.optim import (
+    CLIP_MODES,
+    OPTIMIZERS,
+    SCHEDULES,
+    OptimizerSettings,
+    RunLength,
+    ScheduleSettings,
+)
+from dpn_jax.train.step import StepSettings
 from dpn_jax.weights.model_dir import MAX_INPUT_SIZE, MIN_CROP_PCT, MIN_STD
+
+log = logging.getLogger(__name__)
 
 # `config.model = "demo"`: dpn68 shrunk to train on CPU in minutes (the README's demo). Its
 # shrinkage belongs to this name: `--config.model=dpn92` trains timm's dpn92.
@@ -224,6 +239,132 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "this config fine-tunes: set --config.init_from=DIR (a model directory "
             "written by dpn-convert or by train.py)"
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """Everything the step and the optimizer read of a run's config, decided once."""
+
+    length: RunLength
+    schedule: ScheduleSettings
+    optimizer: OptimizerSettings
+    step: StepSettings
+
+
+def train_settings(
+    config: ml_collections.ConfigDict, steps_per_epoch: int, num_classes: int
+) -> TrainSettings:
+    """A validated config's settings for a training split of `steps_per_epoch` batches."""
+    length = run_length(config, steps_per_epoch)
+    return TrainSettings(
+        length=length,
+        schedule=schedule_settings(config, length),
+        optimizer=optimizer_settings(config),
+        step=step_settings(config, num_classes),
+    )
+
+
+def run_length(config: ml_collections.ConfigDict, steps_per_epoch: int) -> RunLength:
+    """`num_train_steps` batches if > 0, else `num_epochs` + `cooldown_epochs` epochs."""
+    if config.num_train_steps > 0:
+        total = config.num_train_steps
+    else:
+        epochs = config.num_epochs + config.cooldown_epochs
+        total = max(1, int(epochs * steps_per_epoch))
+    return RunLength(steps_per_epoch, total, config.grad_accum_steps)
+
+
+def scaled_learning_rate(config: ml_collections.ConfigDict) -> float:
+    """`learning_rate` is given at `base_batch_size`; scale it linearly to the effective batch."""
+    effective_batch = config.batch_size * config.get("grad_accum_steps", 1)
+    return config.learning_rate * effective_batch / config.base_batch_size
+
+
+def schedule_settings(config: ml_collections.ConfigDict, length: RunLength) -> ScheduleSettings:
+    """timm's scheduler arguments in the schedule's unit. A warm-up longer than half the run (a
+    short test of a recipe) is cut to half, so the run still ends at the schedule's end value."""
+    unit = length.updates_per_epoch if config.sched_on_updates else 1
+    total_t = length.total_updates * unit / length.updates_per_epoch
+    kind = config.schedule
+    warmup_t = config.warmup_epochs * unit
+    if warmup_t > total_t / 2:
+        log.warning(
+            "warmup_epochs=%g is more than half of this %d-update run: warming up over "
+            "the first half instead",
+            config.warmup_epochs,
+            length.total_updates,
+        )
+        warmup_t = total_t / 2
+    return ScheduleSettings(
+        sched=kind,
+        lr=scaled_learning_rate(config),
+        warmup_lr=config.warmup_lr,
+        warmup_t=warmup_t,
+        on_updates=config.sched_on_updates,
+        updates_per_epoch=length.updates_per_epoch,
+        min_lr=config.min_lr if kind == "cosine" else None,
+        t_initial=total_t - config.cooldown_epochs * unit if kind == "cosine" else None,
+        end_update=length.total_updates if kind == "cosine" else None,
+        decay_t=config.decay_epochs * unit if kind == "step" else None,
+        decay_milestones=(
+            tuple(m * unit for m in config.decay_milestones) if kind == "multistep" else None
+        ),
+        decay_rate=config.decay_rate if kind in ("step", "multistep") else None,
+    )
+
+
+def optimizer_settings(config: ml_collections.ConfigDict) -> OptimizerSettings:
+    return OptimizerSettings(
+        opt=config.opt,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        weight_decay_pattern=config.weight_decay_pattern,
+        opt_eps=config.opt_eps,
+        opt_betas=config.opt_betas,
+        clip_grad=config.clip_grad,
+        clip_mode=config.clip_mode,
+        grad_accum_steps=config.grad_accum_steps,
+        accumulator_dtype=jnp.float64 if config.dtype == "float64" else jnp.float32,
+    )
+
+
+def mixup_active(config: ml_collections.ConfigDict) -> bool:
+    """timm train.py's `mixup_active`."""
+    return config.mixup > 0 or config.cutmix > 0 or config.cutmix_minmax is not None
+
+
+def step_settings(config: ml_collections.ConfigDict, num_classes: int) -> StepSettings:
+    """The step's loss, EMA and accumulation, and timm's device-side train augmentations as
+    train.py configures them."""
+    erasing = (
+        RandomErasing(probability=config.reprob, mode=config.remode, max_count=config.recount)
+        if config.reprob > 0
+        else None
+    )
+    mixup = (
+        Mixup(
+            mixup_alpha=config.mixup,
+            cutmix_alpha=config.cutmix,
+            cutmix_minmax=config.cutmix_minmax,
+            prob=config.mixup_prob,
+            switch_prob=config.mixup_switch_prob,
+            mode=config.mixup_mode,
+            label_smoothing=config.smoothing,
+            num_classes=num_classes,
+        )
+        if mixup_active(config)
+        else None
+    )
+    return StepSettings(
+        smoothing=config.smoothing,
+        bce_loss=config.bce_loss,
+        bce_target_thresh=config.bce_target_thresh,
+        grad_accum_steps=config.grad_accum_steps,
+        ema_decay=config.ema_decay,
+        ema_warmup=config.ema_warmup,
+        erasing=erasing,
+        mixup=mixup,
+    )
 
 
 def unknown_key_message(config: ml_collections.ConfigDict, path: str) -> str | None:

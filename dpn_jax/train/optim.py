@@ -2,26 +2,25 @@
 
 The run length is decided once (`RunLength`) and everything reads it: the loop, the progress bar
 and the LR schedule (`ScheduleSettings`, timm's `create_scheduler_v2` arguments in optimizer
-updates). Weight decay applies only to parameters whose path matches `weight_decay_pattern`
-(conv and dense kernels: timm's `param_groups_weight_decay` leaves out BatchNorm and biases);
-it is coupled L2 for SGD and RMSpropTF and decoupled for AdamW and LAMB, as the torch/timm
-optimizers do. `tests/test_torch_parity.py` runs the same steps in PyTorch.
+updates). These settings and `OptimizerSettings` are built once from the training config
+(`dpn_jax.train.config.train_settings`); nothing here reads the config itself.
+
+Weight decay applies only to parameters whose path matches `weight_decay_pattern` (conv and dense
+kernels: timm's `param_groups_weight_decay` leaves out BatchNorm and biases); it is coupled L2
+for SGD and RMSpropTF and decoupled for AdamW and LAMB, as the torch/timm optimizers do.
+`tests/test_torch_parity.py` runs the same steps in PyTorch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
-
-log = logging.getLogger(__name__)
 
 SCHEDULES = ("cosine", "step", "multistep", "constant")
 OPTIMIZERS = ("sgd", "nesterov", "momentum", "adamw", "lamb", "rmsproptf")
@@ -35,20 +34,11 @@ DEFAULT_BETAS = (0.9, 0.999)
 @dataclasses.dataclass(frozen=True)
 class RunLength:
     """How long the run is, in batches: `num_train_steps` if > 0, else `num_epochs` (plus
-    timm's `cooldown_epochs`) of the training split."""
+    timm's `cooldown_epochs`) of the training split (`dpn_jax.train.config.run_length`)."""
 
     steps_per_epoch: int
     total_steps: int
     grad_accum_steps: int
-
-    @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict, steps_per_epoch: int) -> RunLength:
-        if config.num_train_steps > 0:
-            total = config.num_train_steps
-        else:
-            epochs = config.num_epochs + config.cooldown_epochs
-            total = max(1, int(epochs * steps_per_epoch))
-        return cls(steps_per_epoch, total, config.grad_accum_steps)
 
     @property
     def updates_per_epoch(self) -> int:
@@ -62,13 +52,12 @@ class RunLength:
 
 @dataclasses.dataclass(frozen=True)
 class ScheduleSettings:
-    """timm's scheduler (`create_scheduler_v2`, warmup not prefixed) for one run.
+    """timm's scheduler (`create_scheduler_v2`, warmup not prefixed) for one run
+    (`dpn_jax.train.config.schedule_settings`).
 
     Times are in the schedule's unit: optimizer updates (timm's `sched_on_updates`) or whole
-    epochs. A warm-up longer than half the run (a short test of a recipe) is cut to half, so
-    the run still ends at the schedule's end value. Fields a schedule kind does not read are
-    None, so two settings are equal exactly when they give the same LR at every update (what a
-    resumed run must keep).
+    epochs. Fields a schedule kind does not read are None, so two settings are equal exactly
+    when they give the same LR at every update (what a resumed run must keep).
     """
 
     sched: str
@@ -84,37 +73,6 @@ class ScheduleSettings:
     decay_milestones: tuple[float, ...] | None = None  # multistep
     decay_rate: float | None = None  # step, multistep
 
-    @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict, length: RunLength) -> ScheduleSettings:
-        unit = length.updates_per_epoch if config.sched_on_updates else 1
-        total_t = length.total_updates * unit / length.updates_per_epoch
-        kind = config.schedule
-        warmup_t = config.warmup_epochs * unit
-        if warmup_t > total_t / 2:
-            log.warning(
-                "warmup_epochs=%g is more than half of this %d-update run: warming up over "
-                "the first half instead",
-                config.warmup_epochs,
-                length.total_updates,
-            )
-            warmup_t = total_t / 2
-        return cls(
-            sched=kind,
-            lr=scaled_learning_rate(config),
-            warmup_lr=config.warmup_lr,
-            warmup_t=warmup_t,
-            on_updates=config.sched_on_updates,
-            updates_per_epoch=length.updates_per_epoch,
-            min_lr=config.min_lr if kind == "cosine" else None,
-            t_initial=total_t - config.cooldown_epochs * unit if kind == "cosine" else None,
-            end_update=length.total_updates if kind == "cosine" else None,
-            decay_t=config.decay_epochs * unit if kind == "step" else None,
-            decay_milestones=(
-                tuple(m * unit for m in config.decay_milestones) if kind == "multistep" else None
-            ),
-            decay_rate=config.decay_rate if kind in ("step", "multistep") else None,
-        )
-
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready (checkpoint meta), and equal to a restored one when the settings are."""
         out = dataclasses.asdict(self)
@@ -123,10 +81,21 @@ class ScheduleSettings:
         return out
 
 
-def scaled_learning_rate(config: ml_collections.ConfigDict) -> float:
-    """`learning_rate` is given at `base_batch_size`; scale it linearly to the effective batch."""
-    effective_batch = config.batch_size * config.get("grad_accum_steps", 1)
-    return config.learning_rate * effective_batch / config.base_batch_size
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+    """timm's optimizer and gradient clipping, with train.py's argument names, for one run
+    (`dpn_jax.train.config.optimizer_settings`)."""
+
+    opt: str
+    momentum: float
+    weight_decay: float
+    weight_decay_pattern: str  # the decayed parameters' '/'-joined paths (`path_mask`)
+    opt_eps: float | None = None  # None: the optimizer's default (DEFAULT_EPS)
+    opt_betas: tuple[float, float] | None = None  # None: DEFAULT_BETAS
+    clip_grad: float | None = None
+    clip_mode: str = "norm"
+    grad_accum_steps: int = 1
+    accumulator_dtype: Any = jnp.float32  # of the gradients summed over grad_accum_steps
 
 
 def create_learning_rate_schedule(s: ScheduleSettings) -> optax.Schedule:
@@ -186,34 +155,34 @@ def clip_global_norm(max_norm: float, eps: float) -> optax.GradientTransformatio
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def gradient_clipping(config: ml_collections.ConfigDict) -> list[optax.GradientTransformation]:
+def gradient_clipping(s: OptimizerSettings) -> list[optax.GradientTransformation]:
     """timm train.py's `dispatch_clip_grad(clip_grad, clip_mode)`; AGC leaves the head out, as
     timm's `model_parameters(model, exclude_head=True)` does."""
-    if config.clip_grad is None:
+    if s.clip_grad is None:
         return []
-    if config.clip_mode == "norm":
-        return [clip_global_norm(config.clip_grad, 1e-6)]
-    if config.clip_mode == "value":
-        return [optax.clip(config.clip_grad)]
+    if s.clip_mode == "norm":
+        return [clip_global_norm(s.clip_grad, 1e-6)]
+    if s.clip_mode == "value":
+        return [optax.clip(s.clip_grad)]
     return [
         optax.masked(
-            optax.adaptive_grad_clip(config.clip_grad, eps=1e-3),
+            optax.adaptive_grad_clip(s.clip_grad, eps=1e-3),
             lambda p: path_mask(p, r"(?!classifier/).*"),
         )
     ]
 
 
 def _base_optimizer(
-    config: ml_collections.ConfigDict, schedule: optax.Schedule, mask: Any
+    s: OptimizerSettings, schedule: optax.Schedule, mask: Any
 ) -> optax.GradientTransformation:
-    opt, wd = config.opt, config.weight_decay
-    eps = config.opt_eps if config.opt_eps is not None else DEFAULT_EPS.get(opt)
-    b1, b2 = tuple(config.opt_betas) if config.opt_betas is not None else DEFAULT_BETAS
+    opt, wd = s.opt, s.weight_decay
+    eps = s.opt_eps if s.opt_eps is not None else DEFAULT_EPS.get(opt)
+    b1, b2 = tuple(s.opt_betas) if s.opt_betas is not None else DEFAULT_BETAS
     coupled_decay = optax.add_decayed_weights(wd, mask=mask)
     if opt in ("sgd", "nesterov", "momentum"):
         return optax.chain(
             coupled_decay,
-            optax.sgd(schedule, momentum=config.momentum or None, nesterov=opt != "momentum"),
+            optax.sgd(schedule, momentum=s.momentum or None, nesterov=opt != "momentum"),
         )
     if opt == "adamw":
         return optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=wd, mask=mask)
@@ -237,28 +206,28 @@ def _base_optimizer(
             eps=eps,
             initial_scale=1.0,
             eps_in_sqrt=True,
-            momentum=config.momentum or None,
+            momentum=s.momentum or None,
         ),
     )
 
 
 def create_optimizer(
-    config: ml_collections.ConfigDict, settings: ScheduleSettings
+    settings: OptimizerSettings, schedule_settings: ScheduleSettings
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """timm's `opt` with clipping (`clip_grad`/`clip_mode`) in `optax.MultiSteps` if
     accumulating (timm: loss / accum, step every `grad_accum_steps` batches).
 
     Returns the transformation and the LR schedule (indexed by optimizer update, for logging).
     """
-    schedule = create_learning_rate_schedule(settings)
+    schedule = create_learning_rate_schedule(schedule_settings)
     tx = optax.chain(
-        *gradient_clipping(config),
-        _base_optimizer(config, schedule, lambda p: path_mask(p, config.weight_decay_pattern)),
+        *gradient_clipping(settings),
+        _base_optimizer(settings, schedule, lambda p: path_mask(p, settings.weight_decay_pattern)),
     )
-    if config.grad_accum_steps > 1:
+    if settings.grad_accum_steps > 1:
         tx = optax.MultiSteps(  # optax accumulates in float32 unless told
             tx,
-            every_k_schedule=config.grad_accum_steps,
-            accumulator_dtype=jnp.float64 if config.dtype == "float64" else jnp.float32,
+            every_k_schedule=settings.grad_accum_steps,
+            accumulator_dtype=settings.accumulator_dtype,
         )
     return tx, schedule

@@ -1,12 +1,23 @@
-"""One device's training step, with explicit collectives over the runner's `batch` axis."""
+"""One device's training step, with explicit collectives over the runner's `batch` axis.
+
+The state is replicated; each device differentiates its own copy of the parameters on its rows
+of the batch (uint8 images, normalised, erased and mixed in the step), and the gradients are
+averaged over the devices (`pmean`), as are the BatchNorm statistics (inside the model) and the
+metrics. A step whose loss or gradient is NaN/Inf changes nothing but `step` and records itself
+in `nonfinite_step` (the trainer then stops or carries on, per `skip_nonfinite_updates`).
+The gradient is tested through its global norm, which is NaN/Inf exactly when an element is (or
+when the norm overflows float32, ~1.8e19, a diverged run anyway): one fused sum of squares,
+where a per-leaf `all(isfinite(...))` made XLA compile the step several times longer
+(BENCHMARKS.md, "Compile time of the train step").
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from jax import lax
 
@@ -46,6 +57,13 @@ def classification_loss(
     return optax.sigmoid_binary_cross_entropy(logits, targets).mean()
 
 
+def lerp_ema(ema: dict, variables: dict, decay: jax.Array) -> dict:
+    """timm's `ModelEmaV3` update `ema.lerp_(model, 1 - decay)`, in the EMA's own dtype."""
+    return jax.tree.map(
+        lambda new, old: (old + (1.0 - decay) * (new - old)).astype(old.dtype), variables, ema
+    )
+
+
 def ema_decay_at(update: jax.Array, decay: float, warmup: bool) -> jax.Array:
     """timm `ModelEmaV3.get_decay(step=update)` for the 1-based optimizer update `update`: 0 at
     the first (the EMA starts as the weights), then `decay`, or with warm-up
@@ -55,60 +73,31 @@ def ema_decay_at(update: jax.Array, decay: float, warmup: bool) -> jax.Array:
     return jnp.where(n <= 0, 0.0, value)
 
 
-def mixup_active(config: ml_collections.ConfigDict) -> bool:
-    """timm train.py's `mixup_active`."""
-    return config.mixup > 0 or config.cutmix > 0 or config.cutmix_minmax is not None
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """What the train step reads of the run's config (`dpn_jax.train.config.step_settings`),
+    with timm train.py's names; the defaults leave each part off."""
 
-
-def batch_augmentations(
-    config: ml_collections.ConfigDict, num_classes: int
-) -> tuple[RandomErasing | None, Mixup | None]:
-    """timm's device-side train augmentations as train.py configures them (None: off)."""
-    erasing = (
-        RandomErasing(probability=config.reprob, mode=config.remode, max_count=config.recount)
-        if config.reprob > 0
-        else None
-    )
-    mixup = (
-        Mixup(
-            mixup_alpha=config.mixup,
-            cutmix_alpha=config.cutmix,
-            cutmix_minmax=config.cutmix_minmax,
-            prob=config.mixup_prob,
-            switch_prob=config.mixup_switch_prob,
-            mode=config.mixup_mode,
-            label_smoothing=config.smoothing,
-            num_classes=num_classes,
-        )
-        if mixup_active(config)
-        else None
-    )
-    return erasing, mixup
+    smoothing: float = 0.0  # label smoothing
+    bce_loss: bool = False
+    bce_target_thresh: float | None = None
+    grad_accum_steps: int = 1
+    ema_decay: float = 0.0  # 0: no EMA of the weights
+    ema_warmup: bool = False
+    erasing: RandomErasing | None = None  # device-side augmentations, None: off
+    mixup: Mixup | None = None
 
 
 def make_train_step(
     model: DPN,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
-    config: ml_collections.ConfigDict,
+    settings: StepSettings,
     mean,
     std,
 ) -> Callable:
-    """`train_step(state, batch) -> (state, metrics)` for one device of the runner.
-
-    The state is replicated; each device differentiates its own copy of the parameters on its
-    rows of the batch (uint8 images, normalised, erased and mixed here), and the gradients are
-    averaged over the devices (`pmean`), as are the BatchNorm statistics (inside the model) and
-    the metrics. A step whose loss or gradient is NaN/Inf changes nothing but `step` and
-    records itself in `nonfinite_step` (the trainer then stops or carries on, per
-    `config.skip_nonfinite_updates`).
-    The gradient is tested through its global norm, which is NaN/Inf exactly when an element is
-    (or when the norm overflows float32, ~1.8e19, a diverged run anyway): one fused sum of
-    squares, where a per-leaf `all(isfinite(...))` made XLA compile the step several times
-    longer (BENCHMARKS.md, "Compile time of the train step").
-    """
-    accum = config.grad_accum_steps
-    erasing, mixup = batch_augmentations(config, model.num_classes)
+    """`train_step(state, batch) -> (state, metrics)` for one device (see the module doc)."""
+    accum, erasing, mixup = settings.grad_accum_steps, settings.erasing, settings.mixup
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         dropout_rng = jax.random.fold_in(
@@ -134,9 +123,9 @@ def make_train_step(
             loss = classification_loss(
                 logits,
                 targets,
-                smoothing=config.smoothing,
-                bce=config.bce_loss,
-                bce_target_thresh=config.bce_target_thresh,
+                smoothing=settings.smoothing,
+                bce=settings.bce_loss,
+                bce_target_thresh=settings.bce_target_thresh,
             )
             return loss, (logits, new_vars)
 
@@ -154,13 +143,9 @@ def make_train_step(
         if ema is not None:
             applied = tx.has_updated(opt_state) if isinstance(tx, optax.MultiSteps) else True
             decay = jnp.where(
-                applied, ema_decay_at(updates_done, config.ema_decay, config.ema_warmup), 1.0
+                applied, ema_decay_at(updates_done, settings.ema_decay, settings.ema_warmup), 1.0
             )
-            ema = jax.tree.map(  # timm's lerp_(model, 1 - decay), in the EMA's own dtype
-                lambda new, old: (old + (1.0 - decay) * (new - old)).astype(old.dtype),
-                {"params": params, "batch_stats": batch_stats},
-                ema,
-            )
+            ema = lerp_ema(ema, {"params": params, "batch_stats": batch_stats}, decay)
 
         metrics = lax.pmean(
             {"loss": loss, "top1": top_k_correct(logits, batch["label"], 1).mean()}, AXIS
@@ -184,19 +169,12 @@ def make_train_step(
     return train_step
 
 
-def compile_train_step(
-    runner: Runner,
-    model: DPN,
-    tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
-    config: ml_collections.ConfigDict,
-    mean,
-    std,
-) -> Callable:
-    """`make_train_step` over the runner's devices: (replicated state, sharded batch) ->
-    (replicated state, replicated metrics), the state donated (updated in place)."""
+def compile_train_step(runner: Runner, train_step: Callable) -> Callable:
+    """One device's `train_step` (`make_train_step`'s) over the runner's devices: (replicated
+    state, sharded batch) -> (replicated state, replicated metrics), the state donated (updated
+    in place)."""
     return runner.compile(
-        make_train_step(model, tx, schedule, config, mean, std),
+        train_step,
         in_specs=(REPLICATED, SHARDED),
         out_specs=(REPLICATED, REPLICATED),
         donate_argnums=(0,),
