@@ -30,7 +30,7 @@ _EXPORTS = {
     "feature_info": "dpn_jax.models.dpn",
     "conv2d": "dpn_jax.ops.conv",
     "ModelDir": "dpn_jax.weights.model_dir",
-    "Preprocessing": "dpn_jax.weights.model_dir",
+    "Preprocessing": "dpn_jax.data.preprocessing",
     "load_model": "dpn_jax.weights.pretrained",
     "create_model": "dpn_jax.factory",
     "init_variables": "dpn_jax.models.registry",
@@ -47,6 +47,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
+    from dpn_jax.data.preprocessing import Preprocessing
     from dpn_jax.errors import DpnJaxError
     from dpn_jax.export import export_model
     from dpn_jax.factory import create_model
@@ -64,7 +65,7 @@ if TYPE_CHECKING:
     from dpn_jax.runtime.runner import Runner
     from dpn_jax.train.trainer import train_and_evaluate
     from dpn_jax.weights.convert import flax_to_timm, timm_to_flax
-    from dpn_jax.weights.model_dir import ModelDir, Preprocessing
+    from dpn_jax.weights.model_dir import ModelDir
     from dpn_jax.weights.pretrained import load_model
 
 

@@ -8,6 +8,7 @@ so code that catches `ValueError` or `OSError` keeps working.
 
 import math
 import numbers
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
@@ -69,3 +70,13 @@ def is_number(value: Any) -> bool:
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         return False
     return isinstance(value, numbers.Integral) or math.isfinite(value)  # ints: any size
+
+
+def is_sequence_of(value: Any, length: int | None, check: Callable[[Any], bool]) -> bool:
+    """A list/tuple (not a string) of `length` items (any if None) that each pass `check`."""
+    return (
+        isinstance(value, Sequence)
+        and not isinstance(value, (str, bytes))
+        and (length is None or len(value) == length)
+        and all(check(v) for v in value)
+    )

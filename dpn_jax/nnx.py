@@ -36,11 +36,12 @@ import jax
 from flax import nnx
 from flax.nnx.bridge import variables as bridge_variables
 
+from dpn_jax.data.preprocessing import Preprocessing
 from dpn_jax.errors import ConfigError
 from dpn_jax.factory import create_model as create_linen_model
 from dpn_jax.models import dpn as linen_dpn
 from dpn_jax.models.registry import Variables, split_model_name
-from dpn_jax.weights.model_dir import ModelDir, Preprocessing
+from dpn_jax.weights.model_dir import ModelDir
 from dpn_jax.weights.pretrained import create_pretrained, load_model, replace_head
 
 COLLECTIONS = {"params": nnx.Param, "batch_stats": nnx.BatchStat}

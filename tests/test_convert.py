@@ -836,8 +836,8 @@ def test_an_export_of_a_non_standard_dpn_converts_back_with_normal_permissions(t
     """The demo's shrunk dpn68 (groups=4: no variant's shapes): the export records it."""
     import jax
 
+    from dpn_jax.data.preprocessing import Preprocessing
     from dpn_jax.models.registry import pretrained_cfg
-    from dpn_jax.weights.model_dir import Preprocessing
 
     demo = dict(k_sec=(1, 1, 1, 1), k_r=32, groups=4, num_init_features=16, inc_sec=(8, 8, 8, 8))
     _, variables = dpn_jax.create_model("dpn68", num_classes=10, rng=jax.random.key(0), **demo)

@@ -16,9 +16,10 @@ from PIL import Image
 
 import dpn_jax
 from dpn_jax.cli import evaluate as evaluate_cli
+from dpn_jax.data.preprocessing import Preprocessing
 from dpn_jax.data.transforms import eval_transform, load_image
 from dpn_jax.infer import evaluate
-from dpn_jax.weights.model_dir import ModelDir, Preprocessing
+from dpn_jax.weights.model_dir import ModelDir
 
 NUM_CLASSES = 8
 TINY = {"k_sec": (1, 1, 1, 1), "groups": 4}

@@ -25,6 +25,7 @@ import torch
 from timm_reference import numpy_state_dict, random_timm_dpn, relative_error, run_timm
 
 from dpn_jax.cli import export as export_cli
+from dpn_jax.data.preprocessing import Preprocessing
 from dpn_jax.data.transforms import eval_transform
 from dpn_jax.export import exporter, read_serving_config, read_stablehlo
 from dpn_jax.export.artifact_dir import MANIFEST_FILE
@@ -33,7 +34,7 @@ from dpn_jax.models.registry import pretrained_cfg
 from dpn_jax.ops.conv import CONV_LOWERINGS, conv2d, conv_lowering
 from dpn_jax.ops.cpu_kernels import cpu_kernel_targets
 from dpn_jax.weights.convert import timm_to_flax
-from dpn_jax.weights.model_dir import ModelDir, Preprocessing
+from dpn_jax.weights.model_dir import ModelDir
 from dpn_jax.weights.pretrained import replace_head
 
 ARCH = "dpn68"

@@ -269,7 +269,8 @@ def model_dir_files(tmp_path_factory) -> Path:
     import jax
 
     import dpn_jax
-    from dpn_jax.weights.model_dir import ModelDir, Preprocessing
+    from dpn_jax.data.preprocessing import Preprocessing
+    from dpn_jax.weights.model_dir import ModelDir
 
     tiny = {"k_sec": (1, 1, 1, 1), "groups": 4}
     variables = jax.device_get(dpn_jax.create_model("dpn68", num_classes=2, **tiny)[1])

@@ -13,9 +13,10 @@ import timm
 import timm.data
 
 import dpn_jax
+from dpn_jax.data.preprocessing import Preprocessing
 from dpn_jax.errors import ConfigError, WeightsError
 from dpn_jax.models.dpn import PRETRAINED_CFGS
-from dpn_jax.weights.model_dir import ModelDir, Preprocessing
+from dpn_jax.weights.model_dir import ModelDir
 
 TINY = {"k_sec": (1, 1, 1, 1), "groups": 4}
 TAG = "dpn68.mx_in1k"

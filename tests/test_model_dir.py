@@ -14,8 +14,9 @@ from PIL import Image
 
 import dpn_jax
 from dpn_jax.cli import predict as predict_cli
+from dpn_jax.data.preprocessing import Preprocessing
 from dpn_jax.errors import WeightsError
-from dpn_jax.weights.model_dir import FORMAT_VERSION, METADATA_FILE, ModelDir, Preprocessing
+from dpn_jax.weights.model_dir import FORMAT_VERSION, METADATA_FILE, ModelDir
 
 ARCH = "dpn68"
 TINY = {"k_sec": (1, 1, 1, 1), "groups": 4}

@@ -20,9 +20,10 @@ from timm_reference import numpy_state_dict, random_timm_dpn
 import dpn_jax
 from dpn_jax.cli import predict as predict_cli
 from dpn_jax.data.labels import class_names, imagenet_classes
+from dpn_jax.data.preprocessing import Preprocessing
 from dpn_jax.infer import predict
 from dpn_jax.weights.convert import timm_to_flax
-from dpn_jax.weights.model_dir import ModelDir, Preprocessing
+from dpn_jax.weights.model_dir import ModelDir
 
 ARCH = (
     "dpn68b"  # its default tag dpn68b.ra_in1k has a test size (288, crop 1.0) and ImageNet mean/std

@@ -13,9 +13,10 @@ from PIL import Image
 
 import dpn_jax
 from dpn_jax.cli import predict as predict_cli
+from dpn_jax.data.preprocessing import Preprocessing
 from dpn_jax.data.sources import open_dataset
 from dpn_jax.errors import DataError
-from dpn_jax.weights.model_dir import ModelDir, Preprocessing
+from dpn_jax.weights.model_dir import ModelDir
 
 
 @pytest.fixture(autouse=True)

@@ -332,7 +332,8 @@ def test_finetune_from_converted_checkpoint_with_new_head(tmp_path, env):
     import jax
 
     from dpn_jax import create_model
-    from dpn_jax.weights.model_dir import ModelDir, Preprocessing
+    from dpn_jax.data.preprocessing import Preprocessing
+    from dpn_jax.weights.model_dir import ModelDir
 
     _, source = create_model("dpn68", num_classes=7, rng=jax.random.key(42), **TINY)
     source_dir = tmp_path / "converted"

@@ -14,12 +14,13 @@ from train_worker import TINY
 
 from dpn_jax.data.batch_augment import Mixup
 from dpn_jax.data.labels import class_names
+from dpn_jax.data.preprocessing import Preprocessing
 from dpn_jax.errors import ConfigError, DpnJaxError, WeightsError
 from dpn_jax.factory import create_model
 from dpn_jax.models.layers import Conv2d, get_act
 from dpn_jax.ops.conv import conv_lowering
 from dpn_jax.train.state import merge_for_finetuning
-from dpn_jax.weights.model_dir import ModelDir, Preprocessing
+from dpn_jax.weights.model_dir import ModelDir
 
 
 def test_unknown_activation_and_indivisible_groups():

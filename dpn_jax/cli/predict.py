@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from dpn_jax.cli.common import EXIT_ERROR, command_parser, report_error, run_command
+from dpn_jax.data.preprocessing import Preprocessing
 from dpn_jax.errors import QUOTE_LIMIT, ConfigError, printable
 from dpn_jax.infer.predict import Predictor, expand_inputs
 from dpn_jax.models.registry import split_model_name
 from dpn_jax.system.compilation_cache import enable_compilation_cache
-from dpn_jax.weights.model_dir import ModelDir, Preprocessing
+from dpn_jax.weights.model_dir import ModelDir
 from dpn_jax.weights.pretrained import load_model, pretrained_hub_id
 
 

@@ -29,18 +29,9 @@ import numpy as np
 from PIL import ExifTags, Image, ImageEnhance, ImageOps, UnidentifiedImageError
 
 from dpn_jax.data.auto_augment import auto_augment
+from dpn_jax.data.preprocessing import PIL_INTERPOLATION, check_crop_pct
 from dpn_jax.errors import ConfigError, DataError
 from dpn_jax.system.files import special_file
-
-# timm's interpolation names -> Pillow filters (timm.data.transforms._str_to_pil_interpolation).
-PIL_INTERPOLATION = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-    "lanczos": Image.Resampling.LANCZOS,
-}
 
 # timm's train-time interpolation 'random' picks one of these per image.
 RANDOM_INTERPOLATION = ("bilinear", "bicubic")
@@ -183,10 +174,9 @@ def pil_filter(interpolation: str) -> Image.Resampling:
 
 
 def check_eval_settings(crop_pct: float, interpolation: str) -> None:
-    """ConfigError unless crop_pct is in (0, 1] and interpolation is one of timm's names."""
+    """ConfigError unless both are what `Preprocessing` accepts (the checks are its own)."""
     pil_filter(interpolation)
-    if not 0.0 < crop_pct <= 1.0:
-        raise ConfigError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    check_crop_pct("crop_pct", crop_pct)
 
 
 def eval_resize_size(

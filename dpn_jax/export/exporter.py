@@ -20,13 +20,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from dpn_jax.data.preprocessing import Preprocessing
 from dpn_jax.errors import ConfigError
 from dpn_jax.export.artifact_dir import check_output, staged_output
 from dpn_jax.export.serving import Artifact, EntryPoint, TensorSpec, write_serving_config
 from dpn_jax.models.layers import DTYPES
 from dpn_jax.models.registry import Variables
 from dpn_jax.version import __version__
-from dpn_jax.weights.model_dir import ModelDir, Preprocessing
+from dpn_jax.weights.model_dir import ModelDir
 from dpn_jax.weights.pretrained import load_model
 
 FORMATS = ("stablehlo", "onnx", "savedmodel")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpn_jax.weights.model_dir import Preprocessing
+from dpn_jax.data.preprocessing import Preprocessing
 
 SERVING_FILE = "serving.json"
 

@@ -19,11 +19,11 @@ from jax import lax
 from tqdm import tqdm
 
 from dpn_jax.data import pipeline
+from dpn_jax.data.preprocessing import Preprocessing
 from dpn_jax.data.transforms import normalize
 from dpn_jax.errors import DataError
 from dpn_jax.models.dpn import DPN
 from dpn_jax.runtime.runner import AXIS, REPLICATED, SHARDED, Runner
-from dpn_jax.weights.model_dir import Preprocessing
 
 
 def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:

@@ -20,11 +20,12 @@ from PIL import Image
 
 from dpn_jax.data.folder import IMAGE_EXTENSIONS
 from dpn_jax.data.labels import class_names as resolve_class_names
+from dpn_jax.data.preprocessing import Preprocessing
 from dpn_jax.data.transforms import eval_crop, load_image, normalize
 from dpn_jax.errors import ConfigError
 from dpn_jax.models.dpn import DPN
 from dpn_jax.runtime.runner import REPLICATED, SHARDED, Runner
-from dpn_jax.weights.model_dir import ModelDir, Preprocessing
+from dpn_jax.weights.model_dir import ModelDir
 from dpn_jax.weights.pretrained import load_model
 
 ImageInput = str | os.PathLike | Image.Image

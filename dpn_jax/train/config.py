@@ -24,7 +24,7 @@ import ml_collections
 
 from dpn_jax.data.auto_augment import auto_augment
 from dpn_jax.data.batch_augment import ERASING_MODES, MIXUP_MODES, Mixup, RandomErasing
-from dpn_jax.data.transforms import PIL_INTERPOLATION
+from dpn_jax.data.preprocessing import MAX_INPUT_SIZE, MIN_CROP_PCT, MIN_STD, PIL_INTERPOLATION
 from dpn_jax.errors import (
     QUOTE_LIMIT,
     ConfigError,
@@ -45,7 +45,6 @@ from dpn_jax.train.optim import (
     ScheduleSettings,
 )
 from dpn_jax.train.step import StepSettings
-from dpn_jax.weights.model_dir import MAX_INPUT_SIZE, MIN_CROP_PCT, MIN_STD
 
 log = logging.getLogger(__name__)
 

@@ -30,6 +30,7 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from dpn_jax.data import pipeline
+from dpn_jax.data.preprocessing import Preprocessing
 from dpn_jax.errors import ConfigError, DataError, OutputError
 from dpn_jax.factory import create_model
 from dpn_jax.infer.evaluate import compile_eval_step, run_evaluation
@@ -52,7 +53,7 @@ from dpn_jax.train.state import TrainState, create_train_state, merge_for_finetu
 from dpn_jax.train.step import compile_train_step, make_train_step
 from dpn_jax.train.stop import StopRequest
 from dpn_jax.train.workdir import WorkdirLock
-from dpn_jax.weights.model_dir import ModelDir, Preprocessing
+from dpn_jax.weights.model_dir import ModelDir
 from dpn_jax.weights.pretrained import load_model
 
 log = logging.getLogger(__name__)

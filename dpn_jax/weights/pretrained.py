@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from dpn_jax.data.preprocessing import Preprocessing
 from dpn_jax.errors import ConfigError, WeightsError
 from dpn_jax.models.dpn import DPN, MODEL_CONFIGS, PRETRAINED_CFGS
 from dpn_jax.models.layers import kernel_init
@@ -32,7 +33,7 @@ from dpn_jax.weights.convert import (
     num_classes_in,
     timm_to_flax,
 )
-from dpn_jax.weights.model_dir import METADATA_FILE, ModelDir, Preprocessing
+from dpn_jax.weights.model_dir import METADATA_FILE, ModelDir
 from dpn_jax.weights.sources import (
     HUB_PREFIX,
     TIMM_HUB_OWNER,
