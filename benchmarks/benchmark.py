@@ -437,10 +437,8 @@ class ExportedEngine(Engine):
             self.result.compile_s = time.perf_counter() - t0
 
 
-def make_engine(args: argparse.Namespace) -> Engine:
-    """The one engine and mode a worker's command line names."""
-    name = args.engines[0]
-    cls = (
+def engine_class(name: str) -> type[Engine]:
+    return (
         NnxEngine
         if name == "dpn_jax_nnx"
         else PlainEngine
@@ -451,7 +449,12 @@ def make_engine(args: argparse.Namespace) -> Engine:
         if name in EXPORT_ENGINES
         else TimmEngine
     )
-    return cls(
+
+
+def make_engine(args: argparse.Namespace) -> Engine:
+    """The one engine and mode a worker's command line names."""
+    name = args.engines[0]
+    return engine_class(name)(
         name,
         args.modes[0],
         args.models[0],

@@ -145,33 +145,36 @@ def make_train_step(
         device_params = lax.pcast(state.params, AXIS, to="varying")
         (loss, (logits, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(device_params)
         grads = lax.pmean(grads, AXIS)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         batch_stats = new_vars["batch_stats"]  # already averaged over AXIS by the BatchNorms
-
         updates_done = (state.step + 1) // accum  # optimizer updates after this step
-        ema = state.ema
-        if ema is not None:
-            applied = tx.has_updated(opt_state) if isinstance(tx, optax.MultiSteps) else True
-            decay = jnp.where(
-                applied, ema_decay_at(updates_done, config.ema_decay, config.ema_warmup), 1.0
-            )
-            ema = jax.tree.map(  # timm's lerp_(model, 1 - decay), in the EMA's own dtype
-                lambda new, old: (old + (1.0 - decay) * (new - old)).astype(old.dtype),
-                {"params": params, "batch_stats": batch_stats},
-                ema,
+
+        def update() -> TrainState:
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            ema = state.ema
+            if ema is not None:
+                applied = tx.has_updated(opt_state) if isinstance(tx, optax.MultiSteps) else True
+                decay = jnp.where(
+                    applied, ema_decay_at(updates_done, config.ema_decay, config.ema_warmup), 1.0
+                )
+                ema = jax.tree.map(  # timm's lerp_(model, 1 - decay), in the EMA's own dtype
+                    lambda new, old: (old + (1.0 - decay) * (new - old)).astype(old.dtype),
+                    {"params": params, "batch_stats": batch_stats},
+                    ema,
+                )
+            return state.replace(
+                params=params, batch_stats=batch_stats, opt_state=opt_state, ema=ema
             )
 
         metrics = lax.pmean(
             {"loss": loss, "top1": top_k_correct(logits, batch["label"], 1).mean()}, AXIS
         )
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(optax.global_norm(grads))
-        updated = state.replace(
-            params=params, batch_stats=batch_stats, opt_state=opt_state, ema=ema
-        )
-        # A branch, not a `where` per leaf: the select read and wrote the whole state once more
-        # each step (BENCHMARKS.md, "Compile time of the train step").
-        new_state = lax.cond(finite, lambda: updated, lambda: state)
+        # The update inside the taken branch, so that it writes the donated state in place; a
+        # `where` per leaf read and wrote the whole state once more, and an update computed
+        # before the branch was copied into the state's buffers (BENCHMARKS.md, "The trainer's
+        # step").
+        new_state = lax.cond(finite, update, lambda: state)
         new_state = new_state.replace(
             step=state.step + 1,
             nonfinite_step=jnp.where(
