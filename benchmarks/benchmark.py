@@ -1,14 +1,15 @@
 """dpn_jax against timm in the same run: throughput, compile time, creation time, peak memory.
 
     python benchmarks/benchmark.py --models dpn68 --batch-sizes 16 --resolutions 224
+    python benchmarks/benchmark.py --engines dpn_jax dpn_jax_plain dpn_jax_nnx timm_cl
 
 For every (model, batch, resolution) each engine (dpn_jax, timm eager NCHW, timm eager
-channels_last, timm torch.compile; on request, for inference, dpn_jax's exports: ONNX in ONNX
-Runtime, StableHLO through `jax.export`) and mode runs in its own worker process on the same
-threads;
-the driver times them in interleaved rounds, so load from other processes hits every engine
-alike. Peak host memory is measured in one fresh worker per engine and mode; on a GPU the timing
-workers also report the device's peak. Prints a table with dpn_jax / timm ratios and writes
+channels_last, timm torch.compile; on request the pmap adapter, the plain step on the Linen
+and the NNX model, and for inference dpn_jax's exports: ONNX in ONNX Runtime, StableHLO through
+`jax.export`) and mode runs in its own worker process on the same threads; the driver times
+them in interleaved rounds, so load from other processes hits every engine alike. Peak host
+memory is measured in one fresh worker per engine and mode; on a GPU the timing workers also
+report the device's peak. Prints a table with the ratios to the first dpn_jax engine and writes
 every number to JSON.
 """
 
