@@ -1,14 +1,15 @@
 """dpn_jax against timm in the same run: throughput, compile time, creation time, peak memory.
 
     python benchmarks/benchmark.py --models dpn68 --batch-sizes 16 --resolutions 224
+    python benchmarks/benchmark.py --engines dpn_jax dpn_jax_plain dpn_jax_nnx timm_cl
 
 For every (model, batch, resolution) each engine (dpn_jax, timm eager NCHW, timm eager
-channels_last, timm torch.compile; on request, for inference, dpn_jax's exports: ONNX in ONNX
-Runtime, StableHLO through `jax.export`) and mode runs in its own worker process on the same
-threads;
-the driver times them in interleaved rounds, so load from other processes hits every engine
-alike. Peak host memory is measured in one fresh worker per engine and mode; on a GPU the timing
-workers also report the device's peak. Prints a table with dpn_jax / timm ratios and writes
+channels_last, timm torch.compile; on request the pmap adapter, the plain step on the Linen
+and the NNX model, and for inference dpn_jax's exports: ONNX in ONNX Runtime, StableHLO through
+`jax.export`) and mode runs in its own worker process on the same threads; the driver times
+them in interleaved rounds, so load from other processes hits every engine alike. Peak host
+memory is measured in one fresh worker per engine and mode; on a GPU the timing workers also
+report the device's peak. Prints a table with the ratios to the first dpn_jax engine and writes
 every number to JSON.
 """
 
@@ -29,12 +30,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# The dpn_jax engines are the trainer's and dpn-predict's steps under each parallelism.
+# The dpn_jax engines are the trainer's and dpn-predict's steps under each parallelism, and a
+# plain step (one device, forward + loss + backward + optax) on the Linen and the NNX model.
 # dpn_jax's exports (inference only; opt-in with --engines): ONNX in ONNX Runtime, StableHLO in
 # JAX with each convolution lowering (`stablehlo`: the default, portable one)
 EXPORT_ENGINES = ("onnxruntime", "stablehlo", "stablehlo_native", "stablehlo_kernels")
 DEFAULT_ENGINES = ("dpn_jax", "timm", "timm_cl", "timm_compile")
-ENGINES = DEFAULT_ENGINES + ("dpn_jax_pmap", "dpn_jax_nnx") + EXPORT_ENGINES
+ENGINES = DEFAULT_ENGINES + ("dpn_jax_pmap", "dpn_jax_plain", "dpn_jax_nnx") + EXPORT_ENGINES
 MODES = ("infer", "train")
 # Large buffers come from mmap and go back to the OS when freed, so resident memory tracks what
 # each framework really holds (set for the memory workers only: it costs page faults).
@@ -104,6 +106,30 @@ class Engine:
         return compiled
 
 
+def trainer_optimizer(batch: int, num_classes: int = 1000) -> tuple[Any, Any, Any]:
+    """The trainer's step settings for the training benchmarks (timm's SGD: momentum 0.9, weight
+    decay 1e-4 off the norms and biases; a constant LR of 0.1), its optax transform and LR
+    schedule: the same update in every dpn_jax engine."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from configs import default  # the trainer's defaults (the repository's configs/)
+    from dpn_jax.train.config import train_settings
+    from dpn_jax.train.optim import create_optimizer
+
+    config = default.get_config()
+    config.update(
+        batch_size=batch,
+        base_batch_size=batch,
+        learning_rate=0.1,
+        momentum=0.9,
+        weight_decay=1e-4,
+        schedule="constant",
+        warmup_epochs=0.0,
+    )
+    settings = train_settings(config, steps_per_epoch=1000, num_classes=num_classes)
+    tx, schedule = create_optimizer(settings.optimizer, settings.schedule)
+    return settings.step, tx, schedule
+
+
 class JaxEngine(Engine):
     """dpn_jax as `train.py` and `dpn-predict` run it: the runner's step over every device
     (`dpn_jax`: jit + shard_map; `dpn_jax_pmap`: the pmap adapter), uint8 images normalised on
@@ -115,13 +141,8 @@ class JaxEngine(Engine):
         import numpy as np
 
         import dpn_jax
-
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from configs import default  # the trainer's defaults (the repository's configs/)
         from dpn_jax.infer.predict import make_predict_step
         from dpn_jax.runtime.runner import AXIS, REPLICATED, SHARDED, Runner
-        from dpn_jax.train.config import optimizer_settings, schedule_settings, step_settings
-        from dpn_jax.train.optim import RunLength, create_optimizer
         from dpn_jax.train.state import create_train_state
         from dpn_jax.train.step import compile_train_step, make_train_step
 
@@ -146,24 +167,10 @@ class JaxEngine(Engine):
             )
             args = (runner.replicate(variables), runner.put_batch(images))
         else:
-            config = default.get_config()
-            config.update(
-                batch_size=self.batch,
-                base_batch_size=self.batch,
-                learning_rate=0.1,
-                momentum=0.9,
-                weight_decay=1e-4,
-                schedule="constant",
-                warmup_epochs=0.0,
-            )
-            length = RunLength(steps_per_epoch=1000, total_steps=1000, grad_accum_steps=1)
-            tx, schedule = create_optimizer(
-                optimizer_settings(config), schedule_settings(config, length)
-            )
+            step_settings, tx, schedule = trainer_optimizer(self.batch)
             state = create_train_state(variables, tx, seed=0, use_ema=False)
-            settings = step_settings(config, model.num_classes)
             fn = compile_train_step(
-                runner, make_train_step(model, tx, schedule, settings, cfg["mean"], cfg["std"])
+                runner, make_train_step(model, tx, schedule, step_settings, cfg["mean"], cfg["std"])
             )
             labels = rng.integers(0, 1000, self.batch).astype(np.int32)
             args = (runner.replicate(state), runner.put_batch({"image": images, "label": labels}))
@@ -181,100 +188,135 @@ class JaxEngine(Engine):
         self.step = step
 
 
-class NnxEngine(Engine):
-    """`dpn_jax_nnx`: the NNX model (`dpn_jax.nnx`) as an NNX user runs it: `nnx.jit` over
-    `nnx.shard_map` on the runner's mesh (BatchNorm averaged over its axis), uint8 images
-    normalised on the device; training with `nnx.Optimizer`, the trainer's optax transform and
-    cross-entropy (the trainer's step also reports metrics and skips non-finite updates).
-    Tree mode (`graph=False`): graph mode's per-call traversal of the module costs more
-    (BENCHMARKS.md, "Flax NNX")."""
+class PlainEngine(Engine):
+    """`dpn_jax_plain` (Linen) and `dpn_jax_nnx` (NNX, `NnxEngine`): the same plain step as a
+    user writes it: one device, no `shard_map`, uint8 images normalised on the device; training
+    is forward, softmax cross-entropy, backward and the trainer's optax transform, the model's
+    state donated (no collectives, metrics, finiteness check or EMA). The two differ only in the
+    model API, so dpn_jax_plain / dpn_jax_nnx is Linen against NNX, and dpn_jax / dpn_jax_plain
+    what the trainer's step costs over a plain one (BENCHMARKS.md, "The trainer's step")."""
+
+    # True: the step returns (new state, output); False: it updates its state in place (NNX).
+    returns_state = True
 
     def build(self) -> None:
         import jax
         import jax.numpy as jnp
         import numpy as np
         import optax
-        from flax import nnx
 
         import dpn_jax
-        from dpn_jax import nnx as dpn_nnx
         from dpn_jax.data.transforms import normalize
-        from dpn_jax.runtime.runner import AXIS, REPLICATED, SHARDED, Runner
 
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from configs import default
-        from dpn_jax.train.config import optimizer_settings, schedule_settings
-        from dpn_jax.train.optim import RunLength, create_optimizer
-
-        jnp.zeros(()).block_until_ready()
+        jnp.zeros(()).block_until_ready()  # backend start-up is not model creation
         self.result.backend = jax.default_backend()
-        runner = Runner("shard_map")
         t0 = time.perf_counter()
-        model = dpn_nnx.create_model(
-            self.model, dtype=jnp.dtype(self.dtype), remat=self.remat, axis_name=AXIS
-        )
-        jax.block_until_ready(nnx.state(model))
+        state = self.create(jnp.dtype(self.dtype))
+        jax.block_until_ready(jax.tree.leaves(state))
         self.result.create_s = time.perf_counter() - t0
 
         cfg = dpn_jax.pretrained_cfg(self.model)
         rng = np.random.default_rng(0)
-        images = rng.integers(0, 256, (self.batch, self.resolution, self.resolution, 3), np.uint8)
-        images = runner.put_batch(images)
-
-        def inputs(images):
-            return normalize(images, cfg["mean"], cfg["std"], model.module.dtype)
-
+        shape = (self.batch, self.resolution, self.resolution, 3)
+        images = jax.device_put(rng.integers(0, 256, shape, np.uint8))
+        inputs = lambda images: normalize(images, cfg["mean"], cfg["std"], jnp.dtype(self.dtype))
         if self.mode == "infer":
-
-            @nnx.jit(graph=False)
-            @nnx.shard_map(
-                mesh=runner.mesh,
-                in_specs=(REPLICATED, SHARDED),
-                out_specs=SHARDED,
-                graph=False,
-            )
-            def fn(model, images):
-                return jax.nn.softmax(model(inputs(images)), axis=-1)
-
-            args = (model, images)
+            fn, args = self.infer_step(inputs), [state, images]
         else:
-            config = default.get_config()
-            config.update(learning_rate=0.1, momentum=0.9, weight_decay=1e-4)
-            config.update(schedule="constant", warmup_epochs=0.0)
-            length = RunLength(steps_per_epoch=1000, total_steps=1000, grad_accum_steps=1)
-            tx, _ = create_optimizer(optimizer_settings(config), schedule_settings(config, length))
-            model.train()
-            optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-            labels = runner.put_batch(rng.integers(0, 1000, self.batch).astype(np.int32))
-
-            # check_vma=False: gradients stay per device (conv2d's custom VJP does not sum a
-            # replicated kernel's) until the explicit pmean, as the trainer's pcast does.
-            @nnx.jit(graph=False)
-            @nnx.shard_map(
-                mesh=runner.mesh,
-                in_specs=(REPLICATED, REPLICATED, SHARDED, SHARDED),
-                out_specs=REPLICATED,
-                check_vma=False,
-                graph=False,
-            )
-            def fn(model, optimizer, images, labels):
-                def loss_fn(model):
-                    logits = model(inputs(images))
-                    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-                loss, grads = nnx.value_and_grad(loss_fn)(model)
-                loss, grads = jax.lax.pmean((loss, grads), AXIS)
-                optimizer.update(model, grads)
-                return loss
-
-            args = (model, optimizer, images, labels)
-
+            labels = jax.device_put(rng.integers(0, 1000, self.batch).astype(np.int32))
+            loss = lambda logits, labels: optax.softmax_cross_entropy_with_integer_labels(
+                logits, labels
+            ).mean()
+            tx = trainer_optimizer(self.batch)[1]
+            fn, state = self.train_step(state, tx, inputs, loss)
+            args = [state, images, labels]
         compiled = self.compile_jax(fn, args)
 
         def step() -> None:
-            compiled(*args).block_until_ready()
+            out = compiled(*args)
+            if self.returns_state and self.mode == "train":
+                args[0], out = out
+            jax.block_until_ready(out)
 
         self.step = step
+
+    # The model API (Linen here, NNX in `NnxEngine`): its state, created; the jitted
+    # inference `(state, images) -> probabilities`; the jitted, donating training step
+    # `(state, images, labels) -> loss` with its initial state.
+
+    def create(self, dtype: Any) -> Any:
+        import dpn_jax
+
+        self.net, variables = dpn_jax.create_model(self.model, dtype=dtype, remat=self.remat)
+        return variables
+
+    def infer_step(self, inputs: Callable) -> Any:
+        import jax
+
+        return jax.jit(
+            lambda variables, images: jax.nn.softmax(
+                self.net.apply(variables, inputs(images), train=False), axis=-1
+            )
+        )
+
+    def train_step(self, variables: Any, tx: Any, inputs: Callable, loss: Callable) -> Any:
+        import jax
+        import optax
+
+        def step(state, images, labels):
+            def loss_fn(params):
+                logits, new_vars = self.net.apply(
+                    {"params": params, "batch_stats": state["batch_stats"]},
+                    inputs(images),
+                    train=True,
+                    mutable=["batch_stats"],
+                )
+                return loss(logits, labels), new_vars["batch_stats"]
+
+            (value, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+            params = optax.apply_updates(state["params"], updates)
+            return {"params": params, "batch_stats": stats, "opt_state": opt_state}, value
+
+        state = {**variables, "opt_state": tx.init(variables["params"])}
+        return jax.jit(step, donate_argnums=0), state
+
+
+class NnxEngine(PlainEngine):
+    """`dpn_jax_nnx`: `PlainEngine`'s step on the NNX model (`dpn_jax.nnx`) as an NNX user
+    writes it: `nnx.Optimizer`, `nnx.value_and_grad`, `model.train()`, `nnx.jit` in tree mode
+    (`graph=False`: graph mode's per-call traversal of the module costs more, BENCHMARKS.md,
+    "Flax NNX")."""
+
+    returns_state = False
+
+    def create(self, dtype: Any) -> Any:
+        from dpn_jax import nnx as dpn_nnx
+
+        return dpn_nnx.create_model(self.model, dtype=dtype, remat=self.remat)
+
+    def infer_step(self, inputs: Callable) -> Any:
+        import jax
+        from flax import nnx
+
+        return nnx.jit(
+            lambda model, images: jax.nn.softmax(model(inputs(images)), axis=-1), graph=False
+        )
+
+    def train_step(self, model: Any, tx: Any, inputs: Callable, loss: Callable) -> Any:
+        from flax import nnx
+
+        def step(state, images, labels):
+            model, optimizer = state
+            value, grads = nnx.value_and_grad(lambda model: loss(model(inputs(images)), labels))(
+                model
+            )
+            optimizer.update(model, grads)
+            return value
+
+        model.train()
+        state = (model, nnx.Optimizer(model, tx, wrt=nnx.Param))
+        return nnx.jit(step, donate_argnums=0, graph=False), state
 
 
 class TimmEngine(Engine):
@@ -345,11 +387,12 @@ class ExportedEngine(Engine):
         import numpy as np
 
         import dpn_jax
+        from dpn_jax.data.preprocessing import Preprocessing
         from dpn_jax.export import ExportOptions, export_model, read_stablehlo
         from dpn_jax.export.exporter import DEFAULT_PLATFORMS
         from dpn_jax.export.onnx import onnxruntime_session
         from dpn_jax.models.registry import split_model_name
-        from dpn_jax.weights.pretrained import pretrained_cfg_record, save_model_dir
+        from dpn_jax.weights.model_dir import ModelDir
 
         if self.mode != "infer" or self.dtype != "float32":
             raise ValueError(f"the {self.result.engine} engine runs float32 inference only")
@@ -364,17 +407,13 @@ class ExportedEngine(Engine):
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             _, variables = dpn_jax.create_model(self.model)
-            save_model_dir(
-                f"{tmp}/model",
-                variables,
-                {
-                    "architecture": arch,
-                    "num_classes": 1000,
-                    "model_kwargs": {},
-                    "pretrained_cfg": pretrained_cfg_record(tag),
-                    "class_names": None,
-                },
-            )
+            ModelDir(
+                architecture=arch,
+                num_classes=1000,
+                preprocessing=Preprocessing.of_model(self.model),
+                variables=variables,
+                source=self.model,
+            ).save(f"{tmp}/model")
             lowering = self.result.engine.partition("_")[2] or None
             export_model(
                 f"{tmp}/model",
@@ -399,19 +438,24 @@ class ExportedEngine(Engine):
             self.result.compile_s = time.perf_counter() - t0
 
 
-def make_engine(args: argparse.Namespace) -> Engine:
-    """The one engine and mode a worker's command line names."""
-    name = args.engines[0]
-    cls = (
+def engine_class(name: str) -> type[Engine]:
+    return (
         NnxEngine
         if name == "dpn_jax_nnx"
+        else PlainEngine
+        if name == "dpn_jax_plain"
         else JaxEngine
         if name.startswith("dpn_jax")
         else ExportedEngine
         if name in EXPORT_ENGINES
         else TimmEngine
     )
-    return cls(
+
+
+def make_engine(args: argparse.Namespace) -> Engine:
+    """The one engine and mode a worker's command line names."""
+    name = args.engines[0]
+    return engine_class(name)(
         name,
         args.modes[0],
         args.models[0],
@@ -681,6 +725,9 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def print_table(results: list[Result]) -> None:
+    """`jax/this`: the images/s of the first dpn_jax engine of `--engines` (for the same model,
+    batch, resolution and mode) over this row's: `--engines dpn_jax_plain dpn_jax_nnx` gives
+    Linen / NNX."""
     header = (
         f"{'model':8} {'batch':>5} {'res':>4} {'dtype':8} {'mode':5} {'engine':13} {'img/s':>7} "
         f"{'jax/this':>8} {'create s':>8} {'compile s':>9} {'peak RSS MiB':>12} "
@@ -693,7 +740,7 @@ def print_table(results: list[Result]) -> None:
             (
                 o
                 for o in results
-                if o.engine == "dpn_jax"
+                if o.engine.startswith("dpn_jax")
                 and (o.model, o.batch, o.resolution, o.mode)
                 == (r.model, r.batch, r.resolution, r.mode)
             ),

@@ -1,12 +1,15 @@
 """Where one dpn_jax CPU step spends its time: XLA's ops from a profiled step, by kind.
 
     python benchmarks/profile_step.py --model dpn68 --batch-size 16 --mode train
+    python benchmarks/profile_step.py --engine dpn_jax_plain   # the plain step, to compare
 
-Builds the step exactly as `benchmark.py` times it, runs two warm-up steps, profiles a third
-with `jax.profiler`, and prints the thread-seconds per op kind (matmuls, each custom call
-target, else the XLA op name without its number: `add_bitcast_fusion`, ...), the custom calls
-(dpn_jax's CPU kernels) by target and shape, then the matmuls' FLOPs and rate (read from the
-optimised HLO) and the slowest matmuls with their layer and shape. Thread-seconds add up to
+Builds the step exactly as `benchmark.py` times it (`--engine`: the trainer's step, the plain
+Linen or NNX step), prints the optimised HLO's instruction counts (the entry computation's by
+opcode, plus the copies, collectives and conditionals anywhere), runs two warm-up steps,
+profiles a third with `jax.profiler`, and prints the thread-seconds per op kind (matmuls, each
+custom call target, else the XLA op name without its number: `add_bitcast_fusion`, ...), the
+custom calls (dpn_jax's CPU kernels) by target and shape, then the matmuls' FLOPs and rate (read
+from the optimised HLO) and the slowest matmuls with their layer and shape. Thread-seconds add up to
 about the step's wall time times XLA's thread count; see `op_thread_times` for how work on the
 thread pool is attributed.
 """
@@ -23,7 +26,7 @@ import time
 from pathlib import Path
 
 import jax
-from benchmark import JaxEngine
+from benchmark import engine_class
 from jax.profiler import ProfileData
 
 
@@ -118,8 +121,26 @@ def custom_calls(hlo: str) -> dict[str, str]:
     }
 
 
+def hlo_op_counts(hlo: str) -> tuple[collections.Counter, collections.Counter]:
+    """Instructions of the optimised HLO by opcode: in the entry computation (fusions count
+    once, whatever they hold), and the copies, collectives and conditionals in any computation
+    (a conditional's branches are their own computations)."""
+    ops = lambda text: collections.Counter(
+        re.findall(r"^\s*(?:ROOT )?%[\w.\-]+ = [^\n]*? ([a-z][\w\-]*)\(", text, re.M)
+    )
+    entry = hlo[hlo.index("\nENTRY") :]
+    anywhere = ops(hlo)
+    wanted = ("copy", "all-reduce", "all-gather", "conditional", "while")
+    return ops(entry[: entry.index("\n}\n")]), collections.Counter(
+        {k: anywhere[k] for k in wanted if anywhere[k]}
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--engine", choices=("dpn_jax", "dpn_jax_plain", "dpn_jax_nnx"), default="dpn_jax"
+    )
     p.add_argument("--model", default="dpn68")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--resolution", type=int, default=224)
@@ -128,8 +149,8 @@ def main() -> None:
     p.add_argument("--top", type=int, default=15, help="how many of the slowest ops to list")
     args = p.parse_args()
 
-    engine = JaxEngine(
-        "dpn_jax", args.mode, args.model, args.batch_size, args.resolution, args.dtype
+    engine = engine_class(args.engine)(
+        args.engine, args.mode, args.model, args.batch_size, args.resolution, args.dtype
     )
     engine.build()
     for _ in range(2):
@@ -141,6 +162,7 @@ def main() -> None:
         wall = time.perf_counter() - t0
     times = op_thread_times(trace_dir)
     hlo = engine.compiled.as_text()
+    entry, anywhere = hlo_op_counts(hlo)
     matmuls = matmul_flops(hlo)
 
     calls = custom_calls(hlo)
@@ -156,10 +178,13 @@ def main() -> None:
         kinds[kind_of(name)] += seconds
         counts[kind_of(name)] += 1
     print(
-        f"{args.model} {args.mode} batch {args.batch_size} {args.resolution}px {args.dtype} on "
+        f"{args.engine} {args.model} {args.mode} batch {args.batch_size} {args.resolution}px "
+        f"{args.dtype} on "
         f"{jax.default_backend()}: step {wall:.2f} s wall, {sum(times.values()):.2f} "
         f"thread-s ({kinds['idle']:.2f} idle); compile {engine.result.compile_s:.1f} s"
     )
+    print("HLO entry instructions:", ", ".join(f"{k} {n}" for k, n in entry.most_common()))
+    print("HLO anywhere:", ", ".join(f"{k} {n}" for k, n in anywhere.most_common()) or "-")
     print(f"\n{'op kind':32s} {'thread s':>9s} {'ops':>6s}")
     for kind, seconds in kinds.most_common(args.top):
         print(f"{kind:32s} {seconds:9.3f} {counts[kind]:6d}")

@@ -134,29 +134,21 @@ def make_train_step(
         device_params = lax.pcast(state.params, AXIS, to="varying")
         (loss, (logits, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(device_params)
         grads = lax.pmean(grads, AXIS)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         batch_stats = new_vars["batch_stats"]  # already averaged over AXIS by the BatchNorms
-
         updates_done = (state.step + 1) // accum  # optimizer updates after this step
-        ema = state.ema
-        if ema is not None:
-            applied = tx.has_updated(opt_state) if isinstance(tx, optax.MultiSteps) else True
-            decay = jnp.where(
-                applied, ema_decay_at(updates_done, settings.ema_decay, settings.ema_warmup), 1.0
-            )
-            ema = lerp_ema(ema, {"params": params, "batch_stats": batch_stats}, decay)
-
         metrics = lax.pmean(
             {"loss": loss, "top1": top_k_correct(logits, batch["label"], 1).mean()}, AXIS
         )
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(optax.global_norm(grads))
-        updated = state.replace(
-            params=params, batch_stats=batch_stats, opt_state=opt_state, ema=ema
+        # The update inside the taken branch, so that it writes the donated state in place; a
+        # `where` per leaf read and wrote the whole state once more, and an update computed
+        # before the branch was copied into the state's buffers (BENCHMARKS.md, "The trainer's
+        # step").
+        new_state = lax.cond(
+            finite,
+            lambda: apply_update(tx, settings, state, grads, batch_stats, updates_done),
+            lambda: state,
         )
-        # A branch, not a `where` per leaf: the select read and wrote the whole state once more
-        # each step (BENCHMARKS.md, "Compile time of the train step").
-        new_state = lax.cond(finite, lambda: updated, lambda: state)
         new_state = new_state.replace(
             step=state.step + 1,
             nonfinite_step=jnp.where(
@@ -167,6 +159,27 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def apply_update(
+    tx: optax.GradientTransformation,
+    settings: StepSettings,
+    state: TrainState,
+    grads,
+    batch_stats,
+    updates_done: jax.Array,
+) -> TrainState:
+    """The state after one optimizer step (and EMA update) with the averaged gradients."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema
+    if ema is not None:
+        applied = tx.has_updated(opt_state) if isinstance(tx, optax.MultiSteps) else True
+        decay = jnp.where(
+            applied, ema_decay_at(updates_done, settings.ema_decay, settings.ema_warmup), 1.0
+        )
+        ema = lerp_ema(ema, {"params": params, "batch_stats": batch_stats}, decay)
+    return state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state, ema=ema)
 
 
 def compile_train_step(runner: Runner, train_step: Callable) -> Callable:
