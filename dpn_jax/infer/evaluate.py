@@ -23,7 +23,7 @@ from dpn_jax.data.preprocessing import Preprocessing
 from dpn_jax.data.transforms import normalize
 from dpn_jax.errors import DataError
 from dpn_jax.models.dpn import DPN
-from dpn_jax.runtime.runner import AXIS, REPLICATED, SHARDED, Runner
+from dpn_jax.runtime.runner import REPLICATED, SHARDED, Runner, sum_over_devices
 
 
 def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
@@ -49,7 +49,7 @@ def make_eval_step(model: DPN, mean: Sequence[float], std: Sequence[float]) -> C
             "top5": jnp.sum(top_k_correct(logits, batch["label"], 5) * mask),
             "count": jnp.sum(mask),
         }
-        return lax.psum(sums, AXIS)
+        return sum_over_devices(sums)
 
     return eval_step
 

@@ -25,7 +25,7 @@ from dpn_jax.data.batch_augment import Mixup, RandomErasing
 from dpn_jax.data.transforms import normalize
 from dpn_jax.infer.evaluate import top_k_correct
 from dpn_jax.models.dpn import DPN
-from dpn_jax.runtime.runner import AXIS, REPLICATED, SHARDED, Runner
+from dpn_jax.runtime.runner import AXIS, REPLICATED, SHARDED, Runner, mean_over_devices
 from dpn_jax.train.state import TrainState
 
 
@@ -133,11 +133,11 @@ def make_train_step(
         # value over the devices itself); the mean over devices is the explicit `pmean`.
         device_params = lax.pcast(state.params, AXIS, to="varying")
         (loss, (logits, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(device_params)
-        grads = lax.pmean(grads, AXIS)
+        grads = mean_over_devices(grads)
         batch_stats = new_vars["batch_stats"]  # already averaged over AXIS by the BatchNorms
         updates_done = (state.step + 1) // accum  # optimizer updates after this step
-        metrics = lax.pmean(
-            {"loss": loss, "top1": top_k_correct(logits, batch["label"], 1).mean()}, AXIS
+        metrics = mean_over_devices(
+            {"loss": loss, "top1": top_k_correct(logits, batch["label"], 1).mean()}
         )
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(optax.global_norm(grads))
         # The update inside the taken branch, so that it writes the donated state in place; a
