@@ -1,8 +1,9 @@
 """Loss, top-1 and top-5 of a DPN over a dataset: one evaluation for the trainer and dpn-evaluate.
 
 Every device runs `make_eval_step`'s per-device step under the runner and the sums are added
-over devices (`psum`) and batches; each example is counted exactly once (the pipeline pads the
-last batches and masks the padding). Metrics are fractions; percent is only for people to read.
+over devices (`sum_over_devices`) and batches; each example is counted exactly once (the
+pipeline pads the last batches and masks the padding). Metrics are fractions; percent is only
+for people to read.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 
 
 def make_eval_step(model: DPN, mean: Sequence[float], std: Sequence[float]) -> Callable:
-    """One device's sums of loss / top-1 / top-5 / count over real (mask True) examples, psummed.
+    """Sums of loss / top-1 / top-5 / count over real (mask True) examples, over all devices.
 
     Takes uint8 images and normalises them on the device.
     """

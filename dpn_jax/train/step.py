@@ -2,9 +2,10 @@
 
 The state is replicated; each device differentiates its own copy of the parameters on its rows
 of the batch (uint8 images, normalised, erased and mixed in the step), and the gradients are
-averaged over the devices (`pmean`), as are the BatchNorm statistics (inside the model) and the
-metrics. A step whose loss or gradient is NaN/Inf changes nothing but `step` and records itself
-in `nonfinite_step` (the trainer then stops or carries on, per `skip_nonfinite_updates`).
+averaged over the devices (`mean_over_devices`: nothing to do on one device), as are the
+BatchNorm statistics (inside the model, built with the runner's `axis_name`) and the metrics.
+A step whose loss or gradient is NaN/Inf changes nothing but `step` and records itself in
+`nonfinite_step` (the trainer then stops or carries on, per `skip_nonfinite_updates`).
 The gradient is tested through its global norm, which is NaN/Inf exactly when an element is (or
 when the norm overflows float32, ~1.8e19, a diverged run anyway): one fused sum of squares,
 where a per-leaf `all(isfinite(...))` made XLA compile the step several times longer
@@ -130,7 +131,7 @@ def make_train_step(
             return loss, (logits, new_vars)
 
         # This device's gradient (without the cast JAX would sum the gradients of a replicated
-        # value over the devices itself); the mean over devices is the explicit `pmean`.
+        # value over the devices itself); the mean over devices is explicit (none on one device).
         device_params = lax.pcast(state.params, AXIS, to="varying")
         (loss, (logits, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(device_params)
         grads = mean_over_devices(grads)
