@@ -142,7 +142,7 @@ class JaxEngine(Engine):
 
         import dpn_jax
         from dpn_jax.infer.predict import make_predict_step
-        from dpn_jax.runtime.runner import AXIS, REPLICATED, SHARDED, Runner
+        from dpn_jax.runtime.runner import REPLICATED, SHARDED, Runner
         from dpn_jax.train.state import create_train_state
         from dpn_jax.train.step import compile_train_step, make_train_step
 
@@ -151,7 +151,7 @@ class JaxEngine(Engine):
         runner = Runner("pmap" if self.result.engine == "dpn_jax_pmap" else "shard_map")
         t0 = time.perf_counter()
         model, variables = dpn_jax.create_model(
-            self.model, dtype=jnp.dtype(self.dtype), remat=self.remat, axis_name=AXIS
+            self.model, dtype=jnp.dtype(self.dtype), remat=self.remat, axis_name=runner.axis_name
         )
         jax.block_until_ready(variables)
         self.result.create_s = time.perf_counter() - t0

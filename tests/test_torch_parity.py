@@ -207,7 +207,7 @@ def run_jax(config, initial_state_dict: dict, images: list, data: list) -> dict:
     from train_worker import TINY
 
     from dpn_jax import create_model
-    from dpn_jax.runtime.runner import AXIS, Runner
+    from dpn_jax.runtime.runner import Runner
     from dpn_jax.train.config import optimizer_settings, schedule_settings, step_settings
     from dpn_jax.train.optim import RunLength, create_optimizer
     from dpn_jax.train.state import create_train_state
@@ -215,15 +215,15 @@ def run_jax(config, initial_state_dict: dict, images: list, data: list) -> dict:
     from dpn_jax.weights.convert import flax_to_timm, timm_to_flax
 
     dtype = np.float64 if config.dtype == "float64" else np.float32
+    runner = Runner("shard_map", jax.devices()[:1])
     model, _ = create_model(
-        "dpn68", num_classes=NUM_CLASSES, dtype=jnp.dtype(dtype), axis_name=AXIS, **TINY
+        "dpn68", num_classes=NUM_CLASSES, dtype=jnp.dtype(dtype), axis_name=runner.axis_name, **TINY
     )
     variables = jax.tree.map(
         lambda x: np.asarray(x, dtype), timm_to_flax(initial_state_dict, "dpn68", **TINY)
     )
     length = RunLength(STEPS_PER_EPOCH, NUM_STEPS, config.grad_accum_steps)
     tx, schedule = create_optimizer(optimizer_settings(config), schedule_settings(config, length))
-    runner = Runner("shard_map", jax.devices()[:1])
     state = runner.replicate(
         create_train_state(variables, tx, seed=0, use_ema=config.ema_decay > 0)
     )

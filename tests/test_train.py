@@ -64,13 +64,13 @@ def run_steps(parallelism: str, devices) -> Run:
     Python scalar argument, a value read back) fails the run.
     """
     config = tiny_config(learning_rate=0.01, ema_decay=0.9, parallelism=parallelism)
+    runner = Runner(parallelism, devices)
     model, variables = create_model(
-        "dpn68", num_classes=10, axis_name="batch", rng=jax.random.key(0), **TINY
+        "dpn68", num_classes=10, axis_name=runner.axis_name, rng=jax.random.key(0), **TINY
     )
     tx, schedule = create_optimizer(
         optimizer_settings(config), schedule_settings(config, RunLength(10, 30, 1))
     )
-    runner = Runner(parallelism, devices)
     state = runner.replicate(create_train_state(variables, tx, seed=0, use_ema=True))
     step = compile_train_step(
         runner, make_train_step(model, tx, schedule, step_settings(config, 10), MEAN, STD)

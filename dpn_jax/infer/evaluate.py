@@ -1,8 +1,9 @@
 """Loss, top-1 and top-5 of a DPN over a dataset: one evaluation for the trainer and dpn-evaluate.
 
 Every device runs `make_eval_step`'s per-device step under the runner and the sums are added
-over devices (`psum`) and batches; each example is counted exactly once (the pipeline pads the
-last batches and masks the padding). Metrics are fractions; percent is only for people to read.
+over devices (`sum_over_devices`) and batches; each example is counted exactly once (the
+pipeline pads the last batches and masks the padding). Metrics are fractions; percent is only
+for people to read.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dpn_jax.data.preprocessing import Preprocessing
 from dpn_jax.data.transforms import normalize
 from dpn_jax.errors import DataError
 from dpn_jax.models.dpn import DPN
-from dpn_jax.runtime.runner import AXIS, REPLICATED, SHARDED, Runner
+from dpn_jax.runtime.runner import REPLICATED, SHARDED, Runner, sum_over_devices
 
 
 def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
@@ -33,7 +34,7 @@ def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 
 
 def make_eval_step(model: DPN, mean: Sequence[float], std: Sequence[float]) -> Callable:
-    """One device's sums of loss / top-1 / top-5 / count over real (mask True) examples, psummed.
+    """Sums of loss / top-1 / top-5 / count over real (mask True) examples, over all devices.
 
     Takes uint8 images and normalises them on the device.
     """
@@ -49,7 +50,7 @@ def make_eval_step(model: DPN, mean: Sequence[float], std: Sequence[float]) -> C
             "top5": jnp.sum(top_k_correct(logits, batch["label"], 5) * mask),
             "count": jnp.sum(mask),
         }
-        return lax.psum(sums, AXIS)
+        return sum_over_devices(sums)
 
     return eval_step
 

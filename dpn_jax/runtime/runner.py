@@ -1,7 +1,10 @@
 """Run a per-device step data-parallel over a device mesh: `jit` + `shard_map`, or `pmap`.
 
 Steps are written for one device and communicate through explicit collectives over `AXIS`
-(the gradient mean, cross-replica BatchNorm statistics, metric sums). The runner puts them on a
+(the gradient mean, cross-replica BatchNorm statistics, metric sums), which they skip on a
+one-device mesh (`mean_over_devices`, `sum_over_devices`, `Runner.axis_name`): XLA CPU keeps an
+all-reduce over one device, and no fusion crosses it (BENCHMARKS.md, "The trainer's step").
+The runner puts them on a
 `Mesh` of every device of every process: arguments are global `jax.Array`s, either replicated
 (`REPLICATED`: the train state, the model variables) or split over the devices along their
 first axis (`SHARDED`: batches, per-example outputs). Under the default `shard_map` parallelism
@@ -18,6 +21,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -27,6 +31,16 @@ AXIS = "batch"
 PARALLELISMS = ("shard_map", "pmap")
 REPLICATED = P()
 SHARDED = P(AXIS)
+
+
+def mean_over_devices(tree: Any) -> Any:
+    """`lax.pmean` over `AXIS` inside a step; the tree itself on one device."""
+    return tree if lax.axis_size(AXIS) == 1 else lax.pmean(tree, AXIS)
+
+
+def sum_over_devices(tree: Any) -> Any:
+    """`lax.psum` over `AXIS` inside a step; the tree itself on one device."""
+    return tree if lax.axis_size(AXIS) == 1 else lax.psum(tree, AXIS)
 
 
 class Runner:
@@ -44,6 +58,12 @@ class Runner:
         self._replicated = NamedSharding(self.mesh, REPLICATED)
         self._sharded = NamedSharding(self.mesh, SHARDED)
 
+    @property
+    def axis_name(self) -> str | None:
+        """The `axis_name` of a model built for this runner (cross-replica BatchNorm): `AXIS`,
+        or None on one device, where there is nothing to average."""
+        return AXIS if self.num_devices > 1 else None
+
     def compile(
         self, step: Callable, in_specs: tuple, out_specs: Any, donate_argnums: tuple[int, ...] = ()
     ) -> Callable:
@@ -54,10 +74,16 @@ class Runner:
         """
         if self.parallelism == "pmap":
             return self._pmap(step, in_specs, out_specs, donate_argnums)
-        return jax.jit(
-            jax.shard_map(step, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs),
-            donate_argnums=donate_argnums,
+        # On one device every value is replicated and the steps skip their collectives, which
+        # the check that replicated outputs went through one would reject.
+        mapped = jax.shard_map(
+            step,
+            mesh=self.mesh,
+            in_specs=in_specs,
+            out_specs=out_specs,
+            check_vma=self.num_devices > 1,
         )
+        return jax.jit(mapped, donate_argnums=donate_argnums)
 
     def _pmap(
         self, step: Callable, in_specs: tuple, out_specs: Any, donate_argnums: tuple[int, ...]

@@ -2,9 +2,10 @@
 
 The state is replicated; each device differentiates its own copy of the parameters on its rows
 of the batch (uint8 images, normalised, erased and mixed in the step), and the gradients are
-averaged over the devices (`pmean`), as are the BatchNorm statistics (inside the model) and the
-metrics. A step whose loss or gradient is NaN/Inf changes nothing but `step` and records itself
-in `nonfinite_step` (the trainer then stops or carries on, per `skip_nonfinite_updates`).
+averaged over the devices (`mean_over_devices`: nothing to do on one device), as are the
+BatchNorm statistics (inside the model, built with the runner's `axis_name`) and the metrics.
+A step whose loss or gradient is NaN/Inf changes nothing but `step` and records itself in
+`nonfinite_step` (the trainer then stops or carries on, per `skip_nonfinite_updates`).
 The gradient is tested through its global norm, which is NaN/Inf exactly when an element is (or
 when the norm overflows float32, ~1.8e19, a diverged run anyway): one fused sum of squares,
 where a per-leaf `all(isfinite(...))` made XLA compile the step several times longer
@@ -25,7 +26,7 @@ from dpn_jax.data.batch_augment import Mixup, RandomErasing
 from dpn_jax.data.transforms import normalize
 from dpn_jax.infer.evaluate import top_k_correct
 from dpn_jax.models.dpn import DPN
-from dpn_jax.runtime.runner import AXIS, REPLICATED, SHARDED, Runner
+from dpn_jax.runtime.runner import AXIS, REPLICATED, SHARDED, Runner, mean_over_devices
 from dpn_jax.train.state import TrainState
 
 
@@ -130,14 +131,14 @@ def make_train_step(
             return loss, (logits, new_vars)
 
         # This device's gradient (without the cast JAX would sum the gradients of a replicated
-        # value over the devices itself); the mean over devices is the explicit `pmean`.
+        # value over the devices itself); the mean over devices is explicit (none on one device).
         device_params = lax.pcast(state.params, AXIS, to="varying")
         (loss, (logits, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(device_params)
-        grads = lax.pmean(grads, AXIS)
+        grads = mean_over_devices(grads)
         batch_stats = new_vars["batch_stats"]  # already averaged over AXIS by the BatchNorms
         updates_done = (state.step + 1) // accum  # optimizer updates after this step
-        metrics = lax.pmean(
-            {"loss": loss, "top1": top_k_correct(logits, batch["label"], 1).mean()}, AXIS
+        metrics = mean_over_devices(
+            {"loss": loss, "top1": top_k_correct(logits, batch["label"], 1).mean()}
         )
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(optax.global_norm(grads))
         # The update inside the taken branch, so that it writes the donated state in place; a

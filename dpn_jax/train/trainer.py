@@ -35,7 +35,7 @@ from dpn_jax.errors import ConfigError, DataError, OutputError
 from dpn_jax.factory import create_model
 from dpn_jax.infer.evaluate import compile_eval_step, run_evaluation
 from dpn_jax.models.layers import DTYPES
-from dpn_jax.runtime.runner import AXIS, Runner
+from dpn_jax.runtime.runner import Runner
 from dpn_jax.train import report
 from dpn_jax.train.checkpoints import Checkpoints
 from dpn_jax.train.config import (
@@ -59,8 +59,9 @@ from dpn_jax.weights.pretrained import load_model
 log = logging.getLogger(__name__)
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int):
-    """The model and its initial variables: fresh, or a model's (`load_model`) with a new head.
+def build_model(config: ml_collections.ConfigDict, num_classes: int, axis_name: str | None):
+    """The model and its initial variables: fresh, or a model's (`load_model`) with a new head;
+    `axis_name` is the runner's (`Runner.axis_name`).
 
     Returns (model, variables, architecture, model_kwargs, preprocessing): the fine-tuning
     source's or the tag's preprocessing, resolved at the training size with the config's values
@@ -77,7 +78,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
         dtype=DTYPES[config.dtype],
         drop_rate=config.drop_rate,
         rng=jax.random.key(config.seed),
-        axis_name=AXIS,
+        axis_name=axis_name,
         **model_kwargs,
     )
     if source is not None:
@@ -206,7 +207,9 @@ def _set_up(config: ml_collections.ConfigDict, workdir: Path, hooks: TrainHooks)
     batch_size = runner.check_batch_size(config.batch_size, "--config.batch_size")
     eval_batch_size = runner.check_batch_size(config.eval_batch_size, "--config.eval_batch_size")
     info, steps_per_epoch = _check_data(config)
-    model, variables, arch, model_kwargs, data_cfg = build_model(config, info.num_classes)
+    model, variables, arch, model_kwargs, data_cfg = build_model(
+        config, info.num_classes, runner.axis_name
+    )
     report.say(
         report.describe_run(
             arch=arch,
