@@ -149,7 +149,7 @@ def clip_global_norm(max_norm: float, eps: float) -> optax.GradientTransformatio
 
     def update(updates, state, params=None):
         del params
-        scale = jnp.minimum(max_norm / (optax.global_norm(updates) + eps), 1.0)
+        scale = jnp.minimum(max_norm / (optax.tree.norm(updates) + eps), 1.0)
         return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
 
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)

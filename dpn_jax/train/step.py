@@ -140,7 +140,7 @@ def make_train_step(
         metrics = mean_over_devices(
             {"loss": loss, "top1": top_k_correct(logits, batch["label"], 1).mean()}
         )
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(optax.global_norm(grads))
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(optax.tree.norm(grads))
         # The update inside the taken branch, so that it writes the donated state in place; a
         # `where` per leaf read and wrote the whole state once more, and an update computed
         # before the branch was copied into the state's buffers (BENCHMARKS.md, "The trainer's
