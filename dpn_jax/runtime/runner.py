@@ -1,17 +1,16 @@
 """Run a per-device step data-parallel over a device mesh: `jit` + `shard_map`, or `pmap`.
 
-Steps are written for one device and communicate through explicit collectives over `AXIS`
-(the gradient mean, cross-replica BatchNorm statistics, metric sums), which they skip on a
-one-device mesh (`mean_over_devices`, `sum_over_devices`, `Runner.axis_name`): XLA CPU keeps an
-all-reduce over one device, and no fusion crosses it (BENCHMARKS.md, "The trainer's step").
-The runner puts them on a
-`Mesh` of every device of every process: arguments are global `jax.Array`s, either replicated
-(`REPLICATED`: the train state, the model variables) or split over the devices along their
-first axis (`SHARDED`: batches, per-example outputs). Under the default `shard_map` parallelism
-a step is `jax.jit(jax.shard_map(step))`; `pmap` is the same step under `jax.pmap`, kept as a
-thin adapter because the design card names it: it sees the batch with a leading device axis,
-which `put_batch` / `local` add and remove, and the state and outputs are the same replicated
-global arrays. Each process feeds only its own rows of a batch.
+Steps are written for one device and communicate through explicit collectives over `AXIS` (the
+gradient mean, cross-replica BatchNorm statistics, metric sums), which they skip on a one-device
+mesh (`mean_over_devices`, `sum_over_devices`, `Runner.axis_name`): XLA CPU keeps an all-reduce
+over one device, and no fusion crosses it (BENCHMARKS.md, "The trainer's step"). The runner puts
+them on a `Mesh` of every device of every process: arguments are global `jax.Array`s, either
+replicated (`REPLICATED`: the train state, the model variables) or split over the devices along
+their first axis (`SHARDED`: batches, per-example outputs). Under the default `shard_map`
+parallelism a step is `jax.jit(jax.shard_map(step))`; `pmap` is the same step under `jax.pmap`,
+kept as a thin adapter because the design card names it: it sees the batch with a leading device
+axis, which `put_batch` / `local` add and remove, and the state and outputs are the same
+replicated global arrays. Each process feeds only its own rows of a batch.
 """
 
 from __future__ import annotations
