@@ -177,9 +177,6 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
     try:
-        from dpn_jax.system.huge_pages import reexec_with_huge_page_malloc
-
-        reexec_with_huge_page_malloc()
         app.run(main, flags_parser=parse_flags)
     except InterruptedBeforeTraining as interrupt:
         print(f"{PROG}: interrupted before training started, nothing saved", file=sys.stderr)

@@ -818,11 +818,14 @@ def _setup_threads(threads: int, uses_torch: bool) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
-        _setup_threads(args.threads, uses_torch=args.engines[0].startswith("timm"))
-        if args.cache_dir:
+        uses_torch = args.engines[0].startswith("timm")
+        _setup_threads(args.threads, uses_torch)
+        if not uses_torch:  # (timm's workers run as timm's users run it: without dpn_jax)
+            # dpn_jax first, before JAX starts: dpn_jax/system/host_memory.py
             from dpn_jax.system.compilation_cache import enable_compilation_cache
 
-            enable_compilation_cache(args.cache_dir)
+            if args.cache_dir:
+                enable_compilation_cache(args.cache_dir)
         worker = timing_worker if args.worker == "timing" else memory_worker
         results = worker(args)
         print(json.dumps([asdict(r) for r in results]))
@@ -868,7 +871,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from dpn_jax.system.huge_pages import reexec_with_huge_page_malloc
-
-    reexec_with_huge_page_malloc()  # the workers, timm's included, inherit the environment
     main()

@@ -18,6 +18,9 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 
+import dpn_jax  # noqa: F401  (first, before JAX starts: dpn_jax/system/host_memory.py)
+
+# isort: split
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -166,7 +169,4 @@ def _time_shape(
 
 
 if __name__ == "__main__":
-    from dpn_jax.system.huge_pages import reexec_with_huge_page_malloc
-
-    reexec_with_huge_page_malloc()  # time the kernels as train.py runs them
     main()

@@ -26,6 +26,9 @@ import random
 import statistics
 import time
 
+import dpn_jax  # noqa: F401  (first, before JAX starts: dpn_jax/system/host_memory.py)
+
+# isort: split
 import jax
 from benchmark import JaxEngine
 
@@ -126,7 +129,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from dpn_jax.system.huge_pages import reexec_with_huge_page_malloc
-
-    reexec_with_huge_page_malloc()  # time the step as train.py and benchmark.py run it
     main()

@@ -13,6 +13,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+import dpn_jax  # noqa: F401  (first, before JAX starts: dpn_jax/system/host_memory.py)
+
+# isort: split
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,7 +93,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from dpn_jax.system.huge_pages import reexec_with_huge_page_malloc
-
-    reexec_with_huge_page_malloc()  # time the kernels as train.py runs them
     main()

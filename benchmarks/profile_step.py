@@ -21,10 +21,15 @@ import bisect
 import collections
 import math
 import re
+import resource
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import dpn_jax  # noqa: F401  (first, before JAX starts: dpn_jax/system/host_memory.py)
+
+# isort: split
 import jax
 from benchmark import engine_class
 from jax.profiler import ProfileData
@@ -136,6 +141,22 @@ def hlo_op_counts(hlo: str) -> tuple[collections.Counter, collections.Counter]:
     )
 
 
+def host_cost_per_step(step: Callable[[], None], steps: int = 3) -> dict[str, float]:
+    """Page faults and the process's kernel and user CPU seconds per step (`getrusage`): what a
+    step costs the host beside its ops (e.g. faulting in freshly mapped temporaries)."""
+    before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    for _ in range(steps):
+        step()
+    after, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
+    return {
+        "page faults": (after.ru_minflt - before.ru_minflt) / steps,
+        "kernel s": (after.ru_stime - before.ru_stime) / steps,
+        "user s": (after.ru_utime - before.ru_utime) / steps,
+        "wall s": wall / steps,
+        "MiB peak RSS": after.ru_maxrss / 1024,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -153,8 +174,8 @@ def main() -> None:
         args.engine, args.mode, args.model, args.batch_size, args.resolution, args.dtype
     )
     engine.build()
-    for _ in range(2):
-        engine.step()
+    engine.step()
+    host = host_cost_per_step(engine.step)
     trace_dir = tempfile.mkdtemp(prefix="dpn_jax_profile_")
     with jax.profiler.trace(trace_dir):
         t0 = time.perf_counter()
@@ -183,6 +204,7 @@ def main() -> None:
         f"{jax.default_backend()}: step {wall:.2f} s wall, {sum(times.values()):.2f} "
         f"thread-s ({kinds['idle']:.2f} idle); compile {engine.result.compile_s:.1f} s"
     )
+    print("host, per step (3 steps):", ", ".join(f"{v:.3g} {k}" for k, v in host.items()))
     print("HLO entry instructions:", ", ".join(f"{k} {n}" for k, n in entry.most_common()))
     print("HLO anywhere:", ", ".join(f"{k} {n}" for k, n in anywhere.most_common()) or "-")
     print(f"\n{'op kind':32s} {'thread s':>9s} {'ops':>6s}")
@@ -207,7 +229,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from dpn_jax.system.huge_pages import reexec_with_huge_page_malloc
-
-    reexec_with_huge_page_malloc()  # profile the step as train.py and benchmark.py run it
     main()

@@ -1,8 +1,8 @@
 """Dual Path Networks in JAX/Flax, numerically identical to timm.
 
 The public names load their modules on first use: `import dpn_jax` alone does not import JAX,
-so a command can restart itself (`dpn_jax.system.huge_pages`) before paying for that, and
-`python -m dpn_jax.cli.predict` does not import itself twice.
+so that it can set up host memory for XLA's CPU steps before JAX starts
+(`dpn_jax.system.host_memory`), and `python -m dpn_jax.cli.predict` does not import itself twice.
 
 The public names are what a user builds on: models and their registry, weights conversion and
 model directories, prediction, evaluation, training, export, the device `Runner`, and
@@ -17,7 +17,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from dpn_jax.system.host_memory import reuse_freed_host_memory
 from dpn_jax.version import __version__
+
+reuse_freed_host_memory()  # before JAX's CPU threads first allocate (see the module)
 
 # public name -> the module that defines it
 _EXPORTS = {

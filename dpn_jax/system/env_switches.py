@@ -4,5 +4,5 @@ OFF_VALUES = ("", "off", "none", "0", "false", "no")
 
 
 def switched_off(value: str) -> bool:
-    """True for `DPN_JAX_COMPILATION_CACHE=off`, `DPN_JAX_HUGE_PAGES=0` and the like."""
+    """True for `DPN_JAX_COMPILATION_CACHE=off`, `DPN_JAX_REUSE_HOST_MEMORY=0` and the like."""
     return value.strip().lower() in OFF_VALUES
