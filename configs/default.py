@@ -39,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Data (see dpn_jax.data.pipeline): mean/std/crop_pct/interpolation default to the model's
     # pretrained cfg (or the fine-tuning source's).
-    config.dataset = "digits"  # digits, folder:DIR, tfds:NAME or a TFDS name (README "Data")
+    config.dataset = "digits"  # digits, folder:DIR, tfds:NAME or a TFDS name (README "Datasets")
     config.data_dir = config_dict.placeholder(str)  # TFDS data directory
     config.eval_split = config_dict.placeholder(str)  # unset: the dataset's validation split
     config.image_size = 32  # training and evaluation input size (pixels, square)

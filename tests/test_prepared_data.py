@@ -306,8 +306,9 @@ def test_copy_metadata_drops_what_it_cannot_know(tmp_path):
 
 
 def test_prepare_data_refuses_bad_resize_settings_first(tmp_path, capsys):
-    """Bad --resize-shorter / --quality are one line, before any preparing (here an unprepared
-    ImageNet without its tars would otherwise be the error)."""
+    """Bad --resize-shorter / --quality, or the copy's flags without --resize-shorter, are one
+    line, before any preparing (here an unprepared ImageNet without its tars would otherwise be
+    the error)."""
     from dpn_jax.cli.prepare_data import main as prepare_main
 
     for flags in (["--resize-shorter", "0"], ["--resize-shorter", "256", "--quality", "101"]):
@@ -318,6 +319,12 @@ def test_prepare_data_refuses_bad_resize_settings_first(tmp_path, capsys):
             f"{flags[1]} and {flags[3] if len(flags) > 2 else 90}"
         ), error
         assert len(error.splitlines()) == 1
+    for flags in (["--quality", "80"], ["--output-data-dir", str(tmp_path / "copy")]):
+        assert prepare_main(["imagenet2012", "--data-dir", str(tmp_path), *flags]) == 1
+        assert capsys.readouterr().err == (
+            "dpn-prepare-data: error: --quality and --output-data-dir are for the resized copy: "
+            "add --resize-shorter N\n"
+        )
     assert os.listdir(tmp_path) == []
 
 
