@@ -39,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Data (see dpn_jax.data.pipeline): mean/std/crop_pct/interpolation default to the model's
     # pretrained cfg (or the fine-tuning source's).
-    config.dataset = "digits"  # digits, folder:DIR, tfds:NAME or a TFDS name (README "Data")
+    config.dataset = "digits"  # digits, folder:DIR, tfds:NAME or a TFDS name (README "Datasets")
     config.data_dir = config_dict.placeholder(str)  # TFDS data directory
     config.eval_split = config_dict.placeholder(str)  # unset: the dataset's validation split
     config.image_size = 32  # training and evaluation input size (pixels, square)
@@ -48,6 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.crop_pct = config_dict.placeholder(float)  # evaluation centre crop fraction
     config.interpolation = config_dict.placeholder(str)  # resize filter, e.g. "bicubic"
     config.data_workers = 0  # grain worker processes decoding batches (0: threads of the trainer)
+    config.reduced_decode = False  # JPEGs decoded at 1/2-1/8 scale where the crop allows
     # Augmentation, timm's keys: `aa` and colour jitter (ignored when aa is set, as in timm;
     # timm's train.py default is 0.4) run per image on the host; random erasing (`reprob` > 0)
     # on the device. "random" train_interpolation is timm's train.py default.

@@ -8,6 +8,7 @@ import math
 import os
 import random
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from test_augment import assert_same_distribution
 from test_input_pipeline import SYNSETS, add_to_tar
 
 from dpn_jax.data import pipeline
-from dpn_jax.data.resized import PREPARED_FILE, resized_jpeg
+from dpn_jax.data.resized import PREPARED_FILE, describe_copy, describe_images, resized_jpeg
 from dpn_jax.data.transforms import (
     TrainTransform,
     decode_image,
@@ -197,6 +198,19 @@ def imagenet_photos(tmp_path_factory):
     return data_dir, str(manual), root
 
 
+def resized_copy(imagenet_photos) -> tuple[str, list[str], list[str]]:
+    """`dpn-prepare-data imagenet2012 --resize-shorter 48 --quality 90` into ROOT/resized
+    (written, or reused when an earlier test wrote it); (its data dir, the flags)."""
+    from dpn_jax.cli.prepare_data import main as prepare_main
+
+    data_dir, manual, root = imagenet_photos
+    copy = str(root / "resized")
+    flags = ["--data-dir", data_dir, "--manual-dir", manual]
+    resize = ["--resize-shorter", "48", "--quality", "90", "--output-data-dir", copy]
+    assert prepare_main(["imagenet2012", *flags, *resize]) == 0
+    return copy, flags, resize
+
+
 def test_prepare_data_resized_copy(imagenet_photos, capsys):
     """`dpn-prepare-data --resize-shorter 48 --quality 90`: a TFDS data dir whose records are
     the originals' (same order, labels, names) with images at a 48-pixel shorter side (the small
@@ -206,10 +220,7 @@ def test_prepare_data_resized_copy(imagenet_photos, capsys):
     from dpn_jax.data.sources import open_dataset
 
     data_dir, manual, root = imagenet_photos
-    copy = str(root / "resized")
-    flags = ["--data-dir", data_dir, "--manual-dir", manual]
-    resize = ["--resize-shorter", "48", "--quality", "90", "--output-data-dir", copy]
-    assert prepare_main(["imagenet2012", *flags, *resize]) == 0
+    copy, flags, resize = resized_copy(imagenet_photos)
     assert f"train on it with --config.data_dir={copy}" in capsys.readouterr().out
     info = pipeline.dataset_info("imagenet2012", data_dir=copy)
     assert (info.num_train_examples, info.num_eval_examples) == (6, 3)
@@ -237,6 +248,7 @@ def test_prepare_data_resized_copy(imagenet_photos, capsys):
     meta = json.loads(meta_path.read_text())
     assert meta["shorter_side"] == 48 and meta["quality"] == 90
     assert (meta["images_resized"], meta["images_kept"]) == (4 + 3, 2)
+    assert_dataset_info_describes_the_files(meta_path.parent, data_dir)
     stamp = os.stat(meta_path).st_mtime_ns
     assert prepare_main(["imagenet2012", *flags, *resize]) == 0  # reused, not rewritten
     assert os.stat(meta_path).st_mtime_ns == stamp
@@ -251,9 +263,52 @@ def test_prepare_data_resized_copy(imagenet_photos, capsys):
     assert notes.read_text() == "mine" and os.listdir(notes.parent) == ["notes.txt"]
 
 
+def assert_dataset_info_describes_the_files(directory, original_data_dir):
+    """The copy's dataset_info.json: each split's shard lengths and num_bytes (TFDS's sum of
+    the serialized records) are those of its files; the rest is the original's."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    info = json.loads((directory / "dataset_info.json").read_text())
+    original_path = next(Path(original_data_dir).rglob("dataset_info.json"))
+    original = json.loads(original_path.read_text())
+    assert [s["name"] for s in info["splits"]] == ["train", "validation"]
+    for split, before in zip(info["splits"], original["splits"]):
+        shards = sorted(directory.glob(f"imagenet2012-{split['name']}.array_record-*"))
+        records = [ArrayRecordReader(str(shard)).read_all() for shard in shards]
+        assert split["shardLengths"] == [str(len(r)) for r in records]
+        assert int(split["numBytes"]) == sum(len(record) for r in records for record in r)
+        assert int(split["numBytes"]) < int(before["numBytes"])  # the original's was larger
+        before["numBytes"] = split["numBytes"]
+    assert info == original
+
+
+def test_copy_metadata_drops_what_it_cannot_know(tmp_path):
+    """A split whose shards were not all rewritten gets num_bytes 0 (TFDS's 'unknown'); a
+    dataset also prepared as TFRecord is ArrayRecord only in the copy (its only format)."""
+    splits = [
+        {"name": name, "numBytes": "1000", "shardLengths": ["2", "3"]} for name in ("train", "test")
+    ]
+    info = {
+        "name": "things",
+        "version": "1.0.0",
+        "fileFormat": "tfrecord",
+        "alternativeFileFormats": ["array_record"],
+        "splits": splits,
+    }
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    sizes = {"things-train.array_record-00000-of-00002": 30}
+    sizes["things-train.array_record-00001-of-00002"] = 12
+    describe_copy(tmp_path, {**sizes, "things-test.array_record-00001-of-00002": 5})
+    written = json.loads((tmp_path / "dataset_info.json").read_text())
+    assert [s.get("numBytes", "0") for s in written["splits"]] == ["42", "0"]
+    assert [s["shardLengths"] for s in written["splits"]] == [["2", "3"], ["2", "3"]]
+    assert written["fileFormat"] == "array_record" and "alternativeFileFormats" not in written
+
+
 def test_prepare_data_refuses_bad_resize_settings_first(tmp_path, capsys):
-    """Bad --resize-shorter / --quality are one line, before any preparing (here an unprepared
-    ImageNet without its tars would otherwise be the error)."""
+    """Bad --resize-shorter / --quality, or the copy's flags without --resize-shorter, are one
+    line, before any preparing (here an unprepared ImageNet without its tars would otherwise be
+    the error)."""
     from dpn_jax.cli.prepare_data import main as prepare_main
 
     for flags in (["--resize-shorter", "0"], ["--resize-shorter", "256", "--quality", "101"]):
@@ -264,6 +319,12 @@ def test_prepare_data_refuses_bad_resize_settings_first(tmp_path, capsys):
             f"{flags[1]} and {flags[3] if len(flags) > 2 else 90}"
         ), error
         assert len(error.splitlines()) == 1
+    for flags in (["--quality", "80"], ["--output-data-dir", str(tmp_path / "copy")]):
+        assert prepare_main(["imagenet2012", "--data-dir", str(tmp_path), *flags]) == 1
+        assert capsys.readouterr().err == (
+            "dpn-prepare-data: error: --quality and --output-data-dir are for the resized copy: "
+            "add --resize-shorter N\n"
+        )
     assert os.listdir(tmp_path) == []
 
 
@@ -284,3 +345,95 @@ def test_trainer_line_names_the_prepared_images():
     line = report.describe_run(**common, prepared="images pre-resized to a 48-pixel shorter side")
     assert "(6 train / 3 eval images, images pre-resized to a 48-pixel shorter side, 1000" in line
     assert "(6 train / 3 eval images, 1000 classes)" in report.describe_run(**common)
+
+
+def test_images_description_names_the_prepared_copy_and_reduced_decoding():
+    prepared = "images pre-resized to a 48-pixel shorter side, JPEG quality 90"
+    reduced = "JPEGs decoded at reduced size where the crop allows"
+    assert describe_images("", False) == ""
+    assert describe_images(prepared, False) == prepared
+    assert describe_images("", True) == reduced
+    assert describe_images(prepared, True) == f"{prepared}, {reduced}"
+
+
+@pytest.mark.slow
+def test_trainer_decodes_reduced_with_the_config_key_and_says_so(tmp_path, monkeypatch, capsys):
+    """`--config.reduced_decode=True` reaches the training and the evaluation pipelines, and
+    the run's first line says so (a one-step run on a folder of photo-like JPEGs)."""
+    from train_worker import tiny_config
+
+    from dpn_jax.train import trainer
+
+    for split, count in (("train", 8), ("validation", 4)):
+        for label in ("a", "b"):
+            (tmp_path / "data" / split / label).mkdir(parents=True)
+            for i in range(count // 2):
+                pixels = photo(96, 72, seed=i + 10 * (label == "b"))
+                (tmp_path / "data" / split / label / f"{i}.jpg").write_bytes(jpeg(pixels))
+    seen = {}
+
+    def recorded(name, function):
+        def record(*args, **kwargs):
+            seen[name] = kwargs["reduced_decode"]
+            return function(*args, **kwargs)
+
+        return record
+
+    monkeypatch.setattr(pipeline, "eval_batches", recorded("eval", pipeline.eval_batches))
+    hooks = trainer.TrainHooks(train_batches=recorded("train", pipeline.train_batches))
+    config = tiny_config(
+        dataset=f"folder:{tmp_path / 'data'}",
+        reduced_decode=True,
+        batch_size=8,
+        base_batch_size=8,
+        eval_batch_size=4,
+        num_train_steps=1,
+    )
+    metrics = trainer.train_and_evaluate(config, tmp_path / "run", hooks)
+    assert seen == {"train": True, "eval": True} and metrics["eval_examples"] == 4
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "(8 train / 4 eval images, JPEGs decoded at reduced size where the crop allows, " in (
+        first
+    )
+
+
+def test_evaluate_says_it_reads_the_resized_copy(imagenet_photos, tmp_path, capsys):
+    """dpn-evaluate on the pre-resized copy names its settings, as the trainer's first line;
+    on the original images it says nothing of the kind."""
+    import jax
+    from train_worker import TINY
+
+    from dpn_jax.cli.evaluate import main as evaluate_main
+    from dpn_jax.data.preprocessing import Preprocessing
+    from dpn_jax.factory import create_model
+    from dpn_jax.weights.model_dir import ModelDir
+
+    data_dir, _, _ = imagenet_photos
+    copy, _, _ = resized_copy(imagenet_photos)
+    _, variables = create_model("dpn68", num_classes=1000, rng=jax.random.key(0), **TINY)
+    ModelDir(
+        architecture="dpn68",
+        num_classes=1000,
+        model_kwargs=TINY,
+        variables=variables,
+        preprocessing=Preprocessing(
+            input_size=(32, 32),
+            crop_pct=0.875,
+            interpolation="bicubic",
+            mean=(0.5,) * 3,
+            std=(0.25,) * 3,
+        ),
+        source="test",
+    ).save(tmp_path / "model")
+    capsys.readouterr()
+    lines = []
+    for where in (copy, data_dir):
+        argv = ["--checkpoint", str(tmp_path / "model"), "--dataset", "imagenet2012"]
+        argv += ["--data-dir", where, "--batch-size", "4", "--no-progress"]
+        assert evaluate_main(argv) == 0
+        lines.append(capsys.readouterr().out.strip())
+    resized, original = lines
+    assert resized.endswith(
+        "32px crop 0.875; images pre-resized to a 48-pixel shorter side, JPEG quality 90)"
+    ), resized
+    assert original.endswith("32px crop 0.875)") and "(3 images, " in original, original

@@ -71,6 +71,16 @@ def test_each_rule_names_key_value_and_what_is_allowed(key, value, allowed):
     assert "\n" not in message
 
 
+def test_an_untyped_config_gets_the_same_rules():
+    """A config file that builds its ConfigDict from a plain dict has no field types to refuse
+    a string where a bool belongs: the rules do."""
+    import ml_collections
+
+    config = ml_collections.ConfigDict({**default.get_config().to_dict(), "reduced_decode": "no"})
+    with pytest.raises(ConfigError, match=r"^--config.reduced_decode='no': must be True or False$"):
+        validate_config(config)
+
+
 def test_unknown_model_and_model_kwargs_are_named():
     with pytest.raises(ConfigError, match="model='dpn69': must be 'demo' or one of dpn48b"):
         validate_config(config_with(model="dpn69"))
@@ -113,6 +123,7 @@ def test_a_one_class_dataset_is_refused(tmp_path):
         ("--config.batch_size=0", "batch_size"),
         ("--config.num_epochs=0", None),
         ("--config.learning_rate=-1", "learning_rate"),
+        ("--config.reduced_decode=maybe", "reduced_decode"),
     ],
 )
 def test_train_py_prints_one_line_and_does_no_work(flag, key, tmp_path):

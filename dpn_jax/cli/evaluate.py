@@ -81,6 +81,7 @@ def evaluate_model(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         "img_size": preprocessing.image_size,
         "crop_pct": preprocessing.crop_pct,
         "interpolation": preprocessing.interpolation,
+        "prepared": result.prepared,
     }
     if jax.process_index() == 0:
         if args.json:  # fractions, for programs
@@ -90,7 +91,8 @@ def evaluate_model(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
                 f"{source_name(args)} on {args.dataset}: top-1 {100 * result.top1:.3f}%  "
                 f"top-5 {100 * result.top5:.3f}%  loss {result.loss:.4f}  "
                 f"({result.count} images, {result.img_per_sec:.1f} img/s, "
-                f"{preprocessing.image_size}px crop {preprocessing.crop_pct})"
+                f"{preprocessing.image_size}px crop {preprocessing.crop_pct}"
+                f"{'; ' * bool(result.prepared)}{result.prepared})"
             )
         if skipped:
             print(

@@ -10,10 +10,12 @@ ArrayRecord, which training and evaluation read with random access and without T
 This step needs TensorFlow: pip install 'dpn_jax[prepare]'. `digits` and `folder:PATH` need no
 preparing.
 
-With --resize-shorter N it then writes a copy whose JPEGs are re-encoded at a shorter side of N
-pixels (never upscaled; --quality Q, default 90) into its own data dir (--output-data-dir,
-default DATA_DIR/dpn_jax-shorterN-qQ): training decodes such images about twice as fast; train
-with data_dir set to the copy. The trainer's first line says the images were pre-resized.
+With --resize-shorter N it then also writes a copy whose images are re-encoded as JPEG at a
+shorter side of N pixels (aspect kept, never upscaled; --quality Q, default 90) into a TFDS
+data dir of its own (--output-data-dir, default DATA_DIR/dpn_jax-shorterN-qQ); the original
+stays as it is. Fewer pixels to decode per image means fewer cores per accelerator (README,
+"Datasets"); train or evaluate with the copy's data dir (--config.data_dir / --data-dir). The
+trainer's first line and dpn-evaluate's result name N and Q.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Sequence
 
 from dpn_jax.cli.common import command_parser, echo, run_command
 from dpn_jax.data.resized import DEFAULT_QUALITY, check_resize_settings
+from dpn_jax.errors import ConfigError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,13 +45,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--resize-shorter",
         type=int,
         metavar="N",
-        help="also write a copy with images resized to this shorter side (default: none)",
+        help="also write a copy with images re-encoded at this shorter side in pixels (never "
+        "upscaled; default: no copy)",
     )
     parser.add_argument(
-        "--quality", type=int, default=DEFAULT_QUALITY, help="JPEG quality of the resized copy"
+        "--quality",
+        type=int,
+        metavar="Q",
+        help=f"JPEG quality of the resized copy, 1-100 (default: {DEFAULT_QUALITY})",
     )
     parser.add_argument(
         "--output-data-dir",
+        metavar="DIR",
         help="data dir of the resized copy (default: DATA_DIR/dpn_jax-shorterN-qQ)",
     )
     args = parser.parse_args(argv)
@@ -58,8 +66,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def prepare_dataset(args: argparse.Namespace) -> int:
     from dpn_jax.data.tfds_source import prepare, prepare_resized
 
+    if args.resize_shorter is None and (args.quality is not None or args.output_data_dir):
+        raise ConfigError(
+            "--quality and --output-data-dir are for the resized copy: add --resize-shorter N"
+        )
+    quality = DEFAULT_QUALITY if args.quality is None else args.quality
     if args.resize_shorter is not None:
-        check_resize_settings(args.resize_shorter, args.quality)  # before downloading anything
+        check_resize_settings(args.resize_shorter, quality)  # before downloading anything
     where = prepare(
         args.dataset,
         data_dir=args.data_dir,
@@ -72,12 +85,12 @@ def prepare_dataset(args: argparse.Namespace) -> int:
             args.dataset,
             data_dir=args.data_dir,
             shorter=args.resize_shorter,
-            quality=args.quality,
+            quality=quality,
             output_data_dir=args.output_data_dir,
         )
         echo(
             f"{args.dataset}: resized to a {args.resize_shorter}-pixel shorter side, quality "
-            f"{args.quality}, in {where}; train on it with --config.data_dir={root}"
+            f"{quality}, in {where}; train on it with --config.data_dir={root}"
         )
     return 0
 

@@ -9,7 +9,8 @@ change; what changes is the resolution a small crop is taken from, and the re-en
 The copy is its own TFDS data directory (train with `data_dir` set to it): the dataset's
 metadata files are copied, each ArrayRecord shard is rewritten record by record with only the
 image bytes replaced (an image already small enough, or one that does not decode, keeps its
-bytes), and `PREPARED_FILE` records N, Q and the source. It is written atomically, and an
+bytes), `dataset_info.json` is made to describe the copy (`describe_copy`), and
+`PREPARED_FILE` records N, Q and the source. It is written atomically, and an
 existing directory is left alone (reused when it is ours with the same settings).
 Rewriting parses the records as tf.train.Example, so it needs TensorFlow, like preparing;
 reading the copy does not.
@@ -33,10 +34,12 @@ from dpn_jax.errors import ConfigError, DataError
 from dpn_jax.system.files import NotOurs, atomic_output
 
 PREPARED_FILE = "dpn_jax_prepared.json"
+DATASET_INFO_FILE = "dataset_info.json"  # TFDS's metadata of a dataset version directory
+ARRAY_RECORD = "array_record"  # TFDS's name of the format, and its shards' file suffix
 PREPARED_KIND = "dpn_jax resized dataset"
 RESIZE_FILTER = "bicubic"
 DEFAULT_QUALITY = 90
-SHARD_MARK = ".array_record-"  # TFDS's shard names: NAME-SPLIT.array_record-00000-of-00004
+SHARD_MARK = f".{ARRAY_RECORD}-"  # TFDS's shard names: NAME-SPLIT.array_record-00000-of-00004
 SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}$")  # any format's shard, the ArrayRecord ones too
 
 
@@ -87,6 +90,13 @@ def describe_prepared(meta: dict[str, Any] | None) -> str:
     )
 
 
+def describe_images(prepared: str, reduced_decode: bool) -> str:
+    """How a run's images are read, for its first line: `prepared` (`describe_prepared`'s) and
+    whether JPEGs are decoded at reduced size (the pipeline's `reduced_decode`); '' for neither."""
+    reduced = "JPEGs decoded at reduced size where the crop allows" if reduced_decode else ""
+    return ", ".join(part for part in (prepared, reduced) if part)
+
+
 def default_output_root(data_dir_root: str, shorter: int, quality: int) -> str:
     """Where the copy goes by default: a TFDS data directory inside the original one."""
     return os.path.join(data_dir_root, f"dpn_jax-shorter{shorter}-q{quality}")
@@ -134,7 +144,8 @@ def write_resized_copy(
         for entry in entries:  # the metadata; not the shards, nor another format's (TFRecord)
             if not SHARD_NAME.search(entry.name):
                 (staging / entry.name).write_bytes(Path(entry.path).read_bytes())
-        counts = _resize_shards(shards, staging, image_key, shorter, quality, workers)
+        counts, shard_bytes = _resize_shards(shards, staging, image_key, shorter, quality, workers)
+        describe_copy(staging, shard_bytes)
         meta = {"kind": PREPARED_KIND, **settings, "filter": RESIZE_FILTER, **counts}
         (staging / PREPARED_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     return target_dir
@@ -147,12 +158,14 @@ def _resize_shards(
     shorter: int,
     quality: int,
     workers: int | None,
-) -> dict[str, int]:
+) -> tuple[dict[str, int], dict[str, int]]:
     """Rewrite each shard into `staging`, in worker processes (spawned: TensorFlow is loaded
-    here and is not fork-safe); the counts of resized and kept images."""
+    here and is not fork-safe); the counts of resized and kept images, and each shard's bytes
+    by file name."""
     workers = workers or len(os.sched_getaffinity(0))
     jobs = [(path, str(staging / os.path.basename(path))) for path in shards]
     counts = {"images_resized": 0, "images_kept": 0}
+    shard_bytes = {}
     context = multiprocessing.get_context("spawn")
     pool = concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context)
     with pool:
@@ -160,22 +173,25 @@ def _resize_shards(
             pool.submit(_resize_shard, source, target, image_key, shorter, quality)
             for source, target in jobs
         ]
-        for future in futures:
-            for key, value in future.result().items():
+        for (_, target), future in zip(jobs, futures):
+            shard_counts, shard_bytes[os.path.basename(target)] = future.result()
+            for key, value in shard_counts.items():
                 counts[key] += value
-    return counts
+    return counts, shard_bytes
 
 
 def _resize_shard(
     source: str, target: str, image_key: str, shorter: int, quality: int
-) -> dict[str, int]:
-    """One ArrayRecord shard, record by record, with the writer options TFDS used."""
+) -> tuple[dict[str, int], int]:
+    """One ArrayRecord shard, record by record, with the writer options TFDS used; the counts
+    of resized and kept images, and the records' bytes (what TFDS counts as a split's size)."""
     from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
     from tensorflow.core.example import example_pb2
 
     reader = ArrayRecordReader(source)
     writer = ArrayRecordWriter(target, reader.writer_options_string())
     counts = {"images_resized": 0, "images_kept": 0}
+    num_bytes = 0
     try:
         for index, record in enumerate(reader.read_all()):
             example = example_pb2.Example.FromString(record)
@@ -188,8 +204,38 @@ def _resize_shard(
             else:
                 counts["images_resized"] += 1
                 values[0] = image
-            writer.write(example.SerializeToString())
+            record = example.SerializeToString()
+            num_bytes += len(record)
+            writer.write(record)
     finally:
         writer.close()
         reader.close()
-    return counts
+    return counts, num_bytes
+
+
+def describe_copy(directory: Path, shard_bytes: dict[str, int]) -> None:
+    """Make the copied `dataset_info.json` in `directory` describe the copy: each split's
+    num_bytes is the sum of its rewritten records (as TFDS counts it when preparing), or 0
+    (TFDS's 'unknown') when one of its shards was not rewritten; the format is ArrayRecord
+    only, the one format copied. Shard lengths (examples per shard) stay: records are
+    rewritten one for one."""
+    from tensorflow_datasets.core import dataset_info, naming
+
+    proto = dataset_info.read_from_json(directory / DATASET_INFO_FILE)
+    for split in proto.splits:
+        template = naming.ShardedFileTemplate(
+            data_dir=directory,
+            template=split.filepath_template,
+            dataset_name=proto.name,
+            split=split.name,
+            filetype_suffix=ARRAY_RECORD,
+        )
+        names = [
+            str(path.relative_to(directory))
+            for path in template.sharded_filepaths(len(split.shard_lengths))
+        ]
+        known = all(name in shard_bytes for name in names)
+        split.num_bytes = sum(shard_bytes[name] for name in names) if known else 0
+    proto.file_format = ARRAY_RECORD
+    del proto.alternative_file_formats[:]
+    dataset_info.write_dataset_info_proto(proto, directory)

@@ -63,6 +63,7 @@ class EvalResult:
     count: int  # examples evaluated
     img_per_sec: float  # after the first batch (which includes compilation)
     seconds: float
+    prepared: str = ""  # how the dataset's images were prepared, if not the originals
 
     def metrics(self, suffix: str = "") -> dict[str, float]:
         """The trainer's record of this evaluation: eval_loss{suffix}, eval_top1{suffix}, ..."""
@@ -173,4 +174,5 @@ def evaluate_dataset(
             batches,
             progress=bar,
         )
+    result = dataclasses.replace(result, prepared=info.prepared)
     return result, info.num_eval_examples - result.count

@@ -125,6 +125,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "crop_pct": _optional(_interval(MIN_CROP_PCT, 1, high_open=False)),
     "interpolation": _optional(_choice(*PIL_INTERPOLATION)),
     "data_workers": ((lambda value: is_int(value) and value >= 0), "an integer >= 0"),
+    "reduced_decode": BOOL,
     "aa": _optional(
         (_valid_aa, "timm's rand-m9-mstd0.5-inc1, augmix-m5-w4-d2 or original, v0, ...")
     ),

@@ -41,8 +41,8 @@ def describe_run(
     workdir: Path,
     prepared: str = "",
 ) -> str:
-    """The run's first line: what is really trained, on what (`prepared`: how the dataset's
-    images were, e.g. pre-resized), where."""
+    """The run's first line: what is really trained, on what (`prepared`: how the images are
+    read when not as timm would, `data.resized.describe_images`), where."""
     size = sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params))
     overrides = ", ".join(f"{k}={v}" for k, v in sorted(model_kwargs.items()))
     model = f"{arch} ({overrides})" if overrides else arch

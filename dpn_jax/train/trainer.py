@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 
 from dpn_jax.data import pipeline
 from dpn_jax.data.preprocessing import Preprocessing
+from dpn_jax.data.resized import describe_images
 from dpn_jax.errors import ConfigError, DataError, OutputError
 from dpn_jax.factory import create_model
 from dpn_jax.infer.evaluate import compile_eval_step, run_evaluation
@@ -221,7 +222,7 @@ def _set_up(config: ml_collections.ConfigDict, workdir: Path, hooks: TrainHooks)
             num_classes=info.num_classes,
             devices=runner.devices,
             workdir=workdir,
-            prepared=info.prepared,
+            prepared=describe_images(info.prepared, config.reduced_decode),
         )
     )
     mean, std = data_cfg.mean, data_cfg.std
@@ -297,7 +298,10 @@ def _checkpoint_meta(
 def _stream_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The pipeline arguments the training and the evaluation batches share."""
     return dict(
-        image_size=config.image_size, data_dir=config.data_dir, num_workers=config.data_workers
+        image_size=config.image_size,
+        data_dir=config.data_dir,
+        num_workers=config.data_workers,
+        reduced_decode=config.reduced_decode,
     )
 
 
