@@ -839,7 +839,7 @@ def _merge(timing: list[Result], memory: list[Result]) -> list[Result]:
 
 
 def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+    return format("-", f">{spec.split('.')[0]}") if value is None else format(value, spec)
 
 
 def print_table(results: list[Result]) -> None:

@@ -1,5 +1,6 @@
 """benchmarks/benchmark.py's FLOP counts: the reference agrees with timm's published GMACs, a
-training step counts forward + two gradients, XLA's count of a compiled step is read.
+training step counts forward + two gradients, XLA's count of a compiled step is read; and
+benchmarks/peak_flops.py's matmul rates.
 
 benchmarks/ is not a package: the script is loaded from its file, as its workers run it.
 """
@@ -66,3 +67,31 @@ def test_table_and_json_carry_gflop_per_s(benchmark, capsys):
     benchmark.print_table([result])
     row = capsys.readouterr().out.splitlines()[-1]
     assert row.split()[-3:] == ["4.65", "-", "186.0"]
+
+
+@pytest.fixture(scope="module")
+def peak_flops(benchmark):
+    """Loaded after `benchmark`, which it imports by that name."""
+    spec = importlib.util.spec_from_file_location("peak_flops", ROOT / "benchmarks/peak_flops.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("engine", ["jax_dot", "torch_mm"])
+def test_peak_flops_times_rounds_of_matmuls(peak_flops, engine):
+    rates = peak_flops.measure(engine, 128, rounds=2, round_seconds=0.01)
+    assert len(rates) == 2 and all(rate > 0.1 for rate in rates)  # GFLOP/s, not FLOP/s
+
+
+def test_peak_flops_table(peak_flops, capsys):
+    row = dict(engine="torch_mm", cores=2, size=4096, gflop_per_s=190.0, gflop_per_s_per_core=95.0)
+    peak_flops.print_table([row], dict(model_name="cpu", cpus=2, mhz=2500.0), 32)
+    assert capsys.readouterr().out.splitlines()[3].split() == [
+        "torch_mm",
+        "2",
+        "4096",
+        "190.0",
+        "95.0",
+        "160.0",  # 2.5 GHz x 32 FLOPs per cycle x 2 cores
+    ]
