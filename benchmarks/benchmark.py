@@ -11,6 +11,12 @@ them in interleaved rounds, so load from other processes hits every engine alike
 memory is measured in one fresh worker per engine and mode; on a GPU the timing workers also
 report the device's peak. Prints a table with the ratios to the first dpn_jax engine and writes
 every number to JSON.
+
+Every row also says how much arithmetic an image costs and how fast each engine does it: the
+reference FLOPs per image (PyTorch's count of timm's convolutions and matmuls, as timm's GMACs
+count them: the forward for inference, forward and backward for a training step), XLA's own
+count of the compiled dpn_jax step as a cross-check, and GFLOP/s = reference FLOPs per image x
+images/s, to hold against the machine's matmul peak (benchmarks/peak_flops.py).
 """
 
 from __future__ import annotations
@@ -61,6 +67,11 @@ class Result:
     device_peak_mib: float | None = None
     xla_temp_mib: float | None = None
     error: str | None = None
+    # Reference FLOPs per image (`reference_flops`), XLA's count of a dpn_jax step divided by its
+    # images (`xla_flops_per_image`), reference FLOPs per image x img/s / 1e9.
+    flops_per_img: float | None = None
+    xla_flops_per_img: float | None = None
+    gflop_per_s: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,6 +102,7 @@ class Engine:
             remat,
         )
         self.step: Callable[[], None] | None = None
+        self.devices = 1  # the compiled program runs on each device with batch / devices images
 
     def build(self) -> None:
         raise NotImplementedError
@@ -103,6 +115,7 @@ class Engine:
         memory = compiled.memory_analysis()
         if memory is not None:
             self.result.xla_temp_mib = memory.temp_size_in_bytes / 2**20
+        self.result.xla_flops_per_img = xla_flops_per_image(compiled, self.batch // self.devices)
         return compiled
 
 
@@ -149,6 +162,7 @@ class JaxEngine(Engine):
         jnp.zeros(()).block_until_ready()  # backend start-up is not model creation
         self.result.backend = jax.default_backend()
         runner = Runner("pmap" if self.result.engine == "dpn_jax_pmap" else "shard_map")
+        self.devices = runner.num_devices
         t0 = time.perf_counter()
         model, variables = dpn_jax.create_model(
             self.model, dtype=jnp.dtype(self.dtype), remat=self.remat, axis_name=runner.axis_name
@@ -467,6 +481,110 @@ def make_engine(args: argparse.Namespace) -> Engine:
 
 
 # ---------------------------------------------------------------------------------------------
+# FLOPs per image: the arithmetic a step must do, whichever engine does it.
+
+
+def _conv_backward_flops(
+    grad_out_shape: list[int],
+    x_shape: list[int],
+    w_shape: list[int],
+    _bias: Any,
+    _stride: Any,
+    _padding: Any,
+    _dilation: Any,
+    transposed: bool,
+    _output_padding: Any,
+    _groups: int,
+    output_mask: list[bool],
+    **kwargs: Any,
+) -> int:
+    """A convolution's input gradient and weight gradient each cost its forward FLOPs.
+
+    Replaces torch.utils.flop_counter's formula, whose weight gradient ignores `groups` and so
+    counts DPN's grouped 3x3 convolutions' weight gradients 32x (pytorch/pytorch#183405 fixes it
+    upstream); the forward count from the weight's shape is right for grouped convolutions.
+    """
+    from torch.utils.flop_counter import conv_flop_count
+
+    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
+    return forward * (bool(output_mask[0]) + bool(output_mask[1]))
+
+
+def reference_flops(model: str, resolution: int, mode: str) -> float:
+    """FLOPs per image of timm's `model`: `torch.utils.flop_counter`'s count of convolutions and
+    matmuls (2 per multiply-add, as timm's GMACs x 2; normalisation, activations and the
+    optimizer's update are not counted), for the forward (`infer`) or the forward and backward
+    of the cross-entropy loss (`train`: what a training step computes). Traced on the meta
+    device: shapes only, no arithmetic, so it is cheap."""
+    import timm
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        net = timm.create_model(model)
+        x = torch.empty(1, 3, resolution, resolution)
+        counter = FlopCounterMode(
+            display=False,
+            custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flops},
+        )
+        with counter:
+            if mode == "infer":
+                with torch.no_grad():
+                    net.eval()(x)
+            else:
+                loss = torch.nn.functional.cross_entropy(net.train()(x), torch.zeros(1).long())
+                loss.backward()
+    return float(counter.get_total_flops())
+
+
+def xla_flops_per_image(compiled: Any, images: int) -> float | None:
+    """XLA's own FLOP count of a compiled program (per device) over the images it processes.
+
+    A cross-check of `reference_flops`, not a substitute: XLA counts the elementwise work too,
+    and nothing inside custom calls (dpn_jax's CPU convolution kernels).
+    """
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    flops = (cost or {}).get("flops")
+    return flops / images if flops and flops > 0 else None
+
+
+def flops_worker(args: argparse.Namespace) -> list[Result]:
+    """The reference FLOPs per image for the worker's model, resolution and every mode."""
+    model, resolution = args.models[0], args.resolutions[0]
+    return [
+        Result(
+            "timm",
+            mode,
+            model,
+            1,
+            resolution,
+            flops_per_img=reference_flops(model, resolution, mode),
+        )
+        for mode in args.modes
+    ]
+
+
+def _run_flops_worker(args: argparse.Namespace, model: str, resolution: int) -> dict[str, float]:
+    """{mode: reference FLOPs per image}, counted in a worker so that the driver never imports
+    torch; empty (GFLOP/s not reported) where it fails, e.g. without torch and timm."""
+    cmd = _worker_command("flops", args, model, 1, resolution, ["timm"], args.modes)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        print(f"FLOP count worker exited {proc.returncode}: no GFLOP/s", file=sys.stderr)
+        return {}
+    return {r["mode"]: r["flops_per_img"] for r in json.loads(proc.stdout)}
+
+
+def _add_flops(results: list[Result], flops: dict[str, float]) -> list[Result]:
+    for r in results:
+        r.flops_per_img = flops.get(r.mode)
+        if r.flops_per_img and r.img_per_s:
+            r.gflop_per_s = r.flops_per_img * r.img_per_s / 1e9
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
 # Workers (run in a subprocess each so every measurement starts from a clean process).
 
 
@@ -721,17 +839,19 @@ def _merge(timing: list[Result], memory: list[Result]) -> list[Result]:
 
 
 def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+    return format("-", f">{spec.split('.')[0]}") if value is None else format(value, spec)
 
 
 def print_table(results: list[Result]) -> None:
     """`jax/this`: the images/s of the first dpn_jax engine of `--engines` (for the same model,
     batch, resolution and mode) over this row's: `--engines dpn_jax_plain dpn_jax_nnx` gives
-    Linen / NNX."""
+    Linen / NNX. `GFLOP/img`: the reference count (`reference_flops`), the same in every row of
+    a mode; `XLA GF/img`: XLA's count of a dpn_jax step (`xla_flops_per_image`); `GFLOP/s`:
+    the reference count x img/s, over every core the engine ran on."""
     header = (
         f"{'model':8} {'batch':>5} {'res':>4} {'dtype':8} {'mode':5} {'engine':13} {'img/s':>7} "
         f"{'jax/this':>8} {'create s':>8} {'compile s':>9} {'peak RSS MiB':>12} "
-        f"{'step +MiB':>9} {'dev MiB':>8}"
+        f"{'step +MiB':>9} {'dev MiB':>8} {'GFLOP/img':>9} {'XLA GF/img':>10} {'GFLOP/s':>7}"
     )
     print(header)
     print("-" * len(header))
@@ -751,8 +871,10 @@ def print_table(results: list[Result]) -> None:
             f"{r.model:8} {r.batch:5d} {r.resolution:4d} {r.dtype:8} {r.mode:5} {r.engine:13} "
             f"{_fmt(r.img_per_s, '7.2f')} {_fmt(ratio, '8.2f')} {_fmt(r.create_s, '8.2f')} "
             f"{_fmt(r.compile_s, '9.1f')} {_fmt(r.peak_rss_mib, '12.0f')} "
-            f"{_fmt(r.step_rss_increase_mib, '9.0f')} {_fmt(r.device_peak_mib, '8.0f')}"
-            + (f"  ({r.error})" if r.error else "")
+            f"{_fmt(r.step_rss_increase_mib, '9.0f')} {_fmt(r.device_peak_mib, '8.0f')} "
+            f"{_fmt(r.flops_per_img and r.flops_per_img / 1e9, '9.2f')} "
+            f"{_fmt(r.xla_flops_per_img and r.xla_flops_per_img / 1e9, '10.2f')} "
+            f"{_fmt(r.gflop_per_s, '7.1f')}" + (f"  ({r.error})" if r.error else "")
         )
 
 
@@ -801,7 +923,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="JAX compilation cache shared by the workers (default: a fresh temporary "
         "one, so the timing worker compiles cold and the memory workers reuse it)",
     )
-    p.add_argument("--worker", choices=("timing", "memory"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("timing", "memory", "flops"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -826,7 +948,7 @@ def main(argv: list[str] | None = None) -> None:
 
             if args.cache_dir:
                 enable_compilation_cache(args.cache_dir)
-        worker = timing_worker if args.worker == "timing" else memory_worker
+        worker = dict(timing=timing_worker, memory=memory_worker, flops=flops_worker)[args.worker]
         results = worker(args)
         print(json.dumps([asdict(r) for r in results]))
         return
@@ -835,8 +957,9 @@ def main(argv: list[str] | None = None) -> None:
         args.cache_dir = tempfile.mkdtemp(prefix="dpn_jax_benchmark_cache_")
     results = []
     for model in args.models:
-        for batch in args.batch_sizes:
-            for res in args.resolutions:
+        for res in args.resolutions:
+            flops = _run_flops_worker(args, model, res)
+            for batch in args.batch_sizes:
                 timing = run_interleaved(args, model, batch, res)
                 memory = (
                     []
@@ -849,7 +972,7 @@ def main(argv: list[str] | None = None) -> None:
                         for r in _run_memory_worker(args, model, batch, res, e, m)
                     ]
                 )
-                results += _merge(timing, memory)
+                results += _add_flops(_merge(timing, memory), flops)
     print_table(results)
     record = dict(
         command=" ".join([os.path.basename(sys.executable), *sys.argv]),
