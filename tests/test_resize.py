@@ -77,18 +77,23 @@ def test_both_builds_give_pillows_bytes(build):
 @pytest.mark.parametrize("build", sorted(LIBRARIES))
 def test_the_pass_order_is_pillows(build):
     """Pillow >= 13 resizes vertically first when the height loses over twice the pixels the
-    width does; the other order gives other bytes here (the test checks that it would)."""
+    width does, earlier versions always horizontally first; the orders give other bytes here
+    (the test checks that they do)."""
     function = resize.library_resize(LIBRARIES[build])
     rng = np.random.default_rng(0)
     image = _image(rng, 96, 30)
+    whole = (0, 0, 96, 30)
     for (height, width), resample in [((50, 10), FILTERS[0]), ((60, 25), FILTERS[1])]:
-        expected = _pillow(image, (0, 0, 96, 30), (height, width), resample)
-        horizontal_first = np.asarray(
-            image.resize((width, 96), resample).resize((width, height), resample)
-        )
-        assert not np.array_equal(horizontal_first, expected)
-        got = resize.resize_window(image, (0, 0, 96, 30), (height, width), resample, function)
-        np.testing.assert_array_equal(got, expected)
+        horizontal_first = image.resize((width, 96), resample).resize((width, height), resample)
+        vertical_first = image.resize((30, height), resample).resize((width, height), resample)
+        assert not np.array_equal(np.asarray(horizontal_first), np.asarray(vertical_first))
+        for pillow_13, expected in [(False, horizontal_first), (True, vertical_first)]:
+            got = resize.resize_window(image, whole, (height, width), resample, function, pillow_13)
+            np.testing.assert_array_equal(got, np.asarray(expected))
+        if resize.PILLOW_13:
+            np.testing.assert_array_equal(
+                np.asarray(vertical_first), _pillow(image, whole, (height, width), resample)
+            )
 
 
 @needs_library
@@ -97,8 +102,9 @@ def test_the_library_rejects_windows_outside_the_image():
     pixels = np.zeros((8, 8, 3), np.uint8)
     out = np.empty((4, 4, 3), np.uint8)
     for window in [(0, 0, 9, 8), (1, 0, 8, 8), (0, -1, 4, 4), (0, 0, 0, 4)]:
-        assert function(pixels.ctypes.data, 8, 8, *window, out.ctypes.data, 4, 4, 3) == 1
-    assert function(pixels.ctypes.data, 8, 8, 0, 0, 8, 8, out.ctypes.data, 4, 4, 1) == 1  # LANCZOS
+        assert function(pixels.ctypes.data, 8, 8, *window, out.ctypes.data, 4, 4, 3, 1) == 1
+    lanczos = int(Image.Resampling.LANCZOS)
+    assert function(pixels.ctypes.data, 8, 8, 0, 0, 8, 8, out.ctypes.data, 4, 4, lanczos, 1) == 1
 
 
 def test_the_fallback_is_pillow(monkeypatch):

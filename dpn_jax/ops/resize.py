@@ -15,12 +15,15 @@ import functools
 from collections.abc import Callable
 
 import numpy as np
+import PIL
 from PIL import Image
 
 from dpn_jax.ops.cpu_kernels import selected_library
 
 # The filters `DpnResizeRgb8` implements (it takes PIL's values for them).
 RESIZE_FILTERS = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)
+# Pillow 13 changed the order of the two passes in some cases, and with it the bytes.
+PILLOW_13 = int(PIL.__version__.split(".")[0]) >= 13
 _OUT_OF_MEMORY = 2
 
 
@@ -33,6 +36,7 @@ def library_resize(library: str) -> Callable[..., int]:
         ctypes.c_void_p,  # out, out height x out width x 3 uint8
         *[ctypes.c_int64] * 2,  # out height, out width
         ctypes.c_int,  # the PIL filter
+        ctypes.c_int,  # Pillow >= 13's order of the passes
     ]
     function.restype = ctypes.c_int
     return function
@@ -51,10 +55,12 @@ def resize_window(
     size: tuple[int, int],
     resample: Image.Resampling,
     resize: Callable[..., int] | None = None,
+    pillow_13: bool = PILLOW_13,
 ) -> np.ndarray:
     """`np.asarray(image.crop(box).resize((width, height), resample))` for the window (top,
     left, height, width) as box and size (height, width): an HWC uint8 array. `resize` is a
-    `library_resize` (default `chosen_resize()`), for tests."""
+    `library_resize` (default `chosen_resize()`), `pillow_13` the order of the passes (default
+    the installed Pillow's), both for tests."""
     top, left, crop_h, crop_w = window
     height, width = size
     resize = resize or chosen_resize()
@@ -66,7 +72,14 @@ def resize_window(
     pixels = np.asarray(image)
     out = np.empty((height, width, 3), np.uint8)
     status = resize(
-        pixels.ctypes.data, *pixels.shape[:2], *window, out.ctypes.data, height, width, resample
+        pixels.ctypes.data,
+        *pixels.shape[:2],
+        *window,
+        out.ctypes.data,
+        height,
+        width,
+        resample,
+        pillow_13,
     )
     if status == _OUT_OF_MEMORY:
         raise MemoryError(f"resizing a {crop_w}x{crop_h} window to {width}x{height}")

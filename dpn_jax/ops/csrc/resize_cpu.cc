@@ -2,10 +2,12 @@
 // no reducing_gap), bit for bit, for the training input pipeline's random-resized crops
 // (`dpn_jax/ops/resize.py`).
 //
-// A port of Pillow's src/libImaging/Resample.c (Pillow 12-13): the same double-precision filter
+// A port of Pillow's src/libImaging/Resample.c (Pillow 10-13): the same double-precision filter
 // coefficients (`PrecomputeCoefficients`), the same rounding of them to 22-bit integers, the
 // same int32 sums from 1 << 21 clipped to 8 bits, the same two passes (horizontal first, over
-// only the rows the vertical pass reads; a pass is skipped where its axis keeps its size).
+// only the rows the vertical pass reads, or from Pillow 13 on, in some cases vertical first;
+// a pass is skipped where its axis keeps its size). Each pass rounds to 8 bits, so the order
+// changes the bytes.
 // Integer sums do not depend on their order, so the AVX2 build may sum several channels and
 // taps at once and still give Pillow's bytes; only the coefficients are computed in double, and
 // they must not fuse multiply-adds (Pillow's x86-64 wheels cannot): contraction is off below.
@@ -123,26 +125,46 @@ struct Rows {
 constexpr int64_t kHorizontalSlack = 5;
 
 #if defined(__AVX2__)
+// The horizontal pass two output pixels at a time (one per 128-bit lane), two taps a step: the
+// 16-bit products of `_mm256_madd_epi16`, each 22-bit weight split as high * 2^11 + low
+// (exact: the int32 sums are the same integers).
+struct HorizontalPlan {
+  int pairs = 0;                 // tap pairs per output pixel
+  std::vector<int32_t> offsets;  // [pixel][pair]: the pair's first byte in the input row
+  std::vector<int16_t> high, low;  // [pixel / 2][pair][lane A: w0 w1 w0 w1 w0 w1 0 0, lane B]
+};
 
-// Per output pixel, its taps in pairs: [w0 x4, w1 x4] for the pair's two pixels' RGB0 lanes.
-std::vector<int32_t> PairedWeights(const Coefficients& c, int out_size, int* pairs) {
-  *pairs = (c.ksize + 1) / 2;
-  std::vector<int32_t> paired(static_cast<size_t>(out_size) * *pairs * 8, 0);
-  for (int xx = 0; xx < out_size; ++xx) {
-    for (int x = 0; x < c.count[xx]; ++x) {
-      int32_t* lanes = &paired[(static_cast<size_t>(xx) * *pairs + x / 2) * 8 + (x % 2) * 4];
-      std::fill(lanes, lanes + 4, c.weights[static_cast<size_t>(xx) * c.ksize + x]);
+HorizontalPlan PlanHorizontal(const Coefficients& c, int in_width, int out_width) {
+  HorizontalPlan plan;
+  plan.pairs = (*std::max_element(c.count.begin(), c.count.end()) + 1) / 2;
+  const size_t pixels = out_width + out_width % 2;  // a last odd pixel's partner: weights 0
+  plan.offsets.assign(pixels * plan.pairs, 0);
+  plan.high.assign(pixels * plan.pairs * 8, 0);
+  plan.low.assign(pixels * plan.pairs * 8, 0);
+  for (int xx = 0; xx < out_width; ++xx) {
+    for (int p = 0; p < plan.pairs; ++p) {
+      // Past its taps a pixel reads (with weight 0) inside the row, never past its end.
+      plan.offsets[xx * plan.pairs + p] = kChannels * std::min(c.first[xx] + 2 * p, in_width - 1);
+      const size_t lanes = ((xx / 2) * plan.pairs + p) * 16 + (xx % 2) * 8;
+      for (int t = 0; t < 2 && 2 * p + t < c.count[xx]; ++t) {
+        const int32_t w = c.weights[static_cast<size_t>(xx) * c.ksize + 2 * p + t];
+        for (int channel = 0; channel < kChannels; ++channel) {
+          plan.high[lanes + 2 * channel + t] = static_cast<int16_t>(w >> 11);
+          plan.low[lanes + 2 * channel + t] = static_cast<int16_t>(w & 2047);
+        }
+      }
     }
   }
-  return paired;
+  return plan;
 }
 
 void ResampleHorizontal(const Rows& in, int offset, int out_rows, const Coefficients& c,
                         uint8_t* out, int out_width) {
-  int pairs;
-  const std::vector<int32_t> paired = PairedWeights(c, out_width, &pairs);
-  // Two packed RGB pixels (6 of 8 loaded bytes) -> R G B 0 R G B 0.
-  const __m128i to_rgb0 = _mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const HorizontalPlan plan = PlanHorizontal(c, in.width, out_width);
+  const int pairs = plan.pairs;
+  // Two packed RGB pixels (6 of 8 loaded bytes) -> 16-bit R0 R1 G0 G1 B0 B1 0 0, in each lane.
+  const __m256i interleave = _mm256_broadcastsi128_si256(
+      _mm_setr_epi8(0, -1, 3, -1, 1, -1, 4, -1, 2, -1, 5, -1, -1, -1, -1, -1));
   std::vector<uint8_t> padded;
   for (int yy = 0; yy < out_rows; ++yy) {
     const uint8_t* line = in.Row(yy + offset);
@@ -152,25 +174,36 @@ void ResampleHorizontal(const Rows& in, int offset, int out_rows, const Coeffici
       line = padded.data();
     }
     uint8_t* line_out = out + static_cast<int64_t>(yy) * out_width * kChannels;
-    for (int xx = 0; xx < out_width; ++xx) {
-      const uint8_t* pixels = line + static_cast<int64_t>(c.first[xx]) * kChannels;
-      const int32_t* w = &paired[static_cast<size_t>(xx) * pairs * 8];
-      __m256i sum = _mm256_setzero_si256();
-      for (int p = 0; p < (c.count[xx] + 1) / 2; ++p) {
-        const __m128i two = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(pixels + 6 * p));
-        const __m256i wide = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(two, to_rgb0));
-        const __m256i weights = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 8 * p));
-        sum = _mm256_add_epi32(sum, _mm256_mullo_epi32(wide, weights));
+    for (int xx = 0; xx < out_width; xx += 2) {
+      const int32_t* at_a = &plan.offsets[static_cast<size_t>(xx) * pairs];
+      const int32_t* at_b = at_a + pairs;
+      const int16_t* high = &plan.high[static_cast<size_t>(xx / 2) * pairs * 16];
+      const int16_t* low = &plan.low[static_cast<size_t>(xx / 2) * pairs * 16];
+      __m256i sum_high = _mm256_setzero_si256(), sum_low = _mm256_setzero_si256();
+      for (int p = 0; p < pairs; ++p) {
+        const __m128i a = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(line + at_a[p]));
+        const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(line + at_b[p]));
+        const __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(a), b, 1);
+        const __m256i taps = _mm256_shuffle_epi8(both, interleave);
+        const __m256i* w_high = reinterpret_cast<const __m256i*>(high + 16 * p);
+        const __m256i* w_low = reinterpret_cast<const __m256i*>(low + 16 * p);
+        sum_high = _mm256_add_epi32(sum_high, _mm256_madd_epi16(taps, _mm256_loadu_si256(w_high)));
+        sum_low = _mm256_add_epi32(sum_low, _mm256_madd_epi16(taps, _mm256_loadu_si256(w_low)));
       }
-      __m128i rgb0 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-      rgb0 = _mm_srai_epi32(_mm_add_epi32(rgb0, _mm_set1_epi32(kHalf)), kPrecisionBits);
-      rgb0 = _mm_packus_epi16(_mm_packs_epi32(rgb0, rgb0), rgb0);
-      const uint32_t bytes = static_cast<uint32_t>(_mm_cvtsi128_si32(rgb0));
-      std::memcpy(line_out + xx * kChannels, &bytes, kChannels);  // little-endian: R, G, B
+      __m256i sum = _mm256_add_epi32(_mm256_slli_epi32(sum_high, 11), sum_low);
+      sum = _mm256_srai_epi32(_mm256_add_epi32(sum, _mm256_set1_epi32(kHalf)), kPrecisionBits);
+      const __m256i words = _mm256_packs_epi32(sum, sum);
+      const __m256i bytes = _mm256_packus_epi16(words, words);  // per lane: R G B 0 ...
+      const uint32_t pixel_a = static_cast<uint32_t>(_mm256_cvtsi256_si32(bytes));
+      std::memcpy(line_out + xx * kChannels, &pixel_a, kChannels);  // little-endian: R, G, B
+      if (xx + 1 < out_width) {
+        const uint32_t pixel_b =
+            static_cast<uint32_t>(_mm_cvtsi128_si32(_mm256_extracti128_si256(bytes, 1)));
+        std::memcpy(line_out + (xx + 1) * kChannels, &pixel_b, kChannels);
+      }
     }
   }
 }
-
 #else
 // Pillow's loops (for 3 bands: RGB packed here, RGBX there).
 void ResampleHorizontal(const Rows& in, int offset, int out_rows, const Coefficients& c,
@@ -224,13 +257,14 @@ void ResampleVertical(const Rows& in, int offset, const Coefficients& c, uint8_t
 }
 
 // Pillow 13 resizes vertically first when the height shrinks by more than twice as many pixels
-// as the width (python-pillow/Pillow#9549); found by testing, the order changes the bytes.
+// as the width (python-pillow/Pillow#9549; the rule as tests against Pillow 13.0 find it).
 bool VerticalFirst(int rows, int width, int out_h, int out_w) {
   return out_h < rows && rows - out_h > 2 * (width - out_w);
 }
 
 // Pillow's ImagingResampleInner, the window standing for the whole image.
-void Resample(const Rows& window, uint8_t* out, int out_h, int out_w, const Filter& filter) {
+void Resample(const Rows& window, uint8_t* out, int out_h, int out_w, const Filter& filter,
+              bool pillow_13) {
   const bool need_horizontal = out_w != window.width;
   const bool need_vertical = out_h != window.rows;
   if (!need_horizontal && !need_vertical) {
@@ -251,7 +285,7 @@ void Resample(const Rows& window, uint8_t* out, int out_h, int out_w, const Filt
   }
   const Coefficients vertical = PrecomputeCoefficients(window.rows, out_h, filter);
   std::vector<uint8_t> temp;
-  if (VerticalFirst(window.rows, window.width, out_h, out_w)) {
+  if (pillow_13 && VerticalFirst(window.rows, window.width, out_h, out_w)) {
     const int64_t stride = static_cast<int64_t>(window.width) * kChannels;
     temp.resize(static_cast<size_t>(out_h * stride + kHorizontalSlack));
     ResampleVertical(window, 0, vertical, temp.data(), out_h);
@@ -274,11 +308,13 @@ void Resample(const Rows& window, uint8_t* out, int out_h, int out_w, const Filt
 
 // Resizes the window (top, left, crop_h, crop_w) of `image`, height x width x 3 uint8 and
 // C-contiguous, to out (out_h x out_w x 3) as Pillow's `image.crop(window).resize((out_w, out_h),
-// filter)` does; filter is PIL's BILINEAR (2) or BICUBIC (3). Returns 0, or 1 for arguments out
+// filter)` does; filter is PIL's BILINEAR (2) or BICUBIC (3), pillow_13 whether to take that
+// version's order of the passes (else the earlier versions'). Returns 0, or 1 for arguments out
 // of range, 2 when out of memory.
 extern "C" __attribute__((visibility("default"))) int DpnResizeRgb8(
     const uint8_t* image, int64_t height, int64_t width, int64_t top, int64_t left,
-    int64_t crop_h, int64_t crop_w, uint8_t* out, int64_t out_h, int64_t out_w, int filter) {
+    int64_t crop_h, int64_t crop_w, uint8_t* out, int64_t out_h, int64_t out_w, int filter,
+    int pillow_13) {
   using namespace dpn_jax;
   constexpr int64_t kMaxSide = 1 << 24;  // Pillow's float box is exact below this
   if (filter != kBilinear && filter != kBicubic) return 1;
@@ -292,7 +328,7 @@ extern "C" __attribute__((visibility("default"))) int DpnResizeRgb8(
   const Rows window{image + top * stride + left * kChannels, stride, static_cast<int>(crop_h),
                     static_cast<int>(crop_w), image + height * stride};
   try {
-    Resample(window, out, static_cast<int>(out_h), static_cast<int>(out_w), chosen);
+    Resample(window, out, static_cast<int>(out_h), static_cast<int>(out_w), chosen, pillow_13 != 0);
   } catch (const std::bad_alloc&) {
     return 2;
   }
