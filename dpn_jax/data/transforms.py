@@ -208,13 +208,14 @@ def eval_crop(
     """timm's eval transform up to `ToTensor`: resize, center crop -> HWC uint8 array."""
     check_eval_settings(crop_pct, interpolation)
     new_h, new_w = eval_resize_size(image.height, image.width, image_size, crop_pct)
-    if (new_h, new_w) != (image.height, image.width) and image.mode == "RGB":
-        whole = (0, 0, image.height, image.width)  # Pillow's resize, faster:
-        pixels = resize_window(image, whole, (new_h, new_w), pil_filter(interpolation))
-        return _center_crop(pixels, size_pair(image_size))
-    if (new_h, new_w) != (image.height, image.width):
-        image = image.resize((new_w, new_h), pil_filter(interpolation))
-    return _center_crop(np.asarray(image.convert("RGB")), size_pair(image_size))
+    resample = pil_filter(interpolation)
+    if (new_h, new_w) == (image.height, image.width):
+        pixels = np.asarray(image.convert("RGB"))
+    elif image.mode == "RGB":  # (Pillow's resize, faster)
+        pixels = resize_window(image, (0, 0, image.height, image.width), (new_h, new_w), resample)
+    else:
+        pixels = np.asarray(image.resize((new_w, new_h), resample).convert("RGB"))
+    return _center_crop(pixels, size_pair(image_size))
 
 
 def reduced_eval_crop(
