@@ -1,5 +1,5 @@
-"""Builds dpn_jax's CPU kernels (grouped 3x3 convolution, 1x1 weight gradient) against jaxlib's
-XLA FFI headers.
+"""Builds dpn_jax's CPU kernels (grouped 3x3 convolution, 1x1 weight gradient, and Pillow's
+resize for the input pipeline) against jaxlib's XLA FFI headers.
 
 Everything else about the package is in pyproject.toml. The kernels are plain shared libraries
 (no Python module init), loaded with ctypes by `dpn_jax.ops.cpu_kernels`, built twice from the
@@ -41,6 +41,7 @@ def kernel_library(name: str, instruction_sets: list[str]) -> Extension:
             f"{CSRC}/grouped_conv_cpu.cc",
             f"{CSRC}/pointwise_grad_cpu.cc",
             f"{CSRC}/cpu_features.cc",
+            f"{CSRC}/resize_cpu.cc",
         ],
         depends=[f"{CSRC}/cpu_kernels.h"],
         include_dirs=[os.path.join(os.path.dirname(os.path.abspath(jaxlib.__file__)), "include")],

@@ -31,6 +31,7 @@ from PIL import ExifTags, Image, ImageEnhance, ImageOps, UnidentifiedImageError
 from dpn_jax.data.auto_augment import auto_augment
 from dpn_jax.data.preprocessing import PIL_INTERPOLATION, check_crop_pct
 from dpn_jax.errors import ConfigError, DataError
+from dpn_jax.ops.resize import resize_window
 from dpn_jax.system.files import special_file
 
 # timm's train-time interpolation 'random' picks one of these per image.
@@ -207,9 +208,14 @@ def eval_crop(
     """timm's eval transform up to `ToTensor`: resize, center crop -> HWC uint8 array."""
     check_eval_settings(crop_pct, interpolation)
     new_h, new_w = eval_resize_size(image.height, image.width, image_size, crop_pct)
-    if (new_h, new_w) != (image.height, image.width):
-        image = image.resize((new_w, new_h), pil_filter(interpolation))
-    return _center_crop(np.asarray(image.convert("RGB")), size_pair(image_size))
+    resample = pil_filter(interpolation)
+    if (new_h, new_w) == (image.height, image.width):
+        pixels = np.asarray(image.convert("RGB"))
+    elif image.mode == "RGB":  # (Pillow's resize, faster)
+        pixels = resize_window(image, (0, 0, image.height, image.width), (new_h, new_w), resample)
+    else:
+        pixels = np.asarray(image.resize((new_w, new_h), resample).convert("RGB"))
+    return _center_crop(pixels, size_pair(image_size))
 
 
 def reduced_eval_crop(
@@ -320,13 +326,7 @@ def resized_crop_image(
     flip: bool = False,
 ) -> Image.Image:
     """torchvision's `resized_crop(image, *window, size)` (+ `hflip`) on a PIL image."""
-    top, left, crop_h, crop_w = window
-    height, width = size_pair(image_size)
-    crop = image.crop((left, top, left + crop_w, top + crop_h))
-    crop = crop.resize((width, height), pil_filter(interpolation))
-    if flip:
-        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return crop
+    return Image.fromarray(resized_crop(image, window, image_size, interpolation, flip))
 
 
 def resized_crop(
@@ -336,8 +336,10 @@ def resized_crop(
     interpolation: str,
     flip: bool = False,
 ) -> np.ndarray:
-    """`resized_crop_image` -> HWC uint8 array."""
-    return np.asarray(resized_crop_image(image, window, image_size, interpolation, flip))
+    """`resized_crop_image` -> HWC uint8 array. Pillow's crop and resize, as
+    `dpn_jax.ops.resize.resize_window` computes them (the same bytes, faster)."""
+    pixels = resize_window(image, window, size_pair(image_size), pil_filter(interpolation))
+    return np.ascontiguousarray(pixels[:, ::-1]) if flip else pixels
 
 
 def train_crop(
@@ -348,13 +350,13 @@ def train_crop(
     rng: np.random.Generator,
 ) -> np.ndarray:
     """timm's training crop: random-resized crop, then a horizontal flip with probability 1/2."""
-    return np.asarray(_train_crop_image(image, image_size, interpolation, rng))
+    return _train_crop(image, image_size, interpolation, rng)
 
 
-def _train_crop_image(
+def _train_crop(
     image: Image.Image, image_size: int | Sequence[int], interpolation: str, rng
-) -> Image.Image:
-    """`train_crop` as a PIL image; interpolation 'random' is timm's: bilinear or bicubic."""
+) -> np.ndarray:
+    """`train_crop`; interpolation 'random' is timm's: bilinear or bicubic."""
     window = random_resized_crop_window(image.height, image.width, rng)
     return _crop_window(image, window, image.size, image_size, interpolation, rng)
 
@@ -362,7 +364,14 @@ def _train_crop_image(
 def reduced_train_crop_image(
     encoded: bytes, name: str, image_size: int | Sequence[int], interpolation: str, rng
 ) -> Image.Image:
-    """`_train_crop_image(decode_image(encoded, name), ...)` with a JPEG decoded at the
+    """`_reduced_train_crop` as a PIL image."""
+    return Image.fromarray(_reduced_train_crop(encoded, name, image_size, interpolation, rng))
+
+
+def _reduced_train_crop(
+    encoded: bytes, name: str, image_size: int | Sequence[int], interpolation: str, rng
+) -> np.ndarray:
+    """`_train_crop(decode_image(encoded, name), ...)` with a JPEG decoded at the
     smallest DCT scale 1/s at which the crop window still has at least the output's pixels.
 
     The window is drawn from the full size (read from the header before decoding) with the
@@ -394,19 +403,19 @@ def _crop_window(
     image_size: int | Sequence[int],
     interpolation: str,
     rng,
-) -> Image.Image:
+) -> np.ndarray:
     """Resize `window` of the full-size image to `image_size`, flipped with probability 1/2;
     `image` is the full-size image or the same decoded at a reduced scale."""
     if interpolation == "random":  # drawn after the window, as timm's __call__ does
         interpolation = RANDOM_INTERPOLATION[int(rng.integers(len(RANDOM_INTERPOLATION)))]
     flip = rng.random() < 0.5
     if image.size == full_size:
-        return resized_crop_image(image, window, image_size, interpolation, flip)
+        return resized_crop(image, window, image_size, interpolation, flip)
     top, left, crop_h, crop_w = window
     box = reduced_size_box((left, top, left + crop_w, top + crop_h), full_size, image)
     height, width = size_pair(image_size)
     crop = image.resize((width, height), pil_filter(interpolation), box=box)
-    return crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else crop
+    return np.asarray(crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else crop)
 
 
 def color_jitter(
@@ -487,8 +496,7 @@ class TrainTransform:
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
         if self.no_aug:
             return eval_crop(image, **self._no_aug_settings())
-        image = _train_crop_image(image, self.image_size, self.interpolation, rng)
-        return self._augmented(image, rng)
+        return self._augmented(_train_crop(image, self.image_size, self.interpolation, rng), rng)
 
     def from_encoded(self, encoded: bytes, name: str, rng: np.random.Generator) -> np.ndarray:
         """`self(decode_image(encoded, name), rng)`; with `reduced_decode`, decoding a JPEG at
@@ -498,18 +506,23 @@ class TrainTransform:
             return self(decode_image(encoded, name), rng)
         if self.no_aug:
             return reduced_eval_crop(encoded, name, **self._no_aug_settings())
-        crop = reduced_train_crop_image(encoded, name, self.image_size, self.interpolation, rng)
+        crop = _reduced_train_crop(encoded, name, self.image_size, self.interpolation, rng)
         return self._augmented(crop, rng)
 
     def _no_aug_settings(self) -> dict[str, Any]:
         interpolation = "bilinear" if self.interpolation == "random" else self.interpolation
         return {"image_size": self.image_size, "crop_pct": 1.0, "interpolation": interpolation}
 
-    def _augmented(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
-        """The cropped image with `aa` or colour jitter applied, as an array."""
+    def _augmented(self, pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The cropped pixels with `aa` or colour jitter applied (on a PIL image, made only
+        then)."""
+        jitter = any(self.color_jitter) and (not self.aa or "3a" in self.aa)
+        if self._augment is None and not jitter:
+            return pixels
+        image = Image.fromarray(pixels)
         if self._augment is not None:
             image = self._augment(image, rng)
-        if any(self.color_jitter) and (not self.aa or "3a" in self.aa):
+        if jitter:
             if self.color_jitter_prob is None or rng.random() < self.color_jitter_prob:
                 image = color_jitter(image, self.color_jitter, rng)
         return np.asarray(image)

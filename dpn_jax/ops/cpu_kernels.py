@@ -12,7 +12,8 @@ so their results differ by float32 rounding.
     baseline                        the baseline build
     off (or 0, no, false, none)     neither: CPU convolutions take the pure-XLA lowering
 The extension is optional: where it was not built (no GCC >= 12 or Clang at install), or is
-switched off, CPU runs warn once and take the slower pure-XLA lowering.
+switched off, CPU runs warn once and take the slower pure-XLA lowering. The libraries also hold
+the input pipeline's resize (`dpn_jax.ops.resize`), chosen the same way.
 """
 
 from __future__ import annotations
@@ -61,24 +62,31 @@ def cpu_supports_avx2_fma(baseline_library: str) -> bool:
 def chosen_library() -> str | None:
     """The kernel library to load per `$DPN_JAX_CPU_KERNELS` and the CPU; None (and a warning
     on a CPU backend) where the kernels are switched off or were not built."""
+    library, why_not = selected_library()
+    if library is None:
+        _warn_on_cpu(why_not)
+    return library
+
+
+def selected_library() -> tuple[str | None, str]:
+    """`chosen_library` without the warning: (the library, "") or (None, why there is none),
+    also for users of the libraries' other functions (`dpn_jax.ops.resize`)."""
     setting = os.environ.get(CPU_KERNELS_ENV, "auto")
     if switched_off(setting):
-        _warn_on_cpu(
+        return None, (
             f"dpn_jax's CPU convolution kernels are switched off ({CPU_KERNELS_ENV}={setting!r})"
         )
-        return None
     setting = setting.strip().lower()
     if setting not in ("auto", "baseline"):
         raise ConfigError(f"{CPU_KERNELS_ENV}={setting!r}: expected auto, baseline or off")
     baseline = built_library(BASELINE_LIBRARY)
     if baseline is None:
-        _warn_on_cpu(
+        return None, (
             "dpn_jax's CPU convolution kernels were not built (the install found no "
             "GCC >= 12 or Clang)"
         )
-        return None
     avx2 = built_library(AVX2_LIBRARY) if setting == "auto" else None
-    return avx2 if avx2 is not None and cpu_supports_avx2_fma(baseline) else baseline
+    return (avx2 if avx2 is not None and cpu_supports_avx2_fma(baseline) else baseline), ""
 
 
 def _warn_on_cpu(why: str) -> None:
