@@ -128,3 +128,18 @@ def test_the_fallback_is_pillow(monkeypatch):
     ]:
         got = resize.resize_window(subject, window, (17, 23), resample)
         np.testing.assert_array_equal(got, _pillow(subject, window, (17, 23), resample))
+
+
+@needs_library
+def test_the_library_is_used_only_where_it_gives_the_installed_pillows_bytes(monkeypatch):
+    function = resize.library_resize(next(iter(LIBRARIES.values())))
+    assert resize.agrees_with_pillow(function)
+    # the probes see a change of Pillow's pass order (as 13 made)
+    assert not resize.agrees_with_pillow(function, pillow_13=not resize.PILLOW_13)
+    monkeypatch.setattr(resize, "agrees_with_pillow", lambda function: False)
+    resize.chosen_resize.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="does not match the installed Pillow"):
+            assert resize.chosen_resize() is None
+    finally:
+        resize.chosen_resize.cache_clear()
