@@ -24,7 +24,7 @@ from dpn_jax.data.transforms import (
     eval_crop,
     random_resized_crop_window,
     reduced_eval_crop,
-    reduced_train_crop_image,
+    reduced_train_crop,
     resized_crop,
 )
 
@@ -108,7 +108,7 @@ def test_reduced_train_crop_has_timms_windows_and_close_pixels():
         window = random_resized_crop_window(192, 256, rng_full)
         flip = rng_full.random() < 0.5
         full = resized_crop(full_image, window, 24, "bicubic", flip=flip)
-        reduced = reduced_train_crop_image(encoded, "x", 24, "bicubic", rng_reduced)
+        reduced = reduced_train_crop(encoded, "x", 24, "bicubic", rng_reduced)
         assert rng_full.random() == rng_reduced.random()  # the same number of draws
         reduced = np.asarray(reduced)
         if min(window[2], window[3]) >= 48:

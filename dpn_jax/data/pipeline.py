@@ -124,7 +124,7 @@ def train_batches(
     its step but no input state). `interpolation` may be 'random'; `aa`, `color_jitter`,
     `color_jitter_prob` and `no_aug` are timm's (see `transforms.TrainTransform`; `mean` is
     the fill of the `aa` ops). `reduced_decode` decodes JPEGs at a reduced DCT scale where the
-    crop window keeps at least the output's pixels (`transforms.reduced_train_crop_image`):
+    crop window keeps at least the output's pixels (`transforms.reduced_train_crop`):
     the same crops, close but not identical pixels.
     """
     _check_batch_size(batch_size)

@@ -318,17 +318,6 @@ def random_resized_crop_window(
     return (height - crop_h) // 2, (width - crop_w) // 2, max(crop_h, 1), max(crop_w, 1)
 
 
-def resized_crop_image(
-    image: Image.Image,
-    window: tuple[int, int, int, int],
-    image_size: int | Sequence[int],
-    interpolation: str,
-    flip: bool = False,
-) -> Image.Image:
-    """torchvision's `resized_crop(image, *window, size)` (+ `hflip`) on a PIL image."""
-    return Image.fromarray(resized_crop(image, window, image_size, interpolation, flip))
-
-
 def resized_crop(
     image: Image.Image,
     window: tuple[int, int, int, int],
@@ -336,8 +325,9 @@ def resized_crop(
     interpolation: str,
     flip: bool = False,
 ) -> np.ndarray:
-    """`resized_crop_image` -> HWC uint8 array. Pillow's crop and resize, as
-    `dpn_jax.ops.resize.resize_window` computes them (the same bytes, faster)."""
+    """torchvision's `resized_crop(image, *window, size)` (+ `hflip`) -> HWC uint8 array:
+    Pillow's crop and resize, as `dpn_jax.ops.resize.resize_window` computes them (the same
+    bytes, faster)."""
     pixels = resize_window(image, window, size_pair(image_size), pil_filter(interpolation))
     return np.ascontiguousarray(pixels[:, ::-1]) if flip else pixels
 
@@ -349,29 +339,16 @@ def train_crop(
     interpolation: str,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """timm's training crop: random-resized crop, then a horizontal flip with probability 1/2."""
-    return _train_crop(image, image_size, interpolation, rng)
-
-
-def _train_crop(
-    image: Image.Image, image_size: int | Sequence[int], interpolation: str, rng
-) -> np.ndarray:
-    """`train_crop`; interpolation 'random' is timm's: bilinear or bicubic."""
+    """timm's training crop: random-resized crop, then a horizontal flip with probability 1/2;
+    interpolation 'random' is timm's: bilinear or bicubic."""
     window = random_resized_crop_window(image.height, image.width, rng)
     return _crop_window(image, window, image.size, image_size, interpolation, rng)
 
 
-def reduced_train_crop_image(
-    encoded: bytes, name: str, image_size: int | Sequence[int], interpolation: str, rng
-) -> Image.Image:
-    """`_reduced_train_crop` as a PIL image."""
-    return Image.fromarray(_reduced_train_crop(encoded, name, image_size, interpolation, rng))
-
-
-def _reduced_train_crop(
+def reduced_train_crop(
     encoded: bytes, name: str, image_size: int | Sequence[int], interpolation: str, rng
 ) -> np.ndarray:
-    """`_train_crop(decode_image(encoded, name), ...)` with a JPEG decoded at the
+    """`train_crop(decode_image(encoded, name), ...)` with a JPEG decoded at the
     smallest DCT scale 1/s at which the crop window still has at least the output's pixels.
 
     The window is drawn from the full size (read from the header before decoding) with the
@@ -496,17 +473,20 @@ class TrainTransform:
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
         if self.no_aug:
             return eval_crop(image, **self._no_aug_settings())
-        return self._augmented(_train_crop(image, self.image_size, self.interpolation, rng), rng)
+        crop = train_crop(
+            image, image_size=self.image_size, interpolation=self.interpolation, rng=rng
+        )
+        return self._augmented(crop, rng)
 
     def from_encoded(self, encoded: bytes, name: str, rng: np.random.Generator) -> np.ndarray:
         """`self(decode_image(encoded, name), rng)`; with `reduced_decode`, decoding a JPEG at
-        a reduced scale where the crop allows (`reduced_train_crop_image`, `reduced_eval_crop`
+        a reduced scale where the crop allows (`reduced_train_crop`, `reduced_eval_crop`
         for `no_aug`): the same crops, close pixels."""
         if not self.reduced_decode:
             return self(decode_image(encoded, name), rng)
         if self.no_aug:
             return reduced_eval_crop(encoded, name, **self._no_aug_settings())
-        crop = _reduced_train_crop(encoded, name, self.image_size, self.interpolation, rng)
+        crop = reduced_train_crop(encoded, name, self.image_size, self.interpolation, rng)
         return self._augmented(crop, rng)
 
     def _no_aug_settings(self) -> dict[str, Any]:
