@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -23,16 +24,23 @@ constexpr int64_t kTileCols = 2 * kLanes;    // dw columns per register tile (tw
 constexpr int64_t kItemRows = 512;           // rows m per work item: the product's depth per pass
 constexpr int64_t kPassCols = 64;           // dy columns whose panels stay in L2 per pass
 
-// panels[p][m][k] = a[m0 + m, p * width + k] for m < rows, zero past a's `cols` columns.
-void PackPanels(const float* a, int64_t cols, int64_t m0, int64_t rows, int64_t width,
+// panels[p][m][k] = a[m0 + m, p * Width + k] for m < rows, zero past a's `cols` columns. Width is
+// a constant so that each panel row's copy compiles to a few vector moves.
+template <int64_t Width>
+void PackPanels(const float* a, int64_t cols, int64_t m0, int64_t rows,
                 std::vector<float>& panels) {
-  const int64_t count = (cols + width - 1) / width;
-  panels.assign(count * rows * width, 0.0f);
+  const int64_t full = cols / Width, count = (cols + Width - 1) / Width;
+  panels.resize(count * rows * Width);
   for (int64_t m = 0; m < rows; ++m) {
     const float* row = a + (m0 + m) * cols;
-    for (int64_t p = 0; p < count; ++p) {
-      float* to = &panels[(p * rows + m) * width];
-      for (int64_t k = 0; k < std::min(width, cols - p * width); ++k) to[k] = row[p * width + k];
+    for (int64_t p = 0; p < full; ++p) {
+      std::memcpy(&panels[(p * rows + m) * Width], row + p * Width, Width * sizeof(float));
+    }
+    if (full < count) {  // the last panel, zero past the columns
+      float* to = &panels[(full * rows + m) * Width];
+      const int64_t left = cols - full * Width;
+      std::memcpy(to, row + full * Width, left * sizeof(float));
+      std::fill(to + left, to + Width, 0.0f);
     }
   }
 }
@@ -73,8 +81,8 @@ void PointwiseKernelGrad(ffi::ThreadPool& pool, const float* x, const float* dy,
   ParallelSum(pool, items, 1, in_c * out_c, dw, [&](int64_t item, int64_t, float* partial) {
     thread_local std::vector<float> x_panels, dy_panels;
     const int64_t m0 = item * kItemRows, rows = std::min(kItemRows, m_total - m0);
-    PackPanels(x, in_c, m0, rows, kTileRows, x_panels);
-    PackPanels(dy, out_c, m0, rows, kTileCols, dy_panels);
+    PackPanels<kTileRows>(x, in_c, m0, rows, x_panels);
+    PackPanels<kTileCols>(dy, out_c, m0, rows, dy_panels);
     for (int64_t q0 = 0; q0 < col_panels; q0 += kPassCols / kTileCols) {
       const int64_t q1 = std::min(col_panels, q0 + kPassCols / kTileCols);
       for (int64_t p = 0; p < row_panels; ++p) {
