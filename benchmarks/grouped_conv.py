@@ -158,7 +158,7 @@ def _time_shape(
         engines["torch"] = (_torch_fns(stride, groups), (xt, kt))
     ms = interleaved_medians(engines, iters)
     cells = [
-        f"{ms[name][0]:.0f} / {ms[name][1]:.0f}" if name in ms else "-"
+        f"{ms[name][0]:.1f} / {ms[name][1]:.1f}" if name in ms else "-"
         for name in (*builds, *others)
     ]
     print(

@@ -102,40 +102,46 @@ struct GatherArgs {
   int64_t y_count, x_count;
 };
 
-// Window positions of output pixels x0 .. x0 + P - 1 of row y (past the row's end: its last).
+// Window positions and output addresses of the tile's P output pixels, numbered row by row
+// from `first` (past the last pixel: the last pixel again, computed and not stored).
 template <int P>
-void TilePixels(const GatherArgs& a, int64_t y, int64_t x0, const float* (&pixel)[P]) {
-  for (int p = 0; p < P; ++p) {
-    const int64_t x = std::min(x0 + p, a.x_count - 1);
-    pixel[p] = a.window + (y * a.cols + x) * a.step * a.window_channels;
+struct TilePixels {
+  const float* window[P];
+  float* out[P];
+  TilePixels(const GatherArgs& a, int64_t first) {
+    const int64_t last = a.y_count * a.x_count - 1;
+    for (int p = 0; p < P; ++p) {
+      const int64_t k = std::min(first + p, last), y = k / a.x_count, x = k % a.x_count;
+      window[p] = a.window + (y * a.cols + x) * a.step * a.window_channels;
+      out[p] = a.out + y * a.out_row_stride + x * a.out_col_stride;
+    }
   }
-}
+};
 
-// Broadcast layout: one group (R inputs), NV vectors of its outputs.
+// Broadcast layout: one group (R inputs), NV vectors of its outputs, P pixels at a time (12
+// accumulators where the registers allow). The pixels run on across output rows, so that a
+// row's width need not be a multiple of P.
 template <int NV>
 void GatherBroadcast(const GatherArgs& a) {
-  constexpr int P = NV == 1 ? 8 : NV == 2 ? 4 : 3;
-  for (int64_t y = 0; y < a.y_count; ++y) {
-    for (int64_t x0 = 0; x0 < a.x_count; x0 += P) {
-      const float* pixel[P];
-      TilePixels(a, y, x0, pixel);
-      Vec acc[P][NV] = {};
-      for (int t = 0; t < a.taps; ++t) {
-        const int64_t offset = a.tap_offset[t];
-        const float* w = a.tap_kernel[t];
-        for (int64_t r = 0; r < a.R; ++r) {
-          Vec wv[NV];
-          for (int j = 0; j < NV; ++j) wv[j] = Load(w + r * a.kernel_out + j * kLanes);
-          for (int p = 0; p < P; ++p) {
-            const Vec s = Broadcast(pixel[p][offset + r]);
-            for (int j = 0; j < NV; ++j) acc[p][j] += s * wv[j];
-          }
+  constexpr int P = NV == 1 ? 12 : NV == 2 ? 6 : 3;
+  const int64_t pixels = a.y_count * a.x_count;
+  for (int64_t k0 = 0; k0 < pixels; k0 += P) {
+    const TilePixels<P> tile(a, k0);
+    Vec acc[P][NV] = {};
+    for (int t = 0; t < a.taps; ++t) {
+      const int64_t offset = a.tap_offset[t];
+      const float* w = a.tap_kernel[t];
+      for (int64_t r = 0; r < a.R; ++r) {
+        Vec wv[NV];
+        for (int j = 0; j < NV; ++j) wv[j] = Load(w + r * a.kernel_out + j * kLanes);
+        for (int p = 0; p < P; ++p) {
+          const Vec s = Broadcast(tile.window[p][offset + r]);
+          for (int j = 0; j < NV; ++j) acc[p][j] += s * wv[j];
         }
       }
-      for (int p = 0; p < P && x0 + p < a.x_count; ++p) {
-        float* o = a.out + y * a.out_row_stride + (x0 + p) * a.out_col_stride;
-        for (int j = 0; j < NV; ++j) Store(o + j * kLanes, acc[p][j]);
-      }
+    }
+    for (int p = 0; p < P && k0 + p < pixels; ++p) {
+      for (int j = 0; j < NV; ++j) Store(tile.out[p] + j * kLanes, acc[p][j]);
     }
   }
 }
@@ -144,24 +150,20 @@ void GatherBroadcast(const GatherArgs& a) {
 template <int V>
 void GatherShuffle(const GatherArgs& a) {
   constexpr int P = 6;
-  for (int64_t y = 0; y < a.y_count; ++y) {
-    for (int64_t x0 = 0; x0 < a.x_count; x0 += P) {
-      const float* pixel[P];
-      TilePixels(a, y, x0, pixel);
-      Vec acc[P] = {};
-      for (int t = 0; t < a.taps; ++t) {
-        const int64_t offset = a.tap_offset[t];
-        Vec wv[V];
-        for (int r = 0; r < V; ++r) wv[r] = Load(a.tap_kernel[t] + r * a.kernel_out);
-        for (int p = 0; p < P; ++p) {
-          const Vec xv = Load(pixel[p] + offset);
-          SpreadMultiplyAdd<V>(xv, wv, 1, &acc[p], 0, std::make_integer_sequence<int, V>{});
-        }
-      }
-      for (int p = 0; p < P && x0 + p < a.x_count; ++p) {
-        Store(a.out + y * a.out_row_stride + (x0 + p) * a.out_col_stride, acc[p]);
+  const int64_t pixels = a.y_count * a.x_count;
+  for (int64_t k0 = 0; k0 < pixels; k0 += P) {
+    const TilePixels<P> tile(a, k0);
+    Vec acc[P] = {};
+    for (int t = 0; t < a.taps; ++t) {
+      const int64_t offset = a.tap_offset[t];
+      Vec wv[V];
+      for (int r = 0; r < V; ++r) wv[r] = Load(a.tap_kernel[t] + r * a.kernel_out);
+      for (int p = 0; p < P; ++p) {
+        const Vec xv = Load(tile.window[p] + offset);
+        SpreadMultiplyAdd<V>(xv, wv, 1, &acc[p], 0, std::make_integer_sequence<int, V>{});
       }
     }
+    for (int p = 0; p < P && k0 + p < pixels; ++p) Store(tile.out[p], acc[p]);
   }
 }
 
@@ -305,35 +307,42 @@ struct KernelGradArgs {
   int64_t R, dw_out;
 };
 
+// dw rows i0 .. i0 + IC - 1 of tap (ky, kx), NV vectors wide: IC x NV sums over the item's pixels.
+template <int NV, int IC>
+void KernelGradTile(const KernelGradArgs& a, int64_t ky, int64_t kx, int64_t i0, float* dw_tap) {
+  const int64_t block_out = NV * kLanes;
+  Vec acc[IC][NV] = {};
+  for (int64_t y = 0; y < a.y_count; ++y) {
+    const float* x_row = a.window + ((y * a.stride + ky) * a.cols + kx) * a.R + i0;
+    const float* d_row = a.dy + y * a.out_width * block_out;
+    for (int64_t x = 0; x < a.out_width; ++x) {
+      const float* xs = x_row + x * a.stride * a.R;
+      Vec d[NV];
+      for (int j = 0; j < NV; ++j) d[j] = Load(d_row + x * block_out + j * kLanes);
+      for (int i = 0; i < IC; ++i) {
+        const Vec s = Broadcast(xs[i]);
+        for (int j = 0; j < NV; ++j) acc[i][j] += s * d[j];
+      }
+    }
+  }
+  for (int i = 0; i < IC; ++i) {
+    for (int j = 0; j < NV; ++j) {
+      float* o = dw_tap + (i0 + i) * a.dw_out + j * kLanes;
+      Store(o, Load(o) + acc[i][j]);
+    }
+  }
+}
+
 template <int NV>
 void KernelGradBroadcast(const KernelGradArgs& a) {
-  constexpr int IC = NV == 1 ? 8 : NV == 2 ? 4 : NV == 3 ? 4 : 3;
-  const int64_t block_out = NV * kLanes;
+  constexpr int IC = NV == 1 ? 8 : NV == 2 ? 4 : NV == 3 ? 4 : 3;  // 8 or 12 accumulators
   for (int64_t ky = 0; ky < kKernel; ++ky) {
     for (int64_t kx = 0; kx < kKernel; ++kx) {
       float* dw_tap = a.dw + (ky * kKernel + kx) * a.R * a.dw_out;
       for (int64_t i0 = 0; i0 < a.R; i0 += IC) {
-        const int64_t ic = std::min<int64_t>(IC, a.R - i0);
-        Vec acc[IC][NV] = {};
-        for (int64_t y = 0; y < a.y_count; ++y) {
-          const float* x_row = a.window + ((y * a.stride + ky) * a.cols + kx) * a.R + i0;
-          const float* d_row = a.dy + y * a.out_width * block_out;
-          for (int64_t x = 0; x < a.out_width; ++x) {
-            const float* xs = x_row + x * a.stride * a.R;
-            Vec d[NV];
-            for (int j = 0; j < NV; ++j) d[j] = Load(d_row + x * block_out + j * kLanes);
-            for (int i = 0; i < IC; ++i) {
-              const Vec s = Broadcast(i < ic ? xs[i] : 0.0f);
-              for (int j = 0; j < NV; ++j) acc[i][j] += s * d[j];
-            }
-          }
-        }
-        for (int i = 0; i < ic; ++i) {
-          for (int j = 0; j < NV; ++j) {
-            float* o = dw_tap + (i0 + i) * a.dw_out + j * kLanes;
-            Store(o, Load(o) + acc[i][j]);
-          }
-        }
+        // The tile's height a constant: no test of the channel count in the inner loop.
+        Dispatch<IC>(std::min<int64_t>(IC, a.R - i0),
+                     [&](auto ic) { KernelGradTile<NV, ic>(a, ky, kx, i0, dw_tap); });
       }
     }
   }
