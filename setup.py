@@ -38,6 +38,7 @@ def kernel_library(name: str, instruction_sets: list[str]) -> Extension:
     return Extension(
         f"dpn_jax.ops.{name}",
         sources=[
+            f"{CSRC}/channel_sums_cpu.cc",
             f"{CSRC}/grouped_conv_cpu.cc",
             f"{CSRC}/pointwise_grad_cpu.cc",
             f"{CSRC}/cpu_features.cc",

@@ -42,6 +42,9 @@ GROUPED_CASES = [
 ]
 # 1x1 weight gradient: 17 * 512 + 3 rows are 18 work items of 512 rows.
 POINTWISE_ROWS, POINTWISE_IN, POINTWISE_OUT = 17 * 512 + 3, 24, 40
+# BatchNorm's channel sums: 17 work items of 256 rows, the last short; 5 vectors of channels
+# and 4 past them.
+SUMS_ROWS, SUMS_CHANNELS = 16 * 256 + 5, 44
 TOLERANCE = 2e-6  # of the largest magnitude, as test_grouped_conv.py
 
 
@@ -58,8 +61,18 @@ def _pointwise_kernel_grad(x, dy, suffix=""):
     )
 
 
+def _channel_sums(a, b, suffix=""):
+    return cpu_kernels.kernel_call("dpn_channel_sums" + suffix, (2, a.shape[1]), a, b)
+
+
+def _reference_channel_sums(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.stack([a.sum(0), (a * b).sum(0)])
+
+
 def _weight_gradient_inputs():
-    """(name, jitted kernel gradient, reference, x, dy) of every case, fixed random inputs."""
+    """(name, jitted kernel sum, reference, x, dy) of every case, fixed random inputs: the
+    weight gradients and BatchNorm's channel sums, the kernels' sums over the batch."""
     rng = np.random.default_rng(0)
     normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
     cases = []
@@ -82,6 +95,15 @@ def _weight_gradient_inputs():
             lambda x, dy: np.asarray(x, np.float64).T @ np.asarray(dy, np.float64),
             normal(POINTWISE_ROWS, POINTWISE_IN),
             normal(POINTWISE_ROWS, POINTWISE_OUT),
+        )
+    )
+    cases.append(
+        (
+            "channel sums",
+            _channel_sums,
+            _reference_channel_sums,
+            normal(SUMS_ROWS, SUMS_CHANNELS),
+            normal(SUMS_ROWS, SUMS_CHANNELS),
         )
     )
     return cases
@@ -425,11 +447,38 @@ def test_pointwise_kernel_gradient_refuses_a_mis_shaped_call(x, dy, dw, message)
 
 
 @requires_kernels
+@pytest.mark.parametrize(
+    "a, b, sums, message",
+    [
+        pytest.param(
+            (600,), (600,), (2, 600), r"a of shape \(600\), expected 2 dimensions", id="a-rank"
+        ),
+        pytest.param(
+            (600, 7),
+            (600, 8),
+            (2, 7),
+            r"b of shape \(600, 8\), expected the shape of a of shape \(600, 7\)",
+            id="b-shape",
+        ),
+        pytest.param(
+            (600, 7), (600, 7), (7,), r"sums of shape \(7\), expected \(2, 7\)", id="sums-shape"
+        ),
+    ],
+)
+def test_channel_sums_refuse_a_mis_shaped_call(a, b, sums, message):
+    with pytest.raises(
+        jax.errors.JaxRuntimeError, match="INVALID_ARGUMENT: dpn_jax channel sums: " + message
+    ):
+        _call("dpn_channel_sums", a, b, sums)
+
+
+@requires_kernels
 def test_the_guards_let_valid_calls_through():
     """The guard cases' base calls run (so each case above fails on its own change alone)."""
     for target, a, b, result in (_FORWARD, _INPUT_GRAD, _KERNEL_GRAD):
         assert _call(target, a, b, result, **_GEOMETRY).shape == result
     assert _call("dpn_pointwise_kernel_grad", (600, 7), (600, 30), (7, 30)).shape == (7, 30)
+    assert _call("dpn_channel_sums", (600, 7), (600, 7), (2, 7)).shape == (2, 7)
 
 
 # --- the two builds and the loader ---------------------------------------------------------
@@ -469,6 +518,7 @@ def test_baseline_build_matches_the_chosen_build():
             jnp.tile(dy.reshape(-1, 64), (4, 1))[:144],
             {},
         ),
+        ("dpn_channel_sums", (2, 64), x.reshape(-1, 64), x.reshape(-1, 64) + 1, {}),
     ]
     for target, shape, a, b, attributes in products:
         chosen = np.asarray(cpu_kernels.kernel_call(target, shape, a, b, **attributes))

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from dpn_jax.errors import ConfigError
+from dpn_jax.ops.channel_sums import moments, scale_shift
 from dpn_jax.ops.conv import conv2d
 
 Dtype = Any
@@ -83,20 +84,6 @@ class Conv2d(nn.Module):
         return y
 
 
-@jax.checkpoint
-def _moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-channel mean and mean square of `x`, in float32 (float64 for float64 `x`).
-
-    Under `jax.checkpoint` the backward pass keeps `x` itself (bfloat16 under mixed precision)
-    and recomputes the float32 upcast: autodiff alone kept `2 * float32(x)` for every BatchNorm,
-    which raised a bfloat16 train step's peak memory (BENCHMARKS.md, "Memory and
-    rematerialisation").
-    """
-    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    axes = tuple(range(x.ndim - 1))
-    return jnp.mean(x32, axes), jnp.mean(lax.square(x32), axes)
-
-
 class BatchNorm(nn.Module):
     """BatchNorm whose running statistics follow PyTorch exactly.
 
@@ -119,7 +106,7 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
 
         if train:
-            mean, mean_sq = _moments(x)
+            mean, mean_sq = moments(x)
             count = x.size // c
             if self.axis_name is not None:
                 mean, mean_sq = lax.pmean((mean, mean_sq), self.axis_name)
@@ -134,7 +121,7 @@ class BatchNorm(nn.Module):
 
         mul = scale * lax.rsqrt(var + self.epsilon)
         shift = bias - mean * mul
-        return x * mul.astype(self.dtype) + shift.astype(self.dtype)
+        return scale_shift(x, mul, shift)
 
 
 def batch_norm_act(

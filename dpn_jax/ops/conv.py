@@ -255,6 +255,11 @@ _conv_lowering: contextvars.ContextVar[str] = contextvars.ContextVar(
 )
 
 
+def current_lowering() -> str:
+    """The lowering `conv_lowering` set for what traces now ("kernels" outside any block)."""
+    return _conv_lowering.get()
+
+
 @contextlib.contextmanager
 def conv_lowering(lowering: str) -> Iterator[None]:
     """`conv2d` lowers as `lowering` in what is traced inside the block (a jitted function
@@ -283,7 +288,7 @@ def conv2d(
         if padding is None
         else tuple(tuple(int(v) for v in p) for p in padding)
     )
-    return _conv2d(x, kernel, stride, groups, padding, _conv_lowering.get())
+    return _conv2d(x, kernel, stride, groups, padding, current_lowering())
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5), inline=True)

@@ -39,6 +39,7 @@ TARGETS = {
     "dpn_grouped_conv_input_grad": "DpnGroupedConvInputGrad",
     "dpn_grouped_conv_kernel_grad": "DpnGroupedConvKernelGrad",
     "dpn_pointwise_kernel_grad": "DpnPointwiseKernelGrad",
+    "dpn_channel_sums": "DpnChannelSums",
 }
 _SLOWER_LOWERING = "; using the slower pure-XLA lowering"
 
