@@ -1,5 +1,5 @@
-"""Builds dpn_jax's CPU kernels (grouped 3x3 convolution, 1x1 weight gradient, and Pillow's
-resize for the input pipeline) against jaxlib's XLA FFI headers.
+"""Builds dpn_jax's CPU kernels (grouped 3x3 convolution, 1x1 weight gradient, BatchNorm's
+channel sums, and Pillow's resize for the input pipeline) against jaxlib's XLA FFI headers.
 
 Everything else about the package is in pyproject.toml. The kernels are plain shared libraries
 (no Python module init), loaded with ctypes by `dpn_jax.ops.cpu_kernels`, built twice from the

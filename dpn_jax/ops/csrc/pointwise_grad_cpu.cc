@@ -3,7 +3,7 @@
 //
 // XLA CPU's matmul library wants the contracted dimension innermost, so for this product XLA
 // first writes x transposed: one extra pass over every 1x1 layer's input in the backward pass
-// (`copy_bitcast_fusion`; BENCHMARKS.md, "1x1 weight gradient"). Here each
+// (`copy_bitcast_fusion`; BENCHMARKS.md, "CPU kernels"). Here each
 // work item, a block of rows m, copies its rows of x and dy into panels in cache (the
 // transpose happens there), runs a 6 x 16 register tile over them, and adds its product into
 // its chunk's partial sum of dw (`ParallelSum`: a fixed order, bit-identical results).
