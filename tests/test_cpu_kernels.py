@@ -1,7 +1,7 @@
 """dpn_jax's CPU kernels themselves: deterministic sums, shape guards, and the two builds.
 
-- The weight gradients (sums over the batch, shared out over XLA's thread pool) come out
-  bit-identical call after call and whatever the thread count.
+- The sums over the batch (the weight gradients and BatchNorm's channel sums, shared out over
+  XLA's thread pool) come out bit-identical call after call and whatever the thread count.
 - Every handler refuses a mis-shaped call (operands, result, attributes) with an error that
   names the problem, before it reads or writes anything.
 - The baseline and AVX2 + FMA builds agree, the baseline build holds no AVX instruction, and the

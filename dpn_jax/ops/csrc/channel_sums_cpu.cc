@@ -22,6 +22,7 @@ constexpr int kAccumulators = 4;     // rows m, m + 1, ... summed apart: more ac
 // row; they are added at the end, so a sum's rounding grows with rows / kAccumulators.
 void SumColumns(const float* a, const float* b, int64_t channels, int64_t m0, int64_t rows,
                 int64_t c0, float* sums) {
+  static_assert(kAccumulators == 4, "the final additions below name four sums");
   Vec sum_a[kAccumulators] = {}, sum_ab[kAccumulators] = {};
   for (int64_t m = 0; m < rows; ++m) {
     const int64_t at = (m0 + m) * channels + c0;
@@ -48,7 +49,6 @@ void SumColumn(const float* a, const float* b, int64_t channels, int64_t m0, int
 
 void ChannelSums(ffi::ThreadPool& pool, const float* a, const float* b, float* sums,
                  int64_t rows, int64_t channels) {
-  static_assert(kAccumulators == 4);
   const int64_t items = (rows + kItemRows - 1) / kItemRows;
   const int64_t whole = channels / kLanes * kLanes;
   ParallelSum(pool, items, 1, 2 * channels, sums, [&](int64_t item, int64_t, float* partial) {
