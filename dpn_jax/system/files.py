@@ -32,6 +32,7 @@ import re
 import shutil
 import socket
 import stat
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -141,10 +142,9 @@ def atomic_output(
         else:
             _rename_noreplace(staging, path)
     except BaseException as error:
-        if staging is not None:
-            _remove(staging)
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
+        for entry in (staging, created):
+            if entry is not None:
+                _remove_for_good(entry)
         if (
             isinstance(error, OSError)
             and not isinstance(error, OutputError)
@@ -269,6 +269,26 @@ def _remove(entry: Path) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             entry.unlink()
+
+
+def _remove_for_good(entry: Path, *, quiet_s: float = 0.1, limit_s: float = 5.0) -> None:
+    """Remove a failed write's `entry`, and again whenever it reappears within `quiet_s`.
+
+    The writer's other threads (tensorstore's, under orbax) may go on creating directories in
+    it for a few milliseconds after the error reached us, during or after one removal. After
+    `limit_s` it is left to the next write to the output, which removes a dead process's
+    staging entries.
+    """
+    deadline = time.monotonic() + limit_s
+    while True:
+        _remove(entry)
+        settled = time.monotonic() + quiet_s
+        while not os.path.lexists(entry):
+            if time.monotonic() >= settled:
+                return
+            time.sleep(0.002)
+        if time.monotonic() >= deadline:
+            return
 
 
 # --- renames ----------------------------------------------------------------------------------
