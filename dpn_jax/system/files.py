@@ -144,7 +144,7 @@ def atomic_output(
     except BaseException as error:
         for entry in (staging, created):
             if entry is not None:
-                _remove_for_good(entry)
+                remove_failed_write(entry)
         if (
             isinstance(error, OSError)
             and not isinstance(error, OutputError)
@@ -271,13 +271,13 @@ def _remove(entry: Path) -> None:
             entry.unlink()
 
 
-def _remove_for_good(entry: Path, *, quiet_s: float = 0.1, limit_s: float = 5.0) -> None:
-    """Remove a failed write's `entry`, and again whenever it reappears within `quiet_s`.
+def remove_failed_write(entry: Path, *, quiet_s: float = 0.1, limit_s: float = 5.0) -> None:
+    """Remove a failed write's `entry` (ours), and again whenever it reappears within `quiet_s`.
 
     The writer's other threads (tensorstore's, under orbax) may go on creating directories in
     it for a few milliseconds after the error reached us, during or after one removal. After
-    `limit_s` it is left to the next write to the output, which removes a dead process's
-    staging entries.
+    `limit_s` it is left to the next write to clean up (`atomic_output` removes a dead process's
+    staging entries, the checkpoint manager orbax's temporary steps).
     """
     deadline = time.monotonic() + limit_s
     while True:

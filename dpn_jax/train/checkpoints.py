@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import zlib
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from orbax.checkpoint.handlers import DefaultCheckpointHandlerRegistry, JsonChec
 
 from dpn_jax.errors import ConfigError, OutputError, WeightsError, first_line
 from dpn_jax.runtime.runner import Runner
+from dpn_jax.system.files import remove_failed_write
 from dpn_jax.system.orbax_io import ignore_failure_aftermath, os_error_of, quiet_about
 from dpn_jax.train.state import TrainState
 
@@ -236,7 +236,7 @@ class Checkpoints:
         if jax.process_index() == 0 and self.directory.is_dir():
             for entry in self.directory.iterdir():
                 if _ORBAX_TMP_MARK in entry.name:
-                    shutil.rmtree(entry, ignore_errors=True)
+                    remove_failed_write(entry)
 
 
 def _leaves(tree: Any) -> dict[str, Any]:
