@@ -511,6 +511,7 @@ def _finish(setup: _Setup, loop: _Loop) -> dict[str, float]:
     )
     loop.logger.plot_curves()
     eval_metrics = loop.eval_metrics or report.last_evaluation(loop.logger.jsonl_path)
+    loop.progress.close()  # the result is the terminal's last line, not the bar
     for line in report.finished(eval_metrics, setup.workdir / "model"):
         report.say(line)
     return eval_metrics
