@@ -3,7 +3,6 @@ behind after success, failure or a full disk, and a killed run's leftovers are c
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import os
@@ -11,8 +10,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -167,27 +164,26 @@ def test_failure_removes_the_staging_entry_and_created_parents(tmp_path):
     assert listing(tmp_path) == []
 
 
-def test_a_failed_writers_late_thread_leaves_nothing_behind(tmp_path):
+def test_a_failed_writers_late_thread_leaves_nothing_behind(tmp_path, monkeypatch):
     """orbax's tensorstore threads may recreate directories in the staging entry for a few
     milliseconds after the write's error reached us (seen in CI): removed again."""
+    real_remove, removed = files._remove, []
 
-    def late_writer(staging: Path) -> None:
-        while os.path.lexists(staging):  # until the failure's first removal
-            time.sleep(0.001)
-        with contextlib.suppress(FileNotFoundError):  # our second removal may race it
-            (staging / "ocdbt.process_0" / "d").mkdir(parents=True)
+    def remove_then_a_late_write(entry: Path) -> None:
+        real_remove(entry)
+        if not removed:
+            (entry / "ocdbt.process_0" / "d").mkdir(parents=True)
+        removed.append(entry)
 
+    monkeypatch.setattr(files, "_remove", remove_then_a_late_write)
     with (
         pytest.raises(OutputError, match="No space left"),
         atomic_output(
             tmp_path / "out", overwrite=False, replaceable=is_ours, what="x", directory=True
-        ) as staging,
+        ),
     ):
-        writer = threading.Thread(target=late_writer, args=(staging,))
-        writer.start()
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    writer.join()
-    assert listing(tmp_path) == []
+    assert listing(tmp_path) == [] and len(removed) == 2
 
 
 def test_other_os_errors_keep_their_type(tmp_path):
