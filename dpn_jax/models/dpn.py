@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from dpn_jax.errors import ConfigError, is_positive_int
 from dpn_jax.models.layers import ACTIVATIONS, BnAct, BnActConv2d, Conv2d, ConvBnAct, kernel_init
+from dpn_jax.ops.pool import max_pool
 
 Dtype = Any
 
@@ -266,7 +267,7 @@ class DPNFeatures(nn.Module):
             name="conv1_1",
         )(x, train)
         taps = [x]
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool(x, window=3, stride=2, padding=1)
 
         for i, (depth, inc) in enumerate(zip(cfg.k_sec[:last_tap], cfg.inc_sec)):
             bw, r = stage_widths(cfg.small, cfg.k_r, i)
