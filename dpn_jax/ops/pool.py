@@ -1,4 +1,4 @@
-"""Max pooling (NHWC, square window, -inf padding) with PyTorch's gradient, cheap on every backend.
+"""Max pooling (NHWC, square window, -inf padding) whose gradient is PyTorch's, bit for bit.
 
 JAX differentiates a `reduce_window` max through a variadic reduce-window that carries int32
 window indices; XLA CPU runs it as the slowest single op of a dpn92 train step (BENCHMARKS.md,
