@@ -927,7 +927,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _setup_threads(threads: int, uses_torch: bool) -> None:
+def setup_threads(threads: int, uses_torch: bool) -> None:
     """Same cores for both frameworks: pin the process, size torch's pool to match."""
     if threads:
         os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:threads]))
@@ -941,7 +941,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
         uses_torch = args.engines[0].startswith("timm")
-        _setup_threads(args.threads, uses_torch)
+        setup_threads(args.threads, uses_torch)
         if not uses_torch:  # (timm's workers run as timm's users run it: without dpn_jax)
             # dpn_jax first, before JAX starts: dpn_jax/system/host_memory.py
             from dpn_jax.system.compilation_cache import enable_compilation_cache

@@ -29,7 +29,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from benchmark import _setup_threads  # the same core pinning as benchmark.py's workers
+from benchmark import setup_threads  # the same core pinning as benchmark.py's workers
 
 ENGINES = ("jax_dot", "torch_mm")
 
@@ -69,7 +69,7 @@ def measure(engine: str, n: int, rounds: int, round_seconds: float) -> list[floa
 def worker(args: argparse.Namespace) -> list[dict]:
     """One engine on `--threads` cores: every size."""
     engine, threads = args.worker, args.threads[0]
-    _setup_threads(threads, uses_torch=engine == "torch_mm")
+    setup_threads(threads, uses_torch=engine == "torch_mm")
     cores = len(os.sched_getaffinity(0))
     rows = []
     for n in args.sizes:

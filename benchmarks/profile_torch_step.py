@@ -19,7 +19,7 @@ import collections
 import re
 import time
 
-from benchmark import _setup_threads, engine_class
+from benchmark import engine_class, setup_threads
 
 CONVOLUTION_OPS = {
     "aten::mkldnn_convolution": "convolution forward (oneDNN)",
@@ -48,7 +48,7 @@ def main() -> None:
     p.add_argument("--loops", action="store_true", help="inductor's loops by the ops they fuse")
     args = p.parse_args()
 
-    _setup_threads(args.threads, uses_torch=True)
+    setup_threads(args.threads, uses_torch=True)
     import torch
     import torch._inductor.config
     from torch.profiler import ProfilerActivity, profile
