@@ -21,17 +21,35 @@ class InterruptedBeforeTraining(KeyboardInterrupt):
     """SIGINT or SIGTERM before the trainer's own handler (dpn_jax.train.stop) took over."""
 
 
-def _interrupted(signum, _frame):
+def _interrupted(signum, frame):
+    if _inside_import(frame):
+        _send_again_later(signum)
+        return
     raise InterruptedBeforeTraining(signum)
+
+
+def _inside_import(frame) -> bool:
+    """Whether an import is under way. An exception raised in the middle of one can vanish: a C
+    extension's initialisation turns it into an ImportError (numpy's C API does), which
+    optional imports then catch, and the run would go on as if never interrupted."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _send_again_later(signum: int) -> None:
+    """Deliver the signal again a moment from now, when the code it landed in has returned
+    (if it lands in such code again, this repeats)."""
+    threading.Timer(0.1, os.kill, (os.getpid(), signum)).start()
 
 
 def _raise_again_if_swallowed(unraisable) -> None:
     """An exception raised in a callback that cannot raise (e.g. JAX's gc callback) is printed
-    and dropped: send the signal again instead, a moment later, when the callback has returned
-    (if it lands in one again, this repeats)."""
+    and dropped: send the signal again instead."""
     if isinstance(unraisable.exc_value, InterruptedBeforeTraining):
-        signum = unraisable.exc_value.args[0]
-        threading.Timer(0.1, os.kill, (os.getpid(), signum)).start()
+        _send_again_later(unraisable.exc_value.args[0])
     else:
         sys.__unraisablehook__(unraisable)
 
