@@ -14,50 +14,11 @@ line says so and the exit status is the shell's for the signal, 128 + its number
 import os
 import signal
 import sys
-import threading
 
-
-class InterruptedBeforeTraining(KeyboardInterrupt):
-    """SIGINT or SIGTERM before the trainer's own handler (dpn_jax.train.stop) took over."""
-
-
-def _interrupted(signum, frame):
-    if _inside_import(frame):
-        _send_again_later(signum)
-        return
-    raise InterruptedBeforeTraining(signum)
-
-
-def _inside_import(frame) -> bool:
-    """Whether an import is under way. An exception raised in the middle of one can vanish: a C
-    extension's initialisation turns it into an ImportError (numpy's C API does), which
-    optional imports then catch, and the run would go on as if never interrupted."""
-    while frame is not None:
-        if frame.f_code.co_filename.startswith("<frozen importlib"):
-            return True
-        frame = frame.f_back
-    return False
-
-
-def _send_again_later(signum: int) -> None:
-    """Deliver the signal again a moment from now, when the code it landed in has returned
-    (if it lands in such code again, this repeats)."""
-    threading.Timer(0.1, os.kill, (os.getpid(), signum)).start()
-
-
-def _raise_again_if_swallowed(unraisable) -> None:
-    """An exception raised in a callback that cannot raise (e.g. JAX's gc callback) is printed
-    and dropped: send the signal again instead."""
-    if isinstance(unraisable.exc_value, InterruptedBeforeTraining):
-        _send_again_later(unraisable.exc_value.args[0])
-    else:
-        sys.__unraisablehook__(unraisable)
-
+from dpn_jax.system.interrupts import SignalInterrupt, raise_outside_imports
 
 if __name__ == "__main__":  # first of all: the imports below and JAX's start take seconds
-    signal.signal(signal.SIGINT, _interrupted)
-    signal.signal(signal.SIGTERM, _interrupted)
-    sys.unraisablehook = _raise_again_if_swallowed
+    raise_outside_imports(signal.SIGINT, signal.SIGTERM)
 
 import contextlib  # noqa: E402
 
@@ -196,6 +157,6 @@ def main(argv) -> int:
 if __name__ == "__main__":
     try:
         app.run(main, flags_parser=parse_flags)
-    except InterruptedBeforeTraining as interrupt:
+    except SignalInterrupt as interrupt:  # before the trainer's own handler (dpn_jax.train.stop)
         print(f"{PROG}: interrupted before training started, nothing saved", file=sys.stderr)
-        sys.exit(128 + interrupt.args[0])
+        sys.exit(128 + interrupt.signum)
