@@ -53,8 +53,10 @@ def _inside_import(frame) -> bool:
 
 def _send_again_later(signum: int) -> None:
     """Deliver the signal again when the code it landed in has returned (if it lands in such
-    code again, this repeats)."""
-    threading.Timer(RESEND_AFTER_S, os.kill, (os.getpid(), signum)).start()
+    code again, this repeats); a daemon, so a command that ends before then is not held up."""
+    timer = threading.Timer(RESEND_AFTER_S, os.kill, (os.getpid(), signum))
+    timer.daemon = True
+    timer.start()
 
 
 def _send_again_if_swallowed(unraisable) -> None:
