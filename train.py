@@ -15,10 +15,10 @@ import os
 import signal
 import sys
 
-from dpn_jax.system.interrupts import SignalInterrupt, raise_outside_imports
+from dpn_jax.system.interrupts import SignalInterrupt, hold_interrupts, release_interrupts
 
 if __name__ == "__main__":  # first of all: the imports below and JAX's start take seconds
-    raise_outside_imports(signal.SIGINT, signal.SIGTERM)
+    hold_interrupts(signal.SIGINT, signal.SIGTERM)  # until released under the `try` at the end
 
 import contextlib  # noqa: E402
 
@@ -156,6 +156,7 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
     try:
+        release_interrupts()
         app.run(main, flags_parser=parse_flags)
     except SignalInterrupt as interrupt:  # before the trainer's own handler (dpn_jax.train.stop)
         print(f"{PROG}: interrupted before training started, nothing saved", file=sys.stderr)

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,19 @@ def subprocess_env(cache_dir: str | os.PathLike, devices: int = 4) -> dict[str, 
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
         PYTHONPATH=str(ROOT),
     )
+
+
+def wait_until_catching(proc: subprocess.Popen, signum: int, seconds: float = 120) -> None:
+    """Until `proc` has a handler for `signum` (Linux's SigCgt mask): Python itself catches only
+    SIGINT, so SIGTERM's bit says dpn_jax's handler (hold_interrupts) is installed."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and proc.poll() is None:
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        [mask] = [line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")]
+        if int(mask, 16) >> (signum - 1) & 1:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"process {proc.pid} never caught signal {signum}")
 
 
 def worker_command(workdir, overrides: dict, *extra) -> list[str]:

@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from runs import ROOT
+from runs import ROOT, wait_until_catching
 
 MODULE_INTERRUPTED_WHILE_IMPORTED = """
 import os, signal, time
@@ -24,8 +24,9 @@ finished = True
 
 INTERRUPT_DURING_AN_IMPORT = """
 import sys, time
-from dpn_jax.system.interrupts import SignalInterrupt, raise_outside_imports
-raise_outside_imports()
+from dpn_jax.system.interrupts import SignalInterrupt, hold_interrupts, release_interrupts
+hold_interrupts()
+release_interrupts()
 try:
     import interrupted_while_imported
     time.sleep(10)
@@ -47,9 +48,42 @@ def test_an_interrupt_during_an_import_is_raised_after_it(tmp_path):
     assert result.stdout.strip() == "interrupted after the import: True", result.stderr
 
 
-@pytest.mark.parametrize("delay_s", [0.1, 0.2, 0.4, 1.0])  # from JAX's import to the command
-def test_ctrl_c_at_any_moment_of_a_commands_start_is_one_line(tmp_path, delay_s):
-    """dpn-convert reading a FIFO waits for a writer forever: only the interrupt ends it."""
+HELD_UNTIL_RELEASED = """
+import os, signal, time
+from dpn_jax.system.interrupts import SignalInterrupt, hold_interrupts, release_interrupts
+hold_interrupts()
+os.kill(os.getpid(), signal.SIGINT)
+deadline = time.monotonic() + 0.5
+while time.monotonic() < deadline:  # Python code, where the handler runs
+    pass
+print("held")
+release_interrupts()
+try:
+    time.sleep(10)
+except SignalInterrupt:
+    print("raised after the release")
+"""
+
+
+def test_an_interrupt_before_the_release_is_held_and_raised_after_it():
+    result = subprocess.run(
+        [sys.executable, "-c", HELD_UNTIL_RELEASED],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.stdout.split("\n") == ["held", "raised after the release", ""], result.stderr
+
+
+@pytest.mark.parametrize(
+    "signum, delay_s",
+    [(signal.SIGINT, 0.0), (signal.SIGINT, 0.1), (signal.SIGINT, 0.3), (signal.SIGINT, 1.0)]
+    + [(signal.SIGTERM, 0.1)],
+)
+def test_an_interrupt_at_any_moment_of_a_commands_start_is_one_line(tmp_path, signum, delay_s):
+    """From the handler's installation on, through JAX's import, to the command's own work:
+    dpn-convert reading a FIFO waits for a writer forever, so only the signal ends it."""
     fifo = tmp_path / "weights.pth"
     os.mkfifo(fifo)
     proc = subprocess.Popen(
@@ -60,14 +94,16 @@ def test_ctrl_c_at_any_moment_of_a_commands_start_is_one_line(tmp_path, delay_s)
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(delay_s)
-    proc.send_signal(signal.SIGINT)
     try:
+        wait_until_catching(proc, signal.SIGTERM)
+        time.sleep(delay_s)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err[-3000:]
+    assert proc.returncode == 128 + signum, err[-3000:]
     assert err.splitlines() == ["dpn-convert: interrupted"], err[-3000:]
+    assert os.listdir(tmp_path) == ["weights.pth"]
 
 
 def test_every_console_script_installs_the_handler_before_importing_its_command():

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import tqdm
-from runs import ROOT, subprocess_env
+from runs import ROOT, subprocess_env, wait_until_catching
 
 from configs import default
 from dpn_jax.cli.common import report_error
@@ -78,7 +78,7 @@ def test_the_demo_shrinkage_belongs_to_the_demo():
     assert MODEL_CONFIGS["dpn92"].replace(k_r=64).k_sec == (3, 4, 20, 3)
 
 
-@pytest.mark.parametrize("delay_s", [0.5, 2.0])  # importing JAX; after (on this machine)
+@pytest.mark.parametrize("delay_s", [0.0, 0.3, 2.0])  # defining the flags, importing JAX, after
 def test_sigint_before_training_is_one_line_and_leaves_no_traceback(tmp_path, delay_s):
     proc = subprocess.Popen(
         [sys.executable, "train.py", "--workdir", str(tmp_path / "run")],
@@ -88,6 +88,7 @@ def test_sigint_before_training_is_one_line_and_leaves_no_traceback(tmp_path, de
         stderr=subprocess.PIPE,
         text=True,
     )
+    wait_until_catching(proc, signal.SIGTERM)  # train.py's first lines ran
     time.sleep(delay_s)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)

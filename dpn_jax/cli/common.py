@@ -9,13 +9,14 @@ from files - class names, tensor names, file names - is printed through `dpn_jax
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable
 
 from dpn_jax.errors import QUOTE_LIMIT, DpnJaxError, printable
+from dpn_jax.system.interrupts import SignalInterrupt
 
 EXIT_ERROR = 1
-EXIT_INTERRUPTED = 130  # as a shell reports a command ended by SIGINT
 MESSAGE_LIMIT = 10 * QUOTE_LIMIT  # an error line quoting a megabyte class name stays a line
 
 
@@ -42,13 +43,14 @@ def report_error(prog: str, message: str) -> None:
 
 
 def run_command(prog: str, command: Callable[[], int]) -> int:
-    """Run a command's body: its exit status, or 1 after one line for a DpnJaxError (130 on
-    Ctrl-C); anything else propagates with its traceback."""
+    """Run a command's body: its exit status, or 1 after one line for a DpnJaxError (on Ctrl-C
+    or a held SIGTERM, 128 + the signal's number, as a shell reports it); anything else
+    propagates with its traceback."""
     try:
         return command()
     except DpnJaxError as error:
         report_error(prog, str(error))
         return EXIT_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         print(f"{prog}: interrupted", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+        return 128 + (interrupt.signum if isinstance(interrupt, SignalInterrupt) else signal.SIGINT)

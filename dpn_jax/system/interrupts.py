@@ -1,12 +1,16 @@
-"""Ctrl-C while a command starts: raised after the import under way, never inside it.
+"""Ctrl-C while a command starts: held until the command reports it, never raised in an import.
 
 Python raises KeyboardInterrupt wherever the main thread happens to be, and dpn_jax's commands
 spend their first second or more importing JAX and its family. An interrupt raised inside an
 import goes wrong: a C extension's initialisation (jaxlib's, through numpy's C API) turns it
 into an ImportError, which an optional import then swallows, so the command runs on as if never
 interrupted (CI saw train.py train to the end after a Ctrl-C); or the half-initialised extension
-ends the command with a traceback, or a crash. The handler installed here delivers a signal that
-lands in an import again a moment later, and raises `SignalInterrupt` anywhere else.
+ends the command with a traceback, or a crash. Nor may it be raised before the command's own
+handling is in place (train.py's flags are defined at module level, outside its `try`).
+
+So `hold_interrupts` installs a handler that holds a signal - delivers it again a moment later -
+until `release_interrupts` is called from inside that handling, and afterwards whenever it
+lands in an import; anywhere else it raises `SignalInterrupt`.
 
 This module imports nothing heavy: commands install the handler before anything else.
 """
@@ -22,22 +26,33 @@ RESEND_AFTER_S = 0.1
 
 
 class SignalInterrupt(KeyboardInterrupt):
-    """A signal handled by `raise_outside_imports` (a KeyboardInterrupt, as Ctrl-C's is)."""
+    """A signal handled by `hold_interrupts` (a KeyboardInterrupt, as Ctrl-C's is)."""
 
     def __init__(self, signum: int):
         super().__init__(signum)
         self.signum = signum
 
 
-def raise_outside_imports(*signals: signal.Signals) -> None:
-    """Handle `signals` (default: SIGINT) by raising `SignalInterrupt`, outside imports."""
+_released = False
+
+
+def hold_interrupts(*signals: signal.Signals) -> None:
+    """Handle `signals` (default: SIGINT): held until `release_interrupts`, then raised as
+    `SignalInterrupt` (held again while an import is under way)."""
     for signum in signals or (signal.SIGINT,):
         signal.signal(signum, _handle)
     sys.unraisablehook = _send_again_if_swallowed
 
 
+def release_interrupts() -> None:
+    """From here on the caller catches `SignalInterrupt`: a held signal is raised within
+    RESEND_AFTER_S."""
+    global _released
+    _released = True
+
+
 def _handle(signum: int, frame) -> None:
-    if _inside_import(frame):
+    if not _released or _inside_import(frame):
         _send_again_later(signum)
         return
     raise SignalInterrupt(signum)
