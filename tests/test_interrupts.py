@@ -1,6 +1,7 @@
-"""Ctrl-C at a command's start (dpn_jax.system.interrupts): never raised inside an import, where
-it turned into a swallowed ImportError (CI saw train.py train to the end after a Ctrl-C), a
-traceback or a crash; train.py's own start is tested in test_train_cli.py."""
+"""Ctrl-C at a command's start (dpn_jax.system.interrupts): held until the command reports it and
+never raised inside an import, where it turned into a swallowed ImportError (CI saw train.py
+train to the end after a Ctrl-C), a traceback or a crash; train.py's own start is tested in
+test_train_cli.py."""
 
 from __future__ import annotations
 
@@ -13,19 +14,18 @@ import time
 import pytest
 from runs import ROOT, wait_until_catching
 
-MODULE_INTERRUPTED_WHILE_IMPORTED = """
+INTERRUPT_SELF = """
 import os, signal, time
 os.kill(os.getpid(), signal.SIGINT)
 deadline = time.monotonic() + 0.5
 while time.monotonic() < deadline:  # Python code, where the handler runs
     pass
-finished = True
 """
 
 INTERRUPT_DURING_AN_IMPORT = """
-import sys, time
+import signal, sys, time
 from dpn_jax.system.interrupts import SignalInterrupt, hold_interrupts, release_interrupts
-hold_interrupts()
+hold_interrupts(signal.SIGINT)
 release_interrupts()
 try:
     import interrupted_while_imported
@@ -36,26 +36,31 @@ except SignalInterrupt:
 """
 
 
-def test_an_interrupt_during_an_import_is_raised_after_it(tmp_path):
-    (tmp_path / "interrupted_while_imported.py").write_text(MODULE_INTERRUPTED_WHILE_IMPORTED)
-    result = subprocess.run(
-        [sys.executable, "-c", INTERRUPT_DURING_AN_IMPORT],
-        env={**os.environ, "PYTHONPATH": f"{ROOT}:{tmp_path}"},
+def run_python(script: str, *paths) -> subprocess.CompletedProcess:
+    """`script` run with dpn_jax and `paths` importable."""
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (ROOT, *paths)))},
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_an_interrupt_during_an_import_is_raised_after_it(tmp_path):
+    (tmp_path / "interrupted_while_imported.py").write_text(INTERRUPT_SELF)
+    result = run_python(INTERRUPT_DURING_AN_IMPORT, tmp_path)
     assert result.stdout.strip() == "interrupted after the import: True", result.stderr
 
 
-HELD_UNTIL_RELEASED = """
-import os, signal, time
+HELD_UNTIL_RELEASED = (
+    """
+import signal
 from dpn_jax.system.interrupts import SignalInterrupt, hold_interrupts, release_interrupts
-hold_interrupts()
-os.kill(os.getpid(), signal.SIGINT)
-deadline = time.monotonic() + 0.5
-while time.monotonic() < deadline:  # Python code, where the handler runs
-    pass
+hold_interrupts(signal.SIGINT)
+"""
+    + INTERRUPT_SELF
+    + """
 print("held")
 release_interrupts()
 try:
@@ -63,16 +68,11 @@ try:
 except SignalInterrupt:
     print("raised after the release")
 """
+)
 
 
 def test_an_interrupt_before_the_release_is_held_and_raised_after_it():
-    result = subprocess.run(
-        [sys.executable, "-c", HELD_UNTIL_RELEASED],
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_python(HELD_UNTIL_RELEASED)
     assert result.stdout.split("\n") == ["held", "raised after the release", ""], result.stderr
 
 

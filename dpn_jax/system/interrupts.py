@@ -37,9 +37,9 @@ _released = False
 
 
 def hold_interrupts(*signals: signal.Signals) -> None:
-    """Handle `signals` (default: SIGINT): held until `release_interrupts`, then raised as
-    `SignalInterrupt` (held again while an import is under way)."""
-    for signum in signals or (signal.SIGINT,):
+    """Handle `signals`: held until `release_interrupts`, then raised as `SignalInterrupt`
+    (held again while an import is under way)."""
+    for signum in signals:
         signal.signal(signum, _handle)
     sys.unraisablehook = _send_again_if_swallowed
 
